@@ -1,0 +1,42 @@
+# seqrank: two commands do everything — `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+RUN ?= runs/demo
+EVENTS ?= data/kuairand/events.tsv.gz
+STORE ?= sqlite:///$(abspath $(RUN))/store.db
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo train export serve test test-fast bench clean
+
+install: $(STAMP)   ## system packages (apt-get) + .venv with pinned packages; idempotent
+
+$(STAMP): requirements.txt requirements.lock pyproject.toml scripts/install_system.sh
+	bash scripts/install_system.sh
+	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip==24.3.1
+	$(BIN)/pip install -q -r requirements.txt -c requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+train: install
+	$(BIN)/seqrank train --events $(EVENTS) --out $(RUN)
+
+export: install
+	$(BIN)/seqrank export --run $(RUN)
+
+serve: install   ## serve an exported run on :8000 (HTTP) :8001 (gRPC) :8002 (metrics); Ctrl-C stops
+	$(BIN)/seqrank serve --repository $(RUN)/model_repository --store $(STORE)
+
+demo: install   ## train on the embedded KuaiRand sample, export, serve, rank over gRPC and HTTP, stop
+	$(BIN)/python scripts/demo.py --events $(EVENTS) --run $(RUN)
+
+test: install   ## everything that runs here (real tritonserver, real Redis); GPU/TensorRT parts skip and say why
+	$(BIN)/python -m pytest tests -q
+
+bench: install   ## side-by-side serving benchmark -> perf/results/
+	$(BIN)/python perf/bench.py --run $(RUN)
+
+clean:
+	rm -rf runs build

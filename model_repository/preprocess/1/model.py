@@ -1,0 +1,69 @@
+"""Triton Python backend: the CPU preprocess step of the seqrank ensemble.
+
+initialize loads the memory-mapped tables once; execute validates every request on its own (a bad request gets
+INVALID_ARG naming the field, the others in the batch are unaffected) and builds all valid requests' tensors in
+one vectorised pass with seqrank.features, the same code that built the training examples.
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from seqrank.serving.preprocess import ACTION_FIELDS, Preprocessor, RequestError
+
+INPUTS = ("user_id", "candidate_ids", "request_time_ms") + ACTION_FIELDS
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        store = None
+        url = os.environ.get("SEQRANK_STORE")
+        if url:
+            from seqrank.store import open_store
+            store = open_store(url, timeout_s=float(params.get("store_timeout_ms", "50")) / 1000.0)
+        self.pre = Preprocessor(
+            Path(args["model_repository"]) / args["model_version"] / "tables",
+            seq_len=int(params["seq_len"]),
+            buckets=[int(b) for b in params["candidate_buckets"].split(",")],
+            max_candidates=int(params["max_candidates"]),
+            max_actions=int(params.get("max_actions", "10000")),
+            max_id_bytes=int(params.get("max_id_bytes", "256")),
+            store=store)
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        parsed, slots = [], []
+        for i, request in enumerate(requests):
+            raw = {}
+            for name in INPUTS:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                raw[name] = None if tensor is None else tensor.as_numpy()
+            try:
+                parsed.append(self.pre.parse(raw))
+                slots.append(i)
+            except RequestError as e:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+            except Exception as e:  # never let one request's surprise fail the batch as INTERNAL
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"request could not be parsed: {e}", pb_utils.TritonError.INVALID_ARG))
+        for i, t in zip(slots, self.pre.build(parsed) if parsed else []):
+            responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("seq_item", t.seq_item[None]),
+                pb_utils.Tensor("seq_action", t.seq_action[None]),
+                pb_utils.Tensor("seq_mask", t.seq_mask[None]),
+                pb_utils.Tensor("user_emb", t.user_emb[None]),
+                pb_utils.Tensor("context", t.context[None]),
+                pb_utils.Tensor("cand_item", t.cand_item[None]),
+                pb_utils.Tensor("oov", t.oov[None]),
+                pb_utils.Tensor("sequence_source", np.array([[t.sequence_source.encode()]], dtype=object)),
+            ])
+        return responses
+
+    def finalize(self):
+        if self.pre.store is not None:
+            self.pre.store.close()

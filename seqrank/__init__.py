@@ -1,0 +1,1 @@
+"""seqrank: sequence-aware ranking served on NVIDIA Triton."""

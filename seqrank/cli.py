@@ -1,0 +1,112 @@
+"""The `seqrank` command line: train, evaluate, export, serve, rank, ingest, embed."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _csv(text: str) -> list[str]:
+    return [t for t in (x.strip() for x in text.split(",")) if t]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="seqrank", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="learn PinnerFormer and the TransAct ranker from an events file")
+    p.add_argument("--events", required=True, help="events file (canonical CSV/TSV/Parquet, KuaiRand, OTTO jsonl, MovieLens)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--negative-actions", type=_csv, default=None, help="comma-separated negative actions, e.g. hate")
+    p.add_argument("--config", default=None, help="JSON run config (see seqrank/config.py)")
+
+    p = sub.add_parser("evaluate", help="time-based evaluation; writes RUN/metrics.json")
+    p.add_argument("--run", required=True)
+
+    p = sub.add_parser("export", help="ONNX + parity check + lookup tables -> a Triton model repository")
+    p.add_argument("--run", required=True)
+    p.add_argument("--repository", default=None, help="output model repository (default RUN/model_repository)")
+
+    p = sub.add_parser("serve", help="run the real tritonserver on a model repository (Ctrl-C stops it)")
+    p.add_argument("--repository", required=True)
+    p.add_argument("--store", default=None, help="feature store URL for preprocess (sqlite:///... or redis://...)")
+    p.add_argument("--gpu", action="store_true", help="load config.pbtxt (GPU) instead of configs/cpu.pbtxt")
+    for name, port in (("http", 8000), ("grpc", 8001), ("metrics", 8002)):
+        p.add_argument(f"--{name}-port", type=int, default=port)
+    p.add_argument("--bind-address", default="127.0.0.1")
+    p.add_argument("--admin-key-env", default=None,
+                   help="environment variable with the key that unlocks the restricted admin APIs")
+
+    p = sub.add_parser("rank", help="rank candidates for a user through the served ensemble")
+    p.add_argument("--user-id", required=True)
+    p.add_argument("--candidates", required=True, type=_csv)
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--url", default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--request-time-ms", type=int, default=None)
+    p.add_argument("--actions", default=None,
+                   help="the user's recent actions as item:action:timestamp_ms,... (default: the feature store)")
+    p.add_argument("--timeout", type=float, default=5.0)
+
+    p = sub.add_parser("embed", help="daily batch: write every user's PinnerFormer embedding into the store")
+    p.add_argument("--run", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--as-of-ms", type=int, default=None, help="default: the end of the run's data")
+
+    sub.add_parser("ingest", help="load user actions into the feature store (see seqrank ingest --help)",
+                   add_help=False)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "ingest":
+        from .ingest import main_ingest
+        return main_ingest(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "export":
+        from .export import export_run
+        export_run(args.run, args.repository)
+    elif args.command == "serve":
+        import os
+        from pathlib import Path
+        from .serving.triton import ServerOptions, serve_forever
+        key = os.environ.get(args.admin_key_env) if args.admin_key_env else None
+        options = ServerOptions(Path(args.repository), args.http_port, args.grpc_port, args.metrics_port,
+                                model_config_name=None if args.gpu else "cpu", restricted_api_key=key,
+                                env={"SEQRANK_STORE": args.store} if args.store else {},
+                                bind_address=args.bind_address)
+        return serve_forever(options)
+    elif args.command == "rank":
+        return _rank(args)
+    elif args.command == "embed":
+        from .pipeline import write_embeddings
+        write_embeddings(args.run, args.store, args.as_of_ms)
+    elif args.command == "train":
+        from .pipeline import train
+        train(args.events, args.out, args.config, args.negative_actions)
+    elif args.command == "evaluate":
+        from .pipeline import evaluate
+        evaluate(args.run)
+    return 0
+
+
+def _rank(args) -> int:
+    from .client import RankingClient
+    actions = None
+    if args.actions:
+        actions = []
+        for part in _csv(args.actions):
+            item, action, ts = part.rsplit(":", 2)
+            actions.append((item, action, int(ts)))
+    with RankingClient(args.url, protocol=args.protocol, timeout_s=args.timeout) as client:
+        result = client.rank(args.user_id, args.candidates, actions, args.request_time_ms, args.top_k)
+        heads = client.heads
+    print(f"user {args.user_id} ({args.protocol}, sequence from {result.sequence_source})")
+    print(f"{'rank':>4} {'item':>12} {'utility':>8} " + " ".join(f"{h[:9]:>9}" for h in heads))
+    for i, item in enumerate(result.items, 1):
+        flag = " (oov)" if item.oov else ""
+        print(f"{i:>4} {item.item_id:>12} {item.utility:>8.4f} "
+              + " ".join(f"{item.scores[h]:>9.4f}" for h in heads) + flag)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

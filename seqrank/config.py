@@ -1,0 +1,89 @@
+"""One config per model, as dataclasses; a run's full config is saved as config.json next to its weights."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class DataConfig:
+    negative_actions: list[str] | None = None  # None: the loader's default for the format (e.g. KuaiRand: hate)
+    test_fraction: float = 0.2        # the last 20% of the time span is the test period
+    session_gap_s: float = 1800.0     # a gap > 30 min starts a new session; one session = one ranking request
+    pinnerformer_test_users: float = 0.2  # fraction of users held out from PinnerFormer training (disjoint eval users)
+    sampled_negatives_per_positive: float = 1.0  # only for data without negatives or exposures (OTTO, clicks-only)
+
+
+@dataclass
+class PinnerFormerConfig:
+    max_len: int = 128          # M: last actions fed to the user tower (paper: 256)
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    d_ff: int = 128
+    dim: int = 64               # D: user/item embedding size (paper: 256)
+    dropout: float = 0.1
+    objective: str = "dense_all_action"   # or "next_action" (SASRec-style), for comparison
+    future_window_days: float = 3.0       # paper: 28 days of a much longer log; here ~ the test horizon (20% of 14 days)
+    positions_per_user: int = 32          # random positions per sequence that each predict one future positive
+    random_negatives: int = 512
+    batch_users: int = 64
+    epochs: int = 6
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class TransActConfig:
+    seq_len: int = 100          # S: last 100 actions, newest first
+    action_dim: int = 32        # action-type embedding
+    item_dim: int = 32          # item embedding (projected from the PinnerFormer item table)
+    n_layers: int = 2
+    n_heads: int = 1
+    d_ff: int = 32
+    dropout: float = 0.1
+    top_k_rows: int = 10        # K newest rows of the encoder output, + a max-pool row
+    sequence_encoder: str = "transact"    # "transact" | "no_sequence" | "avg_pool" (baselines from the same code)
+    time_window_max_h: float = 24.0       # training-only random time-window mask, T ~ U[0, 24h]
+    cross_layers: int = 2       # DCN v2
+    cross_rank: int = 64        # low-rank cross matrices
+    mlp: list[int] = field(default_factory=lambda: [256, 128])
+    negative_label_weight: float = 3.0    # weight on positive heads for an impression that carries a negative action
+    batch_size: int = 256
+    epochs: int = 3
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    threads: int = 2
+    data: DataConfig = field(default_factory=DataConfig)
+    pinnerformer: PinnerFormerConfig = field(default_factory=PinnerFormerConfig)
+    transact: TransActConfig = field(default_factory=TransActConfig)
+    utility_weights: dict[str, float] = field(default_factory=dict)  # head -> weight; default 1 (negatives subtract)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "RunConfig":
+        def build(kind, values):
+            known = {f.name for f in fields(kind)}
+            unknown = set(values) - known
+            if unknown:
+                raise ValueError(f"unknown {kind.__name__} keys: {sorted(unknown)}")
+            return kind(**values)
+
+        raw = dict(raw)
+        sub = {"data": DataConfig, "pinnerformer": PinnerFormerConfig, "transact": TransActConfig}
+        parts = {k: build(v, raw.pop(k, {})) for k, v in sub.items()}
+        return build(cls, {**raw, **parts})
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "RunConfig":
+        if path is None:
+            return cls()
+        return cls.from_dict(json.loads(Path(path).read_text()))

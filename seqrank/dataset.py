@@ -1,0 +1,87 @@
+"""From an event log to model inputs: time split, vocabulary, per-user histories, ranker examples.
+
+Examples and serving requests go through the same seqrank.features functions; this module only decides
+*which* (user, request time, candidates) to build, never *how* a feature is computed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .config import RunConfig
+from .data.loaders import DataError, EventLog, add_sampled_negatives, load_events
+from .features import History, SequenceBatch, Vocabulary, build_sequences, index_history
+
+DAY_MS = 86_400_000
+
+
+@dataclass
+class Prepared:
+    log: EventLog
+    vocab: Vocabulary
+    split_time: int                  # ms: train period < split_time <= test period
+    users: np.ndarray                # sorted user ids (str)
+    histories: dict[str, History]    # every user's full history (both periods), vocabulary indices
+    impressions: pd.DataFrame        # user_id, item_id, timestamp, request_time, session, is_test
+    labels: np.ndarray               # float32 [E, H] aligned with impressions
+    pf_test_users: set[str]          # users held out from PinnerFormer training
+
+
+def load_log(events: str, cfg: RunConfig, negative_actions=None) -> EventLog:
+    log = load_events(events, negative_actions=negative_actions or cfg.data.negative_actions, min_users=5)
+    if not log.negative_actions and log.exposure_action is None:
+        # Without hides or logged exposures every impression is positive: sample shown-but-not-engaged items.
+        log = add_sampled_negatives(log, cfg.data.sampled_negatives_per_positive, seed=cfg.seed)
+    return log
+
+
+def prepare(log: EventLog, cfg: RunConfig) -> Prepared:
+    ev = log.events
+    t0, t1 = int(ev.timestamp.min()), int(ev.timestamp.max())
+    split_time = int(t0 + (1.0 - cfg.data.test_fraction) * (t1 - t0))
+    train_ev = ev[ev.timestamp < split_time]
+    if train_ev.user_id.nunique() < 2 or (ev.timestamp >= split_time).sum() == 0:
+        raise DataError("too few events on one side of the time split", file=log.source)
+    # Items known to the models are those seen in training: test-only items are out of vocabulary, as in production.
+    vocab = Vocabulary.build(train_ev.item_id.to_numpy(), ev.action.unique(), log.negative_actions,
+                             log.exposure_action)
+    histories = {u: index_history(vocab, g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
+                 for u, g in ev.groupby("user_id", sort=True)}
+    impressions, labels = build_impressions(ev, vocab.heads, cfg.data.session_gap_s)
+    impressions["is_test"] = impressions.timestamp >= split_time
+    users = np.array(sorted(histories))
+    rng = np.random.default_rng(cfg.seed)
+    n_test = max(1, int(round(cfg.data.pinnerformer_test_users * len(users))))
+    pf_test_users = set(rng.choice(users, size=n_test, replace=False).tolist())
+    return Prepared(log, vocab, split_time, users, histories, impressions, labels, pf_test_users)
+
+
+def build_impressions(ev: pd.DataFrame, heads: list[str], session_gap_s: float):
+    """Rows sharing (user, item, timestamp) are one impression; its labels are the set of its actions.
+    A session (gap > session_gap_s starts a new one) is one ranking request made at the session's first action:
+    every impression of the session is ranked with the features available at that time."""
+    head_col = {h: i for i, h in enumerate(heads)}
+    keys = ["user_id", "item_id", "timestamp"]
+    imp = ev[keys].drop_duplicates().sort_values(["user_id", "timestamp", "item_id"]).reset_index(drop=True)
+    row_of = pd.Series(np.arange(len(imp)), index=pd.MultiIndex.from_frame(imp[keys]))
+    labels = np.zeros((len(imp), len(heads)), dtype=np.float32)
+    has_head = ev.action.isin(head_col)
+    rows = row_of.loc[pd.MultiIndex.from_frame(ev.loc[has_head, keys])].to_numpy()
+    labels[rows, ev.loc[has_head, "action"].map(head_col).to_numpy()] = 1.0
+    gap = imp.groupby("user_id").timestamp.diff()
+    new_session = gap.isna() | (gap > session_gap_s * 1000)
+    imp["session"] = np.cumsum(new_session.to_numpy())
+    imp["request_time"] = imp.groupby("session").timestamp.transform("min")
+    return imp, labels
+
+
+def sequences_for(prep: Prepared, user_ids, request_times, max_len: int) -> SequenceBatch:
+    empty = History.empty()
+    return build_sequences([prep.histories.get(u, empty) for u in user_ids], request_times, max_len)
+
+
+def day_start(ts_ms) -> np.ndarray:
+    """The daily batch: the long-term embedding used at time t was computed from actions before t's day."""
+    return (np.asarray(ts_ms, dtype=np.int64) // DAY_MS) * DAY_MS

@@ -1,0 +1,160 @@
+"""Export a trained run for Triton: ONNX (dynamic batch/sequence/candidate axes, parity-checked against torch),
+the lookup tables preprocess memory-maps, and a model repository rendered from the template in model_repository/.
+TensorRT engines are built on the target GPU from the ONNX file (export/build_trt.py), never here.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .config import RunConfig
+from .features import FIRST_ID, N_CONTEXT, Vocabulary
+from .models.pinnerformer import N_TIME_FEATURES, PinnerFormer
+from .models.transact import INPUT_NAMES, OUTPUT_NAMES, TransActRanker
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "model_repository"
+OPSET = 17
+CANDIDATE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # preprocess pads N up to one of these (TensorRT profiles)
+USER_TOWER_INPUTS = ["seq_item", "seq_action", "seq_time", "seq_mask"]
+PARITY_TOLERANCE = 1e-4
+
+
+def load_ranker(run: Path) -> tuple[TransActRanker, RunConfig, Vocabulary]:
+    run = Path(run)
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    vocab = Vocabulary.load(run / "vocab", mmap=False)
+    table = np.load(run / "item_table.npy")
+    model = TransActRanker(cfg.transact, table, vocab.n_actions, cfg.pinnerformer.dim, N_CONTEXT, len(vocab.heads))
+    model.load_state_dict(load_file(run / "ranker.safetensors"))
+    return model.eval(), cfg, vocab
+
+
+def load_user_tower(run: Path, cfg: RunConfig, vocab: Vocabulary) -> PinnerFormer:
+    model = PinnerFormer(cfg.pinnerformer, vocab.n_items, vocab.n_actions)
+    model.load_state_dict(load_file(Path(run) / "pinnerformer.safetensors"))
+    return model.eval()
+
+
+def example_inputs(model: TransActRanker, batch: int, seq_len: int, n_cand: int, valid: int | None = None,
+                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random, well-formed ranker inputs; `valid` = real actions per row (default: random lengths >= 1)."""
+    g = torch.Generator().manual_seed(seed)
+    n_items, n_actions = model.item_table.shape[0], model.action_emb.num_embeddings
+    lengths = (torch.full((batch,), valid) if valid is not None
+               else torch.randint(1, seq_len + 1, (batch,), generator=g))
+    mask = torch.arange(seq_len)[None, :] < lengths[:, None]
+    seq_item = torch.randint(FIRST_ID, n_items, (batch, seq_len), generator=g) * mask
+    seq_action = torch.randint(FIRST_ID, n_actions, (batch, seq_len), generator=g) * mask
+    user_emb = torch.nn.functional.normalize(torch.randn(batch, model.user_dim, generator=g), dim=-1)
+    context = torch.randn(batch, model.n_context, generator=g)
+    cand = torch.randint(FIRST_ID, n_items, (batch, n_cand), generator=g)
+    return seq_item, seq_action, mask, user_emb, context, cand
+
+
+def export_ranker_onnx(model: TransActRanker, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dyn = {"seq_item": {0: "batch", 1: "seq"}, "seq_action": {0: "batch", 1: "seq"}, "seq_mask": {0: "batch", 1: "seq"},
+           "user_emb": {0: "batch"}, "context": {0: "batch"}, "cand_item": {0: "batch", 1: "candidates"},
+           "probs": {0: "batch", 1: "candidates"}}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, example_inputs(model, 2, 12, 3), str(path), input_names=INPUT_NAMES,
+                          output_names=OUTPUT_NAMES, dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
+    return path
+
+
+def export_user_tower_onnx(model: PinnerFormer, path: Path) -> Path:
+    """PinnerFormer user tower for on-demand embeddings (inputs built by the same feature path)."""
+    L = 12
+    g = torch.Generator().manual_seed(0)
+    mask = torch.arange(L)[None, :] < torch.tensor([[L], [3]])
+    args = (torch.randint(FIRST_ID, model.item_emb.num_embeddings, (2, L), generator=g) * mask,
+            torch.randint(FIRST_ID, model.action_emb.num_embeddings, (2, L), generator=g) * mask,
+            torch.randn(2, L, N_TIME_FEATURES, generator=g), mask)
+    dyn = {n: {0: "batch", 1: "seq"} for n in USER_TOWER_INPUTS} | {"user_emb": {0: "batch"}}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), input_names=USER_TOWER_INPUTS, output_names=["user_emb"],
+                          dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
+    return path
+
+
+def parity_shapes(seq_len: int) -> list[dict]:
+    """The shapes the parity check covers: 1 candidate; a sequence of length 1; all padding but one position;
+    a full batch at serving size; an empty history (cold start)."""
+    return [dict(batch=1, seq_len=seq_len, n_cand=1), dict(batch=2, seq_len=1, n_cand=5),
+            dict(batch=3, seq_len=seq_len, n_cand=7, valid=1), dict(batch=4, seq_len=seq_len, n_cand=100),
+            dict(batch=2, seq_len=seq_len, n_cand=16, valid=0)]
+
+
+def check_parity(model: TransActRanker, onnx_path: Path, seq_len: int) -> list[dict]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    report = []
+    for i, shape in enumerate(parity_shapes(seq_len)):
+        inputs = example_inputs(model, seed=i, **shape)
+        with torch.no_grad():
+            expected = model(*inputs).numpy()
+        got = sess.run(None, {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})[0]
+        diff = float(np.abs(got - expected).max())
+        report.append({**shape, "max_abs_diff": diff})
+        if not diff <= PARITY_TOLERANCE:
+            raise AssertionError(f"ONNX parity failed for {shape}: max abs diff {diff:.3g} > {PARITY_TOLERANCE}")
+    return report
+
+
+def render_config(text: str, values: dict[str, int | str]) -> str:
+    """Fill the run-specific numbers into a template config. A template line ending in `# @name` has its last
+    number (or quoted string) replaced by values[name]; the template stays a valid config on its own."""
+    def sub(match):
+        line, name = match.group(1), match.group(2)
+        value = values[name]
+        if isinstance(value, str):
+            line = re.sub(r'"[^"]*"(?!.*")', json.dumps(value), line)
+        else:
+            line = re.sub(r"-?\d+(?!.*\d)", str(value), line)
+        return f"{line}# @{name}"
+    return re.sub(r"^(.*?)# @(\w+)$", sub, text, flags=re.M)
+
+
+def export_run(run: Path, repository: Path | None = None, check: bool = True) -> Path:
+    run = Path(run)
+    repository = Path(repository) if repository else run / "model_repository"
+    model, cfg, vocab = load_ranker(run)
+    if repository.exists():
+        shutil.rmtree(repository)
+    shutil.copytree(TEMPLATE, repository, ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "tables"))
+    onnx_path = export_ranker_onnx(model, repository / "ranker" / "1" / "model.onnx")
+    parity = check_parity(model, onnx_path, cfg.transact.seq_len) if check else []
+    tower = load_user_tower(run, cfg, vocab)
+    export_user_tower_onnx(tower, run / "export" / "user_tower.onnx")
+
+    tables = repository / "preprocess" / "1" / "tables"
+    vocab.save(tables)
+    users = np.load(run / "users.npy")
+    order = np.argsort(users)  # sorted for a vectorised binary search, like the item vocabulary
+    np.save(tables / "users.npy", users[order])
+    np.save(tables / "user_emb.npy", np.load(run / "user_emb.npy")[order])
+    negative = set(vocab.negative_actions)
+    weights = [cfg.utility_weights.get(h, 1.0) * (-1.0 if h in negative else 1.0) for h in vocab.heads]
+    values = {"user_dim": cfg.pinnerformer.dim, "n_context": N_CONTEXT, "n_heads": len(vocab.heads),
+              "seq_len": cfg.transact.seq_len, "heads": ",".join(vocab.heads),
+              "utility_weights": ",".join(f"{w:g}" for w in weights),
+              "candidate_buckets": ",".join(map(str, CANDIDATE_BUCKETS)),
+              "max_candidates": CANDIDATE_BUCKETS[-1]}
+    for config in repository.rglob("*.pbtxt"):
+        config.write_text(render_config(config.read_text(), values))
+    summary = {"repository": str(repository), "onnx": str(onnx_path), "parity": parity, **values}
+    (run / "export").mkdir(exist_ok=True)
+    (run / "export" / "export.json").write_text(json.dumps(summary, indent=2))
+    print(f"exported {run} -> {repository}; ONNX parity max abs diff "
+          f"{max((p['max_abs_diff'] for p in parity), default=float('nan')):.2e}")
+    return repository

@@ -1,0 +1,146 @@
+"""The one feature-building path, shared by training (seqrank.dataset) and serving (Triton preprocess).
+
+Raw actions (item id, action name, timestamp) -> vocabulary indices -> the real-time sequence of a request:
+the newest S actions strictly before the request time, newest first, padded after, with a validity mask.
+Nothing at or after the request time ever enters a feature (that is the leakage guarantee, tested).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+PAD = 0          # index 0: padding (never attended or pooled)
+OOV = 1          # index 1: out-of-vocabulary item / action
+FIRST_ID = 2     # known ids start here
+N_CONTEXT = 4    # context features: log1p(#history), log1p(hours since last action), sin/cos hour of day
+
+
+def _as_bytes_array(ids) -> np.ndarray:
+    """Object/str/bytes ids -> an object array of bytes (the form Triton's BYTES tensors arrive in)."""
+    arr = np.asarray(ids, dtype=object).reshape(-1)
+    return np.array([x if isinstance(x, bytes) else str(x).encode() for x in arr], dtype=object)
+
+
+@dataclass
+class Vocabulary:
+    """Item and action vocabularies. Items are a sorted bytes array: memory-mappable and looked up vectorised."""
+
+    items: np.ndarray                 # dtype 'S<n>', sorted, unique
+    actions: list[str]                # sequence action vocabulary (index = position + FIRST_ID)
+    heads: list[str]                  # actions predicted by the ranker, one sigmoid head each
+    negative_actions: list[str]       # heads where lower is better (hide / hate / dislike)
+    exposure_action: str | None       # "shown, not engaged": a label context, never a sequence row
+
+    @classmethod
+    def build(cls, item_ids: Sequence, actions: Sequence[str], negative_actions: Sequence[str],
+              exposure_action: str | None) -> "Vocabulary":
+        items = np.unique(np.asarray(_as_bytes_array(item_ids), dtype="S"))
+        seq_actions = sorted(a for a in set(actions) if a != exposure_action)
+        return cls(items, seq_actions, list(seq_actions), sorted(negative_actions), exposure_action)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items) + FIRST_ID
+
+    @property
+    def n_actions(self) -> int:
+        return len(self.actions) + FIRST_ID
+
+    def item_index(self, ids) -> np.ndarray:
+        """ids (str/bytes, any shape) -> int64 indices; unknown ids -> OOV. Vectorised binary search."""
+        raw = _as_bytes_array(ids)
+        out = np.full(raw.shape, OOV, dtype=np.int64)
+        if raw.size == 0 or self.items.size == 0:
+            return out
+        # An id longer than the longest known id is unknown; numpy would silently truncate it, so filter first.
+        fits = np.fromiter((len(x) <= self.items.itemsize for x in raw), dtype=bool, count=raw.size)
+        query = np.asarray(raw[fits], dtype=self.items.dtype)
+        pos = np.searchsorted(self.items, query)
+        pos_c = np.minimum(pos, len(self.items) - 1)
+        hit = self.items[pos_c] == query
+        out[np.flatnonzero(fits)[hit]] = pos_c[hit] + FIRST_ID
+        return out
+
+    def action_index(self, names) -> np.ndarray:
+        """Action names -> int64 indices; the exposure action -> -1 (dropped from sequences); unknown -> OOV."""
+        table = {a: i + FIRST_ID for i, a in enumerate(self.actions)}
+        if self.exposure_action is not None:
+            table[self.exposure_action] = -1
+        raw = _as_bytes_array(names)
+        return np.array([table.get(x.decode(errors="replace"), OOV) for x in raw], dtype=np.int64)
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / "items.npy", self.items)
+        meta = {k: getattr(self, k) for k in ("actions", "heads", "negative_actions", "exposure_action")}
+        (directory / "vocab.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: Path, mmap: bool = True) -> "Vocabulary":
+        meta = json.loads((Path(directory) / "vocab.json").read_text())
+        items = np.load(Path(directory) / "items.npy", mmap_mode="r" if mmap else None)
+        return cls(items=items, **meta)
+
+
+@dataclass
+class History:
+    """One user's raw actions as vocabulary indices, ascending time, exposures dropped."""
+
+    item: np.ndarray    # int64 [n]
+    action: np.ndarray  # int64 [n]
+    ts: np.ndarray      # int64 [n] ms
+
+    @classmethod
+    def empty(cls) -> "History":
+        z = np.zeros(0, dtype=np.int64)
+        return cls(z, z, z)
+
+
+def index_history(vocab: Vocabulary, item_ids, actions, timestamps_ms) -> History:
+    """Raw actions -> History. Stable sort by time so equal timestamps keep their given order."""
+    item = vocab.item_index(item_ids)
+    action = vocab.action_index(actions)
+    ts = np.asarray(timestamps_ms, dtype=np.int64).reshape(-1)
+    keep = action >= 0
+    item, action, ts = item[keep], action[keep], ts[keep]
+    order = np.argsort(ts, kind="stable")
+    return History(item[order], action[order], ts[order])
+
+
+@dataclass
+class SequenceBatch:
+    seq_item: np.ndarray     # int64 [E, S]  newest first, PAD after the last real action
+    seq_action: np.ndarray   # int64 [E, S]
+    seq_mask: np.ndarray     # bool  [E, S]  True = real action
+    seq_ts: np.ndarray       # int64 [E, S]  action times (training: time-window mask, PinnerFormer time features)
+    context: np.ndarray      # float32 [E, N_CONTEXT]
+
+
+def build_sequences(histories: Sequence[History], request_times_ms, max_len: int) -> SequenceBatch:
+    """For each (history, request time): the newest `max_len` actions strictly before the request time."""
+    req = np.asarray(request_times_ms, dtype=np.int64).reshape(-1)
+    n = len(histories)
+    seq_item = np.zeros((n, max_len), dtype=np.int64)
+    seq_action = np.zeros((n, max_len), dtype=np.int64)
+    seq_ts = np.zeros((n, max_len), dtype=np.int64)
+    n_before = np.zeros(n, dtype=np.int64)
+    last_gap_h = np.zeros(n, dtype=np.float32)
+    for e, (h, t) in enumerate(zip(histories, req)):
+        end = int(np.searchsorted(h.ts, t, side="left"))  # strictly before t
+        start = max(0, end - max_len)
+        k = end - start
+        n_before[e] = end
+        if k:
+            seq_item[e, :k] = h.item[start:end][::-1]
+            seq_action[e, :k] = h.action[start:end][::-1]
+            seq_ts[e, :k] = h.ts[start:end][::-1]
+            last_gap_h[e] = (t - h.ts[end - 1]) / 3.6e6
+    lengths = np.minimum(n_before, max_len)
+    seq_mask = np.arange(max_len)[None, :] < lengths[:, None]
+    hour = (req // 3_600_000) % 24 * (2 * np.pi / 24)
+    context = np.stack([np.log1p(n_before), np.log1p(last_gap_h), np.sin(hour), np.cos(hour)], axis=1)
+    return SequenceBatch(seq_item, seq_action, seq_mask, seq_ts, context.astype(np.float32))

@@ -1,0 +1,66 @@
+"""Transformer pieces shared by PinnerFormer and TransAct, written out so export to ONNX/TensorRT stays plain.
+
+Masks use a finite large negative (fp16-safe) instead of -inf, and callers never pass a fully masked row.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MASK_FILL = -1e4  # finite: -inf turns a fully masked softmax into NaN, and overflows fp16 engines
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        assert d_model % n_heads == 0
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, causal: bool = False,
+                qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., L, d]; key_mask [..., L] bool (True = may be attended); qkv: precomputed projection of x.
+        causal: sequences are newest first, so position i sees itself and the older positions j >= i."""
+        *lead, L, d = x.shape
+        h = self.n_heads
+        qkv = self.qkv(x) if qkv is None else qkv
+        q, k, v = qkv.reshape(*lead, L, 3, h, d // h).movedim(-4, -2).unbind(-4)  # each [..., h, L, dh]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d // h)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask.unsqueeze(-2).unsqueeze(-3), MASK_FILL)
+        if causal:
+            newer = torch.ones(L, L, dtype=torch.bool, device=x.device).tril(-1)
+            scores = scores.masked_fill(newer, MASK_FILL)
+        attn = self.dropout(scores.softmax(-1))
+        y = (attn @ v).movedim(-3, -2).reshape(*lead, L, d)
+        return self.out(y)
+
+
+class Block(nn.Module):
+    """One transformer encoder layer. norm_first=False is nn.TransformerEncoderLayer's post-norm (TransAct);
+    norm_first=True is the PreNorm layer of PinnerFormer."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, norm_first: bool):
+        super().__init__()
+        self.norm_first = norm_first
+        self.attn = SelfAttention(d_model, n_heads, dropout)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model))
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, key_mask=None, causal=False, qkv=None):
+        if self.norm_first:
+            x = x + self.drop(self.attn(self.norm1(x), key_mask, causal))
+            return x + self.drop(self.ff(self.norm2(x)))
+        x = self.norm1(x + self.drop(self.attn(x, key_mask, causal, qkv)))
+        return self.norm2(x + self.drop(self.ff(x)))
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1, eps=1e-6)

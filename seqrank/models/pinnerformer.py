@@ -1,0 +1,100 @@
+"""PinnerFormer (Pancha et al., KDD 2022): a long-term user embedding trained with the dense all-action loss.
+
+    last M actions: item emb + action emb + time features + learned position
+        -> causal PreNorm transformer -> output at every position -> L2-normalised user embedding
+    item tower: MLP over the item embedding -> L2-normalised
+Dense all-action loss: random positions each predict one positive sampled from the window after that position;
+sampled softmax with a learned temperature, logQ correction, in-batch + random negatives.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import PinnerFormerConfig
+from .layers import MASK_FILL, Block, l2_normalize
+
+N_TIME_FEATURES = 3  # log1p(hours since the previous action), sin/cos hour of day
+
+
+def time_features(ts_ms: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """ts_ms [B,L] newest first (padding after), mask [B,L] -> [B,L,3] float32."""
+    gap_h = np.zeros(ts_ms.shape, dtype=np.float64)
+    gap_h[:, :-1] = np.maximum(ts_ms[:, :-1] - ts_ms[:, 1:], 0) / 3.6e6
+    gap_h *= mask
+    hour = (ts_ms // 3_600_000) % 24 * (2 * np.pi / 24)
+    feats = np.stack([np.log1p(gap_h), np.sin(hour), np.cos(hour)], axis=-1) * mask[..., None]
+    return feats.astype(np.float32)
+
+
+class PinnerFormer(nn.Module):
+    def __init__(self, cfg: PinnerFormerConfig, n_items: int, n_actions: int):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.item_emb = nn.Embedding(n_items, d, padding_idx=0)
+        self.action_emb = nn.Embedding(n_actions, d, padding_idx=0)
+        self.time_proj = nn.Linear(N_TIME_FEATURES, d)
+        self.pos_emb = nn.Embedding(cfg.max_len, d)  # learned; position 0 = the most recent action
+        self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.d_ff, cfg.dropout, norm_first=True)
+                                    for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(d)
+        self.user_head = nn.Linear(d, cfg.dim)
+        self.item_tower = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.dim))
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(0.07)))  # learned temperature
+
+    @property
+    def temperature(self):
+        return self.log_temperature.exp().clamp(0.01, 1.0)
+
+    def encode(self, item, action, tfeat, mask):
+        """Newest-first sequences [B,L] (padding after) -> L2-normalised user embeddings at every position [B,L,D].
+        Position i's output summarises the actions at i and older: what the user looked like at that time."""
+        L = item.shape[1]
+        pos = torch.arange(L, device=item.device)
+        x = self.item_emb(item) + self.action_emb(action) + self.time_proj(tfeat) + self.pos_emb(pos)
+        # causal attention: a position only sees itself and older actions, never the padding after them
+        attend = mask | ~mask.any(1, keepdim=True)
+        for block in self.blocks:
+            x = block(x, attend, causal=True)
+        return l2_normalize(self.user_head(self.norm(x)))
+
+    def forward(self, item, action, tfeat, mask):
+        """User embedding = output at the most recent position, 0 (zeros for an empty history)."""
+        return self.encode(item, action, tfeat, mask)[:, 0] * mask[:, :1]
+
+    def item_embeddings(self, idx=None):
+        w = self.item_emb.weight if idx is None else self.item_emb(idx)
+        return l2_normalize(self.item_tower(w))
+
+
+def sampled_softmax_loss(query, target_emb, target_ids, query_user, random_emb, random_ids,
+                         log_q_target, log_q_random, temperature):
+    """Mixed-negative sampled softmax with logQ correction: one softmax over [positive | in-batch negatives] and one
+    over [positive | random negatives], summed (the in-batch one corrects the popularity bias of in-batch sampling,
+    the random one keeps rare items honest).
+
+    query [Q,D], target_emb [Q,D] (the positive of each query; together they are the in-batch negatives),
+    target_ids/query_user [Q], random_emb [R,D], random_ids [R], log_q_target [Q] = log sampling probability of
+    each target as an in-batch negative, log_q_random [R] = that of each random negative.
+    Masked out of the negatives: the user's own positives (other queries' targets of the same user) and accidental
+    hits (a column holding the query's own target item).
+    """
+    Q = query.shape[0]
+    eye = torch.eye(Q, dtype=torch.bool, device=query.device)
+    in_batch = query @ target_emb.T / temperature - log_q_target[None, :]
+    own = ((query_user[:, None] == query_user[None, :]) | (target_ids[:, None] == target_ids[None, :])) & ~eye
+    in_batch = in_batch.masked_fill(own, MASK_FILL)
+    labels = torch.arange(Q, device=query.device)
+    loss_in_batch = nn.functional.cross_entropy(in_batch, labels)
+
+    positive = (query * target_emb).sum(-1, keepdim=True) / temperature
+    rand = query @ random_emb.T / temperature - log_q_random[None, :]
+    rand = rand.masked_fill(random_ids[None, :] == target_ids[:, None], MASK_FILL)
+    # the positive competes with the random negatives under the same (uniform) correction
+    logits = torch.cat([positive - log_q_random.mean(), rand], dim=1)
+    loss_random = nn.functional.cross_entropy(logits, torch.zeros(Q, dtype=torch.long, device=query.device))
+    return loss_in_batch + loss_random

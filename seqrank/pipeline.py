@@ -1,0 +1,198 @@
+"""`seqrank train` and `seqrank evaluate`: what a run directory holds and how it is produced.
+
+run/
+  config.json  run.json (events path, split, heads, dims)  vocab/ (items.npy, vocab.json)
+  pinnerformer.safetensors  item_table.npy  users.npy + user_emb.npy (daily batch as of the data's end)
+  ranker.safetensors (TransAct)  baselines/ (no_sequence, avg_pool rankers; next_action PinnerFormer)
+  checkpoints/ (per-epoch, resumable)  metrics.json
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file, save_file
+
+from . import metrics as M
+from .config import RunConfig
+from .dataset import Prepared, day_start, load_log, prepare
+from .features import FIRST_ID, N_CONTEXT, Vocabulary
+from .models.pinnerformer import PinnerFormer
+from .train import (RankerExamples, build_ranker, embed_users, item_table, predict, seed_everything,
+                    train_pinnerformer, train_ranker)
+
+
+class EmbeddingCache:
+    """Daily-batch user embeddings, computed once per (user, day) the examples need."""
+
+    def __init__(self, model: PinnerFormer, prep: Prepared):
+        self.model, self.prep, self.cache = model, prep, {}
+
+    def __call__(self, users, as_of) -> np.ndarray:
+        keys = list(zip(users, np.asarray(as_of).tolist()))
+        missing = sorted(set(keys) - self.cache.keys())
+        if missing:
+            emb = embed_users(self.model, self.prep, [u for u, _ in missing], [t for _, t in missing])
+            self.cache.update(zip(missing, emb))
+        return np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, self.model.cfg.dim), np.float32)
+
+
+def _load_pinnerformer(run: Path, cfg, prep, name="pinnerformer.safetensors") -> PinnerFormer:
+    model = PinnerFormer(cfg, prep.vocab.n_items, prep.vocab.n_actions)
+    model.load_state_dict(load_file(run / name))
+    return model.eval()
+
+
+def _fit_pinnerformer(run: Path, cfg: RunConfig, prep: Prepared, objective: str, out: Path) -> PinnerFormer:
+    pf_cfg = replace(cfg.pinnerformer, objective=objective)
+    if out.exists():
+        return _load_pinnerformer(out.parent, pf_cfg, prep, out.name)
+    seed_everything(cfg.seed, cfg.threads)
+    model = train_pinnerformer(prep, pf_cfg, cfg.seed, run / "checkpoints" / f"pinnerformer_{objective}.pt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), out)
+    return model
+
+
+def _fit_ranker(run, cfg, prep, table, train_ex, encoder: str, out: Path):
+    r_cfg = replace(cfg.transact, sequence_encoder=encoder)
+    if out.exists():
+        model = build_ranker(r_cfg, prep, table, cfg.pinnerformer.dim)
+        model.load_state_dict(load_file(out))
+        return model.eval()
+    seed_everything(cfg.seed, cfg.threads)
+    model = train_ranker(prep, r_cfg, table, cfg.pinnerformer.dim, train_ex, cfg.seed,
+                         run / "checkpoints" / f"ranker_{encoder}.pt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), out)
+    return model
+
+
+def load_run(run: Path) -> tuple[RunConfig, dict, Prepared]:
+    run = Path(run)
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    info = json.loads((run / "run.json").read_text())
+    prep = prepare(load_log(info["events"], cfg), cfg)
+    return cfg, info, prep
+
+
+def train(events: str, out: str | Path, config: str | None = None, negative_actions=None) -> Path:
+    run = Path(out)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = RunConfig.load(config)
+    if negative_actions:
+        cfg.data.negative_actions = list(negative_actions)
+    started = time.time()
+    seed_everything(cfg.seed, cfg.threads)
+    prep = prepare(load_log(events, cfg), cfg)
+    (run / "config.json").write_text(cfg.to_json())
+    prep.vocab.save(run / "vocab")
+    info = {"events": str(Path(events).resolve()), "split_time_ms": prep.split_time,
+            "heads": prep.vocab.heads, "negative_heads": prep.vocab.negative_actions,
+            "user_dim": cfg.pinnerformer.dim, "n_context": N_CONTEXT, "seq_len": cfg.transact.seq_len,
+            "duplicates_dropped": prep.log.duplicates_dropped, "n_events": len(prep.log.events)}
+    (run / "run.json").write_text(json.dumps(info, indent=2))
+
+    pf = _fit_pinnerformer(run, cfg, prep, cfg.pinnerformer.objective, run / "pinnerformer.safetensors")
+    table = item_table(pf)
+    np.save(run / "item_table.npy", table)
+    embeddings = EmbeddingCache(pf, prep)
+    train_ex = RankerExamples(prep, np.flatnonzero(~prep.impressions.is_test.to_numpy()), embeddings,
+                              cfg.transact.seq_len)
+    _fit_ranker(run, cfg, prep, table, train_ex, cfg.transact.sequence_encoder, run / "ranker.safetensors")
+    # the daily batch as of the end of the data: what serving reads for each user's long-term embedding
+    end = int(prep.log.events.timestamp.max()) + 1
+    np.save(run / "users.npy", np.asarray(prep.users, dtype="S"))
+    np.save(run / "user_emb.npy", embed_users(pf, prep, prep.users, np.full(len(prep.users), end)))
+    info["train_seconds"] = round(time.time() - started, 1)
+    (run / "run.json").write_text(json.dumps(info, indent=2))
+    print(f"trained in {info['train_seconds']} s -> {run}")
+    return run
+
+
+def evaluate(run: str | Path) -> dict:
+    run = Path(run)
+    cfg, info, prep = load_run(run)
+    pf = _load_pinnerformer(run, cfg.pinnerformer, prep)
+    table = np.load(run / "item_table.npy")
+    embeddings = EmbeddingCache(pf, prep)
+    is_test = prep.impressions.is_test.to_numpy()
+    train_ex = RankerExamples(prep, np.flatnonzero(~is_test), embeddings, cfg.transact.seq_len)
+    test_ex = RankerExamples(prep, np.flatnonzero(is_test), embeddings, cfg.transact.seq_len)
+    heads, negative = prep.vocab.heads, prep.vocab.negative_actions
+
+    ranker_metrics = {}
+    for encoder in ("transact", "no_sequence", "avg_pool"):
+        path = run / "ranker.safetensors" if encoder == cfg.transact.sequence_encoder \
+            else run / "baselines" / f"ranker_{encoder}.safetensors"
+        model = _fit_ranker(run, cfg, prep, table, train_ex, encoder, path)
+        probs = predict(model, test_ex)
+        util = M.utility(probs, heads, negative, cfg.utility_weights)
+        hits = M.hit_at_k(test_ex.session, test_ex.labels, util, k=3, seed=cfg.seed)
+        ranker_metrics[encoder] = {h: {"auc": M.auc(test_ex.labels[:, j], probs[:, j]), "hit@3": float(hits[j])}
+                                   for j, h in enumerate(heads)}
+    lifts = {base: {h: {"auc": ranker_metrics["transact"][h]["auc"] - ranker_metrics[base][h]["auc"],
+                        "hit@3_lift": M.lift(ranker_metrics["transact"][h]["hit@3"], ranker_metrics[base][h]["hit@3"])}
+                    for h in heads} for base in ("no_sequence", "avg_pool")}
+
+    user_metrics = {}
+    window = int(cfg.pinnerformer.future_window_days * 86_400_000)
+    test_users = sorted(prep.pf_test_users)
+    future = []
+    for u in test_users:
+        h = prep.histories[u]
+        sel = (h.ts >= prep.split_time) & (h.ts < prep.split_time + window) & (h.item >= FIRST_ID)
+        sel &= ~np.isin(h.action, [prep.vocab.actions.index(a) + FIRST_ID for a in negative])
+        future.append(set(h.item[sel].tolist()))
+    for objective in ("dense_all_action", "next_action"):
+        path = run / "pinnerformer.safetensors" if objective == cfg.pinnerformer.objective \
+            else run / "baselines" / f"pinnerformer_{objective}.safetensors"
+        model = _fit_pinnerformer(run, cfg, prep, objective, path)
+        emb = embed_users(model, prep, test_users, np.full(len(test_users), prep.split_time))
+        user_metrics[objective] = {"recall@10": M.recall_at_k(emb, item_table(model), future, k=10),
+                                   "users": sum(1 for f in future if f)}
+    user_metrics["dense_vs_next_ratio"] = (user_metrics["dense_all_action"]["recall@10"]
+                                           / max(user_metrics["next_action"]["recall@10"], 1e-12))
+    result = {"ranker": ranker_metrics, "lifts_of_transact": lifts, "user_model": user_metrics,
+              "data": {"events": info["events"], "test_impressions": int(is_test.sum()),
+                       "train_impressions": int((~is_test).sum()),
+                       "hit@3_sessions": int(sum(1 for _, g in prep.impressions[is_test].groupby("session")
+                                                 if len(g) >= 4))}}
+    (run / "metrics.json").write_text(json.dumps(result, indent=2))
+    print(format_table(result, heads))
+    return result
+
+
+def format_table(result: dict, heads: list[str]) -> str:
+    r = result["ranker"]
+    lines = [f"{'head':<14}{'AUC transact':>13}{'no_seq':>9}{'avg_pool':>9}{'HIT@3 tr':>10}{'no_seq':>9}"
+             f"{'lift':>9}{'vs avg':>9}"]
+    for h in heads:
+        t, n, a = r["transact"][h], r["no_sequence"][h], r["avg_pool"][h]
+        lines.append(f"{h:<14}{t['auc']:>13.4f}{n['auc']:>9.4f}{a['auc']:>9.4f}{t['hit@3']:>10.4f}"
+                     f"{n['hit@3']:>9.4f}{M.lift(t['hit@3'], n['hit@3']):>+9.1%}{M.lift(t['hit@3'], a['hit@3']):>+9.1%}")
+    u = result["user_model"]
+    lines.append(f"PinnerFormer Recall@10: dense all-action {u['dense_all_action']['recall@10']:.4f}  "
+                 f"next-action {u['next_action']['recall@10']:.4f}  ratio {u['dense_vs_next_ratio']:.3f}")
+    return "\n".join(lines)
+
+
+def write_embeddings(run: str | Path, store_url: str, as_of_ms: int | None = None) -> int:
+    """The daily batch job of the paper: every user's long-term embedding as of a time, into the feature store."""
+    from .store import open_store
+    cfg, info, prep = load_run(Path(run))
+    model = _load_pinnerformer(Path(run), cfg.pinnerformer, prep)
+    as_of = int(prep.log.events.timestamp.max()) + 1 if as_of_ms is None else int(as_of_ms)
+    emb = embed_users(model, prep, prep.users, np.full(len(prep.users), as_of))
+    store = open_store(store_url, timeout_s=5.0)
+    try:
+        store.put_embeddings(list(prep.users), emb, as_of)
+    finally:
+        store.close()
+    print(f"wrote {len(prep.users)} user embeddings as of {as_of} to {store_url}")
+    return len(prep.users)

@@ -1,0 +1,190 @@
+"""Request validation and tensor building for the Triton preprocess step (also usable without Triton).
+
+The error contract (docs/serving-contract.md): a malformed request raises RequestError naming the field; the
+Python backend turns it into INVALID_ARG for that request only. Defined behaviours, not errors: an unknown
+candidate id gets the OOV row and oov=True; an empty history is a cold start; a history longer than S keeps the
+newest S; actions at or after the request time are ignored; a store that is down or slow gives an empty sequence
+and sequence_source="fallback_store_unavailable".
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..features import OOV, PAD, History, Vocabulary, build_sequences, index_history
+
+FUTURE_TOLERANCE_MS = 5 * 60 * 1000   # a request time more than 5 minutes ahead of the server clock is an error
+MIN_VALID_TIME_MS = 946_684_800_000   # 2000-01-01: earlier request times are almost surely seconds, not ms
+ACTION_FIELDS = ("action_item_ids", "action_types", "action_times_ms")
+
+
+class RequestError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class Request:
+    user_id: str
+    candidates: np.ndarray            # object array of bytes [N]
+    request_time_ms: int
+    actions: tuple | None = None      # (item ids, action names, times) from the request, or None -> store
+
+
+@dataclass
+class Tensors:
+    seq_item: np.ndarray
+    seq_action: np.ndarray
+    seq_mask: np.ndarray
+    user_emb: np.ndarray
+    context: np.ndarray
+    cand_item: np.ndarray
+    oov: np.ndarray
+    sequence_source: str
+    extra: dict = field(default_factory=dict)
+
+
+def _one(value: np.ndarray | None, name: str):
+    flat = np.asarray(value).reshape(-1)
+    if flat.size != 1:
+        raise RequestError(name, f"expected exactly one value, got {flat.size}")
+    return flat[0]
+
+
+def _ids(value: np.ndarray, name: str, max_bytes: int) -> np.ndarray:
+    flat = np.asarray(value, dtype=object).reshape(-1)
+    for i, x in enumerate(flat):
+        b = x if isinstance(x, bytes) else str(x).encode()
+        if not b.strip():
+            raise RequestError(name, f"element {i} is empty")
+        if len(b) > max_bytes:
+            raise RequestError(name, f"element {i} is {len(b)} bytes, the cap is {max_bytes}")
+    return flat
+
+
+class Preprocessor:
+    def __init__(self, tables: Path, seq_len: int, buckets: Sequence[int], max_candidates: int,
+                 max_actions: int = 10_000, max_id_bytes: int = 256, store=None):
+        tables = Path(tables)
+        self.vocab = Vocabulary.load(tables)
+        self.users = np.load(tables / "users.npy", mmap_mode="r")
+        self.user_emb = np.load(tables / "user_emb.npy", mmap_mode="r")
+        self.seq_len, self.buckets = seq_len, sorted(buckets)
+        self.max_candidates = min(max_candidates, self.buckets[-1])
+        self.max_actions, self.max_id_bytes = max_actions, max_id_bytes
+        self.store = store
+        self.known_actions = set(self.vocab.actions) | ({self.vocab.exposure_action} - {None})
+
+    # ------------------------------------------------------------ validation (per request)
+    def parse(self, inputs: Mapping[str, np.ndarray | None], now_ms: int | None = None) -> Request:
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        if inputs.get("user_id") is None:
+            raise RequestError("user_id", "is required")
+        user = _ids(_one(inputs["user_id"], "user_id")[None], "user_id", self.max_id_bytes)[0]
+        try:
+            user_id = (user if isinstance(user, bytes) else str(user).encode()).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError("user_id", "is not valid UTF-8") from None
+        if inputs.get("candidate_ids") is None:
+            raise RequestError("candidate_ids", "is required")
+        cands = _ids(inputs["candidate_ids"], "candidate_ids", self.max_id_bytes)
+        if cands.size == 0:
+            raise RequestError("candidate_ids", "needs at least 1 candidate")
+        if cands.size > self.max_candidates:
+            raise RequestError("candidate_ids", f"{cands.size} candidates, the cap is {self.max_candidates}")
+        t = inputs.get("request_time_ms")
+        request_time = now_ms if t is None else int(_one(t, "request_time_ms"))
+        if request_time < MIN_VALID_TIME_MS:
+            raise RequestError("request_time_ms", f"{request_time} is before 2000-01-01 (milliseconds expected)")
+        if request_time > now_ms + FUTURE_TOLERANCE_MS:
+            raise RequestError("request_time_ms", f"{request_time} is in the future (server clock {now_ms})")
+        given = [f for f in ACTION_FIELDS if inputs.get(f) is not None]
+        actions = None
+        if given:
+            if len(given) != len(ACTION_FIELDS):
+                missing = [f for f in ACTION_FIELDS if f not in given]
+                raise RequestError(missing[0], f"is required when {', '.join(given)} is given")
+            items = _ids(inputs["action_item_ids"], "action_item_ids", self.max_id_bytes)
+            kinds = np.asarray(inputs["action_types"], dtype=object).reshape(-1)
+            times = np.asarray(inputs["action_times_ms"]).reshape(-1)
+            if not np.issubdtype(times.dtype, np.integer):
+                raise RequestError("action_times_ms", f"must be INT64 milliseconds, got {times.dtype}")
+            if len(items) > self.max_actions:
+                raise RequestError("action_item_ids", f"{len(items)} actions, the cap is {self.max_actions}")
+            for name, arr in (("action_types", kinds), ("action_times_ms", times)):
+                if len(arr) != len(items):
+                    raise RequestError(name, f"has {len(arr)} elements, action_item_ids has {len(items)}")
+            if len(times) and times.min() < 0:
+                raise RequestError("action_times_ms", f"negative time at element {int(np.argmin(times))}")
+            names = [k.decode(errors="replace") if isinstance(k, bytes) else str(k) for k in kinds]
+            unknown = [i for i, k in enumerate(names) if k not in self.known_actions]
+            if unknown:
+                raise RequestError("action_types", f"element {unknown[0]} is unknown action {names[unknown[0]]!r}; "
+                                                   f"known: {sorted(self.known_actions)}")
+            actions = (items, names, times.astype(np.int64))
+        return Request(user_id, cands, request_time, actions)
+
+    # ------------------------------------------------------------ tensors (batched)
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def table_embeddings(self, user_ids: Sequence[str]) -> np.ndarray:
+        """The daily batch table shipped in the repository: a sorted, memory-mapped user id array."""
+        q = np.array([u.encode() for u in user_ids], dtype=object)
+        out = np.zeros((len(q), self.user_emb.shape[1]), dtype=np.float32)
+        if len(self.users) == 0:
+            return out
+        fits = np.array([len(x) <= self.users.itemsize for x in q], dtype=bool)
+        qs = np.asarray(q[fits], dtype=self.users.dtype)
+        pos = np.minimum(np.searchsorted(self.users, qs), len(self.users) - 1)
+        hit = self.users[pos] == qs
+        rows = np.flatnonzero(fits)[hit]
+        out[rows] = self.user_emb[pos[hit]]
+        return out
+
+    def build(self, requests: Sequence[Request]) -> list[Tensors]:
+        histories: list[History] = [History.empty()] * len(requests)
+        sources = ["request"] * len(requests)
+        need_store = [i for i, r in enumerate(requests) if r.actions is None]
+        for i, r in enumerate(requests):
+            if r.actions is not None:
+                histories[i] = index_history(self.vocab, *r.actions)
+        emb = self.table_embeddings([r.user_id for r in requests])
+        if need_store:
+            for i in need_store:
+                sources[i] = "empty"
+            if self.store is not None:
+                from ..store.base import StoreUnavailable
+                users = [requests[i].user_id for i in need_store]
+                try:
+                    seqs = self.store.get_sequences(users)        # one round trip for the batch
+                    store_emb, found = self.store.get_embeddings(users, dim=emb.shape[1])
+                except StoreUnavailable:
+                    for i in need_store:
+                        sources[i] = "fallback_store_unavailable"
+                else:
+                    for j, i in enumerate(need_store):
+                        histories[i] = index_history(self.vocab, seqs[j].item_ids, seqs[j].actions,
+                                                     seqs[j].timestamps_ms)
+                        sources[i] = "store" if len(histories[i].ts) else "empty"
+                        if found[j]:
+                            emb[i] = store_emb[j]
+        for i, h in enumerate(histories):
+            if sources[i] == "request" and len(h.ts) == 0:
+                sources[i] = "empty"
+        seq = build_sequences(histories, [r.request_time_ms for r in requests], self.seq_len)
+        out = []
+        for i, r in enumerate(requests):
+            n = len(r.candidates)
+            cand = np.full(self.bucket(n), PAD, dtype=np.int64)
+            cand[:n] = self.vocab.item_index(r.candidates)
+            oov = np.zeros(len(cand), dtype=bool)
+            oov[:n] = cand[:n] == OOV
+            out.append(Tensors(seq.seq_item[i], seq.seq_action[i], seq.seq_mask[i], emb[i], seq.context[i],
+                               cand, oov, sources[i]))
+        return out

@@ -1,0 +1,231 @@
+"""Training loops: PinnerFormer (dense all-action or next-action) and the TransAct ranker (and its baselines).
+
+Deterministic for a seed (per-epoch generators), checkpointed every epoch in a safe format (state_dicts loaded with
+weights_only=True) and resumable: re-running the same command continues from the last finished epoch.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .config import PinnerFormerConfig, RunConfig, TransActConfig
+from .dataset import Prepared, day_start, sequences_for
+from .features import FIRST_ID, N_CONTEXT
+from .models.pinnerformer import PinnerFormer, sampled_softmax_loss, time_features
+from .models.transact import TransActRanker, time_window_mask, weighted_multitask_bce
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+def _checkpointed_epochs(model, optim, ckpt: Path, epochs: int, run_epoch, desc: str):
+    """Run epochs [start, epochs) where start is read from the checkpoint; save after each epoch."""
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        start = int(state["epoch"])
+    for epoch in tqdm(range(start, epochs), desc=desc, initial=start, total=epochs, unit="epoch"):
+        model.train()
+        run_epoch(epoch)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1}, tmp)
+        tmp.replace(ckpt)
+    model.eval()
+
+
+# ---------------------------------------------------------------- PinnerFormer
+
+def positive_events(prep: Prepared, users, before: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per user: (times, item indices) of positive engagements before `before` (negatives never are targets)."""
+    negative = {prep.vocab.actions.index(a) + FIRST_ID for a in prep.vocab.negative_actions}
+    out = {}
+    for u in users:
+        h = prep.histories[u]
+        keep = (h.ts < before) & ~np.isin(h.action, list(negative)) & (h.item >= FIRST_ID)
+        out[u] = (h.ts[keep], h.item[keep])
+    return out
+
+
+def train_pinnerformer(prep: Prepared, cfg: PinnerFormerConfig, seed: int, ckpt: Path) -> PinnerFormer:
+    model = PinnerFormer(cfg, prep.vocab.n_items, prep.vocab.n_actions)
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    users = [u for u in prep.users if u not in prep.pf_test_users]
+    positives = positive_events(prep, users, prep.split_time)
+    users = [u for u in users if len(positives[u][0]) >= 2]
+    counts = np.bincount(np.concatenate([positives[u][1] for u in users]), minlength=prep.vocab.n_items)
+    log_q = torch.as_tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32)
+    n_real = prep.vocab.n_items - FIRST_ID
+    window = int(cfg.future_window_days * 86_400_000)
+
+    def make_batch(batch_users, rng):
+        # a random "as of" point per user inside the training period; its sequence is built like a request's
+        as_of = []
+        for u in batch_users:
+            ts = prep.histories[u].ts
+            n_train = int(np.searchsorted(ts, prep.split_time))
+            as_of.append(ts[rng.integers(1, n_train + 1) - 1] + 1 if n_train else prep.split_time)
+        seq = sequences_for(prep, batch_users, as_of, cfg.max_len)
+        rows, cols, targets = [], [], []
+        for b, u in enumerate(batch_users):
+            p_ts, p_item = positives[u]
+            valid = np.flatnonzero(seq.seq_mask[b])
+            t = seq.seq_ts[b, valid]
+            lo = np.searchsorted(p_ts, t, side="right")          # strictly after the position's action
+            hi = np.searchsorted(p_ts, t + window, side="right")
+            if cfg.objective == "next_action":
+                ok = lo < len(p_ts)
+                pick = lo
+            elif cfg.objective == "dense_all_action":
+                ok = lo < hi
+                pick = lo + (rng.random(len(lo)) * np.maximum(hi - lo, 1)).astype(np.int64)
+            else:
+                raise ValueError(f"objective must be dense_all_action or next_action, got {cfg.objective!r}")
+            cand = np.flatnonzero(ok)
+            if len(cand) == 0:
+                continue
+            chosen = rng.choice(cand, size=min(cfg.positions_per_user, len(cand)), replace=False)
+            rows += [b] * len(chosen)
+            cols += valid[chosen].tolist()
+            targets += p_item[np.minimum(pick[chosen], len(p_item) - 1)].tolist()
+        return seq, np.array(rows), np.array(cols), np.array(targets)
+
+    def run_epoch(epoch):
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(users))
+        for s in range(0, len(order), cfg.batch_users):
+            seq, rows, cols, targets = make_batch([users[i] for i in order[s:s + cfg.batch_users]], rng)
+            if len(rows) < 2:
+                continue
+            L = int(seq.seq_mask.sum(1).max())
+            t = lambda a: torch.as_tensor(a[:, :L])  # noqa: E731 - trim padding columns
+            out = model.encode(t(seq.seq_item), t(seq.seq_action),
+                               torch.as_tensor(time_features(seq.seq_ts[:, :L], seq.seq_mask[:, :L])),
+                               t(seq.seq_mask))
+            query = out[torch.as_tensor(rows), torch.as_tensor(cols)]
+            tgt = torch.as_tensor(targets)
+            rnd = torch.as_tensor(rng.integers(FIRST_ID, prep.vocab.n_items, cfg.random_negatives))
+            loss = sampled_softmax_loss(
+                query, model.item_embeddings(tgt), tgt, torch.as_tensor(rows), model.item_embeddings(rnd), rnd,
+                log_q[tgt], torch.full((len(rnd),), -float(np.log(n_real))), model.temperature)
+            optim.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+
+    _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch, f"pinnerformer[{cfg.objective}]")
+    return model
+
+
+@torch.no_grad()
+def embed_users(model: PinnerFormer, prep: Prepared, user_ids, as_of_ms, batch: int = 512) -> np.ndarray:
+    """The daily batch job: each user's embedding from the actions strictly before `as_of` (zeros if none)."""
+    model.eval()
+    user_ids, as_of = list(user_ids), np.asarray(as_of_ms, dtype=np.int64)
+    out = np.zeros((len(user_ids), model.cfg.dim), dtype=np.float32)
+    for s in range(0, len(user_ids), batch):
+        seq = sequences_for(prep, user_ids[s:s + batch], as_of[s:s + batch], model.cfg.max_len)
+        out[s:s + batch] = pinnerformer_embed(model, seq).numpy()
+    return out
+
+
+def pinnerformer_embed(model: PinnerFormer, seq) -> torch.Tensor:
+    return model(torch.as_tensor(seq.seq_item), torch.as_tensor(seq.seq_action),
+                 torch.as_tensor(time_features(seq.seq_ts, seq.seq_mask)), torch.as_tensor(seq.seq_mask))
+
+
+@torch.no_grad()
+def item_table(model: PinnerFormer) -> np.ndarray:
+    """Item embeddings for the ranker and retrieval; padding row zeros, OOV row = the mean item direction."""
+    table = model.item_embeddings().numpy().copy()
+    table[0] = 0.0
+    mean = table[FIRST_ID:].mean(0)
+    table[1] = mean / max(np.linalg.norm(mean), 1e-6)
+    return table
+
+
+# ---------------------------------------------------------------- ranker
+
+class RankerExamples:
+    """Ranker inputs for a set of impressions (one candidate each), through the shared feature path."""
+
+    def __init__(self, prep: Prepared, rows: np.ndarray, user_emb_lookup, seq_len: int):
+        imp = prep.impressions.iloc[rows]
+        self.seq = sequences_for(prep, imp.user_id.to_numpy(), imp.request_time.to_numpy(), seq_len)
+        self.request_time = imp.request_time.to_numpy()
+        self.user_emb = user_emb_lookup(imp.user_id.to_numpy(), day_start(self.request_time))
+        self.cand_item = prep.vocab.item_index(imp.item_id.to_numpy())
+        self.labels = prep.labels[rows]
+        self.session = imp.session.to_numpy()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def tensors(self, idx, trim: bool = True):
+        L = max(1, int(self.seq.seq_mask[idx].sum(1).max())) if trim else self.seq.seq_mask.shape[1]
+        return (torch.as_tensor(self.seq.seq_item[idx, :L]), torch.as_tensor(self.seq.seq_action[idx, :L]),
+                torch.as_tensor(self.seq.seq_mask[idx, :L]), torch.as_tensor(self.user_emb[idx]),
+                torch.as_tensor(self.seq.context[idx]), torch.as_tensor(self.cand_item[idx, None]))
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng, pool: int = 32):
+    """Shuffled batches of similar sequence length (padding columns are trimmed per batch, so this roughly halves
+    the transformer's work); batches are drawn from random pools, then their order is shuffled."""
+    order = rng.permutation(len(lengths))
+    batches = []
+    for s in range(0, len(order), batch_size * pool):
+        chunk = order[s:s + batch_size * pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [np.sort(chunk[i:i + batch_size]) for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def build_ranker(cfg: TransActConfig, prep: Prepared, table: np.ndarray, user_dim: int) -> TransActRanker:
+    return TransActRanker(cfg, table, prep.vocab.n_actions, user_dim, N_CONTEXT, len(prep.vocab.heads))
+
+
+def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_dim: int, train: RankerExamples,
+                 seed: int, ckpt: Path) -> TransActRanker:
+    torch.manual_seed(seed)
+    model = build_ranker(cfg, prep, table, user_dim)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                              weight_decay=cfg.weight_decay)
+    negative_heads = torch.as_tensor([h in prep.vocab.negative_actions for h in prep.vocab.heads])
+
+    def run_epoch(epoch):
+        rng = np.random.default_rng([seed, epoch])
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        for idx in length_bucketed_batches(train.seq.seq_mask.sum(1), cfg.batch_size, rng):
+            seq_item, seq_action, seq_mask, user_emb, context, cand = train.tensors(idx)
+            L = seq_mask.shape[1]
+            age = torch.as_tensor((train.request_time[idx, None] - train.seq.seq_ts[idx, :L]) / 1000.0)
+            seq_mask = time_window_mask(seq_mask, age, cfg.time_window_max_h, gen)  # training only
+            logits = model.logits(seq_item, seq_action, seq_mask, user_emb, context, cand)[:, 0]
+            loss = weighted_multitask_bce(logits, torch.as_tensor(train.labels[idx]), negative_heads,
+                                          cfg.negative_label_weight)
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+
+    _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch, f"ranker[{cfg.sequence_encoder}]")
+    return model
+
+
+@torch.no_grad()
+def predict(model: TransActRanker, ex: RankerExamples, batch: int = 1024) -> np.ndarray:
+    model.eval()
+    out = [model(*ex.tensors(np.arange(s, min(s + batch, len(ex)))))[:, 0].numpy()
+           for s in range(0, len(ex), batch)]
+    return np.concatenate(out) if out else np.zeros((0, len(model.heads.bias)), dtype=np.float32)

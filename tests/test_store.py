@@ -1,0 +1,678 @@
+"""Feature store + ingestion (issue #7): both backends against a real redis-server / SQLite file, never mocks."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seqrank.ingest import (ActionReader, ingest, main_ingest, make_ingest_server, measure_freshness,
+                            read_actions)
+from seqrank.store import (Action, EmbeddedStore, IngestStats, RedisStore, StoreUnavailable, UserSequence,
+                           open_store, validate_action)
+
+try:
+    from redis_server import RedisServer, free_port
+except ImportError:  # tests/ imported as a package
+    from tests.redis_server import RedisServer, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+T0 = 1_700_000_000_000
+HOUR = 3_600_000
+needs_redis = pytest.mark.skipif(not RedisServer.available(), reason="redis-server not installed")
+
+
+# fixtures --------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_server():
+    if not RedisServer.available():
+        pytest.skip("redis-server not installed")
+    srv = RedisServer().start()
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server this test may stop, pause and restart."""
+    if not RedisServer.available():
+        pytest.skip("redis-server not installed")
+    srv = RedisServer().start()
+    yield srv
+    srv.cleanup()
+
+
+def _store_factory(kind, tmp_path, request):
+    opened = []
+    counter = iter(range(10_000))
+
+    def make(**kw):
+        kw.setdefault("timeout_s", 2.0)      # correctness tests: generous; latency tests set their own
+        if kind == "embedded":
+            s = EmbeddedStore(str(tmp_path / f"store{next(counter)}.db"), **kw)
+        else:
+            srv = request.getfixturevalue("redis_server")
+            s = RedisStore(srv.url, prefix=f"t{uuid.uuid4().hex[:10]}:", **kw)
+        opened.append(s)
+        return s
+
+    return make, opened
+
+
+@pytest.fixture(params=["embedded", pytest.param("redis", marks=needs_redis)])
+def make_store(request, tmp_path):
+    """``make_store(**kw)`` -> a fresh, empty store of the parametrized kind."""
+    make, opened = _store_factory(request.param, tmp_path, request)
+    make.kind = request.param
+    yield make
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(make_store):
+    return make_store()
+
+
+# helpers ---------------------------------------------------------------------------------------
+ACTIONS = ["click", "repin", "save", "closeup", "hide", "share"]
+
+
+def realistic_events(n_users=30, n_events=600, seed=0, messy=True, span_ms=None):
+    """Pin-style actions: Zipf-ish items, per-user clocks with ties, bursts and pauses. ``messy`` adds
+    neighbour swaps (out-of-order), re-sent duplicates, too-late events and a few invalid records."""
+    rng = random.Random(seed)
+    users = [f"user{u:03d}" for u in range(n_users)]
+    weights = [1.0 / (i + 1) ** 0.7 for i in range(n_users)]
+    clock = {u: T0 + rng.randint(0, 60_000) for u in users}
+    evs = []
+    for _ in range(n_events):
+        u = rng.choices(users, weights)[0]
+        clock[u] += rng.choice([0, 0, 120, 800, 2_500, 9_000, 40_000])
+        item = f"pin{min(int(rng.paretovariate(0.8)), 5000):05d}"
+        evs.append(Action(u, item, rng.choices(ACTIONS, [50, 10, 8, 25, 3, 4])[0], clock[u]))
+    if messy:
+        for i in range(len(evs) - 1):
+            if rng.random() < 0.2:
+                evs[i], evs[i + 1] = evs[i + 1], evs[i]
+        base = list(evs)
+        for _ in range(n_events // 15):
+            evs.insert(rng.randrange(len(evs)), rng.choice(base))
+        for _ in range(n_events // 30):
+            a = rng.choice(base)
+            evs.append(Action(a.user_id, "pin99999", "click", a.timestamp_ms - 2 * HOUR))
+        for bad in (Action("", "pin1", "click", T0), Action("user000", "", "click", T0),
+                    Action("user000", "pin1", "click", -1), Action("user000", "pin1", "cl\x1fick", T0),
+                    Action("user000", "pin1", "click", 1.5)):
+            evs.insert(rng.randrange(len(evs)), bad)
+    return evs
+
+
+class Reference:
+    """The documented append semantics in plain Python (the oracle)."""
+
+    def __init__(self, max_len=256, late_bound_ms=HOUR):
+        self.max_len, self.bound = max_len, late_bound_ms
+        self.data = defaultdict(list)
+
+    def append(self, actions):
+        st = IngestStats()
+        by_user = {}
+        for a in actions:
+            if validate_action(a):
+                st.invalid += 1
+            else:
+                by_user.setdefault(a.user_id, []).append(a)
+        for u, evs in by_user.items():
+            kept = set(self.data[u])
+            newest = max((k[0] for k in kept), default=None)
+            for a in evs:
+                k = (a.timestamp_ms, a.item_id, a.action)
+                if k in kept:
+                    st.duplicates += 1
+                elif newest is not None and k[0] < newest - self.bound:
+                    st.too_late += 1
+                else:
+                    kept.add(k)
+                    st.accepted += 1
+                    newest = k[0] if newest is None else max(newest, k[0])
+            self.data[u] = sorted(kept)[-self.max_len:]
+        return st
+
+    def sequence(self, u):
+        return [(i, a, t) for t, i, a in self.data.get(u, [])]
+
+
+def snapshot(store, users):
+    return {u: s.as_tuples() for u, s in zip(users, store.get_sequences(users))}
+
+
+def batches(evs, sizes):
+    i, k = 0, 0
+    while i < len(evs):
+        n = sizes[k % len(sizes)]
+        yield evs[i:i + n]
+        i, k = i + n, k + 1
+
+
+def write_jsonl(path, evs):
+    with open(path, "w") as f:
+        for a in evs:
+            f.write(json.dumps({"user_id": a.user_id, "item_id": a.item_id, "action": a.action,
+                                "timestamp_ms": a.timestamp_ms}) + "\n")
+    return path
+
+
+def users_of(evs):
+    return sorted({a.user_id for a in evs if isinstance(a.user_id, str) and a.user_id})
+
+
+# append semantics (both stores) ---------------------------------------------------------------
+def test_replay_same_file_twice_identical_state(make_store, tmp_path):
+    store = make_store()
+    evs = realistic_events(n_users=25, n_events=400, seed=1, messy=False)
+    path = write_jsonl(tmp_path / "actions.jsonl", evs)
+    first = ingest(store, read_actions(str(path)), batch_size=64)
+    assert first.invalid == 0 and first.too_late == 0 and first.accepted + first.duplicates == len(evs)
+    users = users_of(evs)
+    state1 = snapshot(store, users)
+    second = ingest(store, read_actions(str(path)), batch_size=97)
+    assert second == IngestStats(accepted=0, duplicates=len(evs), too_late=0, invalid=0)
+    assert snapshot(store, users) == state1
+    # a messy stream (late, invalid, duplicate events) replayed: no state change, nothing accepted
+    messy = realistic_events(n_users=25, n_events=400, seed=2)
+    m1 = store.append(messy)
+    state2 = snapshot(store, users_of(messy))
+    m2 = store.append(messy)
+    assert m2.accepted == 0 and m2.invalid == m1.invalid and m2.duplicates == m1.accepted + m1.duplicates
+    assert snapshot(store, users_of(messy)) == state2
+
+
+def test_duplicates_inside_one_batch(store):
+    a = Action("u1", "pinA", "click", T0)
+    b = Action("u1", "pinA", "repin", T0)          # same item and time, other action: not a duplicate
+    st = store.append([a, a, b, a, Action("u1", "pinA", "click", T0 + 1)])
+    assert st == IngestStats(accepted=3, duplicates=2)
+    assert store.get_sequences(["u1"])[0].as_tuples() == [
+        ("pinA", "click", T0), ("pinA", "repin", T0), ("pinA", "click", T0 + 1)]
+    assert store.append([a]) == IngestStats(duplicates=1)
+
+
+def test_out_of_order_within_bound_lands_in_order(store):
+    ts = [T0 + 5000, T0 + 1000, T0 + 3000, T0 + 4000, T0 + 2000]
+    st = store.append([Action("u", f"p{t - T0}", "click", t) for t in ts[:2]])
+    st += store.append([Action("u", f"p{t - T0}", "click", t) for t in ts[2:]])
+    assert st.accepted == 5
+    seq = store.get_sequences(["u"])[0]
+    assert seq.timestamps_ms.dtype == np.int64
+    assert list(seq.timestamps_ms) == sorted(ts)
+    assert seq.item_ids == ["p1000", "p2000", "p3000", "p4000", "p5000"]
+    assert seq.actions == ["click"] * 5
+
+
+def test_same_timestamp_orders_by_item_then_action(store):
+    evs = [Action("u", "b", "save", T0), Action("u", "a", "save", T0), Action("u", "b", "click", T0),
+           Action("u", "ab", "click", T0), Action("u", "a", "click", T0), Action("u", "Z", "zz", T0)]
+    store.append(evs[:3])
+    store.append(evs[3:])
+    got = store.get_sequences(["u"])[0].as_tuples()
+    assert got == sorted([(a.item_id, a.action, a.timestamp_ms) for a in evs], key=lambda r: (r[2], r[0], r[1]))
+    assert [r[0] for r in got] == ["Z", "a", "a", "ab", "b", "b"]
+
+
+def test_too_late_rejected_and_counted(make_store):
+    store = make_store(late_bound_ms=10_000)
+    assert store.append([Action("u", "p0", "click", T0 + 100_000)]).accepted == 1
+    st = store.append([
+        Action("u", "edge", "click", T0 + 90_000),        # exactly newest - bound: on time
+        Action("u", "late", "click", T0 + 89_999),        # 1 ms too late
+        Action("v", "other", "click", T0),                # another user's clock: fine
+        Action("u", "newer", "click", T0 + 200_000),      # moves u's clock forward ...
+        Action("u", "now_late", "click", T0 + 150_000),   # ... so this one (arrives after it) is late
+        Action("u", "p0", "click", T0 + 100_000),         # a replayed stored event: duplicate, not late
+    ])
+    assert st == IngestStats(accepted=3, duplicates=1, too_late=2)
+    seqs = store.get_sequences(["u", "v"])
+    assert seqs[0].item_ids == ["edge", "p0", "newer"]
+    assert seqs[1].item_ids == ["other"]
+
+
+def test_keeps_newest_max_len(make_store):
+    store = make_store(max_len=5)
+    evs = [Action("u", f"p{i:02d}", "click", T0 + i * 1000) for i in range(12)]
+    random.Random(3).shuffle(evs)
+    st = store.append(evs[:7]) + store.append(evs[7:])
+    assert st.accepted == 12
+    seq = store.get_sequences(["u"])[0]
+    assert seq.item_ids == [f"p{i:02d}" for i in range(7, 12)]
+    # an on-time event older than everything kept is accepted but immediately outside the window
+    assert store.append([Action("u", "old", "click", T0)]).accepted == 1
+    assert store.get_sequences(["u"])[0] == seq
+    assert len(store.get_sequences(["u"])[0]) == 5
+
+
+def test_invalid_records_counted(store):
+    st = store.append([Action("", "p", "click", T0), Action("u", "", "click", T0), Action("u", "p", "", T0),
+                       Action("u", "p", "click", -1), Action("u", "p", "click", "123"),
+                       Action("u", "p", "click", True), Action("u", "p\x1f", "click", T0),
+                       {"user_id": "u"}, Action("u", "p", "click", T0)])
+    assert st == IngestStats(accepted=1, invalid=8)
+
+
+def test_unknown_users_and_empty_batch(store):
+    assert store.get_sequences([]) == []
+    seqs = store.get_sequences(["nobody", "nobody"])
+    assert [len(s) for s in seqs] == [0, 0]
+    assert seqs[0].timestamps_ms.dtype == np.int64 and isinstance(seqs[0], UserSequence)
+    assert store.append([]) == IngestStats()
+
+
+def test_matches_reference_semantics(make_store):
+    store = make_store(max_len=8, late_bound_ms=HOUR)
+    ref = Reference(max_len=8, late_bound_ms=HOUR)
+    evs = realistic_events(n_users=20, n_events=500, seed=4)
+    for b in batches(evs, [1, 7, 50, 3, 120]):
+        assert store.append(b) == ref.append(b)
+    users = users_of(evs)
+    assert snapshot(store, users) == {u: ref.sequence(u) for u in users}
+
+
+# both backends agree --------------------------------------------------------------------------
+@needs_redis
+def test_embedded_and_redis_identical(redis_server, tmp_path):
+    evs = realistic_events(n_users=40, n_events=800, seed=5)
+    users = users_of(evs) + ["never_seen"]
+    for max_len in (256, 16):
+        emb = EmbeddedStore(str(tmp_path / f"e{max_len}.db"), max_len=max_len)
+        red = RedisStore(redis_server.url, prefix=f"cmp{max_len}{uuid.uuid4().hex[:6]}:", max_len=max_len)
+        try:
+            for b in batches(evs, [100, 1, 33, 250]):
+                assert emb.append(b) == red.append(b)
+            se, sr = emb.get_sequences(users), red.get_sequences(users)
+            assert se == sr
+            assert sum(len(s) for s in se) > 0
+        finally:
+            emb.close()
+            red.close()
+
+
+# concurrency ------------------------------------------------------------------------------------
+def _concurrent_workload(seed=6):
+    """Events all within the late bound (arrival order cannot matter), with duplicates across writers."""
+    evs = realistic_events(n_users=12, n_events=1200, seed=seed, messy=False)
+    rng = random.Random(seed)
+    evs = evs + rng.sample(evs, 150)
+    rng.shuffle(evs)
+    return evs
+
+
+def test_concurrent_writer_threads_same_as_sequential(make_store):
+    evs = _concurrent_workload()
+    users = users_of(evs)
+    seq_store = make_store(max_len=64)
+    for b in batches(evs, [40]):
+        seq_store.append(b)
+    expected = snapshot(seq_store, users)
+
+    shared = make_store(max_len=64)
+    parts = [evs[k::4] for k in range(4)]
+    totals, errors = [IngestStats() for _ in parts], []
+    barrier = threading.Barrier(4)
+
+    def work(k):
+        try:
+            barrier.wait()
+            for b in batches(parts[k], [5, 17, 9]):
+                totals[k] += shared.append(b)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert snapshot(shared, users) == expected
+    total = sum(totals, IngestStats())
+    assert total.too_late == 0 and total.invalid == 0 and total.accepted + total.duplicates == len(evs)
+
+
+def test_concurrent_writer_processes_same_as_sequential(make_store, tmp_path):
+    """4 ingest processes (the CLI) append interleaved events for the same users at once."""
+    evs = _concurrent_workload(seed=7)
+    users = users_of(evs)
+    ref = Reference(max_len=64)
+    ref.append(evs)
+    target = make_store(max_len=64)
+    url = (f"sqlite:///{target.path}" if make_store.kind == "embedded"
+           else f"{target.url}?prefix={target.prefix}")
+    files = [write_jsonl(tmp_path / f"part{k}.jsonl", evs[k::4]) for k in range(4)]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    procs = [subprocess.Popen([sys.executable, "-m", "seqrank.ingest", "--store", url, "--file", str(f),
+                               "--batch-size", "10", "--max-len", "64", "--log-level", "WARNING"],
+                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for f in files]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    counts = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert sum(c["accepted"] + c["duplicates"] for c in counts) == len(evs)
+    assert snapshot(target, users) == {u: ref.sequence(u) for u in users}
+
+
+# round trips ------------------------------------------------------------------------------------
+def _counting_connection_class():
+    import redis
+
+    class CountingConnection(redis.connection.Connection):
+        sends = 0
+
+        def send_packed_command(self, command, check_health=True):
+            type(self).sends += 1
+            return super().send_packed_command(command, check_health)
+
+    return CountingConnection
+
+
+@needs_redis
+def test_redis_get_sequences_64_users_is_one_round_trip(redis_server):
+    import redis
+    conn_cls = _counting_connection_class()
+    store = RedisStore(redis_server.url, prefix=f"rt{uuid.uuid4().hex[:6]}:", timeout_s=2.0,
+                       connection_class=conn_cls)
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        users = [f"u{i}" for i in range(64)]
+        store.append([Action(u, f"p{j}", "click", T0 + j) for u in users[:40] for j in range(5)])
+        store.get_sequences(users[:1])                       # warm up: connect + handshake
+        store.get_embeddings(users[:1], dim=4)
+        before_calls = admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        conn_cls.sends = 0
+        seqs = store.get_sequences(users)
+        assert conn_cls.sends == 1                           # one write, all replies read back: one round trip
+        assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] - before_calls == 64
+        assert [len(s) for s in seqs] == [5] * 40 + [0] * 24
+        conn_cls.sends = 0
+        store.get_embeddings(users, dim=4)
+        assert conn_cls.sends == 1
+        conn_cls.sends = 0
+        store.append([Action(u, "p9", "click", T0 + 9) for u in users])   # 64 users: one pipeline
+        assert conn_cls.sends == 1
+    finally:
+        store.close()
+        admin.close()
+
+
+def test_embedded_get_sequences_64_users_is_one_query(tmp_path):
+    store = EmbeddedStore(str(tmp_path / "s.db"))
+    try:
+        users = [f"u{i}" for i in range(64)]
+        store.append([Action(u, f"p{j}", "click", T0 + j) for u in users[:40] for j in range(5)])
+        store.put_embeddings(users[:3], np.ones((3, 4), np.float32), T0)
+        conn = store._conn()
+        statements = []
+        conn.set_trace_callback(statements.append)
+        seqs = store.get_sequences(users)
+        assert len(statements) == 1 and statements[0].lstrip().upper().startswith("SELECT")
+        statements.clear()
+        store.get_embeddings(users)
+        assert len(statements) == 1
+        conn.set_trace_callback(None)
+        assert [len(s) for s in seqs] == [5] * 40 + [0] * 24
+    finally:
+        store.close()
+
+
+# Redis operations ----------------------------------------------------------------------------
+def test_redis_persists_across_restart(own_redis):
+    store = RedisStore(own_redis.url, timeout_s=2.0)
+    evs = realistic_events(n_users=10, n_events=200, seed=8)
+    store.append(evs)
+    users = users_of(evs)
+    before = snapshot(store, users)
+    store.put_embeddings(["user000", "user001"], np.arange(8, dtype=np.float32).reshape(2, 4), T0)
+    own_redis.restart()                                      # same dir and port; AOF replayed
+    try:
+        assert snapshot(store, users) == before              # the old client reconnects
+        fresh = open_store(own_redis.url, timeout_s=2.0)
+        assert snapshot(fresh, users) == before
+        emb, found = fresh.get_embeddings(["user001", "nobody"])
+        assert found.tolist() == [True, False] and emb[0].tolist() == [4, 5, 6, 7]
+        # the script cache is empty after a restart: append reloads it transparently
+        assert store.append([Action("user000", "after_restart", "click", T0 + 10 * HOUR)]).accepted == 1
+        assert fresh.get_sequences(["user000"])[0].item_ids[-1] == "after_restart"
+        fresh.close()
+    finally:
+        store.close()
+
+
+def test_redis_down_raises_store_unavailable_fast(own_redis):
+    store = RedisStore(own_redis.url)                        # default read timeout 0.05 s
+    store.append([Action("u", "p", "click", T0)])
+    assert len(store.get_sequences(["u"])[0]) == 1
+
+    own_redis.pause()                                        # hung: accepts connections, never answers
+    try:
+        for call in (lambda: store.get_sequences(["u"] * 64), lambda: store.get_embeddings(["u"], dim=4)):
+            t = time.perf_counter()
+            with pytest.raises(StoreUnavailable):
+                call()
+            assert time.perf_counter() - t < 0.5
+        fast_writer = RedisStore(own_redis.url, write_timeout_s=0.2)
+        t = time.perf_counter()
+        with pytest.raises(StoreUnavailable):
+            fast_writer.append([Action("u", "p2", "click", T0 + 1)])
+        assert time.perf_counter() - t < 0.5
+        fast_writer.close()
+    finally:
+        own_redis.resume()
+    assert len(store.get_sequences(["u"])[0]) >= 1           # recovers once the server answers again
+
+    own_redis.stop()                                         # down: connection refused
+    for call in (lambda: store.get_sequences(["u"]), lambda: store.get_embeddings(["u"], dim=4),
+                 lambda: store.append([Action("u", "p3", "click", T0 + 2)]),
+                 lambda: store.put_embeddings(["u"], np.zeros((1, 4)), T0)):
+        t = time.perf_counter()
+        with pytest.raises(StoreUnavailable):
+            call()
+        assert time.perf_counter() - t < 0.5
+    own_redis.start()
+    assert store.get_sequences(["u"])[0].item_ids[0] == "p"
+    store.close()
+
+
+def test_redis_unreachable_host_times_out(tmp_path):
+    """Nothing listens on the port: StoreUnavailable, no hang."""
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0")
+    t = time.perf_counter()
+    with pytest.raises(StoreUnavailable):
+        store.get_sequences(["u"])
+    assert time.perf_counter() - t < 0.5
+    store.close()
+
+
+# embeddings ---------------------------------------------------------------------------------------
+def test_embeddings_roundtrip(make_store):
+    store = make_store()
+    with pytest.raises(ValueError):
+        store.get_embeddings(["a"])                          # nothing stored, no dim known
+    emb, found = store.get_embeddings(["a", "b"], dim=3)
+    assert emb.shape == (2, 3) and emb.dtype == np.float32 and not found.any()
+    vecs = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    store.put_embeddings(["a", "b", "c"], vecs, as_of_ms=T0)
+    emb, found = store.get_embeddings(["c", "zz", "a"])
+    assert found.tolist() == [True, False, True]
+    np.testing.assert_array_equal(emb[0], vecs[2])
+    np.testing.assert_array_equal(emb[1], np.zeros(8, np.float32))
+    np.testing.assert_array_equal(emb[2], vecs[0])
+    # newer as_of replaces, older does not
+    store.put_embeddings(["a"], np.full((1, 8), 7.0), as_of_ms=T0 + 1)
+    store.put_embeddings(["a"], np.full((1, 8), -1.0), as_of_ms=T0)
+    assert store.get_embeddings(["a"])[0][0].tolist() == [7.0] * 8
+    with pytest.raises(ValueError):
+        store.put_embeddings(["a"], np.ones((1, 4)), as_of_ms=T0 + 2)     # the store's dim is 8
+    with pytest.raises(ValueError):
+        store.put_embeddings(["a", "b"], np.ones((1, 8)), as_of_ms=T0)    # shape mismatch
+    # dim known from stored data even when none of the requested users has one, also in a new client
+    assert store.get_embeddings(["zz"])[0].shape == (1, 8)
+
+
+def test_embedding_dim_persists_for_new_clients(make_store, tmp_path):
+    if make_store.kind == "embedded":
+        s = make_store()
+        s.put_embeddings(["a"], np.ones((1, 5)), T0)
+        s2 = EmbeddedStore(s.path)
+    else:
+        s = make_store()
+        s.put_embeddings(["a"], np.ones((1, 5)), T0)
+        s2 = RedisStore(s.url, prefix=s.prefix)
+    assert s2.get_embeddings(["nobody"])[0].shape == (1, 5)
+    s2.close()
+
+
+# freshness --------------------------------------------------------------------------------------
+def test_measure_freshness(make_store):
+    store = make_store(timeout_s=0.5)
+    samples = measure_freshness(store, 20)
+    assert len(samples) == 20 and all(s > 0 for s in samples)
+    assert max(samples) < 1000
+
+
+def test_measure_freshness_across_processes_embedded(tmp_path):
+    """Writer and reader are separate connections (as ingest process vs. Triton stub)."""
+    path = str(tmp_path / "f.db")
+    writer, reader = EmbeddedStore(path), EmbeddedStore(path, timeout_s=0.5)
+    samples = measure_freshness(writer, 10, reader=reader)
+    assert len(samples) == 10 and all(s > 0 for s in samples)
+    writer.close()
+    reader.close()
+
+
+# ingestion: readers, CLI, HTTP ------------------------------------------------------------------
+def test_read_actions_jsonl_skips_malformed_lines(tmp_path, caplog):
+    p = tmp_path / "a.jsonl"
+    p.write_text("\n".join([
+        '{"user_id": "u1", "item_id": "p1", "action": "click", "timestamp_ms": 1700000000000}',
+        'not json at all',
+        '{"user_id": "u1", "item_id": "p2", "action": "click"}',
+        '',
+        '{"user_id": 42, "item_id": 7, "action": "repin", "timestamp_ms": "1700000000001"}',
+        '{"user_id": "u1", "item_id": "p3", "action": "click", "timestamp_ms": -3}',
+        '[1, 2, 3]',
+        '{"user_id": "u1", "item_id": "p4", "action": "save", "timestamp_ms": 1700000000002.0}',
+    ]) + "\n")
+    caplog.set_level(logging.WARNING, logger="seqrank.ingest")
+    reader = read_actions(str(p))
+    got = list(reader)
+    assert got == [Action("u1", "p1", "click", T0), Action("42", "7", "repin", T0 + 1),
+                   Action("u1", "p4", "save", T0 + 2)]
+    assert reader.invalid == 4
+    text = caplog.text
+    for line_no, field in ((2, "not JSON"), (3, "timestamp_ms: missing"), (6, "timestamp_ms"), (7, "record")):
+        assert f"a.jsonl:{line_no}:" in text and field in text
+
+
+def test_read_actions_csv_and_stdin_like(tmp_path, make_store):
+    p = tmp_path / "a.csv"
+    p.write_text("user_id,item_id,action,timestamp_ms\n"
+                 "u1,p1,click,1700000000000\n"
+                 "u1,p2,click,notanumber\n"
+                 "u1,p3,repin,1700000000005\n"
+                 "u2,p1,click,1700000000001,extra\n")
+    store = make_store()
+    st = ingest(store, read_actions(str(p), fmt=None), batch_size=2)
+    assert st == IngestStats(accepted=2, invalid=2)
+    assert store.get_sequences(["u1"])[0].item_ids == ["p1", "p3"]
+    import io
+    r = ActionReader(io.StringIO('{"user_id":"u","item_id":"i","action":"a","timestamp_ms":5}\n'))
+    assert list(r) == [Action("u", "i", "a", 5)]
+
+
+def test_main_ingest_cli(tmp_path, capsys):
+    evs = realistic_events(n_users=5, n_events=100, seed=9, messy=False)
+    f = write_jsonl(tmp_path / "in.jsonl", evs)
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    assert main_ingest(["--store", url, "--file", str(f), "--batch-size", "16"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["accepted"] + out["duplicates"] == len(evs) and out["invalid"] == 0
+    s = open_store(url)
+    assert sum(len(x) for x in s.get_sequences(users_of(evs))) == out["accepted"]
+    s.close()
+    with pytest.raises(SystemExit):
+        main_ingest(["--store", url])                         # neither --file nor --serve
+
+
+def _post(url, body):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_ingest_http_api(make_store):
+    store = make_store()
+    server = make_ingest_server(store, "127.0.0.1", 0)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        ok = [{"user_id": "u", "item_id": "p1", "action": "click", "timestamp_ms": T0},
+              {"user_id": "u", "item_id": "p2", "action": "click", "timestamp_ms": T0 + 5},
+              {"user_id": "u", "item_id": "p1", "action": "click", "timestamp_ms": T0}]
+        assert _post(base + "/v1/actions", ok) == (200, {"accepted": 2, "duplicates": 1, "too_late": 0,
+                                                         "invalid": 0})
+        bad = ok[:1] + [{"user_id": "u", "item_id": "p3", "action": "click", "timestamp_ms": "soon"}]
+        code, body = _post(base + "/v1/actions", bad)
+        assert code == 400 and body["field"] == "timestamp_ms" and "actions[1].timestamp_ms" in body["error"]
+        code, body = _post(base + "/v1/actions", [{"user_id": "u", "action": "click", "timestamp_ms": 1}])
+        assert code == 400 and body["field"] == "item_id"
+        assert _post(base + "/v1/actions", b"{nope")[0] == 400
+        assert _post(base + "/v1/actions", {"user_id": "u"})[0] == 400
+        code, body = _post(base + "/v1/actions?partial=1",
+                           bad + [{"user_id": "u", "item_id": "p4", "action": "save", "timestamp_ms": T0 + 9}])
+        assert (code, body) == (200, {"accepted": 1, "duplicates": 1, "too_late": 0, "invalid": 1})
+        assert store.get_sequences(["u"])[0].item_ids == ["p1", "p2", "p4"]
+        with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# open_store -----------------------------------------------------------------------------------
+def test_open_store_urls(tmp_path, monkeypatch, request):
+    s = open_store(f"sqlite:///{tmp_path / 'x.db'}?max_len=7", late_bound_ms=5)
+    assert isinstance(s, EmbeddedStore) and s.max_len == 7 and s.late_bound_ms == 5
+    assert s.path == str(tmp_path / "x.db")
+    s.close()
+    monkeypatch.setenv("SEQRANK_STORE", f"sqlite:///{tmp_path / 'env.db'}")
+    s = open_store(None)
+    assert isinstance(s, EmbeddedStore) and s.path.endswith("env.db") and s.max_len == 256
+    s.close()
+    monkeypatch.delenv("SEQRANK_STORE")
+    with pytest.raises(ValueError):
+        open_store(None)
+    with pytest.raises(ValueError):
+        open_store("mysql://x/y")
+    if RedisServer.available():
+        srv = request.getfixturevalue("redis_server")
+        r = open_store(srv.url + "?prefix=abc:&max_len=9&timeout_s=0.2")
+        assert isinstance(r, RedisStore) and r.prefix == "abc:" and r.max_len == 9 and r.timeout_s == 0.2
+        assert r.get_sequences(["nobody"])[0].item_ids == []
+        r.close()

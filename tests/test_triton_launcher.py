@@ -1,0 +1,364 @@
+"""The real tritonserver (nvidia-pytriton wheel) as a managed subprocess: seqrank.serving.triton."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from seqrank.serving.triton import (
+    RESTRICTED_KEY_HEADER,
+    RESTRICTED_KEY_HEADER_GRPC,
+    ServerOptions,
+    ServerStartError,
+    TritonServer,
+    backend_directory,
+    perf_analyzer_binary,
+    perf_analyzer_env,
+    server_env,
+    tritonserver_binary,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL = "echo_double"
+X = np.array([[1.0, 2.0, 3.0], [-4.0, 0.5, 0.0]], dtype=np.float32)
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode(errors="replace")
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    stat = fh.read().decode(errors="replace")
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                pids.append(int(entry))
+    return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _wait_until(predicate, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _http(server: TritonServer, path: str, method: str = "GET", headers=None, body: bytes | None = None):
+    req = urllib.request.Request(f"http://{server.http_url}{path}", data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def _infer_http(server: TritonServer, x: np.ndarray) -> np.ndarray:
+    client = httpclient.InferenceServerClient(server.http_url)
+    inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer(MODEL, [inp], outputs=[httpclient.InferRequestedOutput("OUTPUT")]).as_numpy("OUTPUT")
+
+
+def _infer_grpc(server: TritonServer, x: np.ndarray) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    inp = grpcclient.InferInput("INPUT", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer(MODEL, [inp], outputs=[grpcclient.InferRequestedOutput("OUTPUT")]).as_numpy("OUTPUT")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Installation pieces
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_binaries_and_environment():
+    assert os.access(tritonserver_binary(), os.X_OK)
+    assert os.access(perf_analyzer_binary(), os.X_OK)
+    env = server_env()
+    assert "nvidia_pytriton.libs" in env["LD_LIBRARY_PATH"].split(os.pathsep)[0]
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.prefix) / "bin")
+    assert any(Path(p, "libcudart.so.12").exists() for p in perf_analyzer_env()["LD_LIBRARY_PATH"].split(os.pathsep))
+
+
+def test_backend_directory_is_idempotent_and_safe_under_concurrency(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQRANK_CACHE_DIR", str(tmp_path / "cache"))
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(backend_directory())
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=build) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(set(results)) == 1
+    backends = results[0]
+    assert backends == backend_directory()
+    python = backends / "python"
+    assert sorted(p.name for p in python.iterdir()) == [
+        "libtriton_python.so",
+        "triton_python_backend_stub",
+        "triton_python_backend_utils.py",
+    ]
+    assert os.access(python / "triton_python_backend_stub", os.X_OK)
+    # no temporary directories left behind by the losers of the rename race
+    assert [p.name for p in (tmp_path / "cache" / "triton-backends").iterdir()] == [backends.parent.name]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Serving the toy repository
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_config_is_loaded_and_served_over_http_and_grpc(start_server, toy_repository):
+    server = start_server(toy_repository)  # model_config_name="cpu" by default
+    assert server.is_alive()
+    server.wait_models_ready([MODEL], timeout_s=10)
+    # configs/cpu.pbtxt multiplies by 3; config.pbtxt would multiply by 2
+    np.testing.assert_allclose(_infer_http(server, X), 3 * X)
+    np.testing.assert_allclose(_infer_grpc(server, X), 3 * X)
+    status, body = _http(server, f"/v2/models/{MODEL}/config")
+    assert status == 200
+    assert json.loads(body)["parameters"]["multiplier"]["string_value"] == "3"
+    assert _http(server, "/v2/health/live")[0] == 200
+    with urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=10) as resp:
+        assert b"nv_inference_request_success" in resp.read()
+
+
+def test_default_config_without_model_config_name(start_server, toy_repository):
+    server = start_server(toy_repository, model_config_name=None)
+    np.testing.assert_allclose(_infer_grpc(server, X), 2 * X)
+
+
+def test_broken_repository_fails_fast_with_the_server_error(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO_ROOT / "tests" / "fixtures" / "toy_repository", repo)
+    (repo / MODEL / "configs" / "cpu.pbtxt").write_text('name: "echo_double"\nbackend: "python"\nmax_batch_size: eight\n')
+    server = TritonServer(
+        ServerOptions(repo, http_port=0, grpc_port=0, metrics_port=0), log_path=tmp_path / "server.log"
+    )
+    started = time.monotonic()
+    with pytest.raises(ServerStartError) as info:
+        server.start(timeout_s=120)
+    elapsed = time.monotonic() - started
+    assert elapsed < 30, f"took {elapsed:.1f}s to report a broken repository"
+    message = str(info.value)
+    assert "Expected integer, got: eight" in message  # protobuf's own parse error, from the server log
+    assert "failed to load all models" in message
+    assert info.value.returncode not in (None, 0)
+    assert not server.is_alive()
+    assert _group_pids(server.pgid) == []
+
+
+def test_model_that_fails_to_initialize_reports_the_python_error(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO_ROOT / "tests" / "fixtures" / "toy_repository", repo)
+    model_py = repo / MODEL / "1" / "model.py"
+    model_py.write_text(model_py.read_text().replace('["multiplier"]', '["no_such_parameter"]'))
+    server = TritonServer(ServerOptions(repo, http_port=0, grpc_port=0, metrics_port=0))
+    with pytest.raises(ServerStartError) as info:
+        server.start(timeout_s=120)
+    assert "no_such_parameter" in info.value.log_errors
+    assert _group_pids(server.pgid) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# No process left behind
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _assert_stub_running(server: TritonServer) -> list[int]:
+    pids = _group_pids(server.pgid)
+    assert server.pid in pids
+    stubs = [p for p in pids if "triton_python_backend_stub" in _cmdline(p)]
+    assert stubs, f"no python backend stub in the server's process group: {[_cmdline(p) for p in pids]}"
+    return pids
+
+
+def test_stop_leaves_no_process_behind(start_server, toy_repository):
+    server = start_server(toy_repository, reuse=False)
+    pids = _assert_stub_running(server)
+    server.stop()
+    assert not server.is_alive()
+    assert not [p for p in pids if _pid_alive(p)]
+    assert _group_pids(server.pgid) == []
+    server.stop()  # idempotent
+
+
+def test_stop_after_the_server_was_sigkilled_kills_its_stubs(start_server, toy_repository):
+    server = start_server(toy_repository, reuse=False)
+    pids = _assert_stub_running(server)
+    regions = [a for p in pids for a in _cmdline(p).split() if a.startswith("triton_python_backend_shm_region_")]
+    assert regions and all(Path("/dev/shm", r).exists() for r in regions)
+    os.kill(server.pid, signal.SIGKILL)
+    # Until the dead server is reaped, its stub still sees a parent (a zombie) and keeps running: only stop(), which
+    # signals the whole process group, gets rid of it. (Once the server is reaped the stub notices and exits.)
+    assert _wait_until(lambda: not _pid_alive(server.pid), 10)
+    time.sleep(1.0)
+    assert [p for p in pids if p != server.pid and _pid_alive(p)], "expected the stub to outlive its killed server"
+    server.stop()
+    assert not [p for p in pids if _pid_alive(p)]
+    assert _group_pids(server.pgid) == []
+    assert not [r for r in regions if Path("/dev/shm", r).exists()], "stub shared memory left in /dev/shm"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_forever_stops_cleanly_on_signal(sig, toy_repository, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [
+        sys.executable, "-m", "seqrank.serving.triton", "--model-repository", str(toy_repository),
+        "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--log-file", str(tmp_path / "server.log"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    server_pid = None
+    try:
+        lines = []
+        for line in proc.stdout:  # blocks until the ready line (or EOF if it failed)
+            lines.append(line)
+            if line.startswith("seqrank-triton: ready"):
+                fields = dict(f.split("=", 1) for f in line.split()[2:])
+                server_pid = int(fields["pid"])
+                break
+        assert server_pid is not None, "".join(lines)
+        pids = _group_pids(server_pid)
+        assert len(pids) >= 2  # server + stub
+        status, _ = _http_url(f"http://{fields['http']}/v2/health/ready")
+        assert status == 200
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, "".join(lines) + rest
+        assert "seqrank-triton: stopping" in rest
+        assert not [p for p in pids if _pid_alive(p)]
+        assert _group_pids(server_pid) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if server_pid is not None:
+            try:
+                os.killpg(server_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _http_url(url: str):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Restricted admin APIs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_restricted_api_key_guards_admin_apis_only(start_server, toy_repository):
+    key = "test-admin-key-123"
+    server = start_server(toy_repository, restricted_api_key=key)
+    admin = {RESTRICTED_KEY_HEADER: key}
+
+    # HTTP: repository index, model config, statistics are refused without (or with a wrong) key
+    for method, path in [("POST", "/v2/repository/index"), ("GET", f"/v2/models/{MODEL}/config"),
+                         ("GET", f"/v2/models/{MODEL}/stats")]:  # fmt: skip
+        body = b"{}" if method == "POST" else None
+        status, text = _http(server, path, method, body=body)
+        assert status == 403 and RESTRICTED_KEY_HEADER in text, (path, status, text)
+        assert _http(server, path, method, {RESTRICTED_KEY_HEADER: "wrong"}, body)[0] == 403
+        assert _http(server, path, method, admin, body)[0] == 200, path
+    status, text = _http(server, "/v2/repository/index", "POST", admin, b"{}")
+    assert json.loads(text) == [{"name": MODEL, "version": "1", "state": "READY"}]
+
+    # inference, health and metadata stay open
+    assert _http(server, "/v2/health/ready")[0] == 200
+    assert _http(server, f"/v2/models/{MODEL}")[0] == 200
+    np.testing.assert_allclose(_infer_http(server, X), 3 * X)
+    np.testing.assert_allclose(_infer_grpc(server, X), 3 * X)
+
+    # gRPC: the same with the triton-grpc-protocol-<key> metadata
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.get_model_repository_index()
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.get_model_config(MODEL)
+    index = client.get_model_repository_index(headers={RESTRICTED_KEY_HEADER_GRPC: key})
+    assert [m.name for m in index.models] == [MODEL]
+    assert client.is_server_ready()
+    assert client.get_model_metadata(MODEL).name == MODEL
+
+    # the key is on the command line (Triton has no other input for it) but never in the log
+    assert key not in server.log_text()
+
+
+def test_explicit_model_control_loads_all_models(start_server, toy_repository):
+    key = "k"
+    server = start_server(toy_repository, model_control_mode="explicit", restricted_api_key=key)
+    np.testing.assert_allclose(_infer_grpc(server, X), 3 * X)
+    path = f"/v2/repository/models/{MODEL}/unload"
+    assert _http(server, path, "POST", body=b"{}")[0] == 403
+    assert _http(server, path, "POST", {RESTRICTED_KEY_HEADER: key}, b"{}")[0] == 200
+    assert _wait_until(lambda: _http(server, f"/v2/models/{MODEL}/ready")[0] != 200, 30)
+    assert _http(server, f"/v2/repository/models/{MODEL}/load", "POST", {RESTRICTED_KEY_HEADER: key}, b"{}")[0] == 200
+    server.wait_models_ready(MODEL, timeout_s=30)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# perf_analyzer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_perf_analyzer_runs_against_the_toy_model(start_server, toy_repository, tmp_path):
+    server = start_server(toy_repository)
+    cmd = [
+        str(perf_analyzer_binary()), "-m", MODEL, "-u", server.grpc_url, "-i", "grpc",
+        "--shape", "INPUT:4", "--concurrency-range", "1:1",
+        "--measurement-mode", "count_windows", "--measurement-request-count", "50",
+        "--stability-percentage", "100", "-f", str(tmp_path / "perf.csv"),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Throughput" in result.stdout
+    assert (tmp_path / "perf.csv").read_text().startswith("Concurrency")
