@@ -40,7 +40,7 @@ fi
 
 echo "install_system.sh: missing: ${missing[*]}"
 echo "install_system.sh: running: ${SUDO[*]} apt-get update"
-"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update
 echo "install_system.sh: running: ${SUDO[*]} apt-get install -y --no-install-recommends ${missing[*]}"
-"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends "${missing[@]}"
 echo "install_system.sh: installed: ${missing[*]}"

@@ -44,6 +44,7 @@ class TransActConfig:
     d_ff: int = 32
     dropout: float = 0.1
     top_k_rows: int = 10        # K newest rows of the encoder output, + a max-pool row
+    mean_pool_row: bool = False # beyond the paper: + a mean-pool row (rates such as the user's hide rate)
     sequence_encoder: str = "transact"    # "transact" | "no_sequence" | "avg_pool" (baselines from the same code)
     time_window_max_h: float = 24.0       # training-only random time-window mask, T ~ U[0, 24h]
     cross_layers: int = 2       # DCN v2

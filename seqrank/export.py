@@ -72,6 +72,7 @@ def export_ranker_onnx(model: TransActRanker, path: Path) -> Path:
 
 def export_user_tower_onnx(model: PinnerFormer, path: Path) -> Path:
     """PinnerFormer user tower for on-demand embeddings (inputs built by the same feature path)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     L = 12
     g = torch.Generator().manual_seed(0)
     mask = torch.arange(L)[None, :] < torch.tensor([[L], [3]])

@@ -150,10 +150,26 @@ def read_actions(path_or_stdin: Union[str, os.PathLike, IO, None] = "-", fmt: Op
     return ActionReader(path_or_stdin, fmt)
 
 
-def ingest(store: FeatureStore, source: Iterable[Action], batch_size: int = 1000,
-           log_every_s: float = 10.0) -> IngestStats:
+def _append_retrying(store: FeatureStore, batch: list, retries: int, backoff_s: float) -> IngestStats:
+    """``store.append`` with retries on StoreUnavailable. Safe because append is idempotent: a batch that
+    was applied before its reply was lost comes back as duplicates."""
+    for attempt in range(retries + 1):
+        try:
+            return store.append(batch)
+        except StoreUnavailable as e:
+            if attempt == retries:
+                raise
+            wait = backoff_s * (2 ** attempt)
+            log.warning("store unavailable (%s); retrying in %.2f s (%d/%d)", e, wait, attempt + 1, retries)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def ingest(store: FeatureStore, source: Iterable[Action], batch_size: int = 1000, retries: int = 3,
+           backoff_s: float = 0.2, log_every_s: float = 10.0) -> IngestStats:
     """Append ``source`` in batches of ``batch_size``; returns the summed counts (including records the
-    reader skipped as malformed)."""
+    reader skipped as malformed). A batch is retried ``retries`` times (exponential backoff from
+    ``backoff_s``) when the store is unavailable, then StoreUnavailable propagates."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     total = IngestStats()
@@ -162,7 +178,7 @@ def ingest(store: FeatureStore, source: Iterable[Action], batch_size: int = 1000
     for a in source:
         batch.append(a)
         if len(batch) >= batch_size:
-            total += store.append(batch)
+            total += _append_retrying(store, batch, retries, backoff_s)
             batch = []
             now = time.monotonic()
             if now - last >= log_every_s:
@@ -170,7 +186,7 @@ def ingest(store: FeatureStore, source: Iterable[Action], batch_size: int = 1000
                 log.info("ingested %d records (%.0f/s): %s", total.total, total.total / (now - t0),
                          total.to_dict())
     if batch:
-        total += store.append(batch)
+        total += _append_retrying(store, batch, retries, backoff_s)
     total.invalid += int(getattr(source, "invalid", 0))
     return total
 

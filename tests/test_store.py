@@ -339,12 +339,29 @@ def test_concurrent_writer_threads_same_as_sequential(make_store):
         except Exception as e:  # surfaced below
             errors.append(e)
 
+    done = threading.Event()
+    observed = []
+
+    def read_while_writing():            # a concurrent reader (a Triton stub) only ever sees valid sequences
+        try:
+            while not done.is_set():
+                for s in shared.get_sequences(users):
+                    observed.append(len(s))
+                    assert len(s) <= 64 and s.as_tuples() == sorted(s.as_tuples(), key=lambda r: (r[2], r[0], r[1]))
+        except Exception as e:
+            errors.append(e)
+
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    reader = threading.Thread(target=read_while_writing)
+    reader.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    done.set()
+    reader.join(10)
     assert not errors
+    assert observed
     assert snapshot(shared, users) == expected
     total = sum(totals, IngestStats())
     assert total.too_late == 0 and total.invalid == 0 and total.accepted + total.duplicates == len(evs)
@@ -359,13 +376,24 @@ def test_concurrent_writer_processes_same_as_sequential(make_store, tmp_path):
     target = make_store(max_len=64)
     url = (f"sqlite:///{target.path}" if make_store.kind == "embedded"
            else f"{target.url}?prefix={target.prefix}")
-    files = [write_jsonl(tmp_path / f"part{k}.jsonl", evs[k::4]) for k in range(4)]
+    payloads = [write_jsonl(tmp_path / f"part{k}.jsonl", evs[k::4]).read_text() for k in range(4)]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    procs = [subprocess.Popen([sys.executable, "-m", "seqrank.ingest", "--store", url, "--file", str(f),
+    # all four start, import and block on stdin; then their input is released together, so they overlap
+    procs = [subprocess.Popen([sys.executable, "-m", "seqrank.ingest", "--store", url, "--file", "-",
                                "--batch-size", "10", "--max-len", "64", "--log-level", "WARNING"],
-                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for f in files]
-    outs = [p.communicate(timeout=120) for p in procs]
+                              cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for _ in payloads]
+    outs = [None] * 4
+
+    def feed(k):
+        outs[k] = procs[k].communicate(payloads[k], timeout=120)
+
+    feeders = [threading.Thread(target=feed, args=(k,)) for k in range(4)]
+    for t in feeders:
+        t.start()
+    for t in feeders:
+        t.join(130)
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     counts = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
@@ -422,9 +450,9 @@ def test_embedded_get_sequences_64_users_is_one_query(tmp_path):
         users = [f"u{i}" for i in range(64)]
         store.append([Action(u, f"p{j}", "click", T0 + j) for u in users[:40] for j in range(5)])
         store.put_embeddings(users[:3], np.ones((3, 4), np.float32), T0)
-        conn = store._conn()
-        statements = []
-        conn.set_trace_callback(statements.append)
+        with store._connection(write=False) as conn:   # the pooled read connection get_sequences reuses
+            statements = []
+            conn.set_trace_callback(statements.append)
         seqs = store.get_sequences(users)
         assert len(statements) == 1 and statements[0].lstrip().upper().startswith("SELECT")
         statements.clear()
@@ -676,3 +704,70 @@ def test_open_store_urls(tmp_path, monkeypatch, request):
         assert isinstance(r, RedisStore) and r.prefix == "abc:" and r.max_len == 9 and r.timeout_s == 0.2
         assert r.get_sequences(["nobody"])[0].item_ids == []
         r.close()
+
+
+@pytest.mark.parametrize("max_len,bound", [(1, 5_000), (3, 5_000), (8, 0), (50, 20_000)])
+def test_matches_reference_randomized(make_store, max_len, bound):
+    """Dense ties, replays, late and out-of-order events against the oracle, small windows and bounds."""
+    store = make_store(max_len=max_len, late_bound_ms=bound)
+    ref = Reference(max_len=max_len, late_bound_ms=bound)
+    rng = random.Random(max_len * 1000 + bound)
+    clock = {f"u{i}": T0 for i in range(6)}
+    sent = []
+    for _ in range(40):
+        batch = []
+        for _ in range(rng.randint(1, 25)):
+            r = rng.random()
+            if r < 0.15 and sent:
+                a = rng.choice(sent)                                  # replay
+            else:
+                u = rng.choice(list(clock))
+                clock[u] += rng.choice([0, 0, 1, 500, 3_000])
+                ts = clock[u] - (rng.choice([0, 1_000, 4_000, 6_000, 30_000]) if r < 0.4 else 0)
+                a = Action(u, rng.choice("abcde"), rng.choice(["click", "save"]), ts)
+            batch.append(a)
+            sent.append(a)
+        assert store.append(batch) == ref.append(batch)
+    users = sorted(clock)
+    assert snapshot(store, users) == {u: ref.sequence(u) for u in users}
+
+
+def test_ingest_retries_while_redis_restarts(own_redis):
+    """The loader survives a short Redis outage (append is idempotent, so retrying a batch is safe)."""
+    store = RedisStore(own_redis.url, write_timeout_s=0.5)
+    evs = realistic_events(n_users=5, n_events=60, seed=10, messy=False)
+    own_redis.stop()
+    restarter = threading.Timer(0.3, own_redis.start)
+    restarter.start()
+    try:
+        st = ingest(store, evs, batch_size=20, retries=6, backoff_s=0.1)
+    finally:
+        restarter.join()
+    assert st.accepted + st.duplicates == len(evs) and st.accepted > 0
+    ref = Reference()
+    ref.append(evs)
+    assert snapshot(store, users_of(evs)) == {u: ref.sequence(u) for u in users_of(evs)}
+    with pytest.raises(StoreUnavailable):                     # gives up after its retries
+        own_redis.stop()
+        ingest(store, evs[:1], retries=1, backoff_s=0.01)
+    store.close()
+
+
+def test_embedded_locked_by_another_writer_is_unavailable(tmp_path):
+    import sqlite3
+    path = str(tmp_path / "locked.db")
+    store = EmbeddedStore(path, write_timeout_s=0.1)
+    store.append([Action("u", "p", "click", T0)])
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")                         # another process holds the write lock
+    try:
+        t = time.perf_counter()
+        with pytest.raises(StoreUnavailable):
+            store.append([Action("u", "p2", "click", T0 + 1)])
+        assert time.perf_counter() - t < 0.5
+        assert store.get_sequences(["u"])[0].item_ids == ["p"]  # WAL: readers are not blocked by the writer
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.append([Action("u", "p2", "click", T0 + 1)]).accepted == 1
+    store.close()

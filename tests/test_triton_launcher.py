@@ -163,6 +163,7 @@ def test_cpu_config_is_loaded_and_served_over_http_and_grpc(start_server, toy_re
     assert status == 200
     assert json.loads(body)["parameters"]["multiplier"]["string_value"] == "3"
     assert _http(server, "/v2/health/live")[0] == 200
+    assert json.loads(_http(server, "/v2")[1])["name"] == server.server_id  # the --id the readiness probe checks
     with urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=10) as resp:
         assert b"nv_inference_request_success" in resp.read()
 
@@ -204,6 +205,39 @@ def test_model_that_fails_to_initialize_reports_the_python_error(tmp_path):
     assert _group_pids(server.pgid) == []
 
 
+def _slow_copy_of_toy_repository(repo: Path) -> None:
+    """The toy repository with a model whose initialize() never finishes (the server never becomes ready)."""
+    shutil.copytree(REPO_ROOT / "tests" / "fixtures" / "toy_repository", repo)
+    model_py = repo / MODEL / "1" / "model.py"
+    slow = "    def initialize(self, args):\n        import time\n\n        time.sleep(600)\n"
+    model_py.write_text(model_py.read_text().replace("    def initialize(self, args):\n", slow))
+
+
+def test_slow_model_times_out_and_is_stopped(tmp_path):
+    repo = tmp_path / "repo"
+    _slow_copy_of_toy_repository(repo)
+    server = TritonServer(ServerOptions(repo, http_port=0, grpc_port=0, metrics_port=0))
+    started = time.monotonic()
+    with pytest.raises(ServerStartError, match="not ready after"):
+        server.start(timeout_s=4)
+    assert time.monotonic() - started < 45
+    assert not server.is_alive()
+    assert _group_pids(server.pgid) == []
+
+
+def test_port_in_use_is_reported_before_launching(tmp_path, toy_repository):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = TritonServer(ServerOptions(toy_repository, http_port=port, grpc_port=0, metrics_port=0))
+        with pytest.raises(ServerStartError, match=f"http port {port} is already in use"):
+            server.start(timeout_s=30)
+        assert server.pid is None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # No process left behind
 # ----------------------------------------------------------------------------------------------------------------------
@@ -220,11 +254,21 @@ def _assert_stub_running(server: TritonServer) -> list[int]:
 def test_stop_leaves_no_process_behind(start_server, toy_repository):
     server = start_server(toy_repository, reuse=False)
     pids = _assert_stub_running(server)
+    assert server.start() is server  # no-op while running
+    assert _group_pids(server.pgid) == pids
     server.stop()
     assert not server.is_alive()
     assert not [p for p in pids if _pid_alive(p)]
     assert _group_pids(server.pgid) == []
     server.stop()  # idempotent
+
+
+def test_context_manager_stops_the_server(toy_repository):
+    with TritonServer(ServerOptions(toy_repository, http_port=0, grpc_port=0, metrics_port=0)) as server:
+        server.start(timeout_s=120)
+        pids = _assert_stub_running(server)
+        np.testing.assert_allclose(_infer_http(server, X), 3 * X)
+    assert not [p for p in pids if _pid_alive(p)]
 
 
 def test_stop_after_the_server_was_sigkilled_kills_its_stubs(start_server, toy_repository):
@@ -242,6 +286,31 @@ def test_stop_after_the_server_was_sigkilled_kills_its_stubs(start_server, toy_r
     assert not [p for p in pids if _pid_alive(p)]
     assert _group_pids(server.pgid) == []
     assert not [r for r in regions if Path("/dev/shm", r).exists()], "stub shared memory left in /dev/shm"
+
+
+def test_server_follows_a_sigkilled_launcher(toy_repository):
+    """atexit cannot run when the launching Python process is SIGKILLed: PR_SET_PDEATHSIG stops the server then."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    code = (
+        "import sys, time\n"
+        "from seqrank.serving.triton import ServerOptions, TritonServer\n"
+        "s = TritonServer(ServerOptions(sys.argv[1], http_port=0, grpc_port=0, metrics_port=0)).start()\n"
+        "print(s.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(toy_repository)], stdout=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    try:
+        server_pid = int(proc.stdout.readline())
+        pids = _group_pids(server_pid)
+        assert len(pids) >= 2
+        proc.kill()
+        proc.wait()
+        assert _wait_until(lambda: not [p for p in pids if _pid_alive(p)], 30), [_cmdline(p) for p in pids]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -281,6 +350,33 @@ def test_serve_forever_stops_cleanly_on_signal(sig, toy_repository, tmp_path):
                 os.killpg(server_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_serve_forever_stops_on_signal_during_startup(tmp_path):
+    repo = tmp_path / "slow_repo"
+    _slow_copy_of_toy_repository(repo)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "seqrank.serving.triton", "--model-repository", str(repo), "--http-port", "0",
+           "--grpc-port", "0", "--metrics-port", "0", "--log-file", str(log)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert _wait_until(lambda: "loading: echo_double" in (log.read_text() if log.exists() else ""), 30)
+        server_pids = [p for p in _all_pids() if str(repo) in _cmdline(p)]  # tritonserver + stub
+        assert server_pids
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "signal during startup" in out
+        assert not [p for p in server_pids if _pid_alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _all_pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()]
 
 
 def _http_url(url: str):

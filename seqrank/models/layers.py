@@ -26,18 +26,20 @@ class SelfAttention(nn.Module):
                 qkv: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., L, d]; key_mask [..., L] bool (True = may be attended); qkv: precomputed projection of x.
         causal: sequences are newest first, so position i sees itself and the older positions j >= i."""
-        *lead, L, d = x.shape
+        lead, (L, d) = x.shape[:-2], x.shape[-2:]
         h = self.n_heads
-        qkv = self.qkv(x) if qkv is None else qkv
-        q, k, v = qkv.reshape(*lead, L, 3, h, d // h).movedim(-4, -2).unbind(-4)  # each [..., h, L, dh]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d // h)
+        qkv = self.qkv(x) if qkv is None else qkv.expand(*lead, L, 3 * d)
+        # flatten the leading dims and use explicit non-negative permutations (ONNX export friendly)
+        q, k, v = qkv.reshape(-1, L, 3, h, d // h).permute(2, 0, 3, 1, 4)   # each [M, h, L, dh]
+        scores = q @ k.transpose(2, 3) / math.sqrt(d // h)                     # [M, h, L, L]
         if key_mask is not None:
-            scores = scores.masked_fill(~key_mask.unsqueeze(-2).unsqueeze(-3), MASK_FILL)
+            allowed = key_mask.expand(*lead, L).reshape(-1, 1, 1, L)
+            scores = scores.masked_fill(~allowed, MASK_FILL)
         if causal:
             newer = torch.ones(L, L, dtype=torch.bool, device=x.device).tril(-1)
             scores = scores.masked_fill(newer, MASK_FILL)
         attn = self.dropout(scores.softmax(-1))
-        y = (attn @ v).movedim(-3, -2).reshape(*lead, L, d)
+        y = (attn @ v).permute(0, 2, 1, 3).reshape(*lead, L, d)
         return self.out(y)
 
 

@@ -29,12 +29,13 @@ class TransActEncoder(nn.Module):
         self.d_seq = cfg.action_dim + cfg.item_dim
         d = self.d_seq + cfg.item_dim
         self.k = cfg.top_k_rows
+        self.mean_pool = cfg.mean_pool_row
         self.layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.d_ff, cfg.dropout, norm_first=False)
                                     for _ in range(cfg.n_layers))
-        self.out_dim = (self.k + 1) * d
+        self.out_dim = (self.k + 1 + int(self.mean_pool)) * d
 
     def forward(self, seq: torch.Tensor, seq_mask: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        """seq [B,S,ds], seq_mask [B,S] (no row fully masked), cand [B,N,dc] -> [B,N,(K+1)*d]."""
+        """seq [B,S,ds], seq_mask [B,S] (no row fully masked), cand [B,N,dc] -> [B,N,(K+1[+1])*d]."""
         B, S, _ = seq.shape
         N = cand.shape[1]
         x = torch.cat([seq.unsqueeze(1).expand(B, N, S, -1), cand.unsqueeze(2).expand(B, N, S, -1)], dim=-1)
@@ -49,6 +50,9 @@ class TransActEncoder(nn.Module):
         x = x * valid  # padding rows are never part of the output
         pooled = x.masked_fill(~valid, MASK_FILL).amax(dim=2, keepdim=True)
         pooled = pooled * valid.any(dim=2, keepdim=True)  # an empty history pools to zeros
+        if self.mean_pool:  # our addition: the mean row carries rates (e.g. how often this user hides)
+            mean = x.sum(dim=2, keepdim=True) / valid.sum(dim=2, keepdim=True).clamp(min=1)
+            pooled = torch.cat([pooled, mean], dim=2)
         # the K newest rows; a sequence shorter than K gets zero rows (written shape-agnostic for ONNX export)
         rows = torch.cat([x, x.new_zeros(B, N, self.k, x.shape[-1])], dim=2)[:, :, : self.k]
         return torch.cat([rows, pooled], dim=2).flatten(2)

@@ -1,22 +1,13 @@
-"""Serving: run the real Triton Inference Server (see seqrank.serving.triton)."""
+"""Serving: run the real Triton Inference Server (see seqrank.serving.triton).
 
-from seqrank.serving.triton import (
-    RESTRICTED_APIS,
-    RESTRICTED_KEY_HEADER,
-    RESTRICTED_KEY_HEADER_GRPC,
-    ServerOptions,
-    ServerStartError,
-    TritonServer,
-    backend_directory,
-    free_port,
-    perf_analyzer_binary,
-    perf_analyzer_env,
-    serve_forever,
-    server_env,
-    tritonserver_binary,
-)
+Names are re-exported lazily, so ``python -m seqrank.serving.triton`` does not import the module twice.
+"""
 
-__all__ = [
+from __future__ import annotations
+
+import importlib
+
+_TRITON_NAMES = (
     "RESTRICTED_APIS",
     "RESTRICTED_KEY_HEADER",
     "RESTRICTED_KEY_HEADER_GRPC",
@@ -30,4 +21,12 @@ __all__ = [
     "serve_forever",
     "server_env",
     "tritonserver_binary",
-]
+)
+
+__all__ = list(_TRITON_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _TRITON_NAMES:
+        return getattr(importlib.import_module("seqrank.serving.triton"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

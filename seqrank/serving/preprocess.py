@@ -85,7 +85,7 @@ class Preprocessor:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         if inputs.get("user_id") is None:
             raise RequestError("user_id", "is required")
-        user = _ids(_one(inputs["user_id"], "user_id")[None], "user_id", self.max_id_bytes)[0]
+        user = _ids(np.array([_one(inputs["user_id"], "user_id")], dtype=object), "user_id", self.max_id_bytes)[0]
         try:
             user_id = (user if isinstance(user, bytes) else str(user).encode()).decode("utf-8")
         except UnicodeDecodeError:

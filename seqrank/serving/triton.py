@@ -12,8 +12,11 @@ No Docker and no GPU needed (see docs / DESIGN section 5):
 
 The server runs in its own process group (it is the leader); the Python backend stubs are its children in the same
 group, so :meth:`TritonServer.stop` signals the whole group and nothing is left behind, even when the server itself
-was SIGKILLed. Every started server is also stopped at interpreter exit (``atexit``) and gets SIGTERM if the thread
-that started it dies (``PR_SET_PDEATHSIG``, Linux).
+was SIGKILLed. Every started server is also stopped at interpreter exit (``atexit``); one started from the main thread
+also gets SIGTERM when the Python process dies without running atexit (``PR_SET_PDEATHSIG``, Linux).
+
+Readiness means ``/v2/health/ready`` answers 200 *and* the answering server reports this launch's ``--id`` (so a
+stale server on the same port is never mistaken for the new one); requested ports are checked to be free first.
 
 Command line: ``python -m seqrank.serving.triton --model-repository model_repository`` (see ``--help``).
 """
@@ -26,6 +29,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -38,7 +42,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import weakref
+import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -307,11 +311,12 @@ def _restricted_flags(key: str) -> list[str]:
     return [f"--http-restricted-api={group}", f"--grpc-restricted-protocol={group}"]
 
 
-def server_command(options: ServerOptions, backend_dir: Path | None = None) -> list[str]:
-    """The tritonserver argv for ``options`` (ports used as given: resolve 0 first)."""
+def server_command(options: ServerOptions, backend_dir: Path | None = None, server_id: str | None = None) -> list[str]:
+    """The tritonserver argv for ``options`` (ports used as given: resolve 0 first). ``server_id`` -> ``--id``."""
     repo = options.model_repository.resolve()
     cmd = [
         str(tritonserver_binary()),
+        *([f"--id={server_id}"] if server_id else []),
         f"--model-repository={repo}",
         f"--backend-directory={backend_dir or backend_directory()}",
         f"--http-address={options.bind_address}",
@@ -341,7 +346,7 @@ def server_command(options: ServerOptions, backend_dir: Path | None = None) -> l
 # The managed server
 # ----------------------------------------------------------------------------------------------------------------------
 
-_LIVE_SERVERS: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
+_LIVE_SERVERS: "set[TritonServer]" = set()  # strong refs: a server nobody holds any more is still stopped at exit
 
 
 @atexit.register
@@ -407,7 +412,14 @@ def _python_shm_regions(pids: Iterable[int]) -> list[str]:
 
 
 class TritonServer:
-    """A tritonserver subprocess. Use as a context manager (``with TritonServer(opts) as s:`` starts and stops it)."""
+    """A tritonserver subprocess.
+
+    As a context manager it always stops the server on exit; starting is explicit, so the startup timeout is yours::
+
+        with TritonServer(options).start(timeout_s=300) as server: ...
+        with TritonServer(options) as server:
+            server.start(timeout_s=300)
+    """
 
     def __init__(self, options: ServerOptions, log_path: Path | None = None):
         self.options = options
@@ -418,6 +430,7 @@ class TritonServer:
         self._ports: tuple[int, int, int] | None = None
         self._lock = threading.RLock()
         self.command: list[str] = []
+        self.server_id: str | None = None
         self.startup_seconds: float | None = None
 
     # -- properties --------------------------------------------------------------------------------------------------
@@ -470,8 +483,6 @@ class TritonServer:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------------
     def __enter__(self) -> "TritonServer":
-        if self._proc is None:
-            self.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -486,7 +497,10 @@ class TritonServer:
         """Start the server and wait until ``/v2/health/ready`` answers 200 (all models loaded).
 
         Raises :class:`ServerStartError` (with the log tail) as soon as the process exits, or after ``timeout_s``.
-        Free ports are retried once more if the server lost a race for a port it had been given as free."""
+        When the ports were picked (0), a lost race for one of them is retried with fresh ports (3 tries in all).
+        A no-op on a server that is already running; after :meth:`stop` it starts a new process."""
+        if self.is_alive():
+            return self
         picks_ports = 0 in (self.options.http_port, self.options.grpc_port, self.options.metrics_port)
         attempts = 3 if picks_ports else 1
         deadline = time.monotonic() + timeout_s
@@ -494,7 +508,7 @@ class TritonServer:
             try:
                 return self._start_once(deadline)
             except ServerStartError as err:
-                lost_port_race = "already in use" in err.log_tail or "Address in use" in err.log_tail
+                lost_port_race = "already in use" in str(err)
                 if attempt + 1 < attempts and lost_port_race and time.monotonic() < deadline:
                     continue
                 raise
@@ -502,16 +516,19 @@ class TritonServer:
 
     def _start_once(self, deadline: float) -> "TritonServer":
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
-                raise RuntimeError(f"the server is already running (pid {self._proc.pid})")
             repo = self.options.model_repository
             if not repo.is_dir():
                 raise ServerStartError(f"model repository {repo} is not a directory")
             self._ports = self._resolve_ports()
+            for name, port in zip(("http", "grpc", "metrics"), self._ports):
+                if not _port_is_free(self.options.bind_address, port):
+                    raise ServerStartError(f"{name} port {port} is already in use on {self.options.bind_address}")
             opts = replace(
                 self.options, http_port=self._ports[0], grpc_port=self._ports[1], metrics_port=self._ports[2]
             )
-            self.command = server_command(opts)
+            # The id lets the readiness probe tell this server from another process answering on the same port.
+            self.server_id = _id_in_args(self.options.extra_args) or f"seqrank-{uuid.uuid4().hex[:12]}"
+            self.command = server_command(opts, server_id=None if _id_in_args(opts.extra_args) else self.server_id)
             env = server_env()
             env.update({str(k): str(v) for k, v in self.options.env.items()})
             if self._requested_log_path is None:
@@ -531,7 +548,9 @@ class TritonServer:
                     env=env,
                     cwd=str(repo.resolve()),
                     start_new_session=True,  # own session + process group: stop() signals the whole group
-                    preexec_fn=_pdeathsig_preexec(),
+                    # SIGTERM the server if this process dies; only from the main thread, because the kernel ties
+                    # it to the thread that forked (a worker thread's exit would stop the server).
+                    preexec_fn=_pdeathsig_preexec() if threading.current_thread() is threading.main_thread() else None,
                     close_fds=True,
                 )
             self._pgid = self._proc.pid
@@ -549,7 +568,7 @@ class TritonServer:
                     code,
                     _error_lines(self.log_text()),
                 )
-            if _http_status(ready_url) == 200:
+            if _http_status(ready_url) == 200 and _server_name(f"http://{self.http_url}/v2") == self.server_id:
                 self.startup_seconds = time.monotonic() - started
                 return self
             if time.monotonic() >= deadline:
@@ -636,6 +655,34 @@ class TritonServer:
         return f"<TritonServer {state} pid={self.pid}{ports} repo={self.options.model_repository}>"
 
 
+def _id_in_args(args: Sequence[str]) -> str | None:
+    for i, arg in enumerate(args):
+        if arg.startswith("--id="):
+            return arg.split("=", 1)[1]
+        if arg == "--id" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def _port_is_free(address: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # like the server: TIME_WAIT does not count
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def _server_name(url: str) -> str | None:
+    """``name`` from the server metadata (``GET /v2``), i.e. the server's ``--id``."""
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as resp:
+            return json.loads(resp.read()).get("name")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -658,15 +705,23 @@ def _http_status(url: str, timeout_s: float = 2.0) -> int | None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class _StopRequested(Exception):
+    pass
+
+
 def serve_forever(options: ServerOptions, log_path: Path | None = None, timeout_s: float = 300) -> int:
     """Start the server, print its URLs, block until SIGINT/SIGTERM or until the server dies; always stop it.
 
-    Returns 0 after a signal, the server's exit status (or 1) if it died, 2 if it failed to start."""
+    Returns 0 after a signal (also one received during startup), the server's exit status if it died (128 + signal
+    number if it was killed by a signal, 1 if it exited with 0), 2 if it failed to start."""
     stop_requested = threading.Event()
+    starting = True
     previous = {}
 
     def on_signal(signum, frame):  # noqa: ARG001
         stop_requested.set()
+        if starting:  # interrupt start() (it polls for up to timeout_s); the finally below stops the server
+            raise _StopRequested()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, on_signal)
@@ -677,6 +732,8 @@ def serve_forever(options: ServerOptions, log_path: Path | None = None, timeout_
         except ServerStartError as err:
             print(f"seqrank-triton: failed to start: {err}", file=sys.stderr, flush=True)
             return 2
+        finally:
+            starting = False
         print(
             f"seqrank-triton: ready http={server.http_url} grpc={server.grpc_url} metrics={server.metrics_url} "
             f"pid={server.pid} log={server.log_path} startup_s={server.startup_seconds:.1f}",
@@ -684,13 +741,17 @@ def serve_forever(options: ServerOptions, log_path: Path | None = None, timeout_
         )
         while not stop_requested.wait(0.2):
             if not server.is_alive():
-                code = server.returncode
+                code = server.returncode or 0
                 print(f"seqrank-triton: tritonserver exited with status {code}; log {server.log_path}",
                       file=sys.stderr, flush=True)
-                return code if code else 1
+                return code if code > 0 else (128 - code if code < 0 else 1)
         print("seqrank-triton: stopping", flush=True)
         return 0
+    except _StopRequested:
+        print("seqrank-triton: stopping (signal during startup)", flush=True)
+        return 0
     finally:
+        starting = False
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -72,18 +72,16 @@ class UserSequence:
         return [(i, a, int(t)) for i, a, t in zip(self.item_ids, self.actions, self.timestamps_ms)]
 
     @classmethod
-    def from_packed(cls, packed: str, newest_first: bool = False) -> "UserSequence":
-        """Parse ``item SEP action SEP ts SEP item ...`` (SEP = \\x1f), the stores' wire format; rows in
-        sequence order (or newest first). Verifies the order and sorts only if the source did not."""
+    def from_packed(cls, packed: str, limit: Optional[int] = None) -> "UserSequence":
+        """Parse the stores' wire format ``item SEP action SEP ts SEP item ...`` (SEP = \\x1f, oldest
+        first), keeping the newest ``limit``. Verifies the order; sorts only if the source was unsorted."""
         if not packed:
             return cls()
         parts = packed.split(SEP)
+        if limit is not None and len(parts) > 3 * limit:
+            parts = parts[len(parts) - 3 * limit:]
         items, actions = parts[0::3], parts[1::3]
         ts = np.fromiter(map(int, parts[2::3]), dtype=np.int64, count=len(items))
-        if newest_first:
-            items.reverse()
-            actions.reverse()
-            ts = ts[::-1].copy()
         if len(ts) > 1:
             d = np.diff(ts)
             if (d < 0).any() or any((items[i], actions[i]) > (items[i + 1], actions[i + 1])
@@ -153,6 +151,19 @@ def validate_action(a) -> Optional[str]:
 def sort_key(item_id: str, action: str, ts: int) -> tuple[int, str, str]:
     """The order of a sequence (ascending): event time, then item id, then action."""
     return (int(ts), item_id, action)
+
+
+def pack_keys(keys: Sequence[tuple[int, str, str]]) -> str:
+    """(ts, item, action) keys, ascending -> the packed wire format (see ``UserSequence.from_packed``)."""
+    return SEP.join(f"{item}{SEP}{action}{SEP}{ts}" for ts, item, action in keys)
+
+
+def unpack_keys(packed: Optional[str]) -> list[tuple[int, str, str]]:
+    """The packed wire format -> (ts, item, action) keys in stored order."""
+    if not packed:
+        return []
+    parts = packed.split(SEP)
+    return list(zip(map(int, parts[2::3]), parts[0::3], parts[1::3]))
 
 
 class FeatureStore(ABC):

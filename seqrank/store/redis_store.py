@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .base import (DEFAULT_LATE_BOUND_MS, DEFAULT_MAX_LEN, DEFAULT_TIMEOUT_S, DEFAULT_WRITE_TIMEOUT_S, SEP,
@@ -84,7 +84,8 @@ _EMB_CHUNK = 10_000
 def _unavailable(what: str):
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError) as e:   # BusyLoadingError is a ConnectionError
+    # BusyLoadingError (loading the AOF) is a ConnectionError; ReadOnlyError: we hit a replica during a failover
+    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError) as e:
         raise StoreUnavailable(f"redis {what}: {type(e).__name__}: {e}") from e
 
 

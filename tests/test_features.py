@@ -1,0 +1,322 @@
+"""Tests for the one feature-building path (seqrank.features) and the example builder (seqrank.dataset).
+
+Everything here runs on hand-made timelines whose expected features are written out by hand: the leakage guarantee
+(nothing at or after the request time enters a feature), newest-first layout, padding, truncation, the
+impression/session construction and the vocabulary's OOV handling.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from seqrank.config import RunConfig
+from seqrank.data.loaders import EventLog
+from seqrank.dataset import build_impressions, prepare, sequences_for
+from seqrank.features import (FIRST_ID, N_CONTEXT, OOV, PAD, History, Vocabulary, build_sequences,
+                              index_history)
+
+HOUR_MS = 3_600_000
+EXPOSURE = "impression"
+
+
+@pytest.fixture
+def vocab() -> Vocabulary:
+    return Vocabulary.build(["a", "b", "c", "d", "e"], ["click", "like", "hate", EXPOSURE],
+                            negative_actions=["hate"], exposure_action=EXPOSURE)
+
+
+def idx(vocab: Vocabulary, *items: str) -> list[int]:
+    return vocab.item_index(list(items)).tolist()
+
+
+def act(vocab: Vocabulary, *names: str) -> list[int]:
+    return vocab.action_index(list(names)).tolist()
+
+
+# ------------------------------------------------------------------------------------------------ build_sequences
+
+# user u1: a known timeline; the request is made at T_REQ
+T_REQ = 10 * HOUR_MS + 5_000
+U1 = [  # (item, action, ts) -- given out of time order on purpose
+    ("c", "click", 10 * HOUR_MS + 3_000),
+    ("a", "click", 10 * HOUR_MS + 1_000),
+    ("b", "like", 10 * HOUR_MS + 2_000),
+    ("e", EXPOSURE, 10 * HOUR_MS + 2_500),     # an exposure: never a sequence row
+    ("d", "like", T_REQ),                      # two actions at exactly the request time: excluded
+    ("a", "hate", T_REQ),
+    ("b", "click", T_REQ + 1_000),             # after the request: excluded
+]
+
+
+def u1_history(vocab: Vocabulary) -> History:
+    items, actions, ts = zip(*U1)
+    return index_history(vocab, list(items), list(actions), list(ts))
+
+
+def test_index_history_sorts_by_time_and_drops_exposures(vocab):
+    h = u1_history(vocab)
+    assert h.ts.tolist() == [10 * HOUR_MS + 1_000, 10 * HOUR_MS + 2_000, 10 * HOUR_MS + 3_000,
+                             T_REQ, T_REQ, T_REQ + 1_000]
+    # equal timestamps keep their given order (d before a)
+    assert h.item.tolist() == idx(vocab, "a", "b", "c", "d", "a", "b")
+    assert h.action.tolist() == act(vocab, "click", "like", "click", "like", "hate", "click")
+    assert (h.action >= FIRST_ID).all()
+
+
+def test_only_actions_strictly_before_request_newest_first_then_padding(vocab):
+    S = 6
+    batch = build_sequences([u1_history(vocab)], [T_REQ], S)
+    assert batch.seq_item.shape == batch.seq_action.shape == batch.seq_mask.shape == batch.seq_ts.shape == (1, S)
+    assert batch.seq_item[0].tolist() == idx(vocab, "c", "b", "a") + [PAD] * 3
+    assert batch.seq_action[0].tolist() == act(vocab, "click", "like", "click") + [PAD] * 3
+    assert batch.seq_ts[0].tolist() == [10 * HOUR_MS + 3_000, 10 * HOUR_MS + 2_000, 10 * HOUR_MS + 1_000, 0, 0, 0]
+    assert batch.seq_mask[0].tolist() == [True, True, True, False, False, False]
+    assert batch.seq_mask.dtype == bool
+    # nothing at or after the request time
+    assert (batch.seq_ts[batch.seq_mask] < T_REQ).all()
+
+
+def test_context_features_by_hand(vocab):
+    batch = build_sequences([u1_history(vocab)], [T_REQ], 6)
+    assert batch.context.shape == (1, N_CONTEXT) and batch.context.dtype == np.float32
+    hour = 10 * 2 * math.pi / 24  # the request is at 10:00:05 UTC
+    expected = [math.log1p(3), math.log1p(2_000 / 3.6e6), math.sin(hour), math.cos(hour)]
+    np.testing.assert_allclose(batch.context[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_request_one_ms_later_sees_the_actions_at_the_old_request_time(vocab):
+    """The boundary is strict: at T_REQ + 1 the two actions at T_REQ become visible (newest first, and among equal
+    timestamps the later-given one first)."""
+    batch = build_sequences([u1_history(vocab)], [T_REQ + 1], 6)
+    assert batch.seq_item[0, :5].tolist() == idx(vocab, "a", "d", "c", "b", "a")
+    assert batch.seq_mask[0].tolist() == [True] * 5 + [False]
+    assert T_REQ + 1_000 not in batch.seq_ts[0].tolist()
+
+
+def test_truncation_keeps_the_newest(vocab):
+    batch = build_sequences([u1_history(vocab)], [T_REQ], 2)
+    assert batch.seq_item[0].tolist() == idx(vocab, "c", "b")
+    assert batch.seq_ts[0].tolist() == [10 * HOUR_MS + 3_000, 10 * HOUR_MS + 2_000]
+    assert batch.seq_mask[0].all()
+    # the history count in the context is not truncated: 3 actions were before the request
+    assert batch.context[0, 0] == pytest.approx(math.log1p(3))
+
+
+def test_empty_history_and_request_before_any_action(vocab):
+    S = 4
+    h = u1_history(vocab)
+    batch = build_sequences([History.empty(), h, h], [T_REQ, 10 * HOUR_MS + 1_000, T_REQ], S)
+    for row in (0, 1):  # no history at all; a request at the time of the very first action
+        assert not batch.seq_mask[row].any()
+        assert (batch.seq_item[row] == 0).all() and (batch.seq_action[row] == 0).all()
+        assert (batch.seq_ts[row] == 0).all()
+        assert batch.context[row, 0] == 0.0 and batch.context[row, 1] == 0.0
+    assert np.isfinite(batch.context).all()
+    # rows of one batch are independent: the third row is u1's normal sequence
+    assert batch.seq_item[2, :3].tolist() == idx(vocab, "c", "b", "a")
+
+
+def test_several_users_each_with_their_own_request_time(vocab):
+    u2 = index_history(vocab, ["e", "d", "zzz"], ["like", "click", "like"], [100, 200, 300])
+    batch = build_sequences([u2, u1_history(vocab), u2], [250, T_REQ, 10**13], 3)
+    assert batch.seq_item[0].tolist() == idx(vocab, "d", "e") + [PAD]
+    assert batch.seq_item[1].tolist() == idx(vocab, "c", "b", "a")
+    assert batch.seq_item[2].tolist() == [OOV] + idx(vocab, "d", "e")   # an unknown item is OOV, not dropped
+    assert batch.seq_mask.sum(1).tolist() == [2, 3, 3]
+    assert np.isfinite(batch.context).all()
+
+
+def test_no_leakage_on_random_timelines(vocab):
+    rng = np.random.default_rng(3)
+    names = np.array(["a", "b", "c", "d", "e", "unknown"])
+    acts = np.array(["click", "like", "hate", EXPOSURE])
+    histories, times = [], []
+    for _ in range(40):
+        n = int(rng.integers(0, 30))
+        ts = rng.integers(0, 50, n) * 1000  # many ties
+        histories.append(index_history(vocab, names[rng.integers(0, 6, n)], acts[rng.integers(0, 4, n)], ts))
+        times.append(int(rng.integers(0, 55)) * 1000)
+    S = 8
+    batch = build_sequences(histories, times, S)
+    for e, (h, t) in enumerate(zip(histories, times)):
+        m = batch.seq_mask[e]
+        n_before = int((h.ts < t).sum())
+        assert m.sum() == min(S, n_before)
+        assert m.tolist() == sorted(m.tolist(), reverse=True)       # real actions first, padding after
+        assert (batch.seq_ts[e, m] < t).all()
+        assert (np.diff(batch.seq_ts[e, m]) <= 0).all()             # newest first
+        assert (batch.seq_item[e, ~m] == PAD).all() and (batch.seq_action[e, ~m] == PAD).all()
+        # exactly the newest min(S, n_before) actions before t
+        assert sorted(batch.seq_ts[e, m].tolist()) == h.ts[h.ts < t][-S:].tolist()
+    assert np.isfinite(batch.context).all()
+
+
+# ---------------------------------------------------------------------------------------------- build_impressions
+
+MIN = 60_000
+GAP_S = 1800.0
+
+
+def hand_events() -> pd.DataFrame:
+    rows = [
+        # u1, session 1
+        ("u1", "a", "click", 0),
+        ("u1", "a", "like", 0),           # same (user, item, ts) as above: one impression, two labels
+        ("u1", "b", EXPOSURE, 1 * MIN),   # shown, not engaged: an impression with no positive label
+        ("u1", "c", "like", 1 * MIN + 30 * MIN),  # gap exactly 30 min: same session
+        # u1, session 2 (gap 30 min + 1 ms)
+        ("u1", "d", "hate", 31 * MIN + 30 * MIN + 1),
+        ("u1", "a", "click", 31 * MIN + 30 * MIN + 1),  # same ts, other item: another impression, same session
+        # u2, its own session though its time is between u1's
+        ("u2", "a", "hate", 5 * MIN),
+        ("u2", "a", "click", 5 * MIN),
+        ("u2", "e", "like", 6 * MIN),
+    ]
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"]).astype({"timestamp": np.int64})
+
+
+def test_build_impressions_by_hand():
+    heads = ["click", "hate", "like"]
+    imp, labels = build_impressions(hand_events(), heads, GAP_S)
+    got = list(zip(imp.user_id, imp.item_id, imp.timestamp))
+    assert got == [("u1", "a", 0), ("u1", "b", MIN), ("u1", "c", 31 * MIN),
+                   ("u1", "a", 61 * MIN + 1), ("u1", "d", 61 * MIN + 1),
+                   ("u2", "a", 5 * MIN), ("u2", "e", 6 * MIN)]
+    assert labels.dtype == np.float32 and labels.shape == (7, 3)
+    assert labels.tolist() == [[1, 0, 1],   # click + like: one multi-hot impression
+                               [0, 0, 0],   # exposure only
+                               [0, 0, 1],
+                               [1, 0, 0],
+                               [0, 1, 0],
+                               [1, 1, 0],
+                               [0, 0, 1]]
+    s = imp.session.to_numpy()
+    assert s[0] == s[1] == s[2]              # gaps of 1 min and exactly 30 min stay in one session
+    assert s[3] == s[4] != s[2]              # a gap of 30 min + 1 ms starts a new one
+    assert s[5] == s[6] and len({s[0], s[3], s[5]}) == 3  # sessions never span users
+    assert imp.request_time.tolist() == [0, 0, 0, 61 * MIN + 1, 61 * MIN + 1, 5 * MIN, 5 * MIN]
+    assert (imp.request_time <= imp.timestamp).all()
+
+
+def test_build_impressions_session_gap_is_configurable():
+    imp, _ = build_impressions(hand_events(), ["click", "hate", "like"], session_gap_s=30.0)
+    # with a 30 s gap every distinct timestamp of u1 starts its own request
+    assert imp.request_time.tolist() == [0, MIN, 31 * MIN, 61 * MIN + 1, 61 * MIN + 1, 5 * MIN, 6 * MIN]
+    assert imp.session.nunique() == 6
+
+
+def tiny_log(seed: int = 0, n_users: int = 6) -> EventLog:
+    """A random canonical event log: sessions of impressions, each with 1-3 actions or only an exposure."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        t = int(rng.integers(0, 3 * HOUR_MS))
+        for _ in range(int(rng.integers(6, 12))):            # sessions
+            for _ in range(int(rng.integers(1, 6))):          # impressions of the session
+                item = f"i{int(rng.integers(0, 25))}"
+                kinds = rng.choice(["click", "like", "hate", EXPOSURE], size=int(rng.integers(1, 4)), replace=False)
+                for a in kinds:
+                    rows.append((f"user{u}", item, str(a), t))
+                t += int(rng.integers(1, 5)) * MIN * int(rng.integers(0, 2)) + int(rng.integers(0, 3)) * 1000
+            t += int(rng.integers(1, 20)) * HOUR_MS
+    last = max(r[3] for r in rows)
+    rows.append(("user0", "only_in_test", "like", last + 1))  # an item first seen after the split: OOV
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"]).drop_duplicates()
+    ev = ev.sort_values(["user_id", "timestamp", "item_id", "action"], kind="mergesort").reset_index(drop=True)
+    ev["timestamp"] = ev.timestamp.astype(np.int64)
+    return EventLog(events=ev, source="tiny", fmt="canonical", duplicates_dropped=0,
+                    negative_actions=("hate",), exposure_action=EXPOSURE)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_prepared_example_sees_only_the_past(seed):
+    log = tiny_log(seed)
+    cfg = RunConfig()
+    prep = prepare(log, cfg)
+    ev = log.events
+    assert EXPOSURE not in prep.vocab.actions and prep.vocab.heads == ["click", "hate", "like"]
+    imp = prep.impressions
+    assert len(imp) == len(ev[["user_id", "item_id", "timestamp"]].drop_duplicates())
+    # every impression belongs to a session whose request time is its first timestamp
+    assert (imp.groupby("session").timestamp.min() == imp.groupby("session").request_time.first()).all()
+    assert (imp.groupby("session").user_id.nunique() == 1).all()
+    S = 5
+    seq = sequences_for(prep, imp.user_id.to_numpy(), imp.request_time.to_numpy(), S)
+    req = imp.request_time.to_numpy()
+    # the leakage guarantee, checked for every example: no action at or after the request time
+    assert (np.where(seq.seq_mask, seq.seq_ts, np.iinfo(np.int64).min) < req[:, None]).all()
+    # ...and in particular never the impression's own actions (which are at its timestamp >= request time)
+    assert (np.where(seq.seq_mask, seq.seq_ts, np.iinfo(np.int64).min) < imp.timestamp.to_numpy()[:, None]).all()
+    # exactly the newest S non-exposure actions before the request, rebuilt by brute force from the raw log
+    actions = ev[ev.action != EXPOSURE]
+    for e, (u, t) in enumerate(zip(imp.user_id, req)):
+        past = actions[(actions.user_id == u) & (actions.timestamp < t)].iloc[-S:][::-1]
+        k = len(past)
+        assert seq.seq_mask[e].sum() == k
+        assert seq.seq_ts[e, :k].tolist() == past.timestamp.tolist()
+        assert seq.seq_item[e, :k].tolist() == prep.vocab.item_index(past.item_id.to_numpy()).tolist()
+        assert seq.seq_action[e, :k].tolist() == prep.vocab.action_index(past.action.to_numpy()).tolist()
+    # labels: one multi-hot row per impression, from the raw actions at that (user, item, ts)
+    for e in range(0, len(imp), 7):
+        r = imp.iloc[e]
+        raw = set(ev[(ev.user_id == r.user_id) & (ev.item_id == r.item_id) & (ev.timestamp == r.timestamp)].action)
+        assert [h for j, h in enumerate(prep.vocab.heads) if prep.labels[e, j]] == sorted(raw - {EXPOSURE})
+    # the vocabulary only knows items seen before the split (test-only items are OOV)
+    train_items = set(ev[ev.timestamp < prep.split_time].item_id)
+    test_only = sorted(set(ev.item_id) - train_items)
+    assert (prep.vocab.item_index(sorted(train_items)) >= FIRST_ID).all()
+    assert "only_in_test" in test_only
+    assert (prep.vocab.item_index(test_only) == OOV).all()
+    assert np.isfinite(seq.context).all()
+
+
+# ------------------------------------------------------------------------------------------------------ Vocabulary
+
+def test_item_index_known_unknown_and_too_long():
+    known = ["10", "2", "abc", "abd", "é"]
+    v = Vocabulary.build(known, ["click"], [], None)
+    got = v.item_index(known)
+    assert (got >= FIRST_ID).all() and len(set(got.tolist())) == len(known)
+    # the index points back at the same id
+    assert [v.items[i - FIRST_ID].decode() for i in got] == known
+    assert v.n_items == len(known) + FIRST_ID
+    # bytes and str ids are the same id
+    assert v.item_index([b"abc", "abc"]).tolist() == [got[2], got[2]]
+    unknown = ["zzz", "1", "ab", "", "abc" + "x" * 300, "abcd", "10 ", "abd\x01"]
+    assert v.item_index(unknown).tolist() == [OOV] * len(unknown)
+    # mixing known and too-long ids keeps every position right
+    mixed = v.item_index(["abc" + "x" * 300, "abc", "abdd", "abd"])
+    assert mixed.tolist() == [OOV, got[2], OOV, got[3]]
+    assert v.item_index([]).tolist() == []
+
+
+def test_item_index_on_an_empty_vocabulary_is_all_oov():
+    v = Vocabulary.build([], ["click"], [], None)
+    assert v.item_index(["a", "b"]).tolist() == [OOV, OOV]
+
+
+def test_action_index(vocab):
+    assert vocab.actions == ["click", "hate", "like"]
+    assert vocab.heads == ["click", "hate", "like"]
+    assert vocab.negative_actions == ["hate"]
+    assert vocab.n_actions == 3 + FIRST_ID
+    assert vocab.action_index(["click", "hate", "like"]).tolist() == [FIRST_ID, FIRST_ID + 1, FIRST_ID + 2]
+    assert vocab.action_index([EXPOSURE]).tolist() == [-1]
+    assert vocab.action_index(["purchase", b"like"]).tolist() == [OOV, FIRST_ID + 2]
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_vocabulary_save_load_round_trip(tmp_path, vocab, mmap):
+    vocab.save(tmp_path / "v")
+    loaded = Vocabulary.load(tmp_path / "v", mmap=mmap)
+    assert isinstance(loaded.items, np.memmap) == mmap
+    assert loaded.items.tolist() == vocab.items.tolist() and loaded.items.dtype == vocab.items.dtype
+    assert (loaded.actions, loaded.heads, loaded.negative_actions, loaded.exposure_action) == \
+        (vocab.actions, vocab.heads, vocab.negative_actions, vocab.exposure_action)
+    ids = ["a", "e", "zz", "a" + "x" * 300, "b"]
+    assert loaded.item_index(ids).tolist() == vocab.item_index(ids).tolist() == \
+        [FIRST_ID, FIRST_ID + 4, OOV, OOV, FIRST_ID + 1]
+    assert loaded.action_index([EXPOSURE, "like"]).tolist() == [-1, FIRST_ID + 2]

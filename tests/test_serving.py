@@ -1,0 +1,239 @@
+"""The ensemble on the real tritonserver: loading, gRPC = HTTP, train/serve parity, batching, errors, perf_analyzer."""
+from __future__ import annotations
+
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from seqrank.client import RankingClient
+from seqrank.dataset import load_log, prepare, sequences_for
+from seqrank.export import load_ranker
+from seqrank.pipeline import load_run
+from seqrank.serving.preprocess import Preprocessor
+from seqrank.store import open_store
+
+from .run_fixture import build_small_run
+
+MODELS = ("seqrank", "preprocess", "ranker", "postprocess")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    return build_small_run(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def server(small_run, start_server):
+    s = start_server(small_run["repo"], env={"SEQRANK_STORE": small_run["store"]}, timeout_s=300)
+    s.wait_models_ready(MODELS, timeout_s=120)
+    return s
+
+
+def _sessions(small_run, n=12):
+    """Held-out requests: test-period sessions (user, session start, the items shown)."""
+    info = json.loads((small_run["run"] / "run.json").read_text())
+    ev = small_run["events"]
+    test = ev[ev.timestamp >= info["split_time_ms"]]
+    out = []
+    for user, g in test.groupby("user_id"):
+        items = list(dict.fromkeys(g.item_id))
+        if len(items) >= 3:
+            out.append((user, int(g.timestamp.min()), items[:40]))
+    return out[:n]
+
+
+def test_ensemble_and_composing_models_are_ready(server):
+    import tritonclient.http as http
+    client = http.InferenceServerClient(server.http_url)
+    for name in MODELS:
+        assert client.is_model_ready(name), name
+    heads = client.get_model_config("seqrank")["parameters"]["heads"]["string_value"].split(",")
+    assert {"like", "hate", "click"} <= set(heads)
+
+
+def test_grpc_and_http_give_identical_rankings(server, small_run):
+    with RankingClient(server.grpc_url, "grpc") as g, RankingClient(server.http_url, "http") as h:
+        for user, start, items in _sessions(small_run, 5):
+            a, b = g.rank(user, items, request_time=start), h.rank(user, items, request_time=start)
+            assert a.item_ids == b.item_ids
+            assert sorted(a.item_ids) == sorted(items)
+            np.testing.assert_allclose([i.utility for i in a.items], [i.utility for i in b.items], atol=1e-6)
+            assert a.sequence_source == b.sequence_source == "store"
+
+
+def test_train_serve_parity(server, small_run):
+    """Served scores = the torch model's scores on the same held-out requests, features built by the training path."""
+    cfg, info, prep = load_run(small_run["run"])
+    model, _, vocab = load_ranker(small_run["run"])
+    pre = Preprocessor(small_run["repo"] / "preprocess" / "1" / "tables", cfg.transact.seq_len, [16, 1024], 1024)
+    heads = info["heads"]
+    checked = 0
+    with RankingClient(server.grpc_url, "grpc") as client:
+        for user, start, items in _sessions(small_run):
+            h = prep.histories[user]
+            seq = sequences_for(prep, [user], [start], cfg.transact.seq_len)
+            with torch.no_grad():
+                expected = model(torch.as_tensor(seq.seq_item), torch.as_tensor(seq.seq_action),
+                                 torch.as_tensor(seq.seq_mask), torch.as_tensor(pre.table_embeddings([user])),
+                                 torch.as_tensor(seq.context),
+                                 torch.as_tensor(vocab.item_index(np.array(items, dtype=object))[None]))[0].numpy()
+            # the user's raw actions in the request: the exact history the training features saw
+            ev = small_run["events"]
+            mine = ev[ev.user_id == user]
+            actions = list(zip(mine.item_id, mine.action, mine.timestamp.astype(int)))
+            served = client.rank(user, items, actions=actions, request_time=start)
+            assert served.sequence_source in ("request", "empty")
+            got = {i.item_id: [i.scores[k] for k in heads] for i in served.items}
+            diff = np.abs(np.array([got[i] for i in items]) - expected).max()
+            assert diff <= 1e-4, (user, diff)
+            checked += 1
+            del h
+    assert checked >= 5
+
+
+def test_concurrent_requests_with_different_candidate_counts_are_batched(server, small_run):
+    import tritonclient.http as http
+    sessions = _sessions(small_run, 8)
+    pool_items = [i for _, _, items in sessions for i in items]
+    jobs = [(sessions[k % len(sessions)][0], sessions[k % len(sessions)][1], pool_items[: 1 + (k * 37) % 200])
+            for k in range(48)]
+    with RankingClient(server.grpc_url, "grpc") as c:
+        expected = [c.rank(u, items, request_time=t) for u, t, items in jobs]
+    stats_client = http.InferenceServerClient(server.http_url)
+    before = {m: stats_client.get_inference_statistics(m)["model_stats"][0] for m in ("preprocess", "ranker")}
+
+    def call(job):
+        with RankingClient(server.grpc_url, "grpc") as c:
+            return c.rank(job[0], job[2], request_time=job[1])
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(call, jobs * 2))
+    for got, want in zip(results, expected * 2):
+        assert got.item_ids == want.item_ids
+        np.testing.assert_allclose([i.utility for i in got.items], [i.utility for i in want.items], atol=1e-5)
+    for m in ("preprocess", "ranker"):
+        after = stats_client.get_inference_statistics(m)["model_stats"][0]
+        requests = after["inference_count"] - before[m]["inference_count"]
+        executions = after["execution_count"] - before[m]["execution_count"]
+        assert requests == 2 * len(jobs), m
+        assert executions < requests, f"{m}: {executions} executions for {requests} requests: not batched"
+
+
+BAD_REQUESTS = [
+    ("candidate_ids", dict(candidates=[])),
+    ("candidate_ids", dict(candidates=[str(i) for i in range(1025)])),
+    ("action_types", dict(actions=[("1", "nope", 1649581149287)])),
+    ("request_time_ms", dict(request_time=4_102_444_800_000)),  # year 2100
+    ("request_time_ms", dict(request_time=1_649_581_149)),      # seconds, not ms
+    ("candidate_ids", dict(candidates=["x" * 300])),
+]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("field,kwargs", BAD_REQUESTS)
+def test_invalid_requests_get_invalid_arg_naming_the_field(server, protocol, field, kwargs):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    m = grpcclient if protocol == "grpc" else httpclient
+    from seqrank.client import build_inputs
+    args = {"user_id": "111", "candidates": ["1", "2"], "actions": None, "request_time": None, "top_k": None}
+    args.update(kwargs)
+    # build tensors without the client's own validation, to reach the server's
+    import seqrank.client as sc
+    old = sc.MAX_CANDIDATES
+    sc.MAX_CANDIDATES = 10**6
+    try:
+        inputs = _raw_inputs(m, args)
+    finally:
+        sc.MAX_CANDIDATES = old
+    client = m.InferenceServerClient(server.grpc_url if protocol == "grpc" else server.http_url)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("seqrank", inputs)
+    assert field in str(err.value)
+    if protocol == "grpc":
+        assert "INVALID_ARG" in str(err.value.status())
+    else:
+        assert str(err.value.status()) == "400"
+    # the server keeps serving
+    with RankingClient(server.grpc_url, "grpc") as c:
+        assert len(c.rank("111", ["1", "2"]).items) == 2
+
+
+def _raw_inputs(m, args):
+    def t(name, arr, dtype):
+        x = m.InferInput(name, list(arr.shape), dtype)
+        x.set_data_from_numpy(arr)
+        return x
+    inputs = [t("user_id", np.array([[args["user_id"].encode()]], dtype=object), "BYTES"),
+              t("candidate_ids", np.array([[c.encode() for c in args["candidates"]]], dtype=object).reshape(1, -1),
+                "BYTES")]
+    if args["request_time"] is not None:
+        inputs.append(t("request_time_ms", np.array([[args["request_time"]]], dtype=np.int64), "INT64"))
+    if args["actions"]:
+        a = args["actions"]
+        inputs += [t("action_item_ids", np.array([[x[0].encode() for x in a]], dtype=object), "BYTES"),
+                   t("action_types", np.array([[x[1].encode() for x in a]], dtype=object), "BYTES"),
+                   t("action_times_ms", np.array([[x[2] for x in a]], dtype=np.int64), "INT64")]
+    return inputs
+
+
+def test_bad_and_good_requests_in_one_batch(server, small_run):
+    """Valid requests batched with bad ones are answered correctly."""
+    sessions = _sessions(small_run, 4)
+    with RankingClient(server.grpc_url, "grpc") as c:
+        want = [c.rank(u, items, request_time=t).item_ids for u, t, items in sessions]
+
+    def good(k):
+        u, t, items = sessions[k]
+        with RankingClient(server.grpc_url, "grpc", retries=0) as c:
+            return c.rank(u, items, request_time=t).item_ids
+
+    def bad(_):
+        with RankingClient(server.grpc_url, "grpc", retries=0) as c:
+            try:
+                c.rank("111", ["1"], actions=[("1", "nope", 1)])
+            except Exception as e:  # noqa: BLE001
+                return str(e)
+        return "no error"
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        goods = [pool.submit(good, k % 4) for k in range(24)]
+        bads = [pool.submit(bad, k) for k in range(24)]
+        for k, f in enumerate(goods):
+            assert f.result() == want[k % 4]
+        for f in bads:
+            assert "action_types" in f.result()
+
+
+def test_store_down_falls_back_to_no_sequence(small_run, start_server, tmp_path):
+    """A store that cannot answer: ranking still answers, flagged fallback_store_unavailable."""
+    s = start_server(small_run["repo"], env={"SEQRANK_STORE": "redis://127.0.0.1:1/0"}, timeout_s=300, reuse=False)
+    s.wait_models_ready(MODELS, timeout_s=120)
+    with RankingClient(s.grpc_url, "grpc") as c:
+        res = c.rank("111", ["1", "2", "3"])
+    assert res.sequence_source == "fallback_store_unavailable"
+    assert len(res.items) == 3
+    s.stop()
+
+
+def test_perf_analyzer_runs_against_the_ensemble(server, small_run, tmp_path):
+    from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
+    user, start, items = _sessions(small_run, 1)[0]
+    data = {"data": [{"user_id": [user], "candidate_ids": {"content": items, "shape": [len(items)]},
+                      "request_time_ms": [start]}]}
+    path = tmp_path / "input.json"
+    path.write_text(json.dumps(data))
+    out = subprocess.run([str(perf_analyzer_binary()), "-m", "seqrank", "-u", server.grpc_url, "-i", "grpc",
+                          "--input-data", str(path), "--concurrency-range", "2:2", "--measurement-mode",
+                          "count_windows", "--measurement-request-count", "50", "-f", str(tmp_path / "pa.csv")],
+                         env=perf_analyzer_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = (tmp_path / "pa.csv").read_text().splitlines()
+    assert rows[0].startswith("Concurrency") and len(rows) == 2
+    assert float(rows[1].split(",")[1]) > 0  # inferences/second
