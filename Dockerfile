@@ -5,15 +5,15 @@
 # Base image tag (deliberate): 26.10, the newest monthly Triton release when this was written.
 #  - Releases before 25.07 lack the August-2025 security fixes (CVE-2025-23310/23311: stack overflow in HTTP chunked
 #    request parsing, unauthenticated; CVE-2025-23319/23320/23334: the Python-backend shared-memory chain to remote
-#    code execution). 25.07 itself was a security-patch-only tag (server 2.59.1) without the usual release notes;
-#    later bulletins (December 2025, May 2026) were fixed in later monthly releases (the May 2026 one in 26.04),
-#    so production stays on a current tag (>= 26.04), re-pinned every month after the checks in docs/deployment.md.
+#    code execution), and this image serves Python-backend models over HTTP. 25.07 itself was a security-patch tag
+#    (server 2.59.1) without the usual release notes. Later Triton bulletins (e.g. May 2026, fixed by 26.04) mean
+#    production stays on a current monthly tag, re-pinned monthly after the checks in docs/deployment.md.
 #  - CI runs tritonserver 2.51.0 from the nvidia-pytriton wheel = the 24.10 container, which has none of these fixes:
 #    it only ever binds 127.0.0.1 in tests. What CI verifies (configs, ensemble, Python backend, restricted APIs,
-#    --model-config-name) was verified on 2.51; the production tag is checked by the container smoke test.
-#  - 26.x images use CUDA 13 and need a recent NVIDIA driver (R580 or a supported data-center branch with forward
-#    compatibility); on an older driver build with --build-arg TRITON_RELEASE=25.08 (first monthly release with the
-#    Aug-2025 fixes, CUDA 12.9/13.0 per its notes) and read docs/deployment.md "Choosing the tag" first.
+#    --model-config-name, canary, explicit model control) was verified on 2.51; the production tag is checked by the
+#    container smoke test in docs/deployment.md.
+#  - Recent releases are built on CUDA 13 and need a matching NVIDIA driver. On nodes whose driver cannot run them,
+#    --build-arg TRITON_RELEASE=25.07 (the patched CUDA 12.9 line) until the driver is upgraded; later CVEs stay open.
 #  - Pin the digest too for a release: FROM nvcr.io/nvidia/tritonserver:26.10-py3@sha256:<digest from `docker pull`>.
 ARG TRITON_RELEASE=26.10
 FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3

@@ -56,7 +56,8 @@ def read_npy_strings(path: Path, count: int) -> list[str]:
         if n == 0:
             return []
         start = f.tell()
-        picks = sorted({(i * n) // count for i in range(min(count, n))})
+        k = min(count, n)
+        picks = [(i * n) // k for i in range(k)]  # evenly spaced, distinct
         out = []
         for i in picks:
             f.seek(start + i * width)
@@ -64,15 +65,16 @@ def read_npy_strings(path: Path, count: int) -> list[str]:
         return [x for x in out if x]
 
 
-def canary_inputs(repository: Path, n: int) -> tuple[list[str], bool, str]:
-    """(candidates, known, action name) for the canary request."""
+def canary_inputs(repository: Path, n: int) -> tuple[list[str], bool, str | None]:
+    """(candidates, known, action name) for the canary request; action None = the vocabulary is unreadable, send no
+    actions (an unknown action name would be a bad request)."""
     env = os.environ.get("SEQRANK_CANARY_CANDIDATES", "")
     tables = repository / "preprocess" / "1" / "tables"
-    action = "click"
+    action = None
     try:
         actions = json.loads((tables / "vocab.json").read_text()).get("actions") or []
-        action = actions[0] if actions else action
-    except (OSError, ValueError):
+        action = str(actions[0]) if actions else None
+    except (OSError, ValueError, AttributeError):
         pass
     if env.strip():
         return [c.strip() for c in env.split(",") if c.strip()], True, action
@@ -85,21 +87,22 @@ def canary_inputs(repository: Path, n: int) -> tuple[list[str], bool, str]:
     return [f"seqrank-canary-{i}" for i in range(n)], False, action
 
 
-def build_request(candidates: list[str], action: str, now_ms: int) -> dict:
-    k = min(len(candidates), 5)
-    actions = candidates[:k]
-    return {
-        "inputs": [
-            {"name": "user_id", "datatype": "BYTES", "shape": [1, 1], "data": [CANARY_USER]},
-            {"name": "candidate_ids", "datatype": "BYTES", "shape": [1, len(candidates)], "data": candidates},
-            {"name": "request_time_ms", "datatype": "INT64", "shape": [1, 1], "data": [now_ms]},
-            {"name": "action_item_ids", "datatype": "BYTES", "shape": [1, k], "data": actions},
+def build_request(candidates: list[str], action: str | None, now_ms: int) -> dict:
+    inputs = [
+        {"name": "user_id", "datatype": "BYTES", "shape": [1, 1], "data": [CANARY_USER]},
+        {"name": "candidate_ids", "datatype": "BYTES", "shape": [1, len(candidates)], "data": candidates},
+        {"name": "request_time_ms", "datatype": "INT64", "shape": [1, 1], "data": [now_ms]},
+    ]
+    if action is not None:  # the canary's own recent actions: the newest first, one minute apart
+        k = min(len(candidates), 5)
+        inputs += [
+            {"name": "action_item_ids", "datatype": "BYTES", "shape": [1, k], "data": candidates[:k]},
             {"name": "action_types", "datatype": "BYTES", "shape": [1, k], "data": [action] * k},
             {"name": "action_times_ms", "datatype": "INT64", "shape": [1, k],
              "data": [now_ms - 60_000 * (i + 1) for i in range(k)]},
-        ],
-        "outputs": [{"name": name, "parameters": {"binary_data": False}} for name in OUTPUTS],
-    }
+        ]
+    return {"inputs": inputs,
+            "outputs": [{"name": name, "parameters": {"binary_data": False}} for name in OUTPUTS]}
 
 
 def _flat(values):
@@ -110,7 +113,7 @@ def _flat(values):
             yield v
 
 
-def check_response(body: dict, candidates: list[str], known: bool) -> str:
+def check_response(body: dict, candidates: list[str], known: bool, with_actions: bool = True) -> str:
     outputs = {o.get("name"): o for o in body.get("outputs", [])}
     missing = [n for n in OUTPUTS if n not in outputs]
     if missing:
@@ -137,7 +140,7 @@ def check_response(body: dict, candidates: list[str], known: bool) -> str:
     if known and any(oov):
         raise Unhealthy(f"{sum(oov)} of {n} known candidates came back out-of-vocabulary: lookup tables broken?")
     source = [str(x) for x in _flat(outputs["sequence_source"]["data"])]
-    if source != ["request"]:
+    if with_actions and source != ["request"]:
         raise Unhealthy(f"sequence_source is {source}, expected ['request'] (the canary sends its actions)")
     return f"{n} candidates x {heads} heads"
 
@@ -158,7 +161,7 @@ def probe(url: str, model: str, repository: Path, n: int, timeout_s: float) -> s
         raise Unhealthy(f"inference request failed: {err}") from None
     except ValueError as err:
         raise Unhealthy(f"inference answer is not JSON: {err}") from None
-    summary = check_response(body, candidates, known)
+    summary = check_response(body, candidates, known, with_actions=action is not None)
     return f"{summary} ranked in {(time.monotonic() - started) * 1000:.1f} ms"
 
 

@@ -35,13 +35,15 @@ def _checkpointed_epochs(model, optim, ckpt: Path, epochs: int, run_epoch, desc:
         state = torch.load(ckpt, weights_only=True)
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
+        torch.set_rng_state(state["torch_rng"])  # dropout draws continue exactly where the finished epoch left them
         start = int(state["epoch"])
     for epoch in tqdm(range(start, epochs), desc=desc, initial=start, total=epochs, unit="epoch"):
         model.train()
         run_epoch(epoch)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1}, tmp)
+        torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1,
+                    "torch_rng": torch.get_rng_state()}, tmp)
         tmp.replace(ckpt)
     model.eval()
 
@@ -60,6 +62,7 @@ def positive_events(prep: Prepared, users, before: int) -> dict[str, tuple[np.nd
 
 
 def train_pinnerformer(prep: Prepared, cfg: PinnerFormerConfig, seed: int, ckpt: Path) -> PinnerFormer:
+    torch.manual_seed(seed)
     model = PinnerFormer(cfg, prep.vocab.n_items, prep.vocab.n_actions)
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     users = [u for u in prep.users if u not in prep.pf_test_users]

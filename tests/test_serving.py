@@ -16,7 +16,7 @@ from seqrank.pipeline import load_run
 from seqrank.serving.preprocess import Preprocessor
 from seqrank.store import open_store
 
-from .run_fixture import build_small_run
+from run_fixture import build_small_run
 
 MODELS = ("seqrank", "preprocess", "ranker", "postprocess")
 
@@ -56,7 +56,7 @@ def test_ensemble_and_composing_models_are_ready(server):
 
 
 def test_grpc_and_http_give_identical_rankings(server, small_run):
-    with RankingClient(server.grpc_url, "grpc") as g, RankingClient(server.http_url, "http") as h:
+    with RankingClient(server.grpc_url, "grpc", timeout_s=60) as g, RankingClient(server.http_url, "http") as h:
         for user, start, items in _sessions(small_run, 5):
             a, b = g.rank(user, items, request_time=start), h.rank(user, items, request_time=start)
             assert a.item_ids == b.item_ids
@@ -72,7 +72,7 @@ def test_train_serve_parity(server, small_run):
     pre = Preprocessor(small_run["repo"] / "preprocess" / "1" / "tables", cfg.transact.seq_len, [16, 1024], 1024)
     heads = info["heads"]
     checked = 0
-    with RankingClient(server.grpc_url, "grpc") as client:
+    with RankingClient(server.grpc_url, "grpc", timeout_s=60) as client:
         for user, start, items in _sessions(small_run):
             h = prep.histories[user]
             seq = sequences_for(prep, [user], [start], cfg.transact.seq_len)
@@ -101,13 +101,13 @@ def test_concurrent_requests_with_different_candidate_counts_are_batched(server,
     pool_items = [i for _, _, items in sessions for i in items]
     jobs = [(sessions[k % len(sessions)][0], sessions[k % len(sessions)][1], pool_items[: 1 + (k * 37) % 200])
             for k in range(48)]
-    with RankingClient(server.grpc_url, "grpc") as c:
+    with RankingClient(server.grpc_url, "grpc", timeout_s=60) as c:
         expected = [c.rank(u, items, request_time=t) for u, t, items in jobs]
     stats_client = http.InferenceServerClient(server.http_url)
     before = {m: stats_client.get_inference_statistics(m)["model_stats"][0] for m in ("preprocess", "ranker")}
 
     def call(job):
-        with RankingClient(server.grpc_url, "grpc") as c:
+        with RankingClient(server.grpc_url, "grpc", timeout_s=60) as c:
             return c.rank(job[0], job[2], request_time=job[1])
 
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -161,7 +161,7 @@ def test_invalid_requests_get_invalid_arg_naming_the_field(server, protocol, fie
     else:
         assert str(err.value.status()) == "400"
     # the server keeps serving
-    with RankingClient(server.grpc_url, "grpc") as c:
+    with RankingClient(server.grpc_url, "grpc", timeout_s=60) as c:
         assert len(c.rank("111", ["1", "2"]).items) == 2
 
 
@@ -186,16 +186,16 @@ def _raw_inputs(m, args):
 def test_bad_and_good_requests_in_one_batch(server, small_run):
     """Valid requests batched with bad ones are answered correctly."""
     sessions = _sessions(small_run, 4)
-    with RankingClient(server.grpc_url, "grpc") as c:
+    with RankingClient(server.grpc_url, "grpc", timeout_s=60) as c:
         want = [c.rank(u, items, request_time=t).item_ids for u, t, items in sessions]
 
     def good(k):
         u, t, items = sessions[k]
-        with RankingClient(server.grpc_url, "grpc", retries=0) as c:
+        with RankingClient(server.grpc_url, "grpc", retries=0, timeout_s=60) as c:
             return c.rank(u, items, request_time=t).item_ids
 
     def bad(_):
-        with RankingClient(server.grpc_url, "grpc", retries=0) as c:
+        with RankingClient(server.grpc_url, "grpc", retries=0, timeout_s=60) as c:
             try:
                 c.rank("111", ["1"], actions=[("1", "nope", 1)])
             except Exception as e:  # noqa: BLE001

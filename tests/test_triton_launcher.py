@@ -71,6 +71,10 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _shm_regions(prefix: str) -> list[str]:
+    return [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
+
+
 def _wait_until(predicate, timeout_s: float) -> bool:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -223,6 +227,7 @@ def test_slow_model_times_out_and_is_stopped(tmp_path):
     assert time.monotonic() - started < 45
     assert not server.is_alive()
     assert _group_pids(server.pgid) == []
+    assert _shm_regions(server._shm_prefix) == []
 
 
 def test_port_in_use_is_reported_before_launching(tmp_path, toy_repository):
@@ -274,8 +279,8 @@ def test_context_manager_stops_the_server(toy_repository):
 def test_stop_after_the_server_was_sigkilled_kills_its_stubs(start_server, toy_repository):
     server = start_server(toy_repository, reuse=False)
     pids = _assert_stub_running(server)
-    regions = [a for p in pids for a in _cmdline(p).split() if a.startswith("triton_python_backend_shm_region_")]
-    assert regions and all(Path("/dev/shm", r).exists() for r in regions)
+    regions = _shm_regions(server._shm_prefix)
+    assert regions, "the Python backend's shared memory should carry this launch's prefix"
     os.kill(server.pid, signal.SIGKILL)
     # Until the dead server is reaped, its stub still sees a parent (a zombie) and keeps running: only stop(), which
     # signals the whole process group, gets rid of it. (Once the server is reaped the stub notices and exits.)
@@ -285,7 +290,7 @@ def test_stop_after_the_server_was_sigkilled_kills_its_stubs(start_server, toy_r
     server.stop()
     assert not [p for p in pids if _pid_alive(p)]
     assert _group_pids(server.pgid) == []
-    assert not [r for r in regions if Path("/dev/shm", r).exists()], "stub shared memory left in /dev/shm"
+    assert _shm_regions(server._shm_prefix) == [], "the stub's shared memory was left in /dev/shm"
 
 
 def test_server_follows_a_sigkilled_launcher(toy_repository):
@@ -311,6 +316,20 @@ def test_server_follows_a_sigkilled_launcher(toy_repository):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_stale_shared_memory_of_dead_launches_is_removed(start_server, toy_repository):
+    live = start_server(toy_repository)  # a running server's regions must survive the clean-up
+    stale = Path("/dev/shm", "seqrank_" + "0123456789abcdef" + "_00000000-test-stale")
+    stale.write_bytes(b"")
+    try:
+        server = start_server(toy_repository, reuse=False)
+        assert not stale.exists()
+        assert _shm_regions(live._shm_prefix) and _shm_regions(server._shm_prefix)
+        np.testing.assert_allclose(_infer_grpc(live, X), 3 * X)
+        server.stop()
+    finally:
+        stale.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -364,11 +383,14 @@ def test_serve_forever_stops_on_signal_during_startup(tmp_path):
         assert _wait_until(lambda: "loading: echo_double" in (log.read_text() if log.exists() else ""), 30)
         server_pids = [p for p in _all_pids() if str(repo) in _cmdline(p)]  # tritonserver + stub
         assert server_pids
+        server_cmd = next(c for c in map(_cmdline, server_pids) if "shm-region-prefix-name=" in c)
+        prefix = server_cmd.split("shm-region-prefix-name=")[1].split()[0]
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
         assert "signal during startup" in out
         assert not [p for p in server_pids if _pid_alive(p)]
+        assert _shm_regions(prefix) == []
     finally:
         if proc.poll() is None:
             proc.kill()

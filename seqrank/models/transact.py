@@ -1,4 +1,4 @@
-"""TransAct ranker (Xia et al., KDD 2023) inside the multi-task DCN v2 ranker of the seed paper.
+r"""TransAct ranker (Xia et al., KDD 2023) inside the multi-task DCN v2 ranker of the seed paper.
 
     real-time sequence (newest first)      candidate
     [action emb | item emb] per action     item emb

@@ -37,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -180,6 +181,11 @@ def server_env() -> dict[str, str]:
         libs.append(_cuda_runtime_lib_dir())
     except FileNotFoundError:
         pass  # the server's own libcudart copy lives in nvidia_pytriton.libs; the pip runtime is optional for it
+    # The stub embeds libpython3.11; it must be the same build as the venv's base interpreter, or the stdlib's C
+    # modules fail to load (pyenv's 3.11.7 _ssl against Debian's 3.11.2 libpython: undefined _PyModule_Add).
+    base_lib = sysconfig.get_config_var("LIBDIR")
+    if base_lib and (Path(base_lib) / "libpython3.11.so.1.0").exists():
+        libs.insert(0, Path(base_lib))
     _prepend_path_var(env, "LD_LIBRARY_PATH", libs)
     _prepend_path_var(env, "PATH", [_venv_bin()])
     return env
@@ -394,21 +400,44 @@ def _group_members(pgid: int) -> list[int]:
     return sorted(pids)
 
 
-_SHM_REGION = re.compile(r"^triton_python_backend_shm_region_[0-9A-Za-z_-]+$")
+def _unlink_shm_regions(prefix: str) -> None:
+    """Remove /dev/shm files named ``<prefix>*`` (the Python backend's regions of one server launch)."""
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass
 
 
-def _python_shm_regions(pids: Iterable[int]) -> list[str]:
-    """Shared-memory region names (in /dev/shm) used by the Python backend stubs among ``pids``."""
-    regions = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                argv = fh.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith("triton_python_backend_stub"):
-            regions += [a for a in argv[1:] if _SHM_REGION.match(a)]
-    return regions
+_OUR_SHM = re.compile(r"^(seqrank_[0-9a-f]{16}_)")
+
+
+def _unlink_stale_shm_regions() -> None:
+    """Remove Python-backend regions of earlier launches whose processes are all gone (their launcher was killed
+    before it could clean up). A live server always has its prefix on its command line, so its regions are kept."""
+    try:
+        prefixes = {m.group(1) for m in map(_OUR_SHM.match, os.listdir("/dev/shm")) if m}
+    except OSError:
+        return
+    if not prefixes:
+        return
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    cmdline = fh.read().decode(errors="replace")
+            except OSError:
+                continue
+            prefixes = {p for p in prefixes if p not in cmdline}
+            if not prefixes:
+                return
+    for prefix in prefixes:
+        _unlink_shm_regions(prefix)
 
 
 class TritonServer:
@@ -431,6 +460,7 @@ class TritonServer:
         self._lock = threading.RLock()
         self.command: list[str] = []
         self.server_id: str | None = None
+        self._shm_prefix: str | None = None
         self.startup_seconds: float | None = None
 
     # -- properties --------------------------------------------------------------------------------------------------
@@ -529,6 +559,12 @@ class TritonServer:
             # The id lets the readiness probe tell this server from another process answering on the same port.
             self.server_id = _id_in_args(self.options.extra_args) or f"seqrank-{uuid.uuid4().hex[:12]}"
             self.command = server_command(opts, server_id=None if _id_in_args(opts.extra_args) else self.server_id)
+            if any("shm-region-prefix-name" in str(a) for a in opts.extra_args):
+                self._shm_prefix = None  # the caller names the regions: never clean up what may be shared
+            else:
+                _unlink_stale_shm_regions()
+                self._shm_prefix = f"seqrank_{uuid.uuid4().hex[:16]}_"
+                self.command.append(f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}")
             env = server_env()
             env.update({str(k): str(v) for k, v in self.options.env.items()})
             if self._requested_log_path is None:
@@ -596,7 +632,6 @@ class TritonServer:
             proc, pgid = self._proc, self._pgid
             if proc is None or pgid is None:
                 return
-            shm_regions = _python_shm_regions(_group_members(pgid))
             if proc.poll() is None:
                 _killpg(pgid, signal.SIGTERM)
                 try:
@@ -612,13 +647,10 @@ class TritonServer:
             end = time.monotonic() + 5
             while _group_members(pgid) and time.monotonic() < end:
                 time.sleep(0.05)
-            # A graceful shutdown unlinks the stubs' shared memory; after a crash or SIGKILL it would stay in /dev/shm.
-            # The names carry a per-server UUID, so only this server's regions are touched.
-            for region in shm_regions:
-                try:
-                    os.unlink(f"/dev/shm/{region}")
-                except OSError:
-                    pass
+            # A graceful shutdown unlinks the Python backend's shared memory; a crash, a SIGKILL or a stop during model
+            # loading leaves it in /dev/shm. The prefix is unique to this launch, so only its regions are touched.
+            if self._shm_prefix and not _group_members(pgid):
+                _unlink_shm_regions(self._shm_prefix)
             _LIVE_SERVERS.discard(self)
 
     # -- readiness and logs ------------------------------------------------------------------------------------------

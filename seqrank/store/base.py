@@ -77,9 +77,12 @@ class UserSequence:
         first), keeping the newest ``limit``. Verifies the order; sorts only if the source was unsorted."""
         if not packed:
             return cls()
-        parts = packed.split(SEP)
-        if limit is not None and len(parts) > 3 * limit:
-            parts = parts[len(parts) - 3 * limit:]
+        if limit is None:
+            parts = packed.split(SEP)
+        else:                                   # split only the newest `limit` records off the end
+            parts = packed.rsplit(SEP, 3 * limit)
+            if len(parts) > 3 * limit:
+                del parts[0]
         items, actions = parts[0::3], parts[1::3]
         ts = np.fromiter(map(int, parts[2::3]), dtype=np.int64, count=len(items))
         if len(ts) > 1:

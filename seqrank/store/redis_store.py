@@ -1,19 +1,28 @@
 """RedisStore: the feature store on Redis (the production KV store an event stream keeps fresh).
 
-Layout (``prefix`` default ``seqrank:``):
+Layout (``prefix`` default ``seqrank:``; ``{user}`` is a hash tag, so a user's keys share a cluster slot):
 
-* ``{prefix}seq:{user}``  sorted set, score = event time (ms), member = ``item \\x1f action \\x1f ts``
+* ``{prefix}seq:{user}``   sorted set, score = event time (ms), member = ``item \\x1f action \\x1f ts``
   (UTF-8). Equal scores order by member bytes, i.e. by item id then action, the same order as the
-  embedded store; exact duplicates collapse into one member.
-* ``{prefix}emb:{user}``  hash ``v`` (float32 little-endian bytes), ``dim``, ``as_of``.
-* ``{prefix}meta``        hash ``dim`` (the embedding dim of the store).
+  embedded store; exact duplicates collapse into one member. The source of truth.
+* ``{prefix}seqp:{user}``  string: the members, oldest first, joined by ``\\x1f`` (the packed wire format
+  of ``UserSequence.from_packed``): the read view. ``append`` APPENDs new members when they are all newer
+  than the stored ones (the real-time case) and rebuilds it from the set otherwise, or when it holds more
+  than ``max_len + slack`` records (slack = max(16, max_len // 2)); readers take its newest ``max_len``.
+* ``{prefix}seqn:{user}``  the view's record count.
+* ``{prefix}emb:{user}``   hash ``v`` (float32 little-endian bytes), ``dim``, ``as_of``.
+* ``{prefix}meta``         hash ``dim`` (the embedding dim of the store).
 
 ``append`` runs one Lua script per user (atomic per user: dedup, late bound against the user's newest
-event, insert, trim to ``max_len``), all users of a batch in one pipeline (one round trip), so concurrent
-writers stay correct. Reads are one pipeline per batch (a tiny Lua script per user returns the newest
-``max_len`` members packed into one string). Any connection error or timeout surfaces as
-``StoreUnavailable``; reads use ``timeout_s`` (default 50 ms) as socket and connect timeout, writes
-``write_timeout_s``. No client-side retries: the caller (Triton preprocess) falls back instead.
+event, insert, trim to ``max_len``, refresh the packed view), all users of a batch in one pipeline (one
+round trip), so concurrent writers stay correct. ``get_sequences`` is one ``MGET`` of the packed views:
+one round trip, one bulk string per user, almost no server work (a ZRANGE per user returning 256 members
+each costs far more on the server and, parsed by redis-py, on the client). The price is 2-2.5x the memory
+per user. A reader must not use a larger ``max_len`` than the writers (it could see trimmed records).
+
+Any connection error or timeout surfaces as ``StoreUnavailable``; reads use ``timeout_s`` (default 50 ms)
+as socket and connect timeout, writes ``write_timeout_s``. No client-side retries: the caller (Triton
+preprocess) falls back instead; ``seqrank.ingest.ingest`` retries appends (they are idempotent).
 """
 from __future__ import annotations
 
@@ -31,17 +40,24 @@ from .base import (DEFAULT_LATE_BOUND_MS, DEFAULT_MAX_LEN, DEFAULT_TIMEOUT_S, DE
                    Action, FeatureStore, IngestStats, StoreUnavailable, UserSequence, validate_action)
 
 
-# KEYS[1] = the user's sorted set; ARGV[1] = max_len, ARGV[2] = late_bound_ms, then (ts, member) pairs
-# in arrival order. Returns {accepted, duplicates, too_late}.
+# KEYS[1] = the user's sorted set, KEYS[2] = its packed view, KEYS[3] = the view's record count;
+# ARGV[1] = max_len, ARGV[2] = late_bound_ms, ARGV[3] = slack, then (ts, member) pairs in arrival order.
+# Returns {accepted, duplicates, too_late}. Invariant: the view is a run of records in sequence order whose
+# last ZCARD records are exactly the set (older, trimmed records before them only when ZCARD == max_len),
+# at most max_len + slack records; it is rebuilt from the set when it would grow past that or when an
+# event lands before the stored newest one.
 _APPEND_LUA = """
-local key = KEYS[1]
+local key, view = KEYS[1], KEYS[2]
 local max_len = tonumber(ARGV[1])
 local bound = tonumber(ARGV[2])
-local newest = nil
+local slack = tonumber(ARGV[3])
+local newest, newest_raw = nil, nil
 local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-if top[2] then newest = tonumber(top[2]) end
+if top[2] then newest_raw = top[2]; newest = tonumber(top[2]) end
+local prev_newest = newest
 local acc, dup, late = 0, 0, 0
-for i = 3, #ARGV, 2 do
+local tail_only = true
+for i = 4, #ARGV, 2 do
   local ts = tonumber(ARGV[i])
   local member = ARGV[i + 1]
   if redis.call('ZSCORE', key, member) then
@@ -51,11 +67,26 @@ for i = 3, #ARGV, 2 do
   else
     redis.call('ZADD', key, ARGV[i], member)
     acc = acc + 1
+    if (not prev_newest) or ts <= prev_newest then tail_only = false end
     if (not newest) or ts > newest then newest = ts end
   end
 end
-local n = redis.call('ZCARD', key)
-if n > max_len then redis.call('ZREMRANGEBYRANK', key, 0, n - max_len - 1) end
+if acc > 0 then
+  local n = redis.call('ZCARD', key)
+  if n > max_len then redis.call('ZREMRANGEBYRANK', key, 0, n - max_len - 1); n = max_len end
+  local c = nil
+  if tail_only then c = tonumber(redis.call('GET', KEYS[3])) end
+  if c and c + acc <= max_len + slack and redis.call('EXISTS', view) == 1 then
+    -- the common real-time case: everything new is newer than the stored sequence, so append the new
+    -- members (in set order) to the view; the trimmed oldest records stay until the next rebuild
+    redis.call('APPEND', view, '\\31' .. table.concat(
+      redis.call('ZRANGEBYSCORE', key, '(' .. newest_raw, '+inf'), '\\31'))
+    redis.call('INCRBY', KEYS[3], acc)
+  else
+    redis.call('SET', view, table.concat(redis.call('ZRANGE', key, 0, -1), '\\31'))
+    redis.call('SET', KEYS[3], n)
+  end
+end
 return {acc, dup, late}
 """
 
@@ -67,15 +98,8 @@ redis.call('HSET', KEYS[1], 'v', ARGV[1], 'dim', ARGV[2], 'as_of', ARGV[3])
 return 1
 """
 
-# KEYS[1] = the user's sorted set; ARGV[1] = max_len. The newest max_len members, oldest first, packed
-# into one string joined by \x1f: one bulk reply per user instead of max_len (client-side parsing of
-# thousands of replies would dominate the read latency).
-_READ_LUA = """
-return table.concat(redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1), '\\31')
-"""
-
 _SCRIPTS = {name: (src, hashlib.sha1(src.encode()).hexdigest())
-            for name, src in (("append", _APPEND_LUA), ("put_emb", _PUT_EMB_LUA), ("read", _READ_LUA))}
+            for name, src in (("append", _APPEND_LUA), ("put_emb", _PUT_EMB_LUA))}
 
 _EMB_CHUNK = 10_000
 
@@ -101,6 +125,7 @@ class RedisStore(FeatureStore):
         self.timeout_s = float(timeout_s)
         self.write_timeout_s = float(write_timeout_s)
         self.dim = int(dim) if dim is not None else None
+        self.slack = max(16, self.max_len // 2)     # extra records the packed view may hold between rebuilds
         common = dict(decode_responses=False, retry_on_timeout=False, health_check_interval=0)
         common.update(redis_kwargs)
         self._r = redis.Redis.from_url(url, socket_timeout=self.timeout_s,
@@ -110,10 +135,16 @@ class RedisStore(FeatureStore):
 
     # keys / encoding ---------------------------------------------------------------------------
     def seq_key(self, user_id: str) -> bytes:
-        return f"{self.prefix}seq:{user_id}".encode()
+        return f"{self.prefix}seq:{{{user_id}}}".encode()
+
+    def packed_key(self, user_id: str) -> bytes:
+        return f"{self.prefix}seqp:{{{user_id}}}".encode()
+
+    def count_key(self, user_id: str) -> bytes:
+        return f"{self.prefix}seqn:{{{user_id}}}".encode()
 
     def emb_key(self, user_id: str) -> bytes:
-        return f"{self.prefix}emb:{user_id}".encode()
+        return f"{self.prefix}emb:{{{user_id}}}".encode()
 
     @property
     def meta_key(self) -> bytes:
@@ -124,11 +155,11 @@ class RedisStore(FeatureStore):
         return f"{a.item_id}{SEP}{a.action}{SEP}{int(a.timestamp_ms)}".encode()
 
     # scripts -----------------------------------------------------------------------------------
-    def _run_pipeline(self, fill, what: str, write: bool = True) -> list:
-        """Fill a non-transactional pipeline and execute it (one round trip); after NOSCRIPT (a restarted
-        or flushed server) load the scripts and run it again: every script here is idempotent, so rerunning
-        is safe."""
-        client = self._w if write else self._r
+    def _run_pipeline(self, fill, what: str) -> list:
+        """Fill a non-transactional pipeline on the write client and execute it (one round trip); after
+        NOSCRIPT (a restarted or flushed server) load the scripts and run it again: every script here is
+        idempotent, so rerunning is safe."""
+        client = self._w
         with _unavailable(what):
             for attempt in (0, 1):
                 pipe = client.pipeline(transaction=False)
@@ -157,8 +188,8 @@ class RedisStore(FeatureStore):
 
         def fill(pipe):
             for user, args in by_user.items():
-                pipe.execute_command("EVALSHA", sha, 1, self.seq_key(user), self.max_len,
-                                     self.late_bound_ms, *args)
+                pipe.execute_command("EVALSHA", sha, 3, self.seq_key(user), self.packed_key(user),
+                                     self.count_key(user), self.max_len, self.late_bound_ms, self.slack, *args)
 
         for acc, dup, late in self._run_pipeline(fill, "append"):
             stats.accepted += int(acc)
@@ -170,14 +201,10 @@ class RedisStore(FeatureStore):
         user_ids = list(user_ids)
         if not user_ids:
             return []
-        sha = _SCRIPTS["read"][1]
-
-        def fill(pipe):
-            for u in user_ids:
-                pipe.execute_command("EVALSHA", sha, 1, self.seq_key(u), self.max_len)
-
-        replies = self._run_pipeline(fill, "get_sequences", write=False)
-        return [UserSequence.from_packed(r.decode()) for r in replies]
+        with _unavailable("get_sequences"):
+            replies = self._r.execute_command("MGET", *[self.packed_key(u) for u in user_ids])
+        return [UserSequence.from_packed(r.decode(), limit=self.max_len) if r else UserSequence()
+                for r in replies]
 
     # embeddings --------------------------------------------------------------------------------
     def put_embeddings(self, user_ids: Sequence[str], embeddings: np.ndarray, as_of_ms: int) -> None:

