@@ -59,3 +59,21 @@ def start_server(tmp_path_factory):
 def toy_repository() -> Path:
     """A tiny Python-backend model repository (model ``echo_double``; see tests/fixtures/toy_repository/README.md)."""
     return TOY_REPOSITORY
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """A small real trained run, exported and loaded into an embedded store (tests/run_fixture.py)."""
+    from run_fixture import build_small_run
+    return build_small_run(tmp_path_factory.mktemp("served"))
+
+
+ENSEMBLE_MODELS = ("seqrank", "preprocess", "ranker", "postprocess")
+
+
+@pytest.fixture(scope="session")
+def server(small_run, start_server):
+    """The real tritonserver serving the small run's ensemble, preprocess reading the embedded store."""
+    s = start_server(small_run["repo"], env={"SEQRANK_STORE": small_run["store"]}, timeout_s=300)
+    s.wait_models_ready(ENSEMBLE_MODELS, timeout_s=120)
+    return s

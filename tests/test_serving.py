@@ -16,21 +16,8 @@ from seqrank.pipeline import load_run
 from seqrank.serving.preprocess import Preprocessor
 from seqrank.store import open_store
 
-from run_fixture import build_small_run
 
-MODELS = ("seqrank", "preprocess", "ranker", "postprocess")
-
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    return build_small_run(tmp_path_factory.mktemp("served"))
-
-
-@pytest.fixture(scope="module")
-def server(small_run, start_server):
-    s = start_server(small_run["repo"], env={"SEQRANK_STORE": small_run["store"]}, timeout_s=300)
-    s.wait_models_ready(MODELS, timeout_s=120)
-    return s
+from conftest import ENSEMBLE_MODELS as MODELS
 
 
 def _sessions(small_run, n=12):

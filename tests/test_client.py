@@ -1,0 +1,77 @@
+"""seqrank.client: validation before sending, retries only on UNAVAILABLE, sync/async over gRPC/HTTP, the CLI."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+
+from seqrank.client import AsyncRankingClient, ClientInputError, RankingClient, is_unavailable
+from seqrank.serving.triton import free_port
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(user_id="", candidates=["1"]), "user_id"),
+    (dict(user_id="1", candidates=[]), "candidates"),
+    (dict(user_id="1", candidates=[str(i) for i in range(1025)]), "candidates"),
+    (dict(user_id="1", candidates=["1", ""]), "candidates[1]"),
+    (dict(user_id="1", candidates=["1"], actions=[("a", "like")]), "actions[0]"),
+    (dict(user_id="1", candidates=["1"], top_k=0), "top_k"),
+])
+def test_inputs_are_validated_before_sending(kwargs, message):
+    port = free_port()  # nothing listens: a request that got sent would fail differently
+    with RankingClient(f"127.0.0.1:{port}", "grpc", retries=0) as client:
+        with pytest.raises(ClientInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            client.rank(**kwargs)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_unavailable_is_retried_with_backoff_then_raised(protocol):
+    port = free_port()
+    with RankingClient(f"127.0.0.1:{port}", protocol, retries=2, backoff_s=0.1, timeout_s=1.0) as client:
+        start = time.perf_counter()
+        with pytest.raises(Exception) as err:
+            client.rank("1", ["1"])
+        took = time.perf_counter() - start
+    assert is_unavailable(err.value)
+    assert took >= 0.1 + 0.2  # two backoffs happened
+
+
+def test_bad_request_is_not_retried(server):
+    calls = []
+    with RankingClient(server.grpc_url, "grpc", retries=3, backoff_s=1.0, timeout_s=30) as client:
+        original = client.client.infer
+
+        def counting(*a, **kw):
+            calls.append(1)
+            return original(*a, **kw)
+        client.client.infer = counting
+        with pytest.raises(Exception) as err:
+            client.rank("111", ["1"], actions=[("1", "teleport", 1)])
+    assert "action_types" in str(err.value) and len(calls) == 1
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_async_client_matches_sync(server, protocol):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    with RankingClient(url, protocol, timeout_s=60) as c:
+        want = c.rank("111", ["3892024", "2629583", "1135013"], request_time=1_649_700_000_000)
+
+    async def go():
+        async with AsyncRankingClient(url, protocol, timeout_s=60) as c:
+            return await asyncio.gather(*(c.rank("111", ["3892024", "2629583", "1135013"],
+                                                 request_time=1_649_700_000_000) for _ in range(8)))
+    for got in asyncio.run(go()):
+        assert got.item_ids == want.item_ids
+        assert got.sequence_source == want.sequence_source
+
+
+def test_rank_cli_prints_the_ranking(server):
+    out = subprocess.run([sys.executable, "-m", "seqrank.cli", "rank", "--user-id", "111", "--candidates",
+                          "3892024,2629583", "--protocol", "http", "--url", server.http_url, "--top-k", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("user 111") and len(lines) == 3  # header, column names, one ranked item
