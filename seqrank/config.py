@@ -28,8 +28,8 @@ class PinnerFormerConfig:
     future_window_days: float = 3.0       # paper: 28 days of a much longer log; here ~ the test horizon (20% of 14 days)
     positions_per_user: int = 32          # random positions per sequence that each predict one future positive
     random_negatives: int = 512
-    batch_users: int = 64
-    epochs: int = 6
+    batch_users: int = 32
+    epochs: int = 20
     lr: float = 3e-3
     weight_decay: float = 1e-4
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .config import PinnerFormerConfig, RunConfig, TransActConfig
-from .dataset import Prepared, day_start, sequences_for
+from .dataset import DAY_MS, Prepared, day_start, sequences_for
 from .features import FIRST_ID, N_CONTEXT
 from .models.pinnerformer import PinnerFormer, sampled_softmax_loss, time_features
 from .models.transact import TransActRanker, time_window_mask, weighted_multitask_bce
@@ -172,6 +172,9 @@ class RankerExamples:
         self.cand_item = prep.vocab.item_index(imp.item_id.to_numpy())
         self.labels = prep.labels[rows]
         self.session = imp.session.to_numpy()
+        # HIT@3 groups: a user's impressions of one day, each scored with the features of its own request
+        # (a 30-minute session of this log is mostly all-like or all-hate, which no ranking can reorder)
+        self.user_day = imp.groupby(["user_id", imp.timestamp // DAY_MS]).ngroup().to_numpy()
 
     def __len__(self):
         return len(self.labels)
@@ -214,8 +217,8 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
             seq_item, seq_action, seq_mask, user_emb, context, cand = train.tensors(idx)
             L = seq_mask.shape[1]
             age = torch.as_tensor((train.request_time[idx, None] - train.seq.seq_ts[idx, :L]) / 1000.0)
-            seq_mask = time_window_mask(seq_mask, age, cfg.time_window_max_h, gen)  # training only
-            logits = model.logits(seq_item, seq_action, seq_mask, user_emb, context, cand)[:, 0]
+            window = time_window_mask(seq_mask, age, cfg.time_window_max_h, gen)  # training only
+            logits = model.logits(seq_item, seq_action, seq_mask, user_emb, context, cand, attn_mask=window)[:, 0]
             loss = weighted_multitask_bce(logits, torch.as_tensor(train.labels[idx]), negative_heads,
                                           cfg.negative_label_weight)
             optim.zero_grad()

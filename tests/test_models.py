@@ -107,7 +107,7 @@ def test_all_padding_history_is_finite_and_ignores_padded_ids(encoder):
             seq = torch.cat([model.action_emb(noisy_action), model.item_embedding(noisy_item)], dim=-1)
             first = (torch.arange(S) == 0).expand(3, S)
             attend = mask | (first & ~mask.any(1, keepdim=True))
-            out = model.encoder(seq, attend, model.item_embedding(cand)) * mask.any(1).view(3, 1, 1)
+            out = model.encoder(seq, attend, mask, model.item_embedding(cand))
         assert (out[:2] == 0).all() and out[2].abs().max() > 0
 
 
@@ -190,7 +190,7 @@ def test_first_layer_qkv_precompute_equals_plain_projection():
 
         handle = enc.layers[0].attn.register_forward_pre_hook(grab)
         try:
-            out = enc(seq, mask, cand_emb)
+            out = enc(seq, mask, mask, cand_emb)
         finally:
             handle.remove()
         x = torch.cat([seq.unsqueeze(1).expand(B, N, S, -1), cand_emb.unsqueeze(2).expand(B, N, S, -1)], dim=-1)

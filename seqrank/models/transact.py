@@ -34,8 +34,11 @@ class TransActEncoder(nn.Module):
                                     for _ in range(cfg.n_layers))
         self.out_dim = (self.k + 1 + int(self.mean_pool)) * d
 
-    def forward(self, seq: torch.Tensor, seq_mask: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        """seq [B,S,ds], seq_mask [B,S] (no row fully masked), cand [B,N,dc] -> [B,N,(K+1[+1])*d]."""
+    def forward(self, seq: torch.Tensor, key_mask: torch.Tensor, row_mask: torch.Tensor,
+                cand: torch.Tensor) -> torch.Tensor:
+        """seq [B,S,ds], cand [B,N,dc] -> [B,N,(K+1[+1])*d].
+        key_mask [B,S]: positions that may be attended (never all False); row_mask [B,S]: real actions, the only
+        rows that reach the output and the pooling (padding never does)."""
         B, S, _ = seq.shape
         N = cand.shape[1]
         x = torch.cat([seq.unsqueeze(1).expand(B, N, S, -1), cand.unsqueeze(2).expand(B, N, S, -1)], dim=-1)
@@ -43,10 +46,10 @@ class TransActEncoder(nn.Module):
         # and the candidate part once per candidate, instead of once per (candidate, position).
         w, b = self.layers[0].attn.qkv.weight, self.layers[0].attn.qkv.bias
         qkv = (seq @ w[:, : self.d_seq].T).unsqueeze(1) + (cand @ w[:, self.d_seq:].T + b).unsqueeze(2)
-        key_mask = seq_mask.unsqueeze(1)  # [B,1,S] broadcast over candidates
+        keys = key_mask.unsqueeze(1)  # [B,1,S] broadcast over candidates
         for i, layer in enumerate(self.layers):
-            x = layer(x, key_mask, qkv=qkv if i == 0 else None)
-        valid = seq_mask.unsqueeze(1).unsqueeze(-1)  # [B,1,S,1]
+            x = layer(x, keys, qkv=qkv if i == 0 else None)
+        valid = row_mask.unsqueeze(1).unsqueeze(-1)  # [B,1,S,1]
         x = x * valid  # padding rows are never part of the output
         pooled = x.masked_fill(~valid, MASK_FILL).amax(dim=2, keepdim=True)
         pooled = pooled * valid.any(dim=2, keepdim=True)  # an empty history pools to zeros
@@ -105,7 +108,9 @@ class TransActRanker(nn.Module):
     def item_embedding(self, idx):
         return self.item_proj(self.item_table[idx])
 
-    def logits(self, seq_item, seq_action, seq_mask, user_emb, context, cand_item):
+    def logits(self, seq_item, seq_action, seq_mask, user_emb, context, cand_item, attn_mask=None):
+        """attn_mask (training only): the time-window mask; masked actions are hidden from attention but keep
+        their own rows, as in TransAct. Serving never passes it (it is not an ONNX input)."""
         B, N = cand_item.shape
         cand = self.item_embedding(cand_item)                     # [B,N,di]
         parts = []
@@ -114,9 +119,10 @@ class TransActRanker(nn.Module):
             seq = torch.cat([self.action_emb(seq_action), self.item_embedding(seq_item)], dim=-1)  # [B,S,ds]
             if kind == "transact":
                 # Never a fully masked row: an empty history attends to position 0, and its output is zeroed.
+                keys = seq_mask if attn_mask is None else attn_mask
                 first = torch.arange(seq_mask.shape[1], device=seq_mask.device) == 0
-                attend = seq_mask | (first.unsqueeze(0) & ~seq_mask.any(dim=1, keepdim=True))
-                parts.append(self.encoder(seq, attend, cand) * seq_mask.any(1).view(B, 1, 1))
+                keys = keys | (first.unsqueeze(0) & ~keys.any(dim=1, keepdim=True))
+                parts.append(self.encoder(seq, keys, seq_mask, cand))
             else:
                 m = seq_mask.unsqueeze(-1).to(seq.dtype)
                 avg = (seq * m).sum(1) / m.sum(1).clamp(min=1.0)

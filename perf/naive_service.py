@@ -1,0 +1,110 @@
+"""The service a team would otherwise write: FastAPI + uvicorn + PyTorch eager, the same trained model.
+
+    SEQRANK_NAIVE_RUN=runs/demo SEQRANK_NAIVE_TABLES=runs/demo/model_repository/preprocess/1/tables \
+    SEQRANK_STORE=sqlite:///abs/store.db \
+    .venv/bin/python -m uvicorn naive_service:app --app-dir perf --workers 2 --port 8080
+
+Same request semantics as the ensemble (docs/serving-contract.md), as JSON:
+``POST /rank`` ``{"user_id": str, "candidate_ids": [str], "request_time_ms": int (optional),
+"actions": [[item_id, action, timestamp_ms], ...] (optional), "top_k": int (optional)}`` ->
+``{"ranked_ids", "utility", "head_scores", "oov", "sequence_source"}``. Features are built in-process with
+``seqrank.serving.preprocess.Preprocessor`` (the ensemble's preprocess code, the same tables and store); the model is
+``seqrank.export.load_ranker(run)`` in ``torch.inference_mode`` with ``torch.set_num_threads(1)`` per worker (the
+usual setting for N workers on N cores). The endpoint is ``async def`` and computes inline: on a CPU-bound service
+that is the cheapest choice (no thread-pool hop per request), i.e. the baseline's best case.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from seqrank.export import load_ranker
+from seqrank.serving.preprocess import Preprocessor, RequestError
+
+CANDIDATE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
+
+
+class NaiveRanker:
+    def __init__(self, run: Path, tables: Path, store_url: str | None = None):
+        torch.set_num_threads(1)
+        self.model, cfg, vocab = load_ranker(run)
+        self.heads = list(vocab.heads)
+        negative = set(vocab.negative_actions)
+        self.weights = np.array([cfg.utility_weights.get(h, 1.0) * (-1.0 if h in negative else 1.0)
+                                 for h in vocab.heads], dtype=np.float32)
+        store = None
+        if store_url:
+            from seqrank.store import open_store
+            store = open_store(store_url, timeout_s=0.05)
+        self.pre = Preprocessor(tables, seq_len=cfg.transact.seq_len, buckets=CANDIDATE_BUCKETS,
+                                max_candidates=CANDIDATE_BUCKETS[-1], store=store)
+
+    def rank(self, body: dict) -> dict:
+        raw = {"user_id": np.array([str(body.get("user_id", ""))], dtype=object) if "user_id" in body else None,
+               "candidate_ids": (np.array([str(c) for c in body["candidate_ids"]], dtype=object)
+                                 if isinstance(body.get("candidate_ids"), list) else None),
+               "request_time_ms": (np.array([int(body["request_time_ms"])], dtype=np.int64)
+                                   if body.get("request_time_ms") is not None else None)}
+        actions = body.get("actions")
+        if actions is not None:
+            raw["action_item_ids"] = np.array([str(a[0]) for a in actions], dtype=object)
+            raw["action_types"] = np.array([str(a[1]) for a in actions], dtype=object)
+            raw["action_times_ms"] = np.array([int(a[2]) for a in actions], dtype=np.int64)
+        req = self.pre.parse(raw)
+        t = self.pre.build([req])[0]
+        n = len(req.candidates)
+        with torch.inference_mode():
+            probs = self.model(torch.from_numpy(t.seq_item[None]), torch.from_numpy(t.seq_action[None]),
+                               torch.from_numpy(t.seq_mask[None]), torch.from_numpy(t.user_emb[None].copy()),
+                               torch.from_numpy(t.context[None]), torch.from_numpy(t.cand_item[None]))
+        probs = probs[0, :n].numpy()
+        utility = probs @ self.weights
+        k = n if body.get("top_k") is None else max(1, min(int(body["top_k"]), n))
+        order = np.argsort(-utility, kind="stable")[:k]
+        ids = [req.candidates[i].decode() if isinstance(req.candidates[i], bytes) else str(req.candidates[i])
+               for i in order]
+        return {"ranked_ids": ids, "utility": utility[order].tolist(), "head_scores": probs[order].tolist(),
+                "oov": t.oov[:n][order].tolist(), "sequence_source": t.sequence_source}
+
+
+_ranker: NaiveRanker | None = None
+
+
+def _get() -> NaiveRanker:
+    global _ranker
+    if _ranker is None:
+        _ranker = NaiveRanker(Path(os.environ["SEQRANK_NAIVE_RUN"]), Path(os.environ["SEQRANK_NAIVE_TABLES"]),
+                              os.environ.get("SEQRANK_STORE") or None)
+    return _ranker
+
+
+@asynccontextmanager
+async def _lifespan(_app):
+    _get()  # load the model before the worker accepts requests
+    yield
+
+
+app = FastAPI(title="seqrank naive baseline", lifespan=_lifespan)
+
+
+@app.get("/healthz")
+async def healthz():
+    return {"ok": True, "pid": os.getpid()}
+
+
+@app.post("/rank")
+async def rank(request: Request):
+    try:
+        body = json.loads(await request.body())
+        return JSONResponse(_get().rank(body))
+    except RequestError as e:
+        raise HTTPException(status_code=400, detail=str(e)) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise HTTPException(status_code=400, detail=f"bad request: {e}") from None

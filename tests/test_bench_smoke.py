@@ -1,0 +1,98 @@
+"""Smoke test of the serving benchmark: `perf/bench.py --quick` on a small real run (tests/run_fixture.py).
+
+It checks that the bench runs end to end against the real tritonserver, perf_analyzer, uvicorn and redis-server and
+writes what it promises (summary.json with every key finite and positive, CSVs that parse, the report, the plots).
+It never asserts a speed: on a shared 2-core machine the numbers are noise.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_fixture import build_small_run  # noqa: E402
+
+KEYS = ("ensemble_vs_bare_throughput", "tuned_vs_untuned_throughput", "ensemble_vs_naive_throughput",
+        "dedup_bytes_ratio", "roofline_fraction", "p99_ms", "freshness_p99_ms")
+TARGETED = ("ensemble_vs_bare_throughput", "tuned_vs_untuned_throughput", "ensemble_vs_naive_throughput",
+            "dedup_bytes_ratio", "roofline_fraction", "freshness_p99_ms")
+
+
+def _deps_missing() -> str | None:
+    for mod in ("fastapi", "uvicorn", "httpx", "matplotlib"):
+        try:
+            __import__(mod)
+        except ImportError:
+            return f"{mod} is not installed (requirements.txt)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def bench_results(tmp_path_factory):
+    missing = _deps_missing()
+    if missing:
+        pytest.skip(missing)
+    from redis_server import RedisServer
+    if not RedisServer.available():
+        pytest.skip("redis-server not installed (scripts/install_system.sh installs it)")
+    root = tmp_path_factory.mktemp("bench")
+    built = build_small_run(root / "fixture")
+    out = root / "results"
+    proc = subprocess.run([sys.executable, str(ROOT / "perf" / "bench.py"), "--quick", "--run", str(built["run"]),
+                           "--repository", str(built["repo"]), "--out", str(out)],
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return out, proc.stdout
+
+
+@pytest.mark.timeout(900)
+def test_summary_has_every_key_finite_and_positive(bench_results):
+    out, _ = bench_results
+    summary = json.loads((out / "summary.json").read_text())
+    for key in KEYS:
+        value = summary[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+    assert summary["freshness_store"] == "redis"
+    for key in TARGETED:
+        t = summary["targets"][key]
+        assert isinstance(t["met"], bool) and t["value"] == summary[key] and t["op"] in (">=", "<=")
+    m = summary["machine"]
+    assert m["cpu_model"] and m["logical_cpus"] >= 1 and m["versions"]["tritonserver"]
+    # the analytic FLOP count agrees with torch's counter on the same tensors (matrix products only)
+    flops = summary["details"]["flops"]
+    if flops.get("flop_counter"):
+        assert abs(flops["total"] - flops["flop_counter"]) / flops["flop_counter"] < 0.02
+    # the ensemble and the FastAPI baseline rank the same request alike (ONNX Runtime vs torch eager)
+    assert summary["details"]["parity"]["max_abs_utility_diff"] < 1e-3
+
+
+@pytest.mark.timeout(900)
+def test_csvs_parse_and_report_and_plots_exist(bench_results):
+    out, _ = bench_results
+    summary = json.loads((out / "summary.json").read_text())
+    files = [out / f for f in summary["csv_files"]]
+    assert files, "no CSV written"
+    names = {f.name for f in files}
+    for required in ("bare_fixed_1x100_batch.csv", "tuned_fixed_1x100_concurrency.csv",
+                     "untuned_fixed_1x16_concurrency.csv", "naive_fixed_1x100_concurrency.csv"):
+        assert required in names, (required, sorted(names))
+    for f in files:
+        rows = list(csv.DictReader(f.open()))
+        assert rows, f
+        for row in rows:
+            thr = float(row["Inferences/Second"])
+            p99 = float(row["p99 latency"])
+            assert math.isfinite(thr) and thr > 0 and math.isfinite(p99) and p99 > 0, (f.name, row)
+    report = (out / "report.md").read_text()
+    assert "## Results against the targets" in report and "What bounds" in report
+    for png in summary["plots"]:
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", png
