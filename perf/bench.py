@@ -92,7 +92,7 @@ class Settings:
     def make(cls, quick: bool) -> "Settings":
         if not quick:
             return cls(False)
-        return cls(True, concurrencies=(1, 4), pa_window_ms=400, pa_count_window=8, lg_warmup_s=0.3, lg_window_s=0.8,
+        return cls(True, concurrencies=(1, 4), pa_window_ms=400, pa_count_window=6, lg_warmup_s=0.3, lg_window_s=0.8,
                    bare_s=0.4,
                    peak_s=0.4, rate_fractions=(0.5,), log_concurrencies=(4,), freshness_n=10, profile_s=2.0,
                    n_requests=64)
@@ -996,6 +996,10 @@ def bounds_md(summary: dict, extra: dict) -> list[str]:
     """What bounds the missed targets: the evidence this run collected."""
     d = summary["details"]
     out = ["## What bounds the results (evidence from this run)", ""]
+    for inc in d.get("stub_incidents") or []:
+        out += [f"**Incident**: {inc['system']}: a Python backend stub was gone at {inc['time']} (stubs alive: "
+                f"{inc['stubs_alive']}, server alive: {inc['server_alive']}); the bench restarted that server. "
+                "Last lines of its log:", "", "```", inc["log_tail"][-800:], "```", ""]
     ops = extra.get("ort_ops") or []
     if ops:
         out += ["ONNX Runtime operator profile of the bare ranker (1 x 100, share of kernel time):", "",
@@ -1135,12 +1139,34 @@ def main(argv=None) -> int:
         untuned = start_triton(untuned_repo, store_url, logs / "tritonserver-untuned.log")
         servers.append(untuned)
         variants = {}
-        for name, threads, instances in (("tuned_ort1", 1, None), ("tuned_ort1x2", 1, workers_n)):
+        for name, threads, instances in (() if st.quick else (("tuned_ort1", 1, None), ("tuned_ort1x2", 1, workers_n))):
             vrepo = work / f"{name}_repository"
             details[f"{name}_changes"] = {"files": ranker_variant_copy(repo, vrepo, threads, instances),
                                           "intra_op_threads": threads, "ranker_instances": instances or 1}
             variants[name] = start_triton(vrepo, store_url, logs / f"tritonserver-{name}.log")
             servers.append(variants[name])
+        tri = {"tuned": tuned, "untuned": untuned, **variants}
+        tri_repos = {"tuned": repo, "untuned": untuned_repo,
+                     **{name: work / f"{name}_repository" for name in variants}}
+        incidents: list = []
+        details["stub_incidents"] = incidents
+
+        def ensure(name: str):
+            """The named Triton system, restarted (and the incident recorded) if a Python backend stub died."""
+            srv = tri[name]
+            alive = stub_pids(srv)
+            if srv.is_alive() and len(alive) >= 3:
+                return srv
+            incidents.append({"system": name, "time": time.strftime("%H:%M:%S"), "server_alive": srv.is_alive(),
+                              "stubs_alive": sorted(alive), "log_tail": srv.log_text()[-1500:]})
+            log(f"WARNING: {name}: a Python backend stub is gone (alive: {sorted(alive)}); restarting the server")
+            srv.stop()
+            servers.remove(srv)
+            new = start_triton(tri_repos[name], store_url, logs / f"tritonserver-{name}-restart{len(incidents)}.log")
+            servers.append(new)
+            tri[name] = new
+            return new
+
         workers = workers_n
         naive = NaiveService(run, repo / "preprocess" / "1" / "tables", store_url, workers, logs / "naive.log")
         body100 = {"user_id": fixed100["user_id"], "candidate_ids": fixed100["candidate_ids"],
@@ -1183,9 +1209,9 @@ def main(argv=None) -> int:
             p = bare_point(bare_sess, t100, c, st.bare_s)
             p.update(ok=True, mode="batch", loadavg=os.getloadavg()[0])
             points[("bare", "fixed_1x100", "batch")].append(p)
-            for system, srv in (("tuned", tuned), ("untuned", untuned), *variants.items()):
+            for system in tri:
                 for rset in ("fixed_1x100", "fixed_1x16"):
-                    p = pa_point(srv, "seqrank", files[f"{rset}_store"],
+                    p = pa_point(ensure(system), "seqrank", files[f"{rset}_store"],
                                  csvdir / f"{system}_{rset}_c{c}.csv", st, concurrency=c, logs=logs)
                     points[(system, rset, "concurrency")].append(p)
                     if c == cmax and rset == "fixed_1x100":
@@ -1197,45 +1223,47 @@ def main(argv=None) -> int:
             for key in (("tuned", "fixed_1x100", "concurrency"), ("tuned", "fixed_1x16", "concurrency"),
                         ("untuned", "fixed_1x16", "concurrency"), ("tuned_ort1", "fixed_1x100", "concurrency"),
                         ("tuned_ort1x2", "fixed_1x100", "concurrency"), ("naive", "fixed_1x100", "concurrency")):
+                if not points.get(key):
+                    continue
                 q = points[key][-1]
                 log(f"  {key[0]:8s} {key[1]}: " + (f"{q['throughput']:.2f} req/s p99 {q['p99_ms']:.1f} ms"
                                                    if q.get("ok") else f"FAILED {q.get('error', '')[-200:]}"))
         naive.stop()
         naive = None
-        for srv in (untuned, *variants.values()):
-            srv.stop()
-            servers.remove(srv)
+        for name in [n for n in tri if n != "tuned"]:
+            tri[name].stop()
+            servers.remove(tri[name])
 
         # ---- tuned only: log-drawn requests, raw actions, ranker alone, Poisson sweep, profile ----------------
         for rset in ("log_store", "log_actions"):
             for c in st.log_concurrencies:
                 points[("tuned", rset, "concurrency")].append(
-                    pa_point(tuned, "seqrank", files[rset], csvdir / f"tuned_{rset}_c{c}.csv", st, concurrency=c,
+                    pa_point(ensure("tuned"), "seqrank", files[rset], csvdir / f"tuned_{rset}_c{c}.csv", st, concurrency=c,
                              logs=logs))
         points[("tuned", "fixed_1x100_actions", "concurrency")].append(
-            pa_point(tuned, "seqrank", files["fixed_1x100_actions"], csvdir / f"tuned_fixed_1x100_actions_c{cmax}.csv",
+            pa_point(ensure("tuned"), "seqrank", files["fixed_1x100_actions"], csvdir / f"tuned_fixed_1x100_actions_c{cmax}.csv",
                      st, concurrency=cmax, logs=logs))
         for c in sorted({1, cmax}):
             points[("ranker_only", "fixed_1x100", "concurrency")].append(
-                pa_point(tuned, "ranker", work / "inputs" / "ranker_1x100.json", csvdir / f"ranker_c{c}.csv", st,
+                pa_point(ensure("tuned"), "ranker", work / "inputs" / "ranker_1x100.json", csvdir / f"ranker_c{c}.csv", st,
                          concurrency=c, logs=logs))
         sat = max((p["throughput"] for p in points[("tuned", "fixed_1x100", "concurrency")] if p.get("ok")),
                   default=1.0)
         for frac in st.rate_fractions:
             rate = max(0.2, frac * sat)
-            p = pa_point(tuned, "seqrank", files["fixed_1x100_store"], csvdir / f"tuned_rate_{frac}.csv", st,
+            p = pa_point(ensure("tuned"), "seqrank", files["fixed_1x100_store"], csvdir / f"tuned_rate_{frac}.csv", st,
                          rate=rate, logs=logs)
             p["fraction_of_saturation"] = frac
             points[("tuned", "fixed_1x100", "rate")].append(p)
         log("profiling the Python backend stubs with py-spy")
         for key, rset in (("profile", "fixed_1x100"), ("profile_16", "fixed_1x16")):
             try:
-                extra[key] = profile_stubs(tuned, files[f"{rset}_store"], cmax, st.profile_s, logs / key, st)
+                extra[key] = profile_stubs(ensure("tuned"), files[f"{rset}_store"], cmax, st.profile_s, logs / key, st)
                 extra[key]["request"] = rset
             except Exception as e:  # noqa: BLE001
                 extra[key] = {"error": repr(e)}
-        tuned.stop()
-        servers.remove(tuned)
+        tri["tuned"].stop()
+        servers.remove(tri["tuned"])
 
         # ---- freshness (Redis) --------------------------------------------------------------------------------
         log("freshness through the ensemble with Redis")
@@ -1262,7 +1290,7 @@ def main(argv=None) -> int:
     details["ensemble_vs_naive"] = ratio_at_budget(tuned100, points[("naive", "fixed_1x100", "concurrency")])
     details["ensemble_vs_naive_1x16"] = ratio_at_budget(points[("tuned", "fixed_1x16", "concurrency")],
                                                         points[("naive", "fixed_1x16", "concurrency")])
-    for v in ("tuned_ort1", "tuned_ort1x2"):
+    for v in (v for v in ("tuned_ort1", "tuned_ort1x2") if points.get((v, "fixed_1x100", "concurrency"))):
         details[f"{v}_vs_bare"] = ratio_at_budget(points[(v, "fixed_1x100", "concurrency")], bare_pts)
         details[f"{v}_vs_naive"] = ratio_at_budget(points[(v, "fixed_1x100", "concurrency")],
                                                    points[("naive", "fixed_1x100", "concurrency")])

@@ -35,6 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bind-address", default="127.0.0.1")
     p.add_argument("--admin-key-env", default=None,
                    help="environment variable with the key that unlocks the restricted admin APIs")
+    p.add_argument("--supervise", action="store_true",
+                   help="run a canary ranking every --canary-interval seconds and restart the server (same ports) "
+                        "when it dies, a Python stub dies or the canary keeps failing (docs/robustness.md)")
+    p.add_argument("--canary-interval", type=float, default=1.0, metavar="S", help="with --supervise (default 1)")
+    p.add_argument("--canary-timeout", type=float, default=5.0, metavar="S", help="with --supervise (default 5)")
+    p.add_argument("--failures-before-restart", type=int, default=2, metavar="N",
+                   help="with --supervise: consecutive failed canaries that trigger a restart (default 2)")
+    p.add_argument("--events-file", default=None,
+                   help="with --supervise: JSON-lines file of incidents and restarts (default: a temporary file)")
 
     p = sub.add_parser("rank", help="rank candidates for a user through the served ensemble")
     p.add_argument("--user-id", required=True)
@@ -73,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
                                 model_config_name=None if args.gpu else "cpu", restricted_api_key=key,
                                 env={"SEQRANK_STORE": args.store} if args.store else {},
                                 bind_address=args.bind_address)
+        if args.supervise:
+            from .serving.supervise import supervise
+            return supervise(options, interval_s=args.canary_interval,
+                             failures_before_restart=args.failures_before_restart,
+                             canary_timeout_s=args.canary_timeout,
+                             events_path=Path(args.events_file) if args.events_file else None)
         return serve_forever(options)
     elif args.command == "rank":
         return _rank(args)
