@@ -156,8 +156,8 @@ def evaluate(run: str | Path) -> dict:
         emb = embed_users(model, prep, test_users, np.full(len(test_users), prep.split_time))
         user_metrics[objective] = {"recall@10": M.recall_at_k(emb, item_table(model), future, k=10),
                                    "users": sum(1 for f in future if f)}
-    user_metrics["dense_vs_next_ratio"] = (user_metrics["dense_all_action"]["recall@10"]
-                                           / max(user_metrics["next_action"]["recall@10"], 1e-12))
+    dense, nxt = user_metrics["dense_all_action"]["recall@10"], user_metrics["next_action"]["recall@10"]
+    user_metrics["dense_vs_next_ratio"] = dense / nxt if nxt > 0 else None  # None: next-action retrieved nothing
     result = {"ranker": ranker_metrics, "lifts_of_transact": lifts, "user_model": user_metrics,
               "data": {"events": info["events"], "test_impressions": int(is_test.sum()),
                        "train_impressions": int((~is_test).sum()),
@@ -178,7 +178,8 @@ def format_table(result: dict, heads: list[str]) -> str:
                      f"{n['hit@3']:>9.4f}{M.lift(t['hit@3'], n['hit@3']):>+9.1%}{M.lift(t['hit@3'], a['hit@3']):>+9.1%}")
     u = result["user_model"]
     lines.append(f"PinnerFormer Recall@10: dense all-action {u['dense_all_action']['recall@10']:.4f}  "
-                 f"next-action {u['next_action']['recall@10']:.4f}  ratio {u['dense_vs_next_ratio']:.3f}")
+                 f"next-action {u['next_action']['recall@10']:.4f}  ratio "
+                 + (f"{u['dense_vs_next_ratio']:.3f}" if u["dense_vs_next_ratio"] is not None else "n/a (next-action 0)"))
     return "\n".join(lines)
 
 
