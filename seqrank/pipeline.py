@@ -14,14 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from . import metrics as M
 from .config import RunConfig
-from .dataset import Prepared, day_start, load_log, prepare
-from .features import FIRST_ID, N_CONTEXT, Vocabulary
+from .dataset import Prepared, load_log, prepare
+from .features import FIRST_ID, N_CONTEXT
 from .models.pinnerformer import PinnerFormer
 from .train import (RankerExamples, build_ranker, embed_users, item_table, predict, seed_everything,
                     train_pinnerformer, train_ranker)

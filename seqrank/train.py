@@ -5,17 +5,13 @@ weights_only=True) and resumable: re-running the same command continues from the
 """
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .config import PinnerFormerConfig, RunConfig, TransActConfig
+from .config import PinnerFormerConfig, TransActConfig
 from .dataset import DAY_MS, Prepared, day_start, sequences_for
 from .features import FIRST_ID, N_CONTEXT
 from .models.pinnerformer import PinnerFormer, sampled_softmax_loss, time_features

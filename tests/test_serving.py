@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from seqrank.client import RankingClient
-from seqrank.dataset import load_log, prepare, sequences_for
+from seqrank.dataset import sequences_for
 from seqrank.export import load_ranker
 from seqrank.pipeline import load_run
 from seqrank.serving.preprocess import Preprocessor
-from seqrank.store import open_store
 
 
 from conftest import ENSEMBLE_MODELS as MODELS
@@ -128,7 +127,6 @@ def test_invalid_requests_get_invalid_arg_naming_the_field(server, protocol, fie
     from tritonclient.utils import InferenceServerException
 
     m = grpcclient if protocol == "grpc" else httpclient
-    from seqrank.client import build_inputs
     args = {"user_id": "111", "candidates": ["1", "2"], "actions": None, "request_time": None, "top_k": None}
     args.update(kwargs)
     # build tensors without the client's own validation, to reach the server's
