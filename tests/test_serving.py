@@ -156,7 +156,9 @@ def test_perf_analyzer_runs_against_the_ensemble(server, small_run, tmp_path):
     path = tmp_path / "input.json"
     path.write_text(json.dumps(data))
     out = subprocess.run([str(perf_analyzer_binary()), "-m", "seqrank", "-u", server.grpc_url, "-i", "grpc",
-                          "--input-data", str(path), "--concurrency-range", "2:2", "--measurement-mode",
+                          "--input-data", str(path), "--concurrency-range", "2:2",
+                          # a shared CI machine never passes a tight stability check: always report
+                          "--stability-percentage", "1000", "--max-trials", "3", "--measurement-mode",
                           "count_windows", "--measurement-request-count", "50", "-f", str(tmp_path / "pa.csv")],
                          env=perf_analyzer_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -83,7 +83,7 @@ class EmbeddedStore(FeatureStore):
         with self._connection(write=True) as conn:
             try:
                 row = init(conn)
-            except sqlite3.OperationalError as e:
+            except sqlite3.DatabaseError as e:  # also a corrupted or unreadable file
                 raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
         if row is not None and self.dim is None:
             self.dim = int(row[0])
@@ -108,7 +108,7 @@ class EmbeddedStore(FeatureStore):
                                        isolation_level=None, check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
-            except sqlite3.OperationalError as e:
+            except sqlite3.DatabaseError as e:  # also a corrupted or unreadable file
                 raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
         try:
             yield conn
@@ -127,7 +127,7 @@ class EmbeddedStore(FeatureStore):
             conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 2000)
             try:
                 return conn.execute(sql, params).fetchall()
-            except sqlite3.OperationalError as e:
+            except sqlite3.DatabaseError as e:  # also a corrupted or unreadable file
                 raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
             finally:
                 conn.set_progress_handler(None, 0)
@@ -137,7 +137,7 @@ class EmbeddedStore(FeatureStore):
         with self._connection(write=True) as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as e:
+            except sqlite3.DatabaseError as e:  # also a corrupted or unreadable file
                 raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
             try:
                 out = fn(conn)
@@ -146,7 +146,7 @@ class EmbeddedStore(FeatureStore):
             except BaseException as e:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                if isinstance(e, sqlite3.OperationalError):
+                if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.IntegrityError):
                     raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
                 raise
 
