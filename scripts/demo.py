@@ -6,6 +6,7 @@ Each step is skipped when its output already exists (delete the run directory to
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,9 +22,8 @@ from seqrank.store import open_store
 from seqrank.store.base import Action
 
 
-def load_store(events: str, store_url: str) -> None:
+def load_store(ev, store_url: str) -> None:
     """The real-time side: replay the log into the feature store (idempotent: a replay only finds duplicates)."""
-    ev = load_events(events).events
     actions = (Action(u, i, a, int(t)) for u, i, a, t in ev.itertuples(index=False, name=None))
     store = open_store(store_url, timeout_s=5.0)
     try:
@@ -32,9 +32,8 @@ def load_store(events: str, store_url: str) -> None:
         store.close()
 
 
-def demo_requests(events: str, split_time: int, n_users: int = 3):
+def demo_requests(ev, split_time: int, n_users: int = 3):
     """Real sessions from the test period: the user, the session start (request time), the items shown."""
-    ev = load_events(events).events
     test = ev[ev.timestamp >= split_time]
     sessions = test.groupby("user_id").agg(start=("timestamp", "min"), items=("item_id", lambda s: list(dict.fromkeys(s))))
     sessions = sessions[sessions["items"].map(len) >= 5].head(n_users)
@@ -56,10 +55,10 @@ def main() -> int:
     if not (repo / "ranker" / "1" / "model.onnx").exists():
         export_run(run, repo)
     store_url = f"sqlite:///{(run / 'store.db').resolve()}"
-    load_store(args.events, store_url)
+    ev = load_events(args.events).events
+    load_store(ev, store_url)
     write_embeddings(run, store_url)
 
-    import json
     split_time = json.loads((run / "run.json").read_text())["split_time_ms"]
     options = ServerOptions(repo, args.http_port, args.grpc_port, args.metrics_port,
                             env={"SEQRANK_STORE": store_url})
@@ -67,7 +66,7 @@ def main() -> int:
         server.start(timeout_s=300)
         print(f"tritonserver ready: http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}")
         with RankingClient(server.grpc_url, "grpc") as grpc_client, RankingClient(server.http_url, "http") as http_client:
-            for user, start, items in demo_requests(args.events, split_time):
+            for user, start, items in demo_requests(ev, split_time):
                 g = grpc_client.rank(user, items, request_time=start, top_k=5)
                 h = http_client.rank(user, items, request_time=start, top_k=5)
                 print(f"\nuser {user}: {len(items)} candidates at {start} (sequence from the {g.sequence_source})")
