@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         from pathlib import Path
         from .serving.triton import ServerOptions, serve_forever
         key = os.environ.get(args.admin_key_env) if args.admin_key_env else None
+        if args.admin_key_env and not key:  # asked for a restriction: never start open by accident
+            parser.error(f"environment variable {args.admin_key_env} is empty or unset")
         options = ServerOptions(Path(args.repository), args.http_port, args.grpc_port, args.metrics_port,
                                 model_config_name=None if args.gpu else "cpu", restricted_api_key=key,
                                 env={"SEQRANK_STORE": args.store} if args.store else {},

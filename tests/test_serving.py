@@ -145,6 +145,10 @@ def test_store_down_falls_back_to_no_sequence(small_run, start_server, tmp_path)
         res = c.rank("111", ["1", "2", "3"])
     assert res.sequence_source == "fallback_store_unavailable"
     assert len(res.items) == 3
+    import urllib.request
+    metrics = urllib.request.urlopen(f"http://{s.metrics_url}/metrics", timeout=10).read().decode()
+    counted = [line for line in metrics.splitlines() if line.startswith("seqrank_store_fallback_total")]
+    assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1, counted
     s.stop()
 
 

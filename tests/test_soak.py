@@ -12,7 +12,9 @@ is within 1.5x the first interval's -- when it is not, one more interval is meas
 counts: a leak or a growing queue stays slow, a noisy neighbour on a shared machine usually does not (both figures
 are printed); the RSS after the warm-up (the first interval) grows by less than 5%. The figures are printed (``-s``)
 as one ``[soak]`` JSON line, with the machine's load average: on a busy shared machine the capacity, and so the
-rate, are that moment's.
+rate, are that moment's. perf_analyzer itself occasionally hangs part-way through a window (see PerfAnalyzerHang):
+such a window is killed after 3x its length, the server is checked (the canary ranks, nothing is pending) and the
+soak goes on until SEQRANK_SOAK_SECONDS of completed windows; the hangs are printed and must stay rare.
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ import statistics
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
 from conftest import ENSEMBLE_MODELS
+from seqrank.serving.supervise import canary
 from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
 
 SOAK_S = float(os.environ.get("SEQRANK_SOAK_SECONDS", "60"))
@@ -53,6 +57,26 @@ def _input_data(small_run, path, n=16):
     return path
 
 
+class PerfAnalyzerHang(Exception):
+    """perf_analyzer 2.50 (request-rate mode with --request-count) now and then stops sending part-way through a
+    window and waits forever, every thread in a futex wait, while the server has answered every request it got and has
+    nothing pending (seen about once in 15 windows here). Such a window is killed, the server is checked, the soak
+    goes on; the hangs are counted and printed."""
+
+
+def _pending_requests(server) -> dict[str, float]:
+    """``nv_inference_pending_request_count`` per model, from the metrics endpoint."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("nv_inference_pending_request_count{"):
+            model = line.split('model="', 1)[1].split('"', 1)[0]
+            out[model] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def _perf_analyzer(server, data, tmp_path, *load_args, count: int, timeout_s: float = 600) -> list[tuple[int, float]]:
     """One perf_analyzer run of ``count`` requests; returns (send time ns, latency s) of every request (raises on
     errors)."""
@@ -60,7 +84,10 @@ def _perf_analyzer(server, data, tmp_path, *load_args, count: int, timeout_s: fl
     export.unlink(missing_ok=True)
     cmd = [str(perf_analyzer_binary()), "-m", "seqrank", "-u", server.grpc_url, "-i", "grpc", "--input-data",
            str(data), *load_args, "--request-count", str(count), "--profile-export-file", str(export)]
-    out = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True, timeout=timeout_s)
+    try:
+        out = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as err:  # subprocess.run has killed it
+        raise PerfAnalyzerHang(f"perf_analyzer {' '.join(load_args)} did not finish in {timeout_s:.0f}s") from err
     assert out.returncode == 0, f"perf_analyzer {' '.join(load_args)} failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}"
     requests = json.loads(export.read_text())["experiments"][0]["requests"]
     export.unlink()
@@ -69,18 +96,22 @@ def _perf_analyzer(server, data, tmp_path, *load_args, count: int, timeout_s: fl
     return [(r["timestamp"], (r["response_timestamps"][-1] - r["timestamp"]) / 1e9) for r in requests]
 
 
-def _rss_kb(pids) -> int:
-    total = 0
+def _rss_by_process(pids) -> dict[str, int]:
+    """VmRSS (kB) per process, keyed ``tritonserver`` or ``<model> stub <pid>``."""
+    out = {}
     for pid in pids:
         try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
             with open(f"/proc/{pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                        break
-        except OSError:
-            pass
-    return total
+                kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+        if argv and argv[0].endswith("triton_python_backend_stub") and len(argv) > 1:
+            out[f"{Path(argv[1]).parts[-3]} stub {pid}"] = kb
+        else:
+            out["tritonserver" if argv and argv[0].endswith("tritonserver") else str(pid)] = kb
+    return out
 
 
 class RssSampler(threading.Thread):
@@ -88,12 +119,14 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.server = server
         self.samples: list[tuple[float, int, int]] = []  # (time, total RSS kB, processes)
+        self.by_process: list[tuple[float, dict[str, int]]] = []
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
         while not self.stop_flag.is_set():
-            pids = self.server.group_pids()
-            self.samples.append((time.monotonic(), _rss_kb(pids), len(pids)))
+            now, rss = time.monotonic(), _rss_by_process(self.server.group_pids())
+            self.samples.append((now, sum(rss.values()), len(rss)))
+            self.by_process.append((now, rss))
             self.stop_flag.wait(RSS_EVERY_S)
 
     def stop(self) -> None:
@@ -108,6 +141,13 @@ def _ensemble_failures(server) -> tuple[int, int]:
     return int(stats["success"]["count"]), int(stats["fail"]["count"])
 
 
+def _per_process(sampler: RssSampler, started: float, elapsed: float) -> dict[str, list[float]]:
+    """Per process: [RSS after the warm-up, final RSS] in MB (which process grows, if any)."""
+    after = next((rss for t, rss in sampler.by_process if t - started >= INTERVAL_S), sampler.by_process[0][1])
+    final = sampler.by_process[-1][1]
+    return {name: [round(after.get(name, 0) / 1024, 1), round(kb / 1024, 1)] for name, kb in sorted(final.items())}
+
+
 def _p(values, q) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
@@ -119,10 +159,10 @@ def test_soak_at_80_percent_of_capacity(small_run, start_server, tmp_path):
     success0, fail0 = _ensemble_failures(server)
 
     # -- capacity -----------------------------------------------------------------------------------------------------
-    _perf_analyzer(server, data, tmp_path, "--concurrency-range", "1", count=40)  # warm-up
+    _perf_analyzer(server, data, tmp_path, "--concurrency-range", "1", count=40, timeout_s=120)  # warm-up
     sweep = {}
     for c in (1, 2, 4):
-        got = _perf_analyzer(server, data, tmp_path, "--concurrency-range", str(c), count=80 * c)
+        got = _perf_analyzer(server, data, tmp_path, "--concurrency-range", str(c), count=80 * c, timeout_s=120)
         span_s = (max(ts + lat * 1e9 for ts, lat in got) - min(ts for ts, _ in got)) / 1e9
         sweep[c] = round(len(got) / span_s, 1)
     capacity = max(sweep.values())
@@ -134,18 +174,29 @@ def test_soak_at_80_percent_of_capacity(small_run, start_server, tmp_path):
     sampler.start()
     latencies: list[tuple[float, float]] = []  # (seconds since the soak started, latency s)
     windows = []
+    hangs: list[float] = []  # soak times at which a perf_analyzer window hung (see PerfAnalyzerHang)
     started = time.monotonic()
     started_ns = None
 
     def run_for(seconds: float, into: list) -> None:
+        """Windows of load until ``seconds`` of them completed (a hung window does not count; see PerfAnalyzerHang)."""
         nonlocal started_ns
-        begin = time.monotonic()
-        while time.monotonic() - begin < seconds - 0.5:
-            length = min(WINDOW_S, seconds - (time.monotonic() - begin))
-            got = _perf_analyzer(server, data, tmp_path, "--request-rate-range", str(rate),
-                                 count=max(1, int(round(rate * length))), timeout_s=max(120, 10 * length))
+        begin, loaded = time.monotonic(), 0.0
+        while loaded < seconds - 0.5 and time.monotonic() - begin < 3 * seconds:
+            length = min(WINDOW_S, seconds - loaded)
+            try:
+                got = _perf_analyzer(server, data, tmp_path, "--request-rate-range", str(rate),
+                                     count=max(1, int(round(rate * length))), timeout_s=max(30.0, 3 * length))
+            except PerfAnalyzerHang as hang:
+                # the load generator hung, not the server: it must still rank and have nothing stuck in it
+                canary(server.http_url, 5.0, small_run["repo"])
+                pending = _pending_requests(server)
+                assert not any(pending.values()), (str(hang), pending)
+                hangs.append(round(time.monotonic() - started, 1))
+                continue
             if started_ns is None:
                 started_ns = min(ts for ts, _ in got)
+            loaded += length
             into += [((ts - started_ns) / 1e9, lat) for ts, lat in got]
             lat_ms = [x * 1000 for _, x in got]
             windows.append({"t": round(time.monotonic() - started, 1), "n": len(got),
@@ -158,12 +209,13 @@ def test_soak_at_80_percent_of_capacity(small_run, start_server, tmp_path):
     elapsed = time.monotonic() - started
     success1, fail1 = _ensemble_failures(server)
 
-    # -- figures --------------------------------------------------------------------------------------------------------
+    # -- figures ------------------------------------------------------------------------------------------------------
     span = max(t for t, _ in latencies)
     first = [lat * 1000 for t, lat in latencies if t < INTERVAL_S]
     last = [lat * 1000 for t, lat in latencies if t >= span - INTERVAL_S]
     rss = [(t - started, kb) for t, kb, _ in sampler.samples]
-    baseline = [kb for t, kb in rss if INTERVAL_S <= t < INTERVAL_S + 10] or [kb for t, kb in rss if t >= INTERVAL_S][:3]
+    baseline = ([kb for t, kb in rss if INTERVAL_S <= t < INTERVAL_S + 10]
+                or [kb for t, kb in rss if t >= INTERVAL_S][:3])
     final = [kb for t, kb in rss if t >= elapsed - 10]
     rss_base, rss_final = statistics.median(baseline), statistics.median(final)
     growth = (rss_final - rss_base) / rss_base
@@ -177,7 +229,9 @@ def test_soak_at_80_percent_of_capacity(small_run, start_server, tmp_path):
         "rss_start_mb": round(rss[0][1] / 1024, 1), "rss_after_warmup_mb": round(rss_base / 1024, 1),
         "rss_final_mb": round(rss_final / 1024, 1), "rss_max_mb": round(max(kb for _, kb in rss) / 1024, 1),
         "rss_growth_pct": round(100 * growth, 2), "processes": sampler.samples[-1][2],
+        "rss_by_process_mb_after_warmup_final": _per_process(sampler, started, elapsed),
         "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)], "cpus": os.cpu_count(),
+        "perf_analyzer_hangs": hangs,
         "windows": windows,
     }
     p99_last = _p(last, 99)
@@ -196,6 +250,7 @@ def test_soak_at_80_percent_of_capacity(small_run, start_server, tmp_path):
     assert fail1 - fail0 == 0, figures
     assert success1 - success0 >= len(latencies), figures
     assert len(latencies) >= 0.5 * rate * SOAK_S, figures  # the load really ran
+    assert len(hangs) <= max(1, len(windows) // 5), figures  # an occasional load-generator hang, not a habit
     assert p99_last <= 1.5 * _p(first, 99), figures
     assert growth < 0.05, figures
     server.stop()

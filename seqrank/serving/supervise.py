@@ -17,14 +17,16 @@ The restart kills the broken server's process group with SIGKILL instead of a gr
 shutdown of a server with a dead stub first unloads the ensemble and then answers NOT_FOUND ("'seqrank' has no
 available versions", which clients do not retry) for the whole ``--exit-timeout-secs`` while it waits for the dead
 model; a killed server just closes its sockets, and clients see UNAVAILABLE, which ``seqrank.client`` retries with
-backoff until the new server answers. Requests already inside the dead model at the time of the fault fail (INTERNAL);
-nothing sent after the restart began does, as long as the client's retries cover the restart (a few seconds).
+backoff until the new server answers. The only requests that fail are those that got Triton's INTERNAL answer from
+the broken model before the restart (for a killed stub usually none: the stub watch restarts within ~0.2 s, before
+Triton's ~1 s stub health check answers); nothing sent after the restart began fails, as long as the client's retries
+cover the restart (a few seconds). Measured figures: docs/robustness.md.
 
 Each incident is one JSON line in the events file (``event: "incident"``): ``reason``, ``detail``, ``detected_at``,
 ``restarted_at`` (the new server is ready), ``recovered_at`` (its first successful canary), ``seconds``
-(``recovered_at - detected_at``), ``restarts``; times are Unix epoch seconds. The other events (``started``,
-``canary_failed``, ``detected``, ``restart_failed``, ``stopping``, ``stopped``) go to the same file, to stdout
-(``seqrank-supervise: ...``) and to ``on_event``.
+(``recovered_at - detected_at``), ``restarts``, ``stop_s``, ``startup_s``, ``backoff_s``; times are Unix epoch seconds.
+The other events (``started``, ``start_failed``, ``canary_failed``, ``detected``, ``restart_failed``, ``stopping``) go
+to the same file, to stdout (``seqrank-supervise: {...}``) and to ``on_event``.
 
 SIGINT/SIGTERM behave as in :func:`serve_forever`: the server is stopped gracefully, the function returns 0 (also for
 a signal during a start); the server and its stubs never outlive the supervisor (``TritonServer.stop`` kills the
@@ -292,7 +294,10 @@ class _Events:
         line = json.dumps(record, sort_keys=False, default=str)
         with open(self.path, "a") as fh:
             fh.write(line + "\n")
-        print(f"seqrank-supervise: {line}", flush=True)
+        try:
+            print(f"seqrank-supervise: {line}", flush=True)
+        except OSError:  # stdout gone (a closed pipe): the events file still has it
+            pass
         if self.on_event is not None:
             try:
                 self.on_event(dict(record))
@@ -331,7 +336,7 @@ def supervise(options: ServerOptions, interval_s: float = 1.0, failures_before_r
 
     ``log_path``: the tritonserver log of the first server (restart ``k`` logs to ``<stem>.restart<k><suffix>``;
     default: temporary files). ``events_path``: the JSON-lines events file (default ``<log_path>.events.jsonl``, or a
-    temporary file; the ``started`` line on stdout names it). ``on_event(record)`` is called for every event.
+    temporary file; the ``ready`` line on stdout names it). ``on_event(record)`` is called for every event.
     ``stop_event`` stops supervision like a signal (for callers outside the main thread, where no signal handler can
     be installed).
 
@@ -445,7 +450,7 @@ def supervise(options: ServerOptions, interval_s: float = 1.0, failures_before_r
             events.emit("detected", generation=generation, reason=reason, detail=detail)
             _hard_stop(server)
             stopped_at = time.time()
-            # crash-loop guard: a server that breaks again within QUICK_RESTART_S of its last restart waits 2, 4 ... 30 s
+            # crash-loop guard: breaking again within QUICK_RESTART_S of the last restart waits 2, 4 ... 30 s
             quick = quick + 1 if last_restart_at is not None and stopped_at - last_restart_at < QUICK_RESTART_S else 0
             if quick:
                 incident["backoff_s"] = min(2.0 ** quick, 30.0)

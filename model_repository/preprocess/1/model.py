@@ -33,6 +33,13 @@ class TritonPythonModel:
             max_actions=int(params.get("max_actions", "10000")),
             max_id_bytes=int(params.get("max_id_bytes", "256")),
             store=store)
+        # Prometheus counter on :8002 (alert when rankings lose their real-time sequence)
+        self._fallback_family = pb_utils.MetricFamily(
+            name="seqrank_store_fallback_total",
+            description="Rankings served without the user's sequence because the feature store did not answer",
+            kind=pb_utils.MetricFamily.COUNTER)
+        self._fallbacks = self._fallback_family.Metric(
+            labels={"model": args["model_name"], "version": args["model_version"]})
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -51,7 +58,11 @@ class TritonPythonModel:
             except Exception as e:  # never let one request's surprise fail the batch as INTERNAL
                 responses[i] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"request could not be parsed: {e}", pb_utils.TritonError.INVALID_ARG))
-        for i, t in zip(slots, self.pre.build(parsed) if parsed else []):
+        built = self.pre.build(parsed) if parsed else []
+        fallbacks = sum(t.sequence_source == "fallback_store_unavailable" for t in built)
+        if fallbacks:
+            self._fallbacks.increment(fallbacks)
+        for i, t in zip(slots, built):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("seq_item", t.seq_item[None]),
                 pb_utils.Tensor("seq_action", t.seq_action[None]),
@@ -65,5 +76,7 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        self._fallbacks = None  # a Metric must be released before its MetricFamily
+        self._fallback_family = None
         if self.pre.store is not None:
             self.pre.store.close()
