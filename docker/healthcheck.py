@@ -16,14 +16,13 @@ neither exists, synthetic ids (scored as out-of-vocabulary, which still exercise
 Checks: HTTP 200; every output present; ranked_ids is a permutation of the candidates; head_scores finite in [0, 1]
 with one row per candidate; utility finite and sorted best first; oov all False for known ids; sequence_source is
 "request". Exit status 0 = healthy, 1 = unhealthy (the reason on stderr), 2 = bad arguments.
-Standard library only; used by Docker's HEALTHCHECK and the Kubernetes readiness probe.
+Standard library plus the installed seqrank package (its shared checks); used by Docker's HEALTHCHECK and the Kubernetes readiness probe.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import json
-import math
 import os
 import sys
 import time
@@ -37,8 +36,10 @@ CANARY_USER = "__seqrank_canary__"
 DEFAULT_REPOSITORY = "/opt/seqrank/model_repository"
 
 
-class Unhealthy(Exception):
-    pass
+# One implementation of the response checks, shared with the supervisor (`seqrank serve --supervise`); the seqrank
+# package is installed in the image.
+from seqrank.serving.supervise import CanaryError as Unhealthy  # noqa: E402
+from seqrank.serving.supervise import check_response  # noqa: E402,F401
 
 
 def read_npy_strings(path: Path, count: int) -> list[str]:
@@ -103,46 +104,6 @@ def build_request(candidates: list[str], action: str | None, now_ms: int) -> dic
         ]
     return {"inputs": inputs,
             "outputs": [{"name": name, "parameters": {"binary_data": False}} for name in OUTPUTS]}
-
-
-def _flat(values):
-    for v in values:
-        if isinstance(v, list):
-            yield from _flat(v)
-        else:
-            yield v
-
-
-def check_response(body: dict, candidates: list[str], known: bool, with_actions: bool = True) -> str:
-    outputs = {o.get("name"): o for o in body.get("outputs", [])}
-    missing = [n for n in OUTPUTS if n not in outputs]
-    if missing:
-        raise Unhealthy(f"response lacks outputs {missing}")
-    n = len(candidates)
-    ranked = [str(x) for x in _flat(outputs["ranked_ids"]["data"])]
-    if sorted(ranked) != sorted(candidates):
-        raise Unhealthy(f"ranked_ids {ranked[:5]}... is not a permutation of the {n} candidates")
-    shape = outputs["head_scores"].get("shape", [])
-    scores = [float(x) for x in _flat(outputs["head_scores"]["data"])]
-    heads = shape[-1] if shape else 0
-    if heads < 1 or len(scores) != n * heads:
-        raise Unhealthy(f"head_scores has shape {shape}, expected one row of heads per candidate ({n})")
-    if not all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in scores):
-        raise Unhealthy("head_scores has values outside [0, 1] or non-finite values")
-    utility = [float(x) for x in _flat(outputs["utility"]["data"])]
-    if len(utility) != n or not all(math.isfinite(u) for u in utility):
-        raise Unhealthy(f"utility has {len(utility)} values (expected {n}) or non-finite values")
-    if any(b > a + 1e-5 for a, b in zip(utility, utility[1:])):
-        raise Unhealthy("candidates are not ordered by utility")
-    oov = [bool(x) for x in _flat(outputs["oov"]["data"])]
-    if len(oov) != n:
-        raise Unhealthy(f"oov has {len(oov)} values, expected {n}")
-    if known and any(oov):
-        raise Unhealthy(f"{sum(oov)} of {n} known candidates came back out-of-vocabulary: lookup tables broken?")
-    source = [str(x) for x in _flat(outputs["sequence_source"]["data"])]
-    if with_actions and source != ["request"]:
-        raise Unhealthy(f"sequence_source is {source}, expected ['request'] (the canary sends its actions)")
-    return f"{n} candidates x {heads} heads"
 
 
 def probe(url: str, model: str, repository: Path, n: int, timeout_s: float) -> str:

@@ -53,7 +53,7 @@ from typing import Callable
 
 from .triton import ServerOptions, ServerStartError, TritonServer
 
-__all__ = ["CANARY_USER", "CanaryError", "canary", "supervise"]
+__all__ = ["CANARY_USER", "CanaryError", "canary", "check_response", "supervise"]
 
 MODEL = "seqrank"
 OUTPUTS = ("ranked_ids", "head_scores", "utility", "oov", "sequence_source")
@@ -114,7 +114,8 @@ def _flat(values):
             yield v
 
 
-def _check(body: dict, candidates: list[str], known: bool, with_actions: bool) -> None:
+def check_response(body: dict, candidates: list[str], known: bool, with_actions: bool = True) -> str:
+    """The canary's checks of one ensemble response (KServe v2 JSON); shared with docker/healthcheck.py."""
     outputs = {o.get("name"): o for o in body.get("outputs", [])}
     missing = [n for n in OUTPUTS if n not in outputs]
     if missing:
@@ -144,6 +145,7 @@ def _check(body: dict, candidates: list[str], known: bool, with_actions: bool) -
     expected = ["request"] if (with_actions and known) else None
     if expected and source != expected:
         raise CanaryError(f"sequence_source is {source}, expected {expected} (the canary sends its own actions)")
+    return f"{n} candidates x {heads} heads"
 
 
 def canary(http_url: str, timeout_s: float = 5.0, repository: Path | str | None = None, model: str = MODEL,
@@ -188,7 +190,7 @@ def canary(http_url: str, timeout_s: float = 5.0, repository: Path | str | None 
         raise CanaryError(f"inference request failed: {err}") from None
     except ValueError as err:
         raise CanaryError(f"inference answer is not JSON: {err}") from None
-    _check(body, candidates, known, with_actions=action is not None)
+    check_response(body, candidates, known, with_actions=action is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
