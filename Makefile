@@ -8,7 +8,7 @@ EVENTS ?= data/kuairand/events.tsv.gz
 STORE ?= sqlite:///$(abspath $(RUN))/store.db
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo train export serve test test-fast bench clean
+.PHONY: install demo train export serve test test-fast bench lint-deploy movielens clean
 
 install: $(STAMP)   ## system packages (apt-get) + .venv with pinned packages; idempotent
 
@@ -19,6 +19,20 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml scripts/install_syst
 	$(BIN)/pip install -q -r requirements.txt -c requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# checkov lives in its own venv: its ~100 pinned dependencies would otherwise constrain the runtime ones
+CHECKOV := .venv-checkov
+$(CHECKOV)/.installed: requirements-checkov.txt
+	test -x $(CHECKOV)/bin/python || $(PY) -m venv $(CHECKOV) || python3 -m venv $(CHECKOV)
+	$(CHECKOV)/bin/pip install -q -r requirements-checkov.txt
+	touch $@
+
+lint-deploy: $(CHECKOV)/.installed   ## checkov on the Dockerfile and deploy/ (kept findings are annotated with reasons)
+	$(CHECKOV)/bin/checkov --quiet --compact --skip-download --file Dockerfile --framework dockerfile
+	$(CHECKOV)/bin/checkov --quiet --compact --skip-download --directory deploy --framework kubernetes
+
+movielens: install   ## fetch MovieLens 100K (not redistributable, so not in git) -> data/external/movielens-100k
+	$(BIN)/python scripts/fetch_movielens.py
 
 train: install
 	$(BIN)/seqrank train --events $(EVENTS) --out $(RUN)
@@ -32,7 +46,7 @@ serve: install   ## serve an exported run on :8000 (HTTP) :8001 (gRPC) :8002 (me
 demo: install   ## train on the embedded KuaiRand sample, export, serve, rank over gRPC and HTTP, stop
 	$(BIN)/python scripts/demo.py --events $(EVENTS) --run $(RUN)
 
-test: install   ## everything that runs here (real tritonserver, real Redis); GPU/TensorRT parts skip and say why
+test: install lint-deploy   ## everything that runs here (real tritonserver, real Redis); GPU/TensorRT parts skip and say why
 	$(BIN)/python -m pytest tests -q
 
 bench: install   ## side-by-side serving benchmark -> perf/results/

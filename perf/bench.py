@@ -200,15 +200,18 @@ def request_tensors(pre, req: dict, with_actions: bool = False) -> dict:
 
 
 def ranker_flops(cfg, n_cand: int, item_table_dim: int, user_dim: int, n_context: int, n_heads: int) -> dict:
-    """Analytic FLOPs of one ranker request (matrix products only, multiply-add = 2 FLOP; softmax, LayerNorm, masking,
-    activations and gathers are left out: about 1 %). Notation: S = seq_len, d = action_dim + 2 item_dim (early
-    fusion width), ds = action_dim + item_dim (sequence part), E = item table dim, F = DCN input width.
+    """Analytic FLOPs of one ranker request as served (matrix products only, multiply-add = 2 FLOP; softmax,
+    LayerNorm, masking, activations and gathers are left out: about 1 %). Notation: S = seq_len, d = action_dim +
+    2 item_dim (early fusion width), ds = action_dim + item_dim (sequence part), E = item table dim, F = DCN input.
+    Layer 0 runs factorized (TransActEncoder.first_layer_factorized; single head):
 
-    per request    : 2 S E item_dim (sequence item projection) + 2 S ds 3d (layer-0 QKV of the sequence part, computed
-                     once per request by the model's factorisation)
-    per candidate  : 2 E item_dim (candidate projection) + 2 item_dim 3d (layer-0 QKV of the candidate part)
-                     + layers x [2 S^2 d (QK^T) + 2 S^2 d (attention V) + 2 S d^2 (output) + 4 S d d_ff (FF)]
-                     + (layers - 1) x 2 S d 3d (QKV of the later layers)
+    per request    : 2 S E item_dim (sequence item projection) + 3 x 2 S ds d (Qs, Ks, Vs) + 2 S^2 d (A = Qs Ks^T)
+                     + 2 S d^2 (Us = Vs Wo^T)
+    per candidate  : 2 E item_dim (candidate projection)
+                     + layer 0: 2 x 2 item_dim d (qc, vc) + 2 S d (b_c) + 2 S^2 (z_c) + 2 d^2 (uc) + 2 S^2 d (E Us w_c)
+                                + 4 S d d_ff (FF)
+                     + (layers - 1) x [2 S d 3d (QKV) + 2 S^2 d (QK^T) + 2 S^2 d (attention V) + 2 S d^2 (output)
+                                       + 4 S d d_ff (FF)]
                      + cross_layers x 4 F rank (DCN v2, low rank) + MLP 2 sum(in x out) + heads 2 last H
     total          = per request + N x per candidate
     """
@@ -216,9 +219,10 @@ def ranker_flops(cfg, n_cand: int, item_table_dim: int, user_dim: int, n_context
     d, ds, E = a + 2 * i, a + i, item_table_dim
     L, dff = cfg.n_layers, cfg.d_ff
     F = (cfg.top_k_rows + 1 + int(cfg.mean_pool_row)) * d + user_dim + i + n_context
-    per_request = 2 * S * E * i + 2 * S * ds * 3 * d
-    layer = 2 * S * S * d * 2 + 2 * S * d * d + 4 * S * d * dff
-    per_cand = 2 * E * i + 2 * i * 3 * d + L * layer + (L - 1) * 2 * S * d * 3 * d
+    per_request = 2 * S * E * i + 3 * 2 * S * ds * d + 2 * S * S * d + 2 * S * d * d
+    first = 2 * 2 * i * d + 2 * S * d + 2 * S * S + 2 * d * d + 2 * S * S * d + 4 * S * d * dff
+    later = 2 * S * d * 3 * d + 2 * S * S * d * 2 + 2 * S * d * d + 4 * S * d * dff
+    per_cand = 2 * E * i + first + (L - 1) * later
     per_cand += cfg.cross_layers * 4 * F * cfg.cross_rank
     prev = F
     for w in cfg.mlp:
@@ -947,7 +951,7 @@ def report_md(summary: dict, points: dict, extra: dict) -> str:
            f"SIMD {', '.join(m['simd'])}, {'virtualised' if m['virtualized'] else 'bare metal'}, {m['memory_mib']} MiB",
            f"- load average at start {m['loadavg_at_start']}, at end {m.get('loadavg_at_end')}: **a shared, noisy "
            "machine** (other jobs run next to the bench); every point records the 1-minute load average",
-           f"- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), "",
+           "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), "",
            "## Results against the targets of issue #4", "",
            "| metric | measured | target | met |", "|---|---|---|---|"]
     for k in SUMMARY_KEYS:

@@ -5,12 +5,15 @@
         result = client.rank("111", ["3892024", "2629583"], top_k=10)
         for item in result.items: print(item.item_id, item.utility, item.scores["like"])
 
-Inputs are validated before sending; every call has a timeout; only UNAVAILABLE (server down or restarting) is
-retried, with backoff — a bad request is never retried.
+Inputs are validated before sending; every call has a timeout. Only transient failures are retried: UNAVAILABLE
+(server down or restarting) and the INTERNAL "is not healthy" of a Python stub that died or hung under the request
+(the supervisor restarts it; ranking is read-only, so a retry is safe). Backoff is exponential, capped and jittered so
+that clients do not retry in lockstep. A bad request is never retried.
 """
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -118,12 +121,25 @@ def parse_result(response, heads: Sequence[str]) -> RankResult:
     return RankResult(items, source.decode() if isinstance(source, bytes) else str(source))
 
 
+STUB_FAILURE = "is not healthy"  # python backend: the model instance's stub died or stopped answering
+
+
 def is_unavailable(exc: BaseException) -> bool:
-    """Retry only when the server could not be reached or said UNAVAILABLE — never on a bad request."""
+    """Retry only when the server could not be reached, said UNAVAILABLE, or lost the stub serving the request —
+    never on a bad request."""
     if isinstance(exc, (ConnectionError, OSError, asyncio.TimeoutError)):
         return True
     status = str(getattr(exc, "status", lambda: "")() or "")
-    return "UNAVAILABLE" in status.upper() or "503" in status
+    if "UNAVAILABLE" in status.upper() or "503" in status:
+        return True
+    return STUB_FAILURE in str(exc)
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with "equal jitter": half of min(cap, base * 2^attempt) plus a uniform share of the
+    other half, so retries spread out instead of arriving together when a restarted server comes back."""
+    ceiling = min(cap_s, base_s * 2 ** attempt)
+    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
 def _heads_from_config(config) -> list[str]:
@@ -135,10 +151,10 @@ def _heads_from_config(config) -> list[str]:
 
 class RankingClient:
     def __init__(self, url: str | None = None, protocol: str = "grpc", timeout_s: float = 2.0,
-                 retries: int = 3, backoff_s: float = 0.2, model: str = MODEL):
+                 retries: int = 3, backoff_s: float = 0.2, model: str = MODEL, max_backoff_s: float = 2.0):
         self.m = _module(protocol)
         self.protocol, self.model, self.timeout_s = protocol, model, timeout_s
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         url = url or DEFAULT_URLS[protocol]
         kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
         self.client = self.m.InferenceServerClient(url, **kw)
@@ -161,7 +177,7 @@ class RankingClient:
             except Exception as exc:  # noqa: BLE001 - classified below
                 if attempt == self.retries or not is_unavailable(exc):
                     raise
-                time.sleep(self.backoff_s * 2 ** attempt)
+                time.sleep(backoff_delay(attempt, self.backoff_s, self.max_backoff_s))
 
     def rank(self, user_id, candidates, actions=None, request_time=None, top_k=None) -> RankResult:
         inputs = build_inputs(self.m, user_id, candidates, actions, request_time, top_k)
@@ -182,11 +198,11 @@ class RankingClient:
 
 class AsyncRankingClient:
     def __init__(self, url: str | None = None, protocol: str = "grpc", timeout_s: float = 2.0,
-                 retries: int = 3, backoff_s: float = 0.2, model: str = MODEL):
+                 retries: int = 3, backoff_s: float = 0.2, model: str = MODEL, max_backoff_s: float = 2.0):
         self.m = _async_module(protocol)
         self.sync_m = _module(protocol)
         self.protocol, self.model, self.timeout_s = protocol, model, timeout_s
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self.client = self.m.InferenceServerClient(url or DEFAULT_URLS[protocol])
         self._heads: list[str] | None = None
 
@@ -197,7 +213,7 @@ class AsyncRankingClient:
             except Exception as exc:  # noqa: BLE001
                 if attempt == self.retries or not is_unavailable(exc):
                     raise
-                await asyncio.sleep(self.backoff_s * 2 ** attempt)
+                await asyncio.sleep(backoff_delay(attempt, self.backoff_s, self.max_backoff_s))
 
     async def heads(self) -> list[str]:
         if self._heads is None:

@@ -25,7 +25,7 @@ class PinnerFormerConfig:
     dim: int = 64               # D: user/item embedding size (paper: 256)
     dropout: float = 0.1
     objective: str = "dense_all_action"   # or "next_action" (SASRec-style), for comparison
-    future_window_days: float = 3.0       # paper: 28 days of a much longer log; here ~ the test horizon (20% of 14 days)
+    future_window_days: float | None = None  # None: the log's test horizon, at most the paper's 28 days (dataset.py)
     positions_per_user: int = 32          # random positions per sequence that each predict one future positive
     random_negatives: int = 512
     batch_users: int = 32

@@ -27,6 +27,20 @@ class Prepared:
     impressions: pd.DataFrame        # user_id, item_id, timestamp, request_time, session, is_test
     labels: np.ndarray               # float32 [E, H] aligned with impressions
     pf_test_users: set[str]          # users held out from PinnerFormer training
+    future_window_ms: int            # PinnerFormer's dense all-action window, resolved for this log
+
+
+PAPER_WINDOW_DAYS = 28.0  # PinnerFormer's dense all-action window
+
+
+def future_window_ms(cfg: RunConfig, span_ms: int) -> int:
+    """The window a position's positive is sampled from. The paper uses 28 days of a years-long log; a short log
+    cannot fill that, so by default it is the test horizon (test_fraction x span: 2.8 days on the 14-day KuaiRand
+    log), never more than 28 days. An explicit future_window_days wins."""
+    days = cfg.pinnerformer.future_window_days
+    if days is None:
+        return int(min(PAPER_WINDOW_DAYS * DAY_MS, cfg.data.test_fraction * span_ms))
+    return int(days * DAY_MS)
 
 
 def load_log(events: str, cfg: RunConfig, negative_actions=None) -> EventLog:
@@ -55,7 +69,8 @@ def prepare(log: EventLog, cfg: RunConfig) -> Prepared:
     rng = np.random.default_rng(cfg.seed)
     n_test = max(1, int(round(cfg.data.pinnerformer_test_users * len(users))))
     pf_test_users = set(rng.choice(users, size=n_test, replace=False).tolist())
-    return Prepared(log, vocab, split_time, users, histories, impressions, labels, pf_test_users)
+    return Prepared(log, vocab, split_time, users, histories, impressions, labels, pf_test_users,
+                    future_window_ms(cfg, t1 - t0))
 
 
 def build_impressions(ev: pd.DataFrame, heads: list[str], session_gap_s: float):

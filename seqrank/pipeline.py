@@ -93,7 +93,8 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
     info = {"events": str(Path(events).resolve()), "split_time_ms": prep.split_time,
             "heads": prep.vocab.heads, "negative_heads": prep.vocab.negative_actions,
             "user_dim": cfg.pinnerformer.dim, "n_context": N_CONTEXT, "seq_len": cfg.transact.seq_len,
-            "duplicates_dropped": prep.log.duplicates_dropped, "n_events": len(prep.log.events)}
+            "duplicates_dropped": prep.log.duplicates_dropped, "n_events": len(prep.log.events),
+            "future_window_days": round(prep.future_window_ms / 86_400_000, 3)}
     (run / "run.json").write_text(json.dumps(info, indent=2))
 
     pf = _fit_pinnerformer(run, cfg, prep, cfg.pinnerformer.objective, run / "pinnerformer.safetensors")
@@ -139,7 +140,7 @@ def evaluate(run: str | Path) -> dict:
                     for h in heads} for base in ("no_sequence", "avg_pool")}
 
     user_metrics = {}
-    window = int(cfg.pinnerformer.future_window_days * 86_400_000)
+    window = prep.future_window_ms
     test_users = sorted(prep.pf_test_users)
     future = []
     for u in test_users:

@@ -67,7 +67,7 @@ def train_pinnerformer(prep: Prepared, cfg: PinnerFormerConfig, seed: int, ckpt:
     counts = np.bincount(np.concatenate([positives[u][1] for u in users]), minlength=prep.vocab.n_items)
     log_q = torch.as_tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32)
     n_real = prep.vocab.n_items - FIRST_ID
-    window = int(cfg.future_window_days * 86_400_000)
+    window = prep.future_window_ms
 
     def make_batch(batch_users, rng):
         # a random "as of" point per user inside the training period; its sequence is built like a request's

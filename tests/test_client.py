@@ -1,14 +1,16 @@
-"""seqrank.client: validation before sending, retries only on UNAVAILABLE, sync/async over gRPC/HTTP, the CLI."""
+"""seqrank.client: validation before sending, retries only on transient failures (capped, jittered backoff),
+sync/async over gRPC/HTTP, the CLI."""
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import sys
 import time
 
 import pytest
 
-from seqrank.client import AsyncRankingClient, ClientInputError, RankingClient, is_unavailable
+from seqrank.client import AsyncRankingClient, ClientInputError, RankingClient, backoff_delay, is_unavailable
 from seqrank.serving.triton import free_port
 
 
@@ -36,7 +38,26 @@ def test_unavailable_is_retried_with_backoff_then_raised(protocol):
             client.rank("1", ["1"])
         took = time.perf_counter() - start
     assert is_unavailable(err.value)
-    assert took >= 0.1 + 0.2  # two backoffs happened
+    assert took >= (0.1 + 0.2) / 2  # two backoffs happened (each at least half its exponential ceiling)
+
+
+def test_backoff_is_exponential_capped_and_jittered():
+    rng = random.Random(0)
+    delays = [[backoff_delay(a, 0.25, 2.0, rng) for a in range(8)] for _ in range(200)]
+    for attempt in range(8):
+        ceiling = min(2.0, 0.25 * 2 ** attempt)
+        seen = [d[attempt] for d in delays]
+        assert ceiling / 2 <= min(seen) and max(seen) <= ceiling  # never above the cap, never below half of it
+        assert len({round(x, 6) for x in seen}) > 100  # jittered: clients do not retry in lockstep
+
+
+def test_stub_failure_is_transient_but_a_bad_request_is_not():
+    from tritonclient.utils import InferenceServerException
+    dead = InferenceServerException("Failed to process the request(s) for model instance 'preprocess_0_0', "
+                                    "message: Stub process 'preprocess_0_0' is not healthy.", status="StatusCode.INTERNAL")
+    bad = InferenceServerException("[request id: <id_unknown>] candidate_ids: expected 1-D", status="StatusCode.INVALID_ARGUMENT")
+    assert is_unavailable(dead) and not is_unavailable(bad)
+    assert is_unavailable(InferenceServerException("failed to connect", status="StatusCode.UNAVAILABLE"))
 
 
 def test_bad_request_is_not_retried(server):

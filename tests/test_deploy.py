@@ -735,7 +735,9 @@ def test_kustomization_lists_the_manifests_and_names_the_image():
     assert {p.name for p in manifest_files()} - set(resources) == {"kustomization.yaml",
                                                                    "prometheus-adapter-rules.yaml"}
     image_names = {i["name"] for i in kustomization["images"]}
-    assert find("Deployment", "seqrank-triton")["spec"]["template"]["spec"]["containers"][0]["image"] in image_names
+    image = find("Deployment", "seqrank-triton")["spec"]["template"]["spec"]["containers"][0]["image"]
+    name, _, tag = image.partition(":")
+    assert name in image_names and tag  # kustomize matches the name and rewrites registry/tag; never a bare latest
 
 
 def _container() -> dict:
@@ -801,6 +803,19 @@ def test_services_pdb_and_redis_match_the_deployment():
     policy = find("NetworkPolicy", "seqrank-redis")
     allowed = [f["podSelector"]["matchLabels"] for f in policy["spec"]["ingress"][0]["from"]]
     assert any(sel.items() <= labels.items() for sel in allowed)
+
+
+def test_triton_pods_admit_only_the_serving_ports_and_every_resource_names_its_namespace():
+    labels = find("Deployment", "seqrank-triton")["spec"]["template"]["metadata"]["labels"]
+    policy = find("NetworkPolicy", "seqrank-triton")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {p["containerPort"] for p in _container()["ports"]} == {8000, 8001, 8002}
+    namespace = find("Kustomization")["namespace"]
+    for path, doc in documents():
+        if doc["kind"] not in ("Namespace", "Kustomization") and path.name != "prometheus-adapter-rules.yaml":
+            assert doc["metadata"].get("namespace") == namespace, (path.name, doc["kind"], doc["metadata"]["name"])
 
 
 def test_podmonitor_scrapes_the_metrics_port():

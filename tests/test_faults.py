@@ -1,10 +1,10 @@
 """Fault injection on the real tritonserver: a killed or hung Python stub under load, a store that is down or hung.
 
 * ``seqrank serve --supervise`` runs as a subprocess on fixed free ports under steady load (4 threads,
-  ``RankingClient(retries=8, backoff_s=0.25, timeout_s=30)``). The preprocess stub is SIGKILLed (the supervisor sees the
-  stub exit), later the new server's preprocess stub is SIGSTOPped (a hung stub: only the canary sees it). Both times
-  the ensemble must answer again within 60 s on the same ports; failed requests are counted and each must be explained
-  (sent before the supervisor reacted, failed with the dead stub's INTERNAL ``not healthy``). SIGTERM then exits 0 and
+  ``RankingClient(retries=10, backoff_s=0.25, timeout_s=30)``). The preprocess stub is SIGKILLed (the supervisor sees
+  the stub exit), later the new server's preprocess stub is SIGSTOPped (a hung stub: only the canary sees it). Both
+  times the ensemble must answer again within 60 s on the same ports, and no client request may fail: the requests in
+  flight get UNAVAILABLE or the dead stub's INTERNAL ``is not healthy``, and the client's retry covers both. SIGTERM then exits 0 and
   leaves no tritonserver or stub behind. Recovery times and failure counts are printed (run with ``-s``).
 * A feature store that cannot answer (embedded SQLite file unopenable or corrupted; a Redis SIGSTOPped) never fails a
   ranking: it answers ``sequence_source == "fallback_store_unavailable"`` well within 1 s (the store read timeout is
@@ -35,9 +35,6 @@ from seqrank.serving.triton import _pdeathsig_preexec, free_ports
 
 THREADS = 4
 RECOVERY_LIMIT_S = 60.0
-# Failures a fault may cause beyond the requests in flight when it happened: at most one more per thread (a request
-# sent between the fault and the supervisor's reaction that got its INTERNAL answer before the restart killed it).
-MARGIN = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -135,7 +132,7 @@ class Load:
         self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(THREADS)]
 
     def _run(self, k: int) -> None:
-        with RankingClient(self.grpc_url, "grpc", retries=8, backoff_s=0.25, timeout_s=30) as client:
+        with RankingClient(self.grpc_url, "grpc", retries=10, backoff_s=0.25, timeout_s=30) as client:
             client.heads  # noqa: B018 - fetched once, before the faults
             i = k
             while not self.stop_flag.is_set():
@@ -304,10 +301,8 @@ def _fault(sup: Supervised, load: Load, sig: int, expect_reason: str, label: str
     assert answered - fault_at < RECOVERY_LIMIT_S
     assert first_ok - fault_at < RECOVERY_LIMIT_S
     assert incident["recovered_at"] - fault_at < RECOVERY_LIMIT_S
-    for _, started, ended, err in failures:
-        # explained: sent before the supervisor reacted (so it could hit the broken model), and failed because of it
-        assert started <= incident["detected_at"] + 0.5, (started - fault_at, err)
-        assert "is not healthy" in err, err
+    # the requests that met the broken stub were answered UNAVAILABLE / "is not healthy", and the retry covered them
+    assert not failures, figures["failure_messages"]
     return figures
 
 
@@ -318,12 +313,9 @@ def test_supervisor_recovers_from_killed_and_hung_stub_under_load(small_run, tmp
         for name in ("preprocess", "ranker", "postprocess"):
             assert name in first["stubs"], first
         with Load(sup.grpc_url, _requests(small_run), http_url=sup.http_url, repository=small_run["repo"]) as load:
-            killed = _fault(sup, load, signal.SIGKILL, "stub_exited", "SIGKILL preprocess stub")
-            assert killed["failed_requests"] <= killed["in_flight_at_fault"] + MARGIN, killed
-            assert killed["failed_requests"] <= THREADS + MARGIN, killed
-            hung = _fault(sup, load, signal.SIGSTOP, "stub_unhealthy", "SIGSTOP preprocess stub (hung)")
+            _fault(sup, load, signal.SIGKILL, "stub_exited", "SIGKILL preprocess stub")
             # a hung stub is seen by the canary only (~1 s for Triton's stub health check + up to one interval)
-            assert hung["failed_requests"] <= 3 * THREADS + MARGIN, hung
+            _fault(sup, load, signal.SIGSTOP, "stub_unhealthy", "SIGSTOP preprocess stub (hung)")
         # restarts keep the same ports
         ports = {(e["http"], e["grpc"], e["metrics"]) for e in sup.started()}
         assert ports == {(sup.http_url, sup.grpc_url, f"127.0.0.1:{sup.metrics_port}")}, ports

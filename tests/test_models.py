@@ -217,6 +217,38 @@ def test_first_layer_qkv_precompute_equals_plain_projection():
     assert (out[2].reshape(N, enc.out_dim // x.shape[-1], -1)[:, 1:K] == 0).all()
 
 
+@pytest.mark.parametrize("logit_scale", [1.0, 8.0])
+def test_factorized_first_layer_equals_direct_attention(logit_scale):
+    """Inference computes layer 0 without per-candidate attention (TransActEncoder.first_layer_factorized); it must
+    equal the direct form on full, short, one-action and empty histories, also with attention logits scaled up."""
+    model = make_ranker("transact", n_heads=1)
+    enc = model.encoder
+    with torch.no_grad():
+        enc.layers[0].attn.qkv.weight.mul_(logit_scale)
+    item, action, mask, user, ctx, cand = ranker_inputs([7, 3, 1, 0], 7, 9, seed=4)
+    calls = []
+    handle = enc.layers[0].attn.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with torch.no_grad():
+            factorized = model(item, action, mask, user, ctx, cand)
+            assert not calls  # the direct attention of layer 0 was not run
+            enc.factorize_first_layer = False
+            direct = model(item, action, mask, user, ctx, cand)
+            assert calls
+    finally:
+        handle.remove()
+        enc.factorize_first_layer = True
+    torch.testing.assert_close(factorized, direct, rtol=0, atol=2e-6)
+    model.train()  # training keeps the direct form: attention dropout needs the explicit probabilities
+    calls.clear()
+    handle = enc.layers[0].attn.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        model(item, action, mask, user, ctx, cand)
+    finally:
+        handle.remove()
+    assert calls
+
+
 # ------------------------------------------------------------------------------------------------------- losses
 
 def _bce(x: float, y: float) -> float:

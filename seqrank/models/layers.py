@@ -29,8 +29,11 @@ class SelfAttention(nn.Module):
         lead, (L, d) = x.shape[:-2], x.shape[-2:]
         h = self.n_heads
         qkv = self.qkv(x) if qkv is None else qkv.expand(*lead, L, 3 * d)
-        # flatten the leading dims and use explicit non-negative permutations (ONNX export friendly)
-        q, k, v = qkv.reshape(-1, L, 3, h, d // h).permute(2, 0, 3, 1, 4)   # each [M, h, L, dh]
+        # flatten the leading dims; slices, and explicit non-negative permutations only with several heads: a
+        # single head (TransAct's default) needs no transposes of the [M, L, d] activations (ONNX/TensorRT friendly)
+        q, k, v = qkv.reshape(-1, L, 3 * d).split(d, dim=-1)                   # each [M, L, d]
+        q, k, v = (t.reshape(-1, L, h, d // h).permute(0, 2, 1, 3) if h > 1 else t.unsqueeze(1)
+                   for t in (q, k, v))                                         # each [M, h, L, dh]
         scores = q @ k.transpose(2, 3) / math.sqrt(d // h)                     # [M, h, L, L]
         if key_mask is not None:
             allowed = key_mask.expand(*lead, L).reshape(-1, 1, 1, L)
@@ -39,7 +42,8 @@ class SelfAttention(nn.Module):
             newer = torch.ones(L, L, dtype=torch.bool, device=x.device).tril(-1)
             scores = scores.masked_fill(newer, MASK_FILL)
         attn = self.dropout(scores.softmax(-1))
-        y = (attn @ v).permute(0, 2, 1, 3).reshape(*lead, L, d)
+        y = attn @ v
+        y = (y.permute(0, 2, 1, 3) if h > 1 else y).reshape(*lead, L, d)
         return self.out(y)
 
 

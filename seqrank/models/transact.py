@@ -33,6 +33,7 @@ class TransActEncoder(nn.Module):
         self.layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.d_ff, cfg.dropout, norm_first=False)
                                     for _ in range(cfg.n_layers))
         self.out_dim = (self.k + 1 + int(self.mean_pool)) * d
+        self.factorize_first_layer = True  # inference only (see first_layer_factorized); False = the direct form
 
     def forward(self, seq: torch.Tensor, key_mask: torch.Tensor, row_mask: torch.Tensor,
                 cand: torch.Tensor) -> torch.Tensor:
@@ -41,14 +42,19 @@ class TransActEncoder(nn.Module):
         rows that reach the output and the pooling (padding never does)."""
         B, S, _ = seq.shape
         N = cand.shape[1]
-        x = torch.cat([seq.unsqueeze(1).expand(B, N, S, -1), cand.unsqueeze(2).expand(B, N, S, -1)], dim=-1)
-        # The first layer's QKV projection is linear in [seq | cand]: compute the sequence part once per request
-        # and the candidate part once per candidate, instead of once per (candidate, position).
-        w, b = self.layers[0].attn.qkv.weight, self.layers[0].attn.qkv.bias
-        qkv = (seq @ w[:, : self.d_seq].T).unsqueeze(1) + (cand @ w[:, self.d_seq:].T + b).unsqueeze(2)
         keys = key_mask.unsqueeze(1)  # [B,1,S] broadcast over candidates
-        for i, layer in enumerate(self.layers):
-            x = layer(x, keys, qkv=qkv if i == 0 else None)
+        first = self.layers[0]
+        if self.factorize_first_layer and not self.training and first.attn.n_heads == 1:
+            x = self.first_layer_factorized(seq, key_mask, cand)
+        else:
+            x = torch.cat([seq.unsqueeze(1).expand(B, N, S, -1), cand.unsqueeze(2).expand(B, N, S, -1)], dim=-1)
+            # The first layer's QKV projection is linear in [seq | cand]: compute the sequence part once per
+            # request and the candidate part once per candidate, instead of once per (candidate, position).
+            w, b = first.attn.qkv.weight, first.attn.qkv.bias
+            qkv = (seq @ w[:, : self.d_seq].T).unsqueeze(1) + (cand @ w[:, self.d_seq:].T + b).unsqueeze(2)
+            x = first(x, keys, qkv=qkv)
+        for layer in self.layers[1:]:
+            x = layer(x, keys)
         valid = row_mask.unsqueeze(1).unsqueeze(-1)  # [B,1,S,1]
         x = x * valid  # padding rows are never part of the output
         pooled = x.masked_fill(~valid, MASK_FILL).amax(dim=2, keepdim=True)
@@ -59,6 +65,41 @@ class TransActEncoder(nn.Module):
         # the K newest rows; a sequence shorter than K gets zero rows (written shape-agnostic for ONNX export)
         rows = torch.cat([x, x.new_zeros(B, N, self.k, x.shape[-1])], dim=2)[:, :, : self.k]
         return torch.cat([rows, pooled], dim=2).flatten(2)
+
+
+    def first_layer_factorized(self, seq: torch.Tensor, key_mask: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """Layer 0 at inference, exactly, without forming per-candidate attention. Early fusion makes every row of
+        candidate c equal to [s_j | c], so q_i = qs_i + qc, k_j = ks_j + kc, v_j = vs_j + vc. In the score
+        (qs_i + qc).(ks_j + kc) the terms that do not depend on j cancel in the softmax over j, leaving
+            softmax_j(A_ij + b_cj),  A = Qs Ks^T (once per request),  b_c = Ks qc (one vector per candidate),
+        and since each softmax row sums to 1 the output projection of the value is
+            sum_j P_cij vs_j Wo + (vc Wo + bo) = (E diag(w_c) Us)_i / z_ci + uc,   Us = Vs Wo^T,
+        with E = exp(A - max), w_c = exp(b_c - max), z_c = E w_c. All candidates share one GEMM E [Us w_1 ... Us w_N]:
+        no per-candidate QK^T, [N,S,S] softmax or output projection (about 40% of the encoder's work).
+        Exact up to rounding while, per row, max_j A_ij + max_j b_cj - max_j (A_ij + b_cj) stays below ~80 (fp32
+        exp range): trained attention logits are far inside that; tests check parity with the direct form."""
+        layer, d = self.layers[0], self.layers[0].attn.out.in_features
+        B, S, ds = seq.shape
+        N = cand.shape[1]
+        wq, wk, wv = layer.attn.qkv.weight.chunk(3, dim=0)
+        bq, _, bv = layer.attn.qkv.bias.chunk(3)            # the key bias cancels like kc
+        scale = d ** -0.5
+        qs, ks, vs = seq @ wq[:, :ds].T, seq @ wk[:, :ds].T, seq @ wv[:, :ds].T          # [B,S,d]
+        qc, vc = cand @ wq[:, ds:].T + bq, cand @ wv[:, ds:].T + bv                      # [B,N,d]
+        hidden = ~key_mask.unsqueeze(1)                                                  # [B,1,S]
+        a = ((qs @ ks.transpose(1, 2)) * scale).masked_fill(hidden, MASK_FILL)          # [B,S,S]
+        e = torch.exp(a - a.amax(-1, keepdim=True))                                      # hidden keys -> 0
+        b = ((qc @ ks.transpose(1, 2)) * scale).masked_fill(hidden, MASK_FILL)          # [B,N,S]
+        w = torch.exp(b - b.amax(-1, keepdim=True))
+        z = (w @ e.transpose(1, 2)).clamp_min(1e-30)                                     # [B,N,S_i]
+        us = vs @ layer.attn.out.weight.T                                                # [B,S,d]
+        uc = vc @ layer.attn.out.weight.T + layer.attn.out.bias                          # [B,N,d]
+        wu = (w.transpose(1, 2).unsqueeze(-1) * us.unsqueeze(2)).reshape(B, S, N * d)    # [B,S_j,N*d]
+        y = (e @ wu).reshape(B, S, N, d).transpose(1, 2)                                 # [B,N,S_i,d]
+        attn = y / z.unsqueeze(-1) + uc.unsqueeze(2)
+        x = torch.cat([seq.unsqueeze(1).expand(B, N, S, ds), cand.unsqueeze(2).expand(B, N, S, -1)], dim=-1)
+        x = layer.norm1(x + attn)
+        return layer.norm2(x + layer.ff(x))
 
 
 class CrossNetworkV2(nn.Module):
