@@ -45,8 +45,9 @@ class TransActConfig:
     dropout: float = 0.1
     top_k_rows: int = 10        # K newest rows of the encoder output, + a max-pool row
     mean_pool_row: bool = False # beyond the paper: + a mean-pool row (rates such as the user's hide rate)
+    sequence_mean: bool = False # beyond the paper: also feed the mean of the raw action rows (what avg_pool sees)
     sequence_encoder: str = "transact"    # "transact" | "no_sequence" | "avg_pool" (baselines from the same code)
-    time_window_max_h: float = 24.0       # training-only random time-window mask, T ~ U[0, 24h]
+    time_window_max_h: float = 1.0        # training-only random time-window mask, T ~ U[0, 1h] (paper: 24h; README)
     cross_layers: int = 2       # DCN v2
     cross_rank: int = 64        # low-rank cross matrices
     mlp: list[int] = field(default_factory=lambda: [256, 128])

@@ -51,10 +51,16 @@ def load_log(events: str, cfg: RunConfig, negative_actions=None) -> EventLog:
     return log
 
 
+def split_time_ms(events: pd.DataFrame, cfg: RunConfig) -> int:
+    """Train period < split time <= test period: the last test_fraction of the log's time span is the test period."""
+    t0, t1 = int(events.timestamp.min()), int(events.timestamp.max())
+    return int(t0 + (1.0 - cfg.data.test_fraction) * (t1 - t0))
+
+
 def prepare(log: EventLog, cfg: RunConfig) -> Prepared:
     ev = log.events
     t0, t1 = int(ev.timestamp.min()), int(ev.timestamp.max())
-    split_time = int(t0 + (1.0 - cfg.data.test_fraction) * (t1 - t0))
+    split_time = split_time_ms(ev, cfg)
     train_ev = ev[ev.timestamp < split_time]
     if train_ev.user_id.nunique() < 2 or (ev.timestamp >= split_time).sum() == 0:
         raise DataError("too few events on one side of the time split", file=log.source)

@@ -64,9 +64,10 @@ def ranker_inputs(lengths, S: int, n_cand: int, seed: int = 0, pad_item: int = 0
 
 # ------------------------------------------------------------------------------------------------------- masks
 
-@pytest.mark.parametrize("encoder", ["transact", "avg_pool"])
-def test_padded_positions_never_change_the_output(encoder):
-    model = make_ranker(encoder)
+@pytest.mark.parametrize("encoder,extra", [("transact", {}), ("avg_pool", {}),
+                                           ("transact", {"sequence_mean": True, "mean_pool_row": True})])
+def test_padded_positions_never_change_the_output(encoder, extra):
+    model = make_ranker(encoder, **extra)
     S = 7
     item, action, mask, user, ctx, cand = ranker_inputs([7, 3, 1, 5], S, 4)
     g = torch.Generator().manual_seed(99)
@@ -247,6 +248,25 @@ def test_factorized_first_layer_equals_direct_attention(logit_scale):
     finally:
         handle.remove()
     assert calls
+
+
+def test_sequence_mean_feeds_transact_exactly_the_avg_pool_feature():
+    """transact.sequence_mean: TransAct's ranker also sees the mean of the raw action rows, computed like avg_pool."""
+    plain, with_mean, avg = make_ranker("transact"), make_ranker("transact", sequence_mean=True), make_ranker("avg_pool")
+    ds = with_mean.cfg.action_dim + with_mean.cfg.item_dim
+    assert with_mean.cross.v[0].in_features == plain.cross.v[0].in_features + ds
+    item, action, mask, user, ctx, cand = ranker_inputs([7, 2], 7, 3)
+    captured = {}
+    for name, model in (("with_mean", with_mean), ("avg", avg)):
+        model.load_state_dict({k: v for k, v in with_mean.state_dict().items()
+                               if k in ("item_table", "item_proj.weight", "item_proj.bias", "action_emb.weight")},
+                              strict=False)
+        handle = model.cross.register_forward_pre_hook(lambda m, a, name=name: captured.__setitem__(name, a[0]))
+        with torch.no_grad():
+            model(item, action, mask, user, ctx, cand)
+        handle.remove()
+    n_tail = USER_DIM + with_mean.cfg.item_dim + N_CONTEXT  # user emb, candidate, context follow the sequence part
+    torch.testing.assert_close(captured["with_mean"][..., -n_tail - ds:-n_tail], captured["avg"][..., :ds])
 
 
 # ------------------------------------------------------------------------------------------------------- losses

@@ -128,15 +128,14 @@ class TransActRanker(nn.Module):
         self.item_proj = nn.Linear(self.item_table.shape[1], cfg.item_dim)
         self.action_emb = nn.Embedding(n_actions, cfg.action_dim, padding_idx=0)
         kind = cfg.sequence_encoder
+        if kind not in ("transact", "avg_pool", "no_sequence"):
+            raise ValueError(f"sequence_encoder must be transact, avg_pool or no_sequence, got {kind!r}")
+        # the mean of the raw action rows: the avg_pool baseline's whole sequence feature, and optionally TransAct's too
+        self.sequence_mean = kind == "avg_pool" or (kind == "transact" and cfg.sequence_mean)
+        seq_dim = (cfg.action_dim + cfg.item_dim) * int(self.sequence_mean)
         if kind == "transact":
             self.encoder = TransActEncoder(cfg)
-            seq_dim = self.encoder.out_dim
-        elif kind == "avg_pool":
-            seq_dim = cfg.action_dim + cfg.item_dim
-        elif kind == "no_sequence":
-            seq_dim = 0
-        else:
-            raise ValueError(f"sequence_encoder must be transact, avg_pool or no_sequence, got {kind!r}")
+            seq_dim += self.encoder.out_dim
         dim = seq_dim + user_dim + cfg.item_dim + n_context
         self.cross = CrossNetworkV2(dim, cfg.cross_layers, cfg.cross_rank)
         mlp, prev = [], dim
@@ -164,7 +163,7 @@ class TransActRanker(nn.Module):
                 first = torch.arange(seq_mask.shape[1], device=seq_mask.device) == 0
                 keys = keys | (first.unsqueeze(0) & ~keys.any(dim=1, keepdim=True))
                 parts.append(self.encoder(seq, keys, seq_mask, cand))
-            else:
+            if self.sequence_mean:  # once per request (padding excluded), broadcast over the candidates
                 m = seq_mask.unsqueeze(-1).to(seq.dtype)
                 avg = (seq * m).sum(1) / m.sum(1).clamp(min=1.0)
                 parts.append(avg.unsqueeze(1).expand(B, N, -1))
