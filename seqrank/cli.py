@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("evaluate", help="time-based evaluation; writes RUN/metrics.json")
     p.add_argument("--run", required=True)
+    p.add_argument("--seeds", default=None, help="e.g. 0,1,2: also train every ranker with these seeds and report "
+                   "each head's AUC mean +- sd (seed variance)")
 
     p = sub.add_parser("export", help="ONNX + parity check + lookup tables -> a Triton model repository")
     p.add_argument("--run", required=True)
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         train(args.events, args.out, args.config, args.negative_actions)
     elif args.command == "evaluate":
         from .pipeline import evaluate
-        evaluate(args.run)
+        evaluate(args.run, [int(x) for x in args.seeds.split(",")] if args.seeds else None)
     return 0
 
 

@@ -57,7 +57,7 @@ def _fit_pinnerformer(run: Path, cfg: RunConfig, prep: Prepared, objective: str,
     return model
 
 
-def _fit_ranker(run, cfg, prep, table, train_ex, encoder: str, out: Path):
+def _fit_ranker(run, cfg, prep, table, train_ex, encoder: str, out: Path, tag: str = ""):
     r_cfg = replace(cfg.transact, sequence_encoder=encoder)
     if out.exists():
         model = build_ranker(r_cfg, prep, table, cfg.pinnerformer.dim)
@@ -65,7 +65,7 @@ def _fit_ranker(run, cfg, prep, table, train_ex, encoder: str, out: Path):
         return model.eval()
     seed_everything(cfg.seed, cfg.threads)
     model = train_ranker(prep, r_cfg, table, cfg.pinnerformer.dim, train_ex, cfg.seed,
-                         run / "checkpoints" / f"ranker_{encoder}.pt")
+                         run / "checkpoints" / f"ranker_{encoder}{tag}.pt")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), out)
     return model
@@ -114,7 +114,10 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
     return run
 
 
-def evaluate(run: str | Path) -> dict:
+def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
+    """Time-split evaluation of the run (its seed). `seeds`: also train every ranker (TransAct and both baselines,
+    the same PinnerFormer) with these seeds and report each head's AUC per seed with mean and standard deviation:
+    on small logs a single seed can move an AUC by more than the differences between the models."""
     run = Path(run)
     cfg, info, prep = load_run(run)
     pf = _load_pinnerformer(run, cfg.pinnerformer, prep)
@@ -135,6 +138,24 @@ def evaluate(run: str | Path) -> dict:
         hits = M.hit_at_k(test_ex.user_day, test_ex.labels, util, k=3, seed=cfg.seed)
         ranker_metrics[encoder] = {h: {"auc": M.auc(test_ex.labels[:, j], probs[:, j]), "hit@3": float(hits[j])}
                                    for j, h in enumerate(heads)}
+    seed_metrics = {}
+    for seed in sorted(set(seeds or [])):
+        for encoder in ("transact", "no_sequence", "avg_pool"):
+            if seed == cfg.seed:
+                aucs = {h: ranker_metrics[encoder][h]["auc"] for h in heads}
+            else:
+                model = _fit_ranker(run, replace(cfg, seed=seed), prep, table, train_ex, encoder,
+                                    run / "seeds" / f"ranker_{encoder}_seed{seed}.safetensors", tag=f"_seed{seed}")
+                probs = predict(model, test_ex)
+                aucs = {h: M.auc(test_ex.labels[:, j], probs[:, j]) for j, h in enumerate(heads)}
+            for h, value in aucs.items():
+                seed_metrics.setdefault(encoder, {}).setdefault(h, {"seeds": [], "auc": []})
+                seed_metrics[encoder][h]["seeds"].append(seed)
+                seed_metrics[encoder][h]["auc"].append(value)
+    for per_head in seed_metrics.values():
+        for entry in per_head.values():
+            entry["mean"], entry["sd"] = float(np.mean(entry["auc"])), float(np.std(entry["auc"], ddof=1)) \
+                if len(entry["auc"]) > 1 else float("nan")
     lifts = {base: {h: {"auc": ranker_metrics["transact"][h]["auc"] - ranker_metrics[base][h]["auc"],
                         "hit@3_lift": M.lift(ranker_metrics["transact"][h]["hit@3"], ranker_metrics[base][h]["hit@3"])}
                     for h in heads} for base in ("no_sequence", "avg_pool")}
@@ -158,13 +179,26 @@ def evaluate(run: str | Path) -> dict:
     dense, nxt = user_metrics["dense_all_action"]["recall@10"], user_metrics["next_action"]["recall@10"]
     user_metrics["dense_vs_next_ratio"] = dense / nxt if nxt > 0 else None  # None: next-action retrieved nothing
     result = {"ranker": ranker_metrics, "lifts_of_transact": lifts, "user_model": user_metrics,
+              **({"ranker_seeds": seed_metrics} if seed_metrics else {}),
               "data": {"events": info["events"], "test_impressions": int(is_test.sum()),
                        "train_impressions": int((~is_test).sum()),
                        "hit@3_groups": int((np.bincount(test_ex.user_day) >= 4).sum()),
                        "hit@3_grouping": "user-day (impressions of one user and day, >= 4)"}}
     (run / "metrics.json").write_text(json.dumps(result, indent=2))
     print(format_table(result, heads))
+    if seed_metrics:
+        print(format_seed_table(seed_metrics, heads))
     return result
+
+
+def format_seed_table(seed_metrics: dict, heads: list[str]) -> str:
+    encoders = ("transact", "no_sequence", "avg_pool")
+    seeds = seed_metrics["transact"][heads[0]]["seeds"]
+    lines = [f"AUC over seeds {seeds} (mean +- sd)", f"{'head':<14}" + "".join(f"{e:>20}" for e in encoders)]
+    for h in heads:
+        lines.append(f"{h:<14}" + "".join(f"{seed_metrics[e][h]['mean']:>13.4f} +-{seed_metrics[e][h]['sd']:.3f}"
+                                          for e in encoders))
+    return "\n".join(lines)
 
 
 def format_table(result: dict, heads: list[str]) -> str:

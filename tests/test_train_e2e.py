@@ -156,3 +156,22 @@ def test_train_resumes_from_the_finished_checkpoint(run, tmp_path):
     # no epoch ran: each finished epoch would have rewritten its checkpoint
     assert {p.name: digest(p) for p in (out / "checkpoints").glob("*.pt")} == checkpoints
     assert "trained in" in resumed.stdout
+
+
+def test_evaluate_over_seeds_trains_each_ranker_per_seed_and_reports_the_spread(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    seeds_eval, _ = seqrank("evaluate", "--run", str(out), "--seeds", "0,1")
+    metrics = json.loads((out / "metrics.json").read_text())
+    first = json.loads((run["out"] / "metrics.json").read_text())
+    assert json.dumps(metrics["ranker"], sort_keys=True) == json.dumps(first["ranker"], sort_keys=True)
+    for encoder in ("transact", "no_sequence", "avg_pool"):
+        assert (out / "seeds" / f"ranker_{encoder}_seed1.safetensors").is_file()
+        assert (out / "checkpoints" / f"ranker_{encoder}_seed1.pt").is_file()  # never the seed-0 checkpoint
+        for head, entry in metrics["ranker_seeds"][encoder].items():
+            assert entry["seeds"] == [0, 1]
+            assert entry["auc"][0] == first["ranker"][encoder][head]["auc"]  # seed 0 is the run's own model
+            assert entry["mean"] == pytest.approx(np.mean(entry["auc"])) and entry["sd"] >= 0
+    # seed 1 is a different model: its AUCs are not all equal to seed 0's
+    assert any(e["auc"][0] != e["auc"][1] for e in metrics["ranker_seeds"]["transact"].values())
+    assert "AUC over seeds [0, 1]" in seeds_eval.stdout
