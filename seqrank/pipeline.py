@@ -154,8 +154,8 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
                 seed_metrics[encoder][h]["auc"].append(value)
     for per_head in seed_metrics.values():
         for entry in per_head.values():
-            entry["mean"], entry["sd"] = float(np.mean(entry["auc"])), float(np.std(entry["auc"], ddof=1)) \
-                if len(entry["auc"]) > 1 else float("nan")
+            entry["mean"] = float(np.mean(entry["auc"]))
+            entry["sd"] = float(np.std(entry["auc"], ddof=1)) if len(entry["auc"]) > 1 else None  # JSON has no NaN
     lifts = {base: {h: {"auc": ranker_metrics["transact"][h]["auc"] - ranker_metrics[base][h]["auc"],
                         "hit@3_lift": M.lift(ranker_metrics["transact"][h]["hit@3"], ranker_metrics[base][h]["hit@3"])}
                     for h in heads} for base in ("no_sequence", "avg_pool")}
@@ -196,7 +196,7 @@ def format_seed_table(seed_metrics: dict, heads: list[str]) -> str:
     seeds = seed_metrics["transact"][heads[0]]["seeds"]
     lines = [f"AUC over seeds {seeds} (mean +- sd)", f"{'head':<14}" + "".join(f"{e:>20}" for e in encoders)]
     for h in heads:
-        lines.append(f"{h:<14}" + "".join(f"{seed_metrics[e][h]['mean']:>13.4f} +-{seed_metrics[e][h]['sd']:.3f}"
+        lines.append(f"{h:<14}" + "".join(f"{seed_metrics[e][h]['mean']:>13.4f} +-{seed_metrics[e][h]['sd'] or 0:.3f}"
                                           for e in encoders))
     return "\n".join(lines)
 
