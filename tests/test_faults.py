@@ -1,7 +1,7 @@
 """Fault injection on the real tritonserver: a killed or hung Python stub under load, a store that is down or hung.
 
 * ``seqrank serve --supervise`` runs as a subprocess on fixed free ports under steady load (4 threads,
-  ``RankingClient(retries=10, backoff_s=0.25, timeout_s=30)``). The preprocess stub is SIGKILLed (the supervisor sees
+  ``RankingClient(retries=12, backoff_s=0.25, timeout_s=30)``). The preprocess stub is SIGKILLed (the supervisor sees
   the stub exit), later the new server's preprocess stub is SIGSTOPped (a hung stub: only the canary sees it). Both
   times the ensemble must answer again within 60 s on the same ports, and no client request may fail: the requests in
   flight get UNAVAILABLE or the dead stub's INTERNAL ``is not healthy``, and the client's retry covers both. SIGTERM then exits 0 and
@@ -132,7 +132,7 @@ class Load:
         self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(THREADS)]
 
     def _run(self, k: int) -> None:
-        with RankingClient(self.grpc_url, "grpc", retries=10, backoff_s=0.25, timeout_s=30) as client:
+        with RankingClient(self.grpc_url, "grpc", retries=12, backoff_s=0.25, timeout_s=30) as client:
             client.heads  # noqa: B018 - fetched once, before the faults
             i = k
             while not self.stop_flag.is_set():
