@@ -411,31 +411,41 @@ def test_entrypoint_without_admin_key_locks_the_admin_apis_with_a_random_key(exp
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_healthcheck_reads_the_item_vocabulary_without_numpy(tmp_path):
+def test_canary_takes_evenly_spaced_ids_from_the_item_vocabulary(tmp_path):
+    from seqrank.serving.supervise import canary_inputs
+
+    tables = tmp_path / "repo" / "preprocess" / "1" / "tables"
+    tables.mkdir(parents=True)
     items = np.array(sorted(f"id-{i}".encode() for i in range(1000)), dtype="S")
-    np.save(tmp_path / "items.npy", items)
-    picked = healthcheck.read_npy_strings(tmp_path / "items.npy", 8)
-    expected = [items[(i * 1000) // 8].decode() for i in range(8)]
-    assert picked == expected
-    np.save(tmp_path / "small.npy", items[:3])
-    assert healthcheck.read_npy_strings(tmp_path / "small.npy", 8) == [x.decode() for x in items[:3]]
-    np.save(tmp_path / "floats.npy", np.zeros(3))
-    with pytest.raises(ValueError):
-        healthcheck.read_npy_strings(tmp_path / "floats.npy", 2)
+    np.save(tables / "items.npy", items)
+    picked, known, _ = canary_inputs(str(tmp_path / "repo"), 8)
+    assert list(picked) == [items[(i * 1000) // 8].decode() for i in range(8)] and known
+    np.save(tables / "items.npy", items[:3])
+    canary_inputs.cache_clear()
+    assert list(canary_inputs(str(tmp_path / "repo"), 8)[0]) == [x.decode() for x in items[:3]]
+    np.save(tables / "items.npy", np.zeros((2, 2)))  # not a vocabulary: synthetic ids, scored out-of-vocabulary
+    canary_inputs.cache_clear()
+    ids, known, _ = canary_inputs(str(tmp_path / "repo"), 2)
+    assert not known and list(ids) == ["seqrank-canary-0", "seqrank-canary-1"]
 
 
 def test_healthcheck_takes_known_candidates_from_the_exported_repository(exported_repo, monkeypatch):
-    monkeypatch.delenv("SEQRANK_CANARY_CANDIDATES", raising=False)
-    candidates, known, action = healthcheck.canary_inputs(exported_repo, 8)
+    from seqrank.serving.supervise import canary_inputs, canary_request
+
+    candidates, known, action = canary_inputs(str(exported_repo), 8)
     assert known and len(candidates) == 8 and all(c.startswith("item") for c in candidates)
     assert action == "click"
     monkeypatch.setenv("SEQRANK_CANARY_CANDIDATES", "a, b")
-    assert healthcheck.canary_inputs(exported_repo, 8)[:2] == (["a", "b"], True)
-    monkeypatch.delenv("SEQRANK_CANARY_CANDIDATES")
-    candidates, known, action = healthcheck.canary_inputs(exported_repo / "missing", 4)
+    assert healthcheck.env_candidates() == ["a", "b"]
+    monkeypatch.setenv("SEQRANK_CANARY_CANDIDATES", " , ")
+    assert healthcheck.env_candidates() is None
+    candidates, known, action = canary_inputs(str(exported_repo / "missing"), 4)
     assert not known and action is None and len(candidates) == 4
-    request = healthcheck.build_request(candidates, None, 1_700_000_000_000)
+    request = canary_request(candidates, None, 1_700_000_000_000)
     assert {i["name"] for i in request["inputs"]} == {"user_id", "candidate_ids", "request_time_ms"}
+    request = canary_request(["x", "y"], "click", 1_700_000_000_000)
+    times = next(i["data"] for i in request["inputs"] if i["name"] == "action_times_ms")
+    assert times == [1_699_999_940_000, 1_699_999_880_000]  # the canary's own actions: newest first, before now
 
 
 def _response(ranked, scores, utility, oov, source="request"):

@@ -64,24 +64,23 @@ def _alive(pid: int) -> bool:
     return st is not None and st[0] not in ("Z", "X")
 
 
-def _children(pid: int) -> list[int]:
+def _live_where(field: int, value: int) -> list[int]:
+    """Live processes whose /proc stat field (after the name: 1 = ppid, 2 = pgrp) equals value."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             st = _stat(int(entry))
-            if st is not None and st[0] not in ("Z", "X") and int(st[1]) == pid:
+            if st is not None and st[0] not in ("Z", "X") and int(st[field]) == value:
                 out.append(int(entry))
     return out
+
+
+def _children(pid: int) -> list[int]:
+    return _live_where(1, pid)
 
 
 def _group(pgid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            st = _stat(int(entry))
-            if st is not None and st[0] not in ("Z", "X") and int(st[2]) == pgid:
-                out.append(int(entry))
-    return out
+    return _live_where(2, pgid)
 
 
 def _server_of(supervisor_pid: int) -> int:
@@ -355,6 +354,17 @@ def _timed_rank(server, user, items, actions=None):
         return res, time.monotonic() - started
 
 
+def _fallback_latencies(server, user, items, n: int) -> list[float]:
+    """n rankings while the store is out: each answered in full through the no-sequence path; their latencies."""
+    latencies = []
+    for _ in range(n):
+        res, latency = _timed_rank(server, user, items)
+        assert res.sequence_source == "fallback_store_unavailable"
+        assert sorted(res.item_ids) == sorted(items)
+        latencies.append(latency)
+    return latencies
+
+
 def _store_server(small_run, start_server, url: str):
     """A fresh server reading the store at ``url``, warmed up with a request that carries its own actions (so the
     first inference's one-off costs are not counted as store latency, and the store has not been read yet)."""
@@ -382,12 +392,7 @@ def test_unopenable_embedded_store_falls_back_fast_and_recovers(small_run, start
         shutil.copy2(aside, path)
         path.chmod(0)
     try:
-        latencies = []
-        for _ in range(5):
-            res, latency = _timed_rank(server, user, items)
-            assert res.sequence_source == "fallback_store_unavailable"
-            assert sorted(res.item_ids) == sorted(items)
-            latencies.append(latency)
+        latencies = _fallback_latencies(server, user, items, 5)
         canary(server.http_url, 5.0, small_run["repo"])  # the canary never needs the store
     finally:
         if path.is_dir():
@@ -411,12 +416,7 @@ def test_corrupted_embedded_store_falls_back(small_run, start_server, tmp_path):
     (user, items), = _requests(small_run, 1)
     path.write_bytes(b"this is not an SQLite database\n" * 512)
     try:
-        latencies = []
-        for _ in range(3):
-            res, latency = _timed_rank(server, user, items)
-            assert res.sequence_source == "fallback_store_unavailable"
-            assert sorted(res.item_ids) == sorted(items)
-            latencies.append(latency)
+        latencies = _fallback_latencies(server, user, items, 3)
         # requests that carry their own actions are unaffected
         res, _ = _timed_rank(server, user, items, actions=[(items[0], "click", 1_649_000_000_000)])
         assert res.sequence_source == "request"
@@ -445,12 +445,7 @@ def test_paused_redis_falls_back_within_the_store_timeout(small_run, start_serve
             assert res.sequence_source == "store"
             redis.pause()  # SIGSTOP: connections are accepted by the kernel, nothing answers
             try:
-                latencies = []
-                for _ in range(5):
-                    res, latency = _timed_rank(server, user, items)
-                    assert res.sequence_source == "fallback_store_unavailable"
-                    assert sorted(res.item_ids) == sorted(items)
-                    latencies.append(latency)
+                latencies = _fallback_latencies(server, user, items, 5)
                 canary(server.http_url, 5.0, small_run["repo"])
             finally:
                 redis.resume()

@@ -49,11 +49,11 @@ import urllib.request
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .triton import ServerOptions, ServerStartError, TritonServer
 
-__all__ = ["CANARY_USER", "CanaryError", "canary", "check_response", "supervise"]
+__all__ = ["CANARY_USER", "CanaryError", "canary", "canary_inputs", "canary_request", "check_response", "supervise"]
 
 MODEL = "seqrank"
 OUTPUTS = ("ranked_ids", "head_scores", "utility", "oov", "sequence_source")
@@ -80,7 +80,7 @@ class _StopRequested(Exception):
 
 
 @lru_cache(maxsize=8)
-def _canary_inputs(repository: str | None, n: int) -> tuple[tuple[str, ...], bool, str | None]:
+def canary_inputs(repository: str | None, n: int) -> tuple[tuple[str, ...], bool, str | None]:
     """(candidates, known ids?, action name) from the repository's preprocess tables (evenly spaced item ids and the
     first action name); synthetic ids (scored out-of-vocabulary) and no action when the tables cannot be read."""
     action = None
@@ -148,21 +148,10 @@ def check_response(body: dict, candidates: list[str], known: bool, with_actions:
     return f"{n} candidates x {heads} heads"
 
 
-def canary(http_url: str, timeout_s: float = 5.0, repository: Path | str | None = None, model: str = MODEL,
-           n_candidates: int = 8) -> None:
-    """One real ranking through the ensemble over HTTP; returns None when healthy, raises :class:`CanaryError`.
-
-    The request carries the canary's own recent actions (newest first, a minute apart, before ``request_time_ms`` =
-    now), so it never reads the feature store. With ``repository`` the candidates are known item ids from its
-    preprocess tables and the checks are strict (``oov`` all False, ``sequence_source == "request"``); without it
-    they are synthetic ids (out-of-vocabulary, which still runs every model). Checks: HTTP 200, every output present,
-    ``ranked_ids`` a permutation of the candidates, ``head_scores`` one row per candidate, finite and in [0, 1],
-    ``utility`` finite and sorted best first. Inference stays open when the admin APIs are restricted (the canary
-    needs no model config). Standard library only, the same wire format as ``docker/healthcheck.py``.
-    """
-    candidates, known, action = _canary_inputs(str(repository) if repository else None, int(n_candidates))
+def canary_request(candidates: Sequence[str], action: str | None, now_ms: int) -> dict:
+    """The canary's KServe v2 JSON request: the candidates and, with an action name, the canary's own recent actions
+    (newest first, a minute apart, before ``request_time_ms`` = now), so it never reads the feature store."""
     candidates = list(candidates)
-    now_ms = int(time.time() * 1000)
     inputs = [
         {"name": "user_id", "datatype": "BYTES", "shape": [1, 1], "data": [CANARY_USER]},
         {"name": "candidate_ids", "datatype": "BYTES", "shape": [1, len(candidates)], "data": candidates},
@@ -176,10 +165,27 @@ def canary(http_url: str, timeout_s: float = 5.0, repository: Path | str | None 
             {"name": "action_times_ms", "datatype": "INT64", "shape": [1, k],
              "data": [now_ms - 60_000 * (i + 1) for i in range(k)]},
         ]
-    payload = json.dumps({"inputs": inputs, "outputs": [{"name": o, "parameters": {"binary_data": False}}
-                                                        for o in OUTPUTS]}).encode()
+    return {"inputs": inputs, "outputs": [{"name": o, "parameters": {"binary_data": False}} for o in OUTPUTS]}
+
+
+def canary(http_url: str, timeout_s: float = 5.0, repository: Path | str | None = None, model: str = MODEL,
+           n_candidates: int = 8, candidates: Sequence[str] | None = None) -> str:
+    """One real ranking through the ensemble over HTTP; returns a one-line summary when healthy, raises
+    :class:`CanaryError` otherwise. Used by the supervisor and by ``docker/healthcheck.py``.
+
+    With ``repository`` the candidates are known item ids from its preprocess tables and the checks are strict
+    (``oov`` all False, ``sequence_source == "request"``); without it they are synthetic ids (out-of-vocabulary, which
+    still runs every model). ``candidates`` overrides the ids (treated as known). Checks: HTTP 200, every output
+    present, ``ranked_ids`` a permutation of the candidates, ``head_scores`` one row per candidate, finite and in
+    [0, 1], ``utility`` finite and sorted best first. Inference stays open when the admin APIs are restricted (the
+    canary needs no model config)."""
+    ids, known, action = canary_inputs(str(repository) if repository else None, int(n_candidates))
+    ids = list(candidates) if candidates else list(ids)
+    known = known or bool(candidates)
+    payload = json.dumps(canary_request(ids, action, int(time.time() * 1000))).encode()
     request = urllib.request.Request(f"http://{http_url}/v2/models/{model}/infer", data=payload, method="POST",
                                      headers={"Content-Type": "application/json"})
+    started = time.monotonic()
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             body = json.loads(response.read())
@@ -190,7 +196,8 @@ def canary(http_url: str, timeout_s: float = 5.0, repository: Path | str | None 
         raise CanaryError(f"inference request failed: {err}") from None
     except ValueError as err:
         raise CanaryError(f"inference answer is not JSON: {err}") from None
-    check_response(body, candidates, known, with_actions=action is not None)
+    summary = check_response(body, ids, known, with_actions=action is not None)
+    return f"{summary} ranked in {(time.monotonic() - started) * 1000:.1f} ms"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
