@@ -77,3 +77,21 @@ def server(small_run, start_server):
     s = start_server(small_run["repo"], env={"SEQRANK_STORE": small_run["store"]}, timeout_s=300)
     s.wait_models_ready(ENSEMBLE_MODELS, timeout_s=120)
     return s
+
+
+def rss_by_process(pids) -> dict[str, int]:
+    """VmRSS (kB) per process, keyed ``tritonserver`` or ``<model> stub <pid>``."""
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+            with open(f"/proc/{pid}/status") as fh:
+                kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+        if argv and argv[0].endswith("triton_python_backend_stub") and len(argv) > 1:
+            out[f"{Path(argv[1]).parts[-3]} stub {pid}"] = kb
+        else:
+            out["tritonserver" if argv and argv[0].endswith("tritonserver") else str(pid)] = kb
+    return out

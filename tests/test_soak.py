@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import ENSEMBLE_MODELS
+from conftest import ENSEMBLE_MODELS, rss_by_process
 from seqrank.serving.supervise import canary
 from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
 
@@ -96,24 +96,6 @@ def _perf_analyzer(server, data, tmp_path, *load_args, count: int, timeout_s: fl
     return [(r["timestamp"], (r["response_timestamps"][-1] - r["timestamp"]) / 1e9) for r in requests]
 
 
-def _rss_by_process(pids) -> dict[str, int]:
-    """VmRSS (kB) per process, keyed ``tritonserver`` or ``<model> stub <pid>``."""
-    out = {}
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
-            with open(f"/proc/{pid}/status") as fh:
-                kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            continue
-        if argv and argv[0].endswith("triton_python_backend_stub") and len(argv) > 1:
-            out[f"{Path(argv[1]).parts[-3]} stub {pid}"] = kb
-        else:
-            out["tritonserver" if argv and argv[0].endswith("tritonserver") else str(pid)] = kb
-    return out
-
-
 class RssSampler(threading.Thread):
     def __init__(self, server):
         super().__init__(daemon=True)
@@ -124,7 +106,7 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_flag.is_set():
-            now, rss = time.monotonic(), _rss_by_process(self.server.group_pids())
+            now, rss = time.monotonic(), rss_by_process(self.server.group_pids())
             self.samples.append((now, sum(rss.values()), len(rss)))
             self.by_process.append((now, rss))
             self.stop_flag.wait(RSS_EVERY_S)
