@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
