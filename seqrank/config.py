@@ -56,6 +56,9 @@ class TransActConfig:
     epochs: int = 3
     lr: float = 2e-3
     weight_decay: float = 1e-5
+    warmup_fraction: float = 0.0          # linear LR warm-up over this fraction of the steps (post-norm transformers)
+    lr_decay: str = "constant"            # "constant" | "cosine" (to 0 at the last step)
+    grad_clip: float = 0.0                # max global gradient norm; 0 = no clipping
 
 
 @dataclass

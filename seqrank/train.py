@@ -5,6 +5,8 @@ weights_only=True) and resumable: re-running the same command continues from the
 """
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,20 @@ def seed_everything(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
+
+
+def lr_factor(step: int, total: int, warmup_fraction: float, decay: str) -> float:
+    """The learning-rate multiplier at ``step`` of ``total``: linear warm-up over the first warmup_fraction of the
+    steps, then constant or a cosine to 0. A function of the step alone, so a resumed run continues it exactly."""
+    if decay not in ("constant", "cosine"):
+        raise ValueError(f"lr_decay must be constant or cosine, got {decay!r}")
+    warmup = int(round(warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _checkpointed_epochs(model, optim, ckpt: Path, epochs: int, run_epoch, desc: str):
@@ -206,10 +222,16 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
                               weight_decay=cfg.weight_decay)
     negative_heads = torch.as_tensor([h in prep.vocab.negative_actions for h in prep.vocab.heads])
 
+    lengths = train.seq.seq_mask.sum(1)
+    per_epoch = -(-len(lengths) // cfg.batch_size)  # batches per epoch (length_bucketed_batches makes ~this many)
+
     def run_epoch(epoch):
         rng = np.random.default_rng([seed, epoch])
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        for idx in length_bucketed_batches(train.seq.seq_mask.sum(1), cfg.batch_size, rng):
+        for i, idx in enumerate(length_bucketed_batches(lengths, cfg.batch_size, rng)):
+            for group in optim.param_groups:
+                group["lr"] = cfg.lr * lr_factor(epoch * per_epoch + i, cfg.epochs * per_epoch,
+                                                 cfg.warmup_fraction, cfg.lr_decay)
             seq_item, seq_action, seq_mask, user_emb, context, cand = train.tensors(idx)
             L = seq_mask.shape[1]
             age = torch.as_tensor((train.request_time[idx, None] - train.seq.seq_ts[idx, :L]) / 1000.0)
@@ -219,6 +241,8 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
                                           cfg.negative_label_weight)
             optim.zero_grad()
             loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optim.step()
 
     _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch, f"ranker[{cfg.sequence_encoder}]")

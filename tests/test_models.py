@@ -642,3 +642,19 @@ def test_onnx_parity_check_catches_a_wrong_model(tmp_path):
     path = export_ranker_onnx(make_ranker("transact", seed=3), tmp_path / "model.onnx")
     with pytest.raises(AssertionError, match="parity"):
         check_parity(make_ranker("transact", seed=4), path, 9)
+
+
+# ------------------------------------------------------------------------------------------------ lr schedule
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
+    from seqrank.train import lr_factor
+    total = 100
+    assert [lr_factor(s, total, 0.1, "cosine") for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_factor(10, total, 0.1, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, total, 0.1, "cosine") == pytest.approx(0.5)     # half-way through the decay
+    assert lr_factor(total, total, 0.1, "cosine") == pytest.approx(0.0)
+    decay = [lr_factor(s, total, 0.1, "cosine") for s in range(10, total)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert {lr_factor(s, total, 0.0, "constant") for s in range(total)} == {1.0}
+    with pytest.raises(ValueError, match="lr_decay"):
+        lr_factor(0, total, 0.0, "linear")
