@@ -10,7 +10,7 @@ Systems (docs/performance.md explains the method and the numbers):
 (b) tuned     the exported Triton ensemble as is (--model-config-name=cpu, feature store = the embedded SQLite
               store loaded with the log), perf_analyzer over gRPC, concurrency sweep + Poisson request-rate sweep;
 (c) untuned   a copy of the repository with dynamic_batching removed from every model, one instance per model;
-(d) naive     FastAPI + uvicorn (workers = cores) + PyTorch eager (perf/naive_service.py) with the same model,
+(d) naive     FastAPI + uvicorn (one process per core, Nagle off) + PyTorch eager (perf/naive_service.py) with the same model,
               tables and store, loaded by perf/loadgen.py (closed loop, same concurrencies, same statistics).
 
 The compared systems are measured interleaved, round by round (one load level per round, every system in each
@@ -631,57 +631,70 @@ def _free_port() -> int:
 
 
 class NaiveService:
+    """``workers`` single-worker uvicorn processes, one per core, each on its own port; the load generator spreads
+    its connections round-robin over them (a client-side balancer). This is the baseline's best case: with
+    ``uvicorn --workers 2`` on one port the kernel handed 3 of 4 keep-alive connections to one worker (measured:
+    1 x 16 at concurrency 4 ran at one worker's throughput, 80 req/s)."""
+
     def __init__(self, run: Path, tables: Path, store_url: str | None, workers: int, log_path: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ports = [_free_port() for _ in range(workers)]
+        self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
+        self.url = self.urls[0]
         env = dict(os.environ, SEQRANK_NAIVE_RUN=str(run.resolve()), SEQRANK_NAIVE_TABLES=str(tables.resolve()),
                    OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         if store_url:
             env["SEQRANK_STORE"] = store_url
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
+        self.procs = [subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "naive_service:app", "--app-dir", str(PERF), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", str(workers), "--log-level", "warning", "--no-access-log"],
+             "--port", str(port), "--workers", "1", "--log-level", "warning", "--no-access-log",
+             "--http", "naive_service:NoDelayHTTPProtocol"],  # Nagle off (see naive_service.py)
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
-            start_new_session=True)
+            start_new_session=True) for port in self.ports]
 
-    def wait_ready(self, body: dict, workers: int, timeout_s: float = 180) -> None:
-        """Ready when /rank answers 200 and every worker has answered /healthz (each loads the model at startup)."""
+    def rank_urls(self) -> list[str]:
+        return [u + "/rank" for u in self.urls]
+
+    def wait_ready(self, body: dict, timeout_s: float = 180) -> None:
+        """Ready when every process answers /rank with 200 (each loads the model at startup)."""
         import httpx
         deadline = time.monotonic() + timeout_s
-        seen = set()
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+        pending = list(self.urls)
+        while pending and time.monotonic() < deadline:
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"uvicorn exited with {proc.returncode}: {self.log_path.read_text()[-2000:]}")
             try:
-                with httpx.Client(timeout=30) as c:  # a new connection each time: the kernel spreads them
-                    seen.add(c.get(self.url + "/healthz").json()["pid"])
-                    if len(seen) >= workers and c.post(self.url + "/rank", json=body).status_code == 200:
-                        return
+                with httpx.Client(timeout=30) as c:
+                    if c.post(pending[0] + "/rank", json=body).status_code == 200:
+                        pending.pop(0)
+                        continue
             except Exception:  # noqa: BLE001
                 pass
             time.sleep(0.3)
-        raise TimeoutError(f"naive service not ready after {timeout_s}s: {self.log_path.read_text()[-2000:]}")
+        if pending:
+            raise TimeoutError(f"naive service not ready after {timeout_s}s: {self.log_path.read_text()[-2000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(timeout=20)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         self._log.close()
 
 
 def naive_point(svc: NaiveService, bodies: list[dict], concurrency: int, st: Settings) -> dict:
     load = os.getloadavg()[0]
     try:
-        r = closed_loop(svc.url + "/rank", bodies, concurrency, warmup_s=st.lg_warmup_s, window_s=st.lg_window_s,
+        r = closed_loop(svc.rank_urls(), bodies, concurrency, warmup_s=st.lg_warmup_s, window_s=st.lg_window_s,
                         windows=3)
     except Exception as e:  # noqa: BLE001
         return {"mode": "concurrency", "load": concurrency, "loadavg": load, "ok": False, "error": repr(e)}
@@ -1206,7 +1219,7 @@ def main(argv=None) -> int:
         fixed16 = reqs["fixed_1x16"][0]
         body16 = {"user_id": fixed16["user_id"], "candidate_ids": fixed16["candidate_ids"],
                   "request_time_ms": fixed16["request_time_ms"]}
-        naive.wait_ready(body100, workers)
+        naive.wait_ready(body100)
         details["naive_workers"] = workers
         log(f"servers up: tuned {tuned.grpc_url}, untuned {untuned.grpc_url}, naive {naive.url} ({workers} workers)")
 
@@ -1232,7 +1245,7 @@ def main(argv=None) -> int:
         for srv in (tuned, untuned, *variants.values()):
             for s in ("fixed_1x100_store", "fixed_1x16_store"):
                 pa_point(srv, "seqrank", files[s], csvdir / "warm.csv", Settings(True, pa_window_ms=300))
-        closed_loop(naive.url + "/rank", [body100], 2, warmup_s=0.2, window_s=0.3, windows=1)
+        closed_loop(naive.rank_urls(), [body100], 2, warmup_s=0.2, window_s=0.3, windows=1)
 
         # ---- interleaved rounds ---------------------------------------------------------------------------------
         cmax = max(st.concurrencies)

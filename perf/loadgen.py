@@ -1,6 +1,6 @@
 """A small closed-loop HTTP load generator (asyncio), measuring like perf_analyzer's concurrency mode.
 
-``concurrency`` workers, each with its own keep-alive HTTP/1.1 connection, send one request, wait for the whole
+``concurrency`` workers, each with its own keep-alive HTTP/1.1 connection (spread round-robin over the given URLs), send one request, wait for the whole
 response, send the next (request bodies cycle through ``bodies``). After a warm-up window, ``windows`` windows of
 ``window_s`` seconds are measured: throughput = responses completed inside the measured span / its length, latency
 percentiles over those responses (client side: from writing the request to reading the last response byte), as
@@ -63,19 +63,24 @@ async def _worker(host: str, port: int, path: str, bodies: Sequence[bytes], offs
             pass
 
 
-async def _run(url: str, bodies: Sequence[bytes], concurrency: int, warmup_s: float, window_s: float,
-               windows: int) -> dict:
-    assert url.startswith("http://")
+def _split(url: str) -> tuple[str, int, str]:
+    assert url.startswith("http://"), url
     hostport, _, path = url[len("http://"):].partition("/")
     host, _, port = hostport.partition(":")
+    return host, int(port or 80), "/" + path
+
+
+async def _run(urls: Sequence[str], bodies: Sequence[bytes], concurrency: int, warmup_s: float, window_s: float,
+               windows: int) -> dict:
+    targets = [_split(u) for u in urls]
     start = time.perf_counter()
     record_from = start + warmup_s
     record_to = record_from + window_s * windows
     lat: list[float] = []
     errors: list[int] = []
     cpu0 = _cpu_s()
-    await asyncio.gather(*(_worker(host, int(port or 80), "/" + path, bodies, k * 7, record_to, record_from,
-                                   record_to, lat, errors) for k in range(concurrency)))
+    await asyncio.gather(*(_worker(*targets[k % len(targets)], bodies, k * 7, record_to, record_from, record_to,
+                                   lat, errors) for k in range(concurrency)))
     cpu = _cpu_s() - cpu0
     span = record_to - record_from
     us = np.asarray(lat) * 1e6
@@ -87,18 +92,20 @@ async def _run(url: str, bodies: Sequence[bytes], concurrency: int, warmup_s: fl
             "client_cpu_s": cpu, "wall_s": time.perf_counter() - start}
 
 
-def closed_loop(url: str, bodies: Sequence[bytes | dict], concurrency: int, warmup_s: float = 1.0,
+def closed_loop(url: str | Sequence[str], bodies: Sequence[bytes | dict], concurrency: int, warmup_s: float = 1.0,
                 window_s: float = 3.0, windows: int = 3) -> dict:
-    """One load point: {"Concurrency", "Inferences/Second", "p50 latency" .. "p99 latency" (usec), ...}."""
+    """One load point: {"Concurrency", "Inferences/Second", "p50 latency" .. "p99 latency" (usec), ...}. Several
+    URLs (replicas of one service): connection k goes to url[k % len(url)], a client-side round-robin balancer."""
     enc = [b if isinstance(b, bytes) else json.dumps(b).encode() for b in bodies]
-    return asyncio.run(_run(url, enc, concurrency, warmup_s, window_s, windows))
+    urls = [url] if isinstance(url, str) else list(url)
+    return asyncio.run(_run(urls, enc, concurrency, warmup_s, window_s, windows))
 
 
 if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", required=True, help="http://host:port/path")
+    p.add_argument("--url", required=True, nargs="+", help="http://host:port/path (several: round-robin)")
     p.add_argument("--body", required=True, help="a JSON file: one request body or a list of them")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--window", type=float, default=3.0)

@@ -2,7 +2,8 @@
 
     SEQRANK_NAIVE_RUN=runs/demo SEQRANK_NAIVE_TABLES=runs/demo/model_repository/preprocess/1/tables \
     SEQRANK_STORE=sqlite:///abs/store.db \
-    .venv/bin/python -m uvicorn naive_service:app --app-dir perf --workers 2 --port 8080
+    .venv/bin/python -m uvicorn naive_service:app --app-dir perf --workers 2 --port 8080 \
+        --http naive_service:NoDelayHTTPProtocol
 
 Same request semantics as the ensemble (docs/serving-contract.md), as JSON:
 ``POST /rank`` ``{"user_id": str, "candidate_ids": [str], "request_time_ms": int (optional),
@@ -11,12 +12,15 @@ Same request semantics as the ensemble (docs/serving-contract.md), as JSON:
 ``seqrank.serving.preprocess.Preprocessor`` (the ensemble's preprocess code, the same tables and store); the model is
 ``seqrank.export.load_ranker(run)`` in ``torch.inference_mode`` with ``torch.set_num_threads(1)`` per worker (the
 usual setting for N workers on N cores). The endpoint is ``async def`` and computes inline: on a CPU-bound service
-that is the cheapest choice (no thread-pool hop per request), i.e. the baseline's best case.
+that is the cheapest choice (no thread-pool hop per request), i.e. the baseline's best case. Its connections have
+Nagle's algorithm off (``NoDelayHTTPProtocol``): with ``--workers`` > 1 uvicorn leaves it on, which alone added ~44
+ms to every keep-alive request (56 ms instead of 12 ms for 1 x 16 at concurrency 1).
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,9 +28,23 @@ import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from seqrank.export import load_ranker
 from seqrank.serving.preprocess import Preprocessor, RequestError
+
+class NoDelayHTTPProtocol(AutoHTTPProtocol):
+    """uvicorn's HTTP protocol with TCP_NODELAY on every connection. ``--workers N`` binds the listening socket with
+    proto 0; accepted sockets inherit it and asyncio only disables Nagle when proto is IPPROTO_TCP, so each
+    keep-alive response (headers and body written separately) waited for the client's delayed ACK, ~40 ms on Linux
+    (uvicorn issue #3149). A team that measured its service would turn it off; so does this baseline."""
+
+    def connection_made(self, transport):
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
+
 
 CANDIDATE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 
