@@ -46,6 +46,8 @@ class TransActConfig:
     top_k_rows: int = 10        # K newest rows of the encoder output, + a max-pool row
     mean_pool_row: bool = False # beyond the paper: + a mean-pool row (rates such as the user's hide rate)
     sequence_mean: bool = False # beyond the paper: also feed the mean of the raw action rows (what avg_pool sees)
+    output_dim: int = 0         # beyond the paper: project the flattened TransAct output to this size (+ LayerNorm)
+                                # before DCN v2; 0 = the paper (the (K+1) x d features go in as they are)
     sequence_encoder: str = "transact"    # "transact" | "no_sequence" | "avg_pool" (baselines from the same code)
     time_window_max_h: float = 1.0        # training-only random time-window mask, T ~ U[0, 1h] (paper: 24h; README)
     cross_layers: int = 2       # DCN v2

@@ -65,7 +65,8 @@ def ranker_inputs(lengths, S: int, n_cand: int, seed: int = 0, pad_item: int = 0
 # ------------------------------------------------------------------------------------------------------- masks
 
 @pytest.mark.parametrize("encoder,extra", [("transact", {}), ("avg_pool", {}),
-                                           ("transact", {"sequence_mean": True, "mean_pool_row": True})])
+                                           ("transact", {"sequence_mean": True, "mean_pool_row": True}),
+                                           ("transact", {"output_dim": 5})])
 def test_padded_positions_never_change_the_output(encoder, extra):
     model = make_ranker(encoder, **extra)
     S = 7
@@ -658,3 +659,19 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
     assert {lr_factor(s, total, 0.0, "constant") for s in range(total)} == {1.0}
     with pytest.raises(ValueError, match="lr_decay"):
         lr_factor(0, total, 0.0, "linear")
+
+
+def test_output_dim_puts_a_normalised_bottleneck_between_transact_and_dcn():
+    paper, compressed = make_ranker(), make_ranker(output_dim=5)
+    assert paper.compress is None
+    extra = paper.encoder.out_dim - 5
+    assert paper.cross.v[0].in_features - compressed.cross.v[0].in_features == extra
+    inputs = ranker_inputs([7, 3], 7, 4)
+    with torch.inference_mode():
+        encoded = compressed.encoder(torch.cat([compressed.action_emb(inputs[1]),
+                                                compressed.item_embedding(inputs[0])], -1),
+                                     inputs[2], inputs[2], compressed.item_embedding(inputs[5]))
+        z = compressed.compress(encoded)
+        assert z.shape[-1] == 5
+        torch.testing.assert_close(z.mean(-1), torch.zeros(z.shape[:-1]), atol=1e-5, rtol=0)  # LayerNorm'd
+        assert torch.isfinite(compressed(*inputs)).all()
