@@ -28,7 +28,7 @@ def _requests(widths_rows, seed=0):
 @pytest.mark.parametrize("max_rows", [128, 32, 5])
 def test_bounded_runs_equal_scoring_each_request_alone(max_rows):
     model = make_ranker()
-    requests = _requests([(16, 1), (128, 1), (256, 2), (16, 1), (64, 1), (16, 3), (1, 1)])
+    requests = _requests([(16, 1), (128, 1), (256, 2), (16, 1), (64, 1), (16, 3), (1, 1), (0, 1)])  # (width, rows)
     shapes = []
 
     def run(feeds):
@@ -48,7 +48,7 @@ def test_bounded_runs_equal_scoring_each_request_alone(max_rows):
     assert all(p <= max_rows for _, p in shapes)
     # no padding beyond a request's own bucket: when every width is a multiple of its piece width, the runs score
     # exactly the candidate rows that arrived
-    if all(c.shape[1] % min(c.shape[1], max_rows) == 0 for _, c in requests):
+    if all(c.shape[1] % max(1, min(c.shape[1], max_rows)) == 0 for _, c in requests):
         assert sum(k * p for k, p in shapes) == sum(c.shape[0] * c.shape[1] for _, c in requests)
 
 

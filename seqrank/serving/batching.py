@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-PAD = 0  # candidate id of padding (seqrank.features.PAD)
+from ..features import PAD
 
 
 def score_in_runs(run: Callable[[dict], np.ndarray], user_side: Mapping[str, np.ndarray],
@@ -36,14 +36,14 @@ def score_in_runs(run: Callable[[dict], np.ndarray], user_side: Mapping[str, np.
         n, w = cand.shape
         width = min(w, max_rows)
         for i in range(n):
-            for start in range(0, w, width):
+            for start in range(0, max(w, 1), max(width, 1)):  # a row without candidates is one empty piece
                 by_width[width].append((r, i, user, start))
             user += 1
     if user != len(next(iter(user_side.values()))):
         raise ValueError(f"{user} request rows but {len(next(iter(user_side.values())))} user-side rows")
     outputs: list[np.ndarray | None] = [None] * len(cand_items)
     for width, pieces in by_width.items():
-        per_run = max(1, max_rows // width)
+        per_run = max(1, max_rows // max(width, 1))
         for first in range(0, len(pieces), per_run):
             chunk = pieces[first:first + per_run]
             users = np.fromiter((p[2] for p in chunk), dtype=np.int64, count=len(chunk))
