@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seqrank.config import RunConfig  # noqa: E402
 from seqrank.features import FIRST_ID, N_CONTEXT  # noqa: E402
 from seqrank.models.transact import TransActRanker  # noqa: E402
-
-BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # seqrank.export.CANDIDATE_BUCKETS (not imported: it pulls in onnx)
+from seqrank.serving.preprocess import CANDIDATE_BUCKETS  # noqa: E402
 
 
 def load_model(run: Path) -> tuple[TransActRanker, RunConfig, str]:
@@ -57,7 +56,7 @@ def load_model(run: Path) -> tuple[TransActRanker, RunConfig, str]:
 
 
 def request(model: TransActRanker, n_cand: int, batch: int, seq_len: int, device: str) -> tuple[torch.Tensor, ...]:
-    bucket = next(b for b in BUCKETS if b >= n_cand)
+    bucket = next(b for b in CANDIDATE_BUCKETS if b >= n_cand)
     g = torch.Generator().manual_seed(0)
     n_items, n_actions = model.item_table.shape[0], model.action_emb.num_embeddings
     seq_item = torch.randint(FIRST_ID, n_items, (batch, seq_len), generator=g)

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from seqrank.export import load_ranker
-from seqrank.serving.preprocess import Preprocessor, RequestError
+from seqrank.serving.preprocess import CANDIDATE_BUCKETS, Preprocessor, RequestError
 
 class NoDelayHTTPProtocol(AutoHTTPProtocol):
     """uvicorn's HTTP protocol with TCP_NODELAY on every connection. ``--workers N`` binds the listening socket with
@@ -45,8 +45,6 @@ class NoDelayHTTPProtocol(AutoHTTPProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
 
-
-CANDIDATE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 
 
 class NaiveRanker:

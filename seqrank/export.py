@@ -18,10 +18,10 @@ from .config import RunConfig
 from .features import FIRST_ID, N_CONTEXT, Vocabulary
 from .models.pinnerformer import N_TIME_FEATURES, PinnerFormer
 from .models.transact import INPUT_NAMES, OUTPUT_NAMES, TransActRanker
+from .serving.preprocess import CANDIDATE_BUCKETS
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_repository"
 OPSET = 17
-CANDIDATE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # preprocess pads N up to one of these (TensorRT profiles)
 USER_TOWER_INPUTS = ["seq_item", "seq_action", "seq_time", "seq_mask"]
 PARITY_TOLERANCE = 1e-4
 

@@ -29,7 +29,7 @@ def score_in_runs(run: Callable[[dict], np.ndarray], user_side: Mapping[str, np.
     feeds of k users x P candidates. Returns per request probs [n_r, w_r, H], as one run over everything would."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    # pieces: (request, row in request, user row, first candidate, piece width), grouped by piece width
+    # pieces: (request, row in request, user row, first candidate), grouped by piece width
     by_width: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
     user = 0
     for r, cand in enumerate(cand_items):
@@ -39,8 +39,9 @@ def score_in_runs(run: Callable[[dict], np.ndarray], user_side: Mapping[str, np.
             for start in range(0, max(w, 1), max(width, 1)):  # a row without candidates is one empty piece
                 by_width[width].append((r, i, user, start))
             user += 1
-    if user != len(next(iter(user_side.values()))):
-        raise ValueError(f"{user} request rows but {len(next(iter(user_side.values())))} user-side rows")
+    user_rows = len(next(iter(user_side.values())))
+    if user != user_rows:
+        raise ValueError(f"{user} request rows but {user_rows} user-side rows")
     outputs: list[np.ndarray | None] = [None] * len(cand_items)
     for width, pieces in by_width.items():
         per_run = max(1, max_rows // max(width, 1))

@@ -20,6 +20,7 @@ from ..features import OOV, PAD, History, Vocabulary, build_sequences, index_his
 FUTURE_TOLERANCE_MS = 5 * 60 * 1000   # a request time more than 5 minutes ahead of the server clock is an error
 MIN_VALID_TIME_MS = 946_684_800_000   # 2000-01-01: earlier request times are almost surely seconds, not ms
 ACTION_FIELDS = ("action_item_ids", "action_types", "action_times_ms")
+CANDIDATE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # N is padded up to one of these (TensorRT profiles)
 
 
 class RequestError(ValueError):
