@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import urllib.request
@@ -272,6 +273,7 @@ def ort_session(onnx: Path, threads: int = 2, spinning: bool = True, profile_pre
     o.intra_op_num_threads = threads
     o.inter_op_num_threads = 1
     o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    o.enable_mem_pattern = False  # as model_cpu.py
     if not spinning:
         o.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
@@ -302,26 +304,39 @@ def factorization_speedup(model, sess, tensors: dict, work: Path, seconds: float
             "max_abs_diff": max_diff}
 
 
-def bare_point(sess, tensors: dict, batch: int, seconds: float) -> dict:
+def bare_point(sess, tensors: dict, batch: int, seconds: float, callers: int = 1) -> dict:
+    """``callers`` threads call the session in a closed loop, each with ``batch`` copies of the request per call
+    (ONNX Runtime releases the GIL in run; with intra_op 1 each caller computes on its own core): load = callers x
+    batch requests in flight."""
     feed = {n: np.ascontiguousarray(np.repeat(tensors[n], batch, axis=0)) for n in RANKER_INPUTS}
     for _ in range(2):
         sess.run(None, feed)
-    lat = []
+    lats: list[list[float]] = [[] for _ in range(callers)]
     cpu0 = time.process_time()
     t_start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        t1 = time.perf_counter()
-        lat.append(t1 - t0)
-        if t1 - t_start >= seconds and len(lat) >= 5:
-            break
+
+    def call_loop(lat: list[float]):
+        while True:
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            t1 = time.perf_counter()
+            lat.append(t1 - t0)
+            if t1 - t_start >= seconds and len(lat) >= 5:
+                break
+
+    threads = [threading.Thread(target=call_loop, args=(lat,)) for lat in lats[1:]]
+    for t in threads:
+        t.start()
+    call_loop(lats[0])
+    for t in threads:
+        t.join()
     wall = time.perf_counter() - t_start
+    lat = [x for part in lats for x in part]
     us = np.asarray(lat) * 1e6
-    row = {"Batch": batch, "Inferences/Second": batch * len(lat) / wall,
+    row = {"Batch": batch, "Callers": callers, "Inferences/Second": batch * len(lat) / wall,
            **{f"p{q} latency": float(np.percentile(us, q)) for q in (50, 90, 95, 99)}, "Avg latency": float(us.mean()),
            "calls": len(lat)}
-    return {"csv_row": row, "load": batch, "throughput": batch * len(lat) / wall, "p50_ms": float(np.percentile(us, 50)) / 1e3,
+    return {"csv_row": row, "load": batch * callers, "callers": callers, "throughput": batch * len(lat) / wall, "p50_ms": float(np.percentile(us, 50)) / 1e3,
             "p90_ms": float(np.percentile(us, 90)) / 1e3, "p95_ms": float(np.percentile(us, 95)) / 1e3,
             "p99_ms": float(np.percentile(us, 99)) / 1e3, "avg_ms": float(us.mean()) / 1e3, "calls": len(lat),
             "cpu_per_request_ms": (time.process_time() - cpu0) / (batch * len(lat)) * 1e3}
@@ -411,16 +426,29 @@ def untuned_copy(src: Path, dst: Path) -> list[str]:
     return changed
 
 
-def ranker_variant_copy(src: Path, dst: Path, threads: int = 1, instances: int | None = None) -> list[str]:
-    """Copy the repository with the CPU ranker's ONNX Runtime intra_op_threads set to ``threads`` and, when given,
-    ``instances`` ranker instances (diagnostic variants: with one thread ONNX Runtime has no spinning worker threads
-    competing with the other stubs; one single-threaded instance per core is the naive service's layout)."""
+# Diagnostic layouts of the CPU ranker on the same cores (not part of the issue's metrics; they explain the chosen
+# one, configs/cpu.pbtxt: 1 instance, run_threads = 2 single-threaded runs splitting the candidates):
+# name -> (label, parameters, instances; None = one per core)
+RANKER_LAYOUTS = {
+    "tuned_inst2": ("one single-threaded ranker instance per core (the naive service's layout)",
+                    {"intra_op_threads": 1, "run_threads": 1}, None),
+    "tuned_intra2": ("1 ranker instance, ONNX Runtime intra_op 2 threads", {"intra_op_threads": 2, "run_threads": 1}, 1),
+}
+
+
+def ranker_variant_copy(src: Path, dst: Path, params: dict[str, int], instances: int | None = None) -> list[str]:
+    """Copy the repository with the CPU ranker's parameters (intra_op_threads, run_threads) set to ``params`` and,
+    when given, ``instances`` ranker instances: diagnostic layouts of the same two cores."""
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
     cfg = dst / "ranker" / "configs" / "cpu.pbtxt"
     text = cfg.read_text()
-    new = re.sub(r'(key:\s*"intra_op_threads",\s*value:\s*{\s*string_value:\s*")\d+(")', rf"\g<1>{threads}\2", text)
+    new = text
+    for key, value in params.items():
+        new, n = re.subn(rf'(key:\s*"{key}",\s*value:\s*{{\s*string_value:\s*")\d+(")', rf"\g<1>{value}\2", new)
+        if n != 1:
+            raise ValueError(f"{cfg}: parameter {key} not found once")
     if instances is not None:
         new = re.sub(r"(instance_group\s*\[\s*{\s*count:\s*)\d+", rf"\g<1>{instances}", new)
     cfg.write_text(new)
@@ -865,19 +893,20 @@ def plots(points: dict, summary: dict, outdir: Path) -> list[str]:
     import matplotlib.pyplot as plt
     files = []
     style = {"bare": ("k", "s"), "tuned": ("tab:green", "o"), "untuned": ("tab:red", "^"),
-             "naive": ("tab:blue", "D"), "ranker_only": ("tab:gray", "x"), "tuned_ort1": ("tab:olive", "v"),
-             "tuned_ort1x2": ("tab:cyan", "P")}
+             "naive": ("tab:blue", "D"), "ranker_only": ("tab:gray", "x"), "tuned_inst2": ("tab:olive", "v"),
+             "tuned_intra2": ("tab:cyan", "P")}
     for rset in ("fixed_1x100", "fixed_1x16"):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for (system, s, mode), pts in sorted(points.items()):
-            if s != rset or mode not in ("concurrency", "batch"):
+            if s != rset or mode not in ("concurrency", "batch", "callers"):
                 continue
             pts = sorted([p for p in pts if p.get("ok")], key=lambda p: p["load"])
             if not pts:
                 continue
             c, m = style.get(system, ("tab:purple", "."))
+            m = "*" if mode == "callers" else m
             ax.plot([p["throughput"] for p in pts], [p["p99_ms"] for p in pts], marker=m, color=c,
-                    label=f"{system} ({'batch' if mode == 'batch' else 'concurrency'} "
+                    label=f"{system} ({mode} "
                           f"{','.join(str(p['load']) for p in pts)})")
             for p in pts:
                 ax.annotate(str(p["load"]), (p["throughput"], p["p99_ms"]), fontsize=7, xytext=(3, 3),
@@ -1000,10 +1029,12 @@ def report_md(summary: dict, points: dict, extra: dict) -> str:
             "1 x 100 request is the user with the longest history (S = 100 real actions) with its session's items "
             "padded with real vocabulary ids to 100 candidates (1 x 16 = its first 16). The ensemble and the naive "
             "service read the sequence from the same SQLite store; bare runs the exact tensors preprocess builds for "
-            "that request (cand_item padded to the 128 bucket, as the ranker sees it).",
+            "that request, as the CPU ranker stub scores them (the 100 real candidates: the stub drops the bucket "
+            "padding preprocess adds for the GPU engines), in two layouts: one caller with intra_op 2 threads and "
+            "batch b, and one single-threaded caller per core (load = callers x batch).",
             "- **Throughput ratios at the same p99 budget**: each system's best point = its highest throughput; the "
             "budget = the p99 of the slower system at its best point; each system is credited with its best "
-            "throughput among points with p99 <= budget (bare: batch sizes 1-8 of the request, one call = b requests; "
+            "throughput among points with p99 <= budget (bare: both layouts' points, one call = b requests; "
             "Triton/naive: closed-loop concurrency).",
             f"- perf_analyzer over gRPC, `-b 1`, 3 windows of {summary['settings']['pa_window_ms']} ms merged "
             "(`-s 1000 -r 3`: always reports; a noisy machine never passes a tight stability check); naive: "
@@ -1022,7 +1053,8 @@ def report_md(summary: dict, points: dict, extra: dict) -> str:
             f"- p99_ms: the tuned ensemble, 1 x 100, at the chosen load = {d['p99_load']}.",
             f"- freshness: {d['freshness'].get('measured', d['freshness'].get('error'))}.", ""]
     out += ["## Points", ""]
-    names = {"batch": "batch", "concurrency": "concurrency", "rate": "Poisson rate (req/s)"}
+    names = {"batch": "batch", "concurrency": "concurrency", "rate": "Poisson rate (req/s)",
+             "callers": "in flight (callers x batch)"}
     for (system, rset, mode), pts in sorted(points.items()):
         out += [f"### {system} / {rset} / {mode}", "", points_table(pts, names.get(mode, mode)), ""]
     out += ["## Ratio details", "", "```json", json.dumps({k: d[k] for k in d if "_vs_" in k}, indent=1), "```", ""]
@@ -1057,10 +1089,8 @@ def bounds_md(summary: dict, extra: dict) -> list[str]:
         out.append("")
     for label, key in (("tuned ensemble", "tuned_stats"), ("untuned ensemble", "untuned_stats"),
                        ("tuned ensemble", "tuned_stats_16"), ("untuned ensemble", "untuned_stats_16"),
-                       ("tuned ensemble, ranker intra_op 1 thread", "tuned_ort1_stats"),
-                       ("tuned ensemble, ranker intra_op 1 thread", "tuned_ort1_stats_16"),
-                       ("tuned ensemble, 2 ranker instances x intra_op 1 thread", "tuned_ort1x2_stats"),
-                       ("tuned ensemble, 2 ranker instances x intra_op 1 thread", "tuned_ort1x2_stats_16")):
+                       *((f"tuned ensemble, {label}", f"{name}{suffix}") for name, (label, _, _) in RANKER_LAYOUTS.items()
+                         for suffix in ("_stats", "_stats_16"))):
         st = extra.get(key)
         if st:
             out += [f"Triton per-model statistics, {label}, {st['at']}:", "",
@@ -1141,6 +1171,7 @@ def main(argv=None) -> int:
             f"{details['store']['seconds']} s")
 
         from seqrank.export import load_ranker
+        from seqrank.serving.batching import real_widths
         model, cfg, vocab = load_ranker(run)
         pre = preprocessor(repo, store_url)
         fixed100 = reqs["fixed_1x100"][0]
@@ -1153,10 +1184,13 @@ def main(argv=None) -> int:
                                     "cand_item_width": int(t100["cand_item"].shape[1]),
                                     "sequence_source": t100["_source"], "store_and_request_paths_identical": same}
         write_ranker_json(t100, work / "inputs" / "ranker_1x100.json")
+        # what the CPU ranker stub scores: the real candidates (seqrank.serving.batching drops the bucket padding)
+        t100_run = {**t100, "cand_item": t100["cand_item"][:, : int(real_widths(t100["cand_item"])[0])]}
+        details["fixed_request"]["scored_width"] = int(t100_run["cand_item"].shape[1])
         item_dim = int(np.load(run / "item_table.npy", mmap_mode="r").shape[1])
-        flops = ranker_flops(cfg.transact, int(t100["cand_item"].shape[1]), item_dim, int(t100["user_emb"].shape[1]),
+        flops = ranker_flops(cfg.transact, int(t100_run["cand_item"].shape[1]), item_dim, int(t100["user_emb"].shape[1]),
                              int(t100["context"].shape[1]), len(vocab.heads))
-        flops["flop_counter"] = flop_counter_check(model, t100)
+        flops["flop_counter"] = flop_counter_check(model, t100_run)
         details["flops"] = flops
         details["dedup"] = dedup_bytes(t100)
         details["peak"] = matmul_peak(st.peak_s)
@@ -1165,13 +1199,14 @@ def main(argv=None) -> int:
 
         onnx = repo / "ranker" / "1" / "model.onnx"
         bare_sess = ort_session(onnx, threads=2)
+        bare_sess1 = ort_session(onnx, threads=1)
         if not st.quick:
-            extra["ort_ops"] = ort_op_profile(onnx, t100, work)
+            extra["ort_ops"] = ort_op_profile(onnx, t100_run, work)
             variants = {}
             for label, th, spin in (("intra_op 1 thread", 1, True), ("intra_op 2, no spinning", 2, False)):
-                variants[label] = bare_point(ort_session(onnx, threads=th, spinning=spin), t100, 1, st.bare_s)
+                variants[label] = bare_point(ort_session(onnx, threads=th, spinning=spin), t100_run, 1, st.bare_s)
             details["bare_variants"] = variants
-            details["first_layer_factorization"] = factorization_speedup(model, bare_sess, t100, work, st.bare_s)
+            details["first_layer_factorization"] = factorization_speedup(model, bare_sess, t100_run, work, st.bare_s)
             log(f"first-layer factorization: {details['first_layer_factorization']['speedup']:.2f}x the direct form")
 
         # ---- servers -------------------------------------------------------------------------------------------
@@ -1184,10 +1219,11 @@ def main(argv=None) -> int:
         untuned = start_triton(untuned_repo, store_url, logs / "tritonserver-untuned.log")
         servers.append(untuned)
         variants = {}
-        for name, threads, instances in (() if st.quick else (("tuned_ort1", 1, None), ("tuned_ort1x2", 1, workers_n))):
+        for name, (label, params, instances) in (() if st.quick else RANKER_LAYOUTS.items()):
             vrepo = work / f"{name}_repository"
-            details[f"{name}_changes"] = {"files": ranker_variant_copy(repo, vrepo, threads, instances),
-                                          "intra_op_threads": threads, "ranker_instances": instances or 1}
+            instances = instances or workers_n
+            details[f"{name}_changes"] = {"files": ranker_variant_copy(repo, vrepo, params, instances), "layout": label,
+                                          **params, "ranker_instances": instances}
             variants[name] = start_triton(vrepo, store_url, logs / f"tritonserver-{name}.log")
             servers.append(variants[name])
         tri = {"tuned": tuned, "untuned": untuned, **variants}
@@ -1250,10 +1286,13 @@ def main(argv=None) -> int:
         # ---- interleaved rounds ---------------------------------------------------------------------------------
         cmax = max(st.concurrencies)
         for c in st.concurrencies:
-            log(f"round: concurrency {c} (bare batch {c})")
-            p = bare_point(bare_sess, t100, c, st.bare_s)
+            log(f"round: concurrency {c} (bare: batch {c}; {workers_n} callers x batch {max(1, c // workers_n)})")
+            p = bare_point(bare_sess, t100_run, c, st.bare_s)
             p.update(ok=True, mode="batch", loadavg=os.getloadavg()[0])
             points[("bare", "fixed_1x100", "batch")].append(p)
+            p = bare_point(bare_sess1, t100_run, max(1, c // workers_n), st.bare_s, callers=workers_n)
+            p.update(ok=True, mode="callers", loadavg=os.getloadavg()[0])
+            points[("bare", "fixed_1x100", "callers")].append(p)
             for system in tri:
                 for rset in ("fixed_1x100", "fixed_1x16"):
                     p = pa_point(ensure(system), "seqrank", files[f"{rset}_store"],
@@ -1266,8 +1305,8 @@ def main(argv=None) -> int:
             for rset, body in (("fixed_1x100", body100), ("fixed_1x16", body16)):
                 points[("naive", rset, "concurrency")].append(naive_point(naive, [body], c, st))
             for key in (("tuned", "fixed_1x100", "concurrency"), ("tuned", "fixed_1x16", "concurrency"),
-                        ("untuned", "fixed_1x16", "concurrency"), ("tuned_ort1", "fixed_1x100", "concurrency"),
-                        ("tuned_ort1x2", "fixed_1x100", "concurrency"), ("naive", "fixed_1x100", "concurrency")):
+                        ("untuned", "fixed_1x16", "concurrency"), ("naive", "fixed_1x100", "concurrency"),
+                        *((name, "fixed_1x100", "concurrency") for name in RANKER_LAYOUTS)):
                 if not points.get(key):
                     continue
                 q = points[key][-1]
@@ -1326,7 +1365,7 @@ def main(argv=None) -> int:
             s.stop()
 
     # ---- summary ----------------------------------------------------------------------------------------------------
-    bare_pts = points[("bare", "fixed_1x100", "batch")]
+    bare_pts = points[("bare", "fixed_1x100", "batch")] + points[("bare", "fixed_1x100", "callers")]
     tuned100 = points[("tuned", "fixed_1x100", "concurrency")]
     details["ensemble_vs_bare"] = ratio_at_budget(tuned100, bare_pts)
     details["tuned_vs_untuned"] = ratio_at_budget(points[("tuned", "fixed_1x16", "concurrency")],
@@ -1335,7 +1374,7 @@ def main(argv=None) -> int:
     details["ensemble_vs_naive"] = ratio_at_budget(tuned100, points[("naive", "fixed_1x100", "concurrency")])
     details["ensemble_vs_naive_1x16"] = ratio_at_budget(points[("tuned", "fixed_1x16", "concurrency")],
                                                         points[("naive", "fixed_1x16", "concurrency")])
-    for v in (v for v in ("tuned_ort1", "tuned_ort1x2") if points.get((v, "fixed_1x100", "concurrency"))):
+    for v in (v for v in RANKER_LAYOUTS if points.get((v, "fixed_1x100", "concurrency"))):
         details[f"{v}_vs_bare"] = ratio_at_budget(points[(v, "fixed_1x100", "concurrency")], bare_pts)
         details[f"{v}_vs_naive"] = ratio_at_budget(points[(v, "fixed_1x100", "concurrency")],
                                                    points[("naive", "fixed_1x100", "concurrency")])

@@ -11,8 +11,9 @@ Same request semantics as the ensemble (docs/serving-contract.md), as JSON:
 ``{"ranked_ids", "utility", "head_scores", "oov", "sequence_source"}``. Features are built in-process with
 ``seqrank.serving.preprocess.Preprocessor`` (the ensemble's preprocess code, the same tables and store); the model is
 ``seqrank.export.load_ranker(run)`` in ``torch.inference_mode`` with ``torch.set_num_threads(1)`` per worker (the
-usual setting for N workers on N cores). The endpoint is ``async def`` and computes inline: on a CPU-bound service
-that is the cheapest choice (no thread-pool hop per request), i.e. the baseline's best case. Its connections have
+usual setting for N workers on N cores), scoring exactly the request's candidates (no bucket padding). The
+endpoint is ``async def`` and computes inline: on a CPU-bound service that is the cheapest choice (no thread-pool
+hop per request), i.e. the baseline's best case. Its connections have
 Nagle's algorithm off (``NoDelayHTTPProtocol``): with ``--workers`` > 1 uvicorn leaves it on, which alone added ~44
 ms to every keep-alive request (56 ms instead of 12 ms for 1 x 16 at concurrency 1).
 """
@@ -79,8 +80,8 @@ class NaiveRanker:
         with torch.inference_mode():
             probs = self.model(torch.from_numpy(t.seq_item[None]), torch.from_numpy(t.seq_action[None]),
                                torch.from_numpy(t.seq_mask[None]), torch.from_numpy(t.user_emb[None].copy()),
-                               torch.from_numpy(t.context[None]), torch.from_numpy(t.cand_item[None]))
-        probs = probs[0, :n].numpy()
+                               torch.from_numpy(t.context[None]), torch.from_numpy(t.cand_item[None, :n]))
+        probs = probs[0].numpy()  # only the real candidates are scored (no bucket padding)
         utility = probs @ self.weights
         k = n if body.get("top_k") is None else max(1, min(int(body["top_k"]), n))
         order = np.argsort(-utility, kind="stable")[:k]

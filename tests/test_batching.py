@@ -1,13 +1,15 @@
 """The CPU ranker's bounded runs (seqrank/serving/batching.py): a dynamic batch of requests with different
-candidate buckets scored in runs of at most max_rows candidate rows gives what scoring each request on its own
-gives, with no run above the bound and no request padded beyond its own width."""
+candidate buckets scored in runs of at most max_rows candidate rows gives, for every real candidate, what scoring
+each request on its own gives; no run is above the bound and no padding is scored (padding columns are 0)."""
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
-from seqrank.serving.batching import score_in_runs, warmup_feeds
+from seqrank.serving.batching import real_widths, score_in_runs, warmup_feeds
 from test_models import make_ranker, ranker_inputs
 
 S = 7
@@ -43,12 +45,12 @@ def test_bounded_runs_equal_scoring_each_request_alone(max_rows):
         with torch.inference_mode():
             want = model(*(torch.from_numpy(user[n]) for n in NAMES), torch.from_numpy(cand)).numpy()
         assert probs.shape == want.shape
-        np.testing.assert_allclose(probs, want, atol=1e-6)
+        real = cand != 0
+        np.testing.assert_allclose(probs[real], want[real], atol=1e-6)
+        assert not probs[~real].any()  # the trailing padding is not scored
     assert all(k * p <= max_rows for k, p in shapes)  # a run, and so each piece, within the bound
-    # no padding beyond a request's own bucket: when every width is a multiple of its piece width, the runs score
-    # exactly the candidate rows that arrived
-    if all(c.shape[1] % max(1, min(c.shape[1], max_rows)) == 0 for _, c in requests):
-        assert sum(k * p for k, p in shapes) == sum(c.shape[0] * c.shape[1] for _, c in requests)
+    # the runs score exactly the real candidates: no bucket padding, no padding to a wider request
+    assert sum(k * p for k, p in shapes) == sum(int((c != 0).sum()) for _, c in requests)
 
 
 def test_runs_group_equal_widths_and_fill_up_to_the_bound():
@@ -61,7 +63,48 @@ def test_runs_group_equal_widths_and_fill_up_to_the_bound():
 
     user_side = {n: np.concatenate([u[n] for u, _ in requests]) for n in NAMES}
     score_in_runs(run, user_side, [c for _, c in requests], 128)
-    assert sorted(shapes) == sorted([(8, 16), (8, 16), (4, 16), (2, 64), (1, 64)])
+    # 12 and 48 real candidates (the last quarter of each bucket is padding): 10 x 12 rows fit in 128, 2 x 48
+    assert sorted(shapes) == sorted([(10, 12), (10, 12), (2, 48), (1, 48)])
+
+
+def test_a_pool_splits_even_one_request_over_its_threads_exactly():
+    model = make_ranker()
+    requests = _requests([(128, 1)])  # 96 real candidates
+    shapes = []
+
+    def run(feeds):
+        shapes.append(feeds["cand_item"].shape)
+        with torch.inference_mode():
+            return model(*(torch.from_numpy(feeds[n]) for n in (*NAMES, "cand_item"))).numpy()
+
+    (user, cand), = requests
+    with ThreadPoolExecutor(2) as pool:
+        probs, = score_in_runs(run, user, [cand], 128, pool, ways=2)
+        assert sorted(shapes) == [(1, 48), (1, 48)]
+        shapes.clear()
+        score_in_runs(run, user, [cand[:, :10]], 128, pool, ways=2)
+        assert sorted(shapes) == [(1, 2), (1, 8)]  # never below min_rows per run (8)
+    with torch.inference_mode():
+        want = model(*(torch.from_numpy(user[n]) for n in NAMES), torch.from_numpy(cand)).numpy()
+    real = cand != 0
+    np.testing.assert_allclose(probs[real], want[real], atol=1e-6)
+
+
+def test_only_trailing_padding_is_dropped():
+    cand = np.array([[5, 0, 7, 0, 0], [0, 0, 0, 0, 0], [1, 2, 3, 4, 5]])
+    assert real_widths(cand).tolist() == [3, 0, 5]  # a PAD between real candidates is scored like any id
+    assert real_widths(np.zeros((2, 0), dtype=np.int64)).tolist() == [0, 0]
+    (user, _), = _requests([(16, 3)])
+    shapes = []
+
+    def run(feeds):
+        shapes.append(feeds["cand_item"].shape)
+        return np.ones((*feeds["cand_item"].shape, 2), dtype=np.float32)
+
+    probs, = score_in_runs(run, user, [cand], 128)
+    assert sorted(shapes) == [(1, 0), (1, 3), (1, 5)]  # an all-padding row: one empty run, for the head count
+    assert probs.shape == (3, 5, 2)
+    assert probs[:, :, 0].tolist() == [[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
 
 
 def test_mismatched_user_rows_and_bad_bound_are_errors():

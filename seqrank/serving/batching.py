@@ -1,13 +1,20 @@
-"""Score a dynamic batch of ranking requests in ranker runs of bounded size.
+"""Score a dynamic batch of ranking requests in ranker runs of bounded size, without scoring padding.
 
 The CPU ranker (ONNX Runtime in the Python backend) receives a dynamic batch of requests whose candidate lists
-are padded to different buckets. Scoring them as one [B, max width] tensor has two costs that grow without bound:
-small requests are padded to the widest one's width, and ONNX Runtime's arena keeps every peak it ever reached
-(about 0.6 MB per candidate row with S = 100), so one rare large batch raises the stub's memory for good -- the
-step a long soak shows as "growth". Here every request row is cut into pieces of at most ``max_rows`` candidates,
-pieces of equal width are packed together, and each run holds at most ``max_rows`` candidate rows: the memory peak
-is fixed (``warmup_feeds`` reaches it at load time), no request is padded beyond its own bucket, and runs stay in
-the size range that is also the fastest per candidate on CPU (docs/performance.md).
+are padded to different buckets. Scoring them as one [B, max width] tensor has three costs: the bucket padding
+itself (a 1 x 100 request arrives padded to 128: 28 % of the ranker's work scores PAD), small requests padded to
+the widest one's width, and ONNX Runtime's arena keeping every peak it ever reached (about 0.6 MB per candidate row
+with S = 100), so one rare large batch raises the stub's memory for good -- the step a long soak shows as "growth".
+Here each request row's trailing padding is dropped (preprocess pads only at the end, and a real candidate is never
+PAD: unknown items are OOV), the real candidates are cut into pieces of at most ``max_rows``, pieces of equal width
+are packed together, and each run holds at most ``max_rows`` candidate rows: only real candidates are scored, the
+memory peak is fixed (``warmup_feeds`` reaches it at load time), and runs stay in the size range that is also the
+fastest per candidate on CPU (docs/performance.md). Padding columns score 0 (postprocess returns only the real N).
+
+With ``ways`` > 1 the runs go to a thread pool of single-threaded ONNX Runtime calls (run releases the GIL), and
+the run size shrinks so that even one request's candidates are spread over the threads (1 x 100 on 2 threads: two
+runs of 50): candidates are independent, so this parallelism scales almost linearly, where ONNX Runtime's
+intra-op threads synchronise inside every operator (1.25x on 2 threads, docs/performance.md).
 
 Scoring candidates separately is exact: the ranker scores each candidate from the user's side and that candidate
 alone (user-side tensors are one row per user, broadcast over the candidates inside the model).
@@ -15,6 +22,7 @@ alone (user-side tensors are one row per user, broadcast over the candidates ins
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import Executor
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -22,45 +30,57 @@ import numpy as np
 from ..features import PAD
 
 
+def real_widths(cand: np.ndarray) -> np.ndarray:
+    """[n, w] candidate ids -> [n]: each row's length without its trailing PAD columns."""
+    if cand.shape[1] == 0:
+        return np.zeros(len(cand), dtype=np.int64)
+    real = cand != PAD
+    return np.where(real.any(axis=1), cand.shape[1] - np.argmax(real[:, ::-1], axis=1), 0)
+
+
 def score_in_runs(run: Callable[[dict], np.ndarray], user_side: Mapping[str, np.ndarray],
-                  cand_items: Sequence[np.ndarray], max_rows: int) -> list[np.ndarray]:
+                  cand_items: Sequence[np.ndarray], max_rows: int, pool: Executor | None = None, ways: int = 1,
+                  min_rows: int = 8) -> list[np.ndarray]:
     """``user_side``: name -> [U, ...], one row per user, the requests' rows concatenated in request order;
     ``cand_items``: per request [n_r, w_r] candidate ids (sum of n_r = U); ``run(feeds)`` -> probs [k, P, H] for
-    feeds of k users x P candidates. Returns per request probs [n_r, w_r, H], as one run over everything would."""
+    feeds of k users x P candidates. Returns per request probs [n_r, w_r, H]: for every real candidate what one run
+    over everything would give, 0 for the trailing padding. ``pool`` (with ``ways`` threads): the runs execute
+    there, each at most max(min_rows, real rows / ways) candidate rows, so every thread gets work."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    widths = [real_widths(cand) for cand in cand_items]
+    if pool is not None and ways > 1:
+        total = sum(int(w.sum()) for w in widths)
+        max_rows = min(max_rows, max(min_rows, -(-total // ways)))
     # pieces: (request, row in request, user row, first candidate), grouped by piece width
     by_width: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
     user = 0
-    for r, cand in enumerate(cand_items):
-        n, w = cand.shape
-        width = min(w, max_rows)
-        for i in range(n):
-            for start in range(0, max(w, 1), max(width, 1)):  # a row without candidates is one empty piece
-                by_width[width].append((r, i, user, start))
+    for r, row_widths in enumerate(widths):
+        for i, real in enumerate(row_widths):
+            if real == 0:  # nothing to score; one empty piece still runs, so every request learns the head count
+                by_width[0].append((r, i, user, 0))
+            for start in range(0, real, max_rows):
+                by_width[min(max_rows, real - start)].append((r, i, user, start))
             user += 1
     user_rows = len(next(iter(user_side.values())))
     if user != user_rows:
         raise ValueError(f"{user} request rows but {user_rows} user-side rows")
-    outputs: list[np.ndarray | None] = [None] * len(cand_items)
+    runs = []  # (width, pieces, feeds)
     for width, pieces in by_width.items():
         per_run = max(1, max_rows // max(width, 1))
         for first in range(0, len(pieces), per_run):
             chunk = pieces[first:first + per_run]
             users = np.fromiter((p[2] for p in chunk), dtype=np.int64, count=len(chunk))
-            cand = np.full((len(chunk), width), PAD, dtype=np.int64)
-            for j, (r, i, _, start) in enumerate(chunk):
-                part = cand_items[r][i, start:start + width]
-                cand[j, : part.shape[0]] = part
             feeds = {name: np.ascontiguousarray(value[users]) for name, value in user_side.items()}
-            feeds["cand_item"] = cand
-            probs = run(feeds)
-            for j, (r, i, _, start) in enumerate(chunk):
-                if outputs[r] is None:
-                    n, w = cand_items[r].shape
-                    outputs[r] = np.empty((n, w, probs.shape[-1]), dtype=probs.dtype)
-                stop = min(start + width, cand_items[r].shape[1])
-                outputs[r][i, start:stop] = probs[j, : stop - start]
+            feeds["cand_item"] = np.stack([cand_items[r][i, start:start + width] for r, i, _, start in chunk])
+            runs.append((width, chunk, feeds))
+    results = (pool.map if pool is not None else map)(run, [feeds for _, _, feeds in runs])
+    outputs: list[np.ndarray | None] = [None] * len(cand_items)
+    for (width, chunk, _), probs in zip(runs, results):
+        for j, (r, i, _, start) in enumerate(chunk):
+            if outputs[r] is None:
+                outputs[r] = np.zeros((*cand_items[r].shape, probs.shape[-1]), dtype=probs.dtype)
+            outputs[r][i, start:start + width] = probs[j]
     return outputs
 
 
