@@ -84,6 +84,10 @@ def test_a_pool_splits_even_one_request_over_its_threads_exactly():
         shapes.clear()
         score_in_runs(run, user, [cand[:, :10]], 128, pool, ways=2)
         assert sorted(shapes) == [(1, 2), (1, 8)]  # never below min_rows per run (8)
+        shapes.clear()
+        user3 = {n: np.repeat(v, 3, axis=0) for n, v in user.items()}
+        score_in_runs(run, user3, [cand] * 3, 128, pool, ways=2)
+        assert sorted(k * p for k, p in shapes) == [72, 72, 72, 72]  # 3 x 96 balanced: 4 runs of 72, not 3 of 96
     with torch.inference_mode():
         want = model(*(torch.from_numpy(user[n]) for n in NAMES), torch.from_numpy(cand)).numpy()
     real = cand != 0

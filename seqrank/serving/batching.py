@@ -45,13 +45,15 @@ def score_in_runs(run: Callable[[dict], np.ndarray], user_side: Mapping[str, np.
     ``cand_items``: per request [n_r, w_r] candidate ids (sum of n_r = U); ``run(feeds)`` -> probs [k, P, H] for
     feeds of k users x P candidates. Returns per request probs [n_r, w_r, H]: for every real candidate what one run
     over everything would give, 0 for the trailing padding. ``pool`` (with ``ways`` threads): the runs execute
-    there, each at most max(min_rows, real rows / ways) candidate rows, so every thread gets work."""
+    there, sized so that their number is a multiple of ``ways`` and their rows about equal (at least ``min_rows``):
+    every thread gets the same work (3 x 100 candidates on 2 threads: 4 runs of 75, not 3 of 100)."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     widths = [real_widths(cand) for cand in cand_items]
     if pool is not None and ways > 1:
         total = sum(int(w.sum()) for w in widths)
-        max_rows = min(max_rows, max(min_rows, -(-total // ways)))
+        n_runs = ways * -(-total // (ways * max_rows))
+        max_rows = min(max_rows, max(min_rows, -(-total // max(n_runs, 1))))
     # pieces: (request, row in request, user row, first candidate), grouped by piece width
     by_width: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
     user = 0
