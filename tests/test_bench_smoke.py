@@ -118,3 +118,21 @@ def test_gpu_check_script_runs_and_writes_its_table(small_run, tmp_path):
         assert p["p99_ms"] >= p["p50_ms"] > 0 and p["calls"] >= 5
         assert math.isfinite(p["tflops"]) and p["tflops"] > 0
     assert (out / "gpu_check.md").read_text().count("\n| ") == len(points) + 1
+
+
+def test_layout_copies_override_the_cpu_configs(tmp_path):
+    """perf/ab_layouts.py: each layout is the shipped repository with the CPU ranker's parameters, its instance count
+    and every CPU model's queue delay overridden -- and nothing else changed."""
+    sys.path.insert(0, str(ROOT / "perf"))
+    import ab_layouts
+
+    src = ROOT / "model_repository"
+    ab_layouts.layout_copy(src, tmp_path / "a", {"intra_op_threads": 1, "run_threads": 1}, 3, None)
+    ranker = (tmp_path / "a" / "ranker" / "configs" / "cpu.pbtxt").read_text()
+    assert 'key: "run_threads", value: { string_value: "1" }' in ranker
+    assert "count: 3" in ranker and "max_queue_delay_microseconds: 1000" in ranker
+    assert "max_queue_delay_microseconds: 200" in (tmp_path / "a" / "preprocess" / "config.pbtxt").read_text()
+    ab_layouts.layout_copy(src, tmp_path / "c0", {"intra_op_threads": 1, "run_threads": 2}, 2, 0)
+    for cfg in ("ranker/configs/cpu.pbtxt", "preprocess/config.pbtxt", "postprocess/config.pbtxt"):
+        assert (tmp_path / "c0" / cfg).read_text() == (src / cfg).read_text()  # C0 is what the repository ships
+    assert (tmp_path / "c0" / "ranker" / "config.pbtxt").read_text() == (src / "ranker" / "config.pbtxt").read_text()

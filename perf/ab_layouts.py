@@ -1,0 +1,90 @@
+"""Interleaved A/B of CPU ranker layouts through the real server: the evidence behind configs/cpu.pbtxt.
+
+    .venv/bin/python perf/ab_layouts.py --run runs/k2 --out perf/results/layout_ab    # ~10 minutes on 2 cores
+
+Each layout is a copy of RUN/model_repository with the CPU ranker's parameters, instance count and the queue delay
+of every CPU model overridden; all servers run at once and every (concurrency, layout, request) point is measured
+before the next concurrency starts, twice over, so background load drifts over all layouts alike. Requests are the
+bench's fixed 1 x 100 and 1 x 16 with their actions in the request (no store needed). Writes ab.json and ab.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+import make_inputs  # noqa: E402
+
+# name -> (ranker parameters, ranker instances, max_queue_delay_microseconds of every CPU model or None = as exported)
+LAYOUTS = {
+    "A: 1 single-threaded run per instance, 2 instances, delay 1000/200 us":
+        ({"intra_op_threads": 1, "run_threads": 1}, 2, None),
+    "B: 1 instance x run_threads 2": ({"intra_op_threads": 1, "run_threads": 2}, 1, None),
+    "C: 2 instances x run_threads 2": ({"intra_op_threads": 1, "run_threads": 2}, 2, None),
+    "C0: C with max_queue_delay 0 (shipped)": ({"intra_op_threads": 1, "run_threads": 2}, 2, 0),
+}
+DELAYS_BEFORE = {"ranker": 1000, "preprocess": 200, "postprocess": 200}  # the values A, B and C were measured with
+
+
+def layout_copy(src: Path, dst: Path, params: dict, instances: int, delay: int | None) -> None:
+    bench.ranker_variant_copy(src, dst, params, instances)
+    for model, before in DELAYS_BEFORE.items():
+        cfg = dst / model / ("configs/cpu.pbtxt" if model == "ranker" else "config.pbtxt")
+        value = before if delay is None else delay
+        cfg.write_text(re.sub(r"max_queue_delay_microseconds:\s*\d+", f"max_queue_delay_microseconds: {value}",
+                              cfg.read_text()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path("perf/results/layout_ab"))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--concurrencies", default="1,2,4,8")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="seqrank-ab-"))
+    make_inputs.write_inputs(args.run, work / "inputs", None, 16)
+    data = {r: work / "inputs" / f"fixed_{r}_actions.json" for r in ("1x100", "1x16")}
+    st = bench.Settings(False, pa_window_ms=2000)
+    servers, rows = {}, []
+    try:
+        for i, (name, (params, instances, delay)) in enumerate(LAYOUTS.items()):
+            layout_copy(args.run / "model_repository", work / f"layout{i}", params, instances, delay)
+            servers[name] = bench.start_triton(work / f"layout{i}", None, work / f"layout{i}.log")
+        for srv in servers.values():  # warm every system once
+            for f in data.values():
+                bench.pa_point(srv, "seqrank", f, work / "warm.csv", bench.Settings(True, pa_window_ms=300))
+        for rnd in range(args.rounds):
+            for c in (int(x) for x in args.concurrencies.split(",")):
+                for name, srv in servers.items():
+                    for r, f in data.items():
+                        p = bench.pa_point(srv, "seqrank", f, work / "pa.csv", st, concurrency=c)
+                        rows.append({"round": rnd, "concurrency": c, "layout": name, "request": r,
+                                     **{k: p.get(k) for k in ("throughput", "p50_ms", "p99_ms")}})
+                        print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    (args.out / "ab.json").write_text(json.dumps(rows, indent=1))
+    md = []
+    for r in data:
+        md += [f"### 1 x {r.split('x')[1]}: throughput req/s (p99 ms), one cell per round", "",
+               "| concurrency | " + " | ".join(LAYOUTS) + " |", "|---" * (len(LAYOUTS) + 1) + "|"]
+        for c in sorted({row["concurrency"] for row in rows}):
+            cells = [" / ".join(f"{x['throughput']:.1f} ({x['p99_ms']:.0f})" for x in rows
+                                if x["layout"] == name and x["request"] == r and x["concurrency"] == c)
+                     for name in LAYOUTS]
+            md.append(f"| {c} | " + " | ".join(cells) + " |")
+        md.append("")
+    (args.out / "ab.md").write_text("\n".join(md))
+    print(f"wrote {args.out}/ab.json and ab.md")
+
+
+if __name__ == "__main__":
+    main()
