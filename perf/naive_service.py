@@ -13,9 +13,9 @@ Same request semantics as the ensemble (docs/serving-contract.md), as JSON:
 ``seqrank.export.load_ranker(run)`` in ``torch.inference_mode`` with ``torch.set_num_threads(1)`` per worker (the
 usual setting for N workers on N cores), scoring exactly the request's candidates (no bucket padding). The
 endpoint is ``async def`` and computes inline: on a CPU-bound service that is the cheapest choice (no thread-pool
-hop per request), i.e. the baseline's best case. Its connections have
-Nagle's algorithm off (``NoDelayHTTPProtocol``): with ``--workers`` > 1 uvicorn leaves it on, which alone added ~44
-ms to every keep-alive request (56 ms instead of 12 ms for 1 x 16 at concurrency 1).
+hop per request), i.e. the baseline's best case. Its connections have Nagle's algorithm off
+(``NoDelayHTTPProtocol``): with ``--workers`` > 1 uvicorn leaves it on, which alone added ~44 ms to every keep-alive
+request (56 ms instead of 12 ms for 1 x 16 at concurrency 1).
 """
 from __future__ import annotations
 

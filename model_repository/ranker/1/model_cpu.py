@@ -3,8 +3,9 @@
 Requests arrive with candidates padded to different buckets (allow_ragged_batch on cand_item), so requests with
 different candidate counts share one execution. seqrank.serving.batching scores only the real candidates (the
 bucket padding is dropped: a 1 x 100 request costs 100 candidate rows, not 128) in runs of at most max_rows_per_run
-candidate rows (pieces of equal width packed together, never padded to a wider request), which fixes the memory peak; initialize runs the largest shapes once, so ONNX Runtime's arena reaches that peak at load
-and the stub's memory stays flat under any mix of batches (docs/robustness.md, soak). With run_threads > 1 the runs
+candidate rows (pieces of equal width packed together, never padded to a wider request), which fixes the memory
+peak; initialize runs the largest shapes once, so ONNX Runtime's arena reaches that peak at load and the stub's
+memory stays flat under any mix of batches (docs/robustness.md, soak). With run_threads > 1 the runs
 go to that many threads, each a single-threaded ONNX Runtime call, and one request's candidates are split over them
 (candidate parallelism: lower latency at low load than intra-op threads, the same throughput at saturation). Each
 thread has its own session, so each arena sees one run at a time and its warm-up peak holds (a shared session's
@@ -39,27 +40,27 @@ class TritonPythonModel:
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.max_rows = int(params.get("max_rows_per_run", "128"))
         self.ways = int(params.get("run_threads", "1"))
-        sessions = [ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                    for _ in range(self.ways)]
+        self.sessions = [ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                         for _ in range(self.ways)]
         seq_len = int(params.get("seq_len", "100"))
         example = {}
         for spec in config["input"]:
             if spec["name"] in USER_SIDE:
                 dims = [seq_len if int(d) == -1 else int(d) for d in spec["dims"]]  # int64 are strings in JSON
                 example[spec["name"]] = np.zeros([1, *dims], dtype=DTYPES[spec["data_type"]])
-        for session in sessions:
+        for session in self.sessions:
             for feeds in warmup_feeds(example, self.max_rows):
                 session.run(None, feeds)
-        self.local = threading.local()
-        self.local.session = sessions[0]  # the stub's own thread, when there is no pool
+        self.local = threading.local()  # a pool thread's own session
         self.pool = None
         if self.ways > 1:
-            free = list(sessions)
+            free = list(self.sessions)
             self.pool = ThreadPoolExecutor(self.ways, thread_name_prefix="ranker-run",
                                            initializer=lambda: setattr(self.local, "session", free.pop()))
 
     def _run(self, feeds):
-        return self.local.session.run(None, feeds)[0]
+        session = getattr(self.local, "session", None) or self.sessions[0]  # no pool: the stub's thread
+        return session.run(None, feeds)[0]
 
     def execute(self, requests):
         user_side = {name: [] for name in USER_SIDE}
