@@ -5,8 +5,8 @@ Engines are specific to the GPU model and the TensorRT version, so they are neve
 the container entrypoint (docker/entrypoint.sh) runs this script on first start and caches the plan on a volume,
 keyed by GPU name + TensorRT version + the ONNX file's sha256 (+ a hash of the build settings).
 
-One optimization profile per candidate bucket (seqrank.serving.preprocess.CANDIDATE_BUCKETS; preprocess pads N up to a bucket):
-profile i accepts batch 1..max_batch and candidates (bucket[i-1], bucket[i]]; the sequence length is fixed at S
+One optimization profile per candidate bucket (seqrank.serving.preprocess.CANDIDATE_BUCKETS; preprocess pads N up
+to a bucket): profile i accepts batch 1..max_batch and candidates (bucket[i-1], bucket[i]]; the sequence length is fixed at S
 (preprocess always sends exactly S rows). Triton's dynamic batcher only batches requests of the same shape, so every
 batch falls inside exactly one profile, and the TensorRT backend picks it (the ranker config lists every profile).
 
@@ -41,7 +41,8 @@ from pathlib import Path
 INPUT_NAMES = ("seq_item", "seq_action", "seq_mask", "user_emb", "context", "cand_item")
 SEQUENCE_INPUTS = ("seq_item", "seq_action", "seq_mask")
 OUTPUT_NAMES = ("probs",)
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # = seqrank.serving.preprocess.CANDIDATE_BUCKETS (checked by the tests)
+# = seqrank.serving.preprocess.CANDIDATE_BUCKETS (this script runs without the package; the tests check the copy)
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 DEFAULT_MAX_BATCH = 64
 # opt batch per profile = OPT_CANDIDATES_PER_BATCH // bucket (clamped to [1, max_batch]): TensorRT tunes kernels for
 # about this many (request, candidate) pairs per execution, which is what the dynamic batcher forms under load

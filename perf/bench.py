@@ -10,8 +10,8 @@ Systems (docs/performance.md explains the method and the numbers):
 (b) tuned     the exported Triton ensemble as is (--model-config-name=cpu, feature store = the embedded SQLite
               store loaded with the log), perf_analyzer over gRPC, concurrency sweep + Poisson request-rate sweep;
 (c) untuned   a copy of the repository with dynamic_batching removed from every model, one instance per model;
-(d) naive     FastAPI + uvicorn (one process per core, Nagle off) + PyTorch eager (perf/naive_service.py) with the same model,
-              tables and store, loaded by perf/loadgen.py (closed loop, same concurrencies, same statistics).
+(d) naive     FastAPI + uvicorn (one process per core, Nagle off) + PyTorch eager (perf/naive_service.py) with the
+              same model, tables and store, loaded by perf/loadgen.py (closed loop, same concurrencies, same statistics).
 
 The compared systems are measured interleaved, round by round (one load level per round, every system in each
 round), so a drift of the shared machine's background load hits all of them alike. Ratios are throughput ratios at
@@ -336,7 +336,8 @@ def bare_point(sess, tensors: dict, batch: int, seconds: float, callers: int = 1
     row = {"Batch": batch, "Callers": callers, "Inferences/Second": batch * len(lat) / wall,
            **{f"p{q} latency": float(np.percentile(us, q)) for q in (50, 90, 95, 99)}, "Avg latency": float(us.mean()),
            "calls": len(lat)}
-    return {"csv_row": row, "load": batch * callers, "callers": callers, "throughput": batch * len(lat) / wall, "p50_ms": float(np.percentile(us, 50)) / 1e3,
+    return {"csv_row": row, "load": batch * callers, "callers": callers, "throughput": batch * len(lat) / wall,
+            "p50_ms": float(np.percentile(us, 50)) / 1e3,
             "p90_ms": float(np.percentile(us, 90)) / 1e3, "p95_ms": float(np.percentile(us, 95)) / 1e3,
             "p99_ms": float(np.percentile(us, 99)) / 1e3, "avg_ms": float(us.mean()) / 1e3, "calls": len(lat),
             "cpu_per_request_ms": (time.process_time() - cpu0) / (batch * len(lat)) * 1e3}
@@ -426,13 +427,15 @@ def untuned_copy(src: Path, dst: Path) -> list[str]:
     return changed
 
 
-# Diagnostic layouts of the CPU ranker on the same cores (not part of the metrics; they explain the chosen
-# one, configs/cpu.pbtxt: 1 instance, run_threads = 2 single-threaded runs splitting the candidates):
+# Diagnostic layouts of the CPU ranker on the same cores (not part of the metrics; they explain the shipped
+# one, configs/cpu.pbtxt: one instance per core, each splitting a batch's candidates over run_threads = 2
+# single-threaded runs; perf/ab_layouts.py compares more layouts):
 # name -> (label, parameters, instances; None = one per core)
 RANKER_LAYOUTS = {
     "tuned_inst2": ("one single-threaded ranker instance per core (the naive service's layout)",
                     {"intra_op_threads": 1, "run_threads": 1}, None),
-    "tuned_intra2": ("1 ranker instance, ONNX Runtime intra_op 2 threads", {"intra_op_threads": 2, "run_threads": 1}, 1),
+    "tuned_intra2": ("1 ranker instance, ONNX Runtime intra_op 2 threads",
+                     {"intra_op_threads": 2, "run_threads": 1}, 1),
 }
 
 
@@ -1089,8 +1092,8 @@ def bounds_md(summary: dict, extra: dict) -> list[str]:
         out.append("")
     for label, key in (("tuned ensemble", "tuned_stats"), ("untuned ensemble", "untuned_stats"),
                        ("tuned ensemble", "tuned_stats_16"), ("untuned ensemble", "untuned_stats_16"),
-                       *((f"tuned ensemble, {label}", f"{name}{suffix}") for name, (label, _, _) in RANKER_LAYOUTS.items()
-                         for suffix in ("_stats", "_stats_16"))):
+                       *((f"tuned ensemble, {label}", f"{name}{suffix}")
+                         for name, (label, _, _) in RANKER_LAYOUTS.items() for suffix in ("_stats", "_stats_16"))):
         st = extra.get(key)
         if st:
             out += [f"Triton per-model statistics, {label}, {st['at']}:", "",
@@ -1188,8 +1191,8 @@ def main(argv=None) -> int:
         t100_run = {**t100, "cand_item": t100["cand_item"][:, : int(real_widths(t100["cand_item"])[0])]}
         details["fixed_request"]["scored_width"] = int(t100_run["cand_item"].shape[1])
         item_dim = int(np.load(run / "item_table.npy", mmap_mode="r").shape[1])
-        flops = ranker_flops(cfg.transact, int(t100_run["cand_item"].shape[1]), item_dim, int(t100["user_emb"].shape[1]),
-                             int(t100["context"].shape[1]), len(vocab.heads))
+        flops = ranker_flops(cfg.transact, int(t100_run["cand_item"].shape[1]), item_dim,
+                             int(t100["user_emb"].shape[1]), int(t100["context"].shape[1]), len(vocab.heads))
         flops["flop_counter"] = flop_counter_check(model, t100_run)
         details["flops"] = flops
         details["dedup"] = dedup_bytes(t100)
@@ -1222,8 +1225,8 @@ def main(argv=None) -> int:
         for name, (label, params, instances) in (() if st.quick else RANKER_LAYOUTS.items()):
             vrepo = work / f"{name}_repository"
             instances = instances or workers_n
-            details[f"{name}_changes"] = {"files": ranker_variant_copy(repo, vrepo, params, instances), "layout": label,
-                                          **params, "ranker_instances": instances}
+            details[f"{name}_changes"] = {"files": ranker_variant_copy(repo, vrepo, params, instances),
+                                          "layout": label, **params, "ranker_instances": instances}
             variants[name] = start_triton(vrepo, store_url, logs / f"tritonserver-{name}.log")
             servers.append(variants[name])
         tri = {"tuned": tuned, "untuned": untuned, **variants}

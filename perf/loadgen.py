@@ -1,7 +1,7 @@
 """A small closed-loop HTTP load generator (asyncio), measuring like perf_analyzer's concurrency mode.
 
-``concurrency`` workers, each with its own keep-alive HTTP/1.1 connection (spread round-robin over the given URLs), send one request, wait for the whole
-response, send the next (request bodies cycle through ``bodies``). After a warm-up window, ``windows`` windows of
+``concurrency`` workers, each with its own keep-alive HTTP/1.1 connection (spread round-robin over the given URLs),
+send one request, wait for the whole response, send the next (request bodies cycle through ``bodies``). After a warm-up window, ``windows`` windows of
 ``window_s`` seconds are measured: throughput = responses completed inside the measured span / its length, latency
 percentiles over those responses (client side: from writing the request to reading the last response byte), as
 perf_analyzer reports them. Any non-200 response counts as an error (and is reported).

@@ -6,7 +6,6 @@ weights_only=True) and resumable: re-running the same command continues from the
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import numpy as np

@@ -9,7 +9,7 @@ memory stays flat under any mix of batches (docs/robustness.md, soak). With run_
 go to that many threads, each a single-threaded ONNX Runtime call, and one request's candidates are split over them
 (candidate parallelism: lower latency at low load than intra-op threads, the same throughput at saturation). Each
 thread has its own session, so each arena sees one run at a time and its warm-up peak holds (a shared session's
-arena, with two runs interleaving their allocations, grew past it by 20-35 MB in a burst).
+arena, with two runs interleaving their allocations, grew past it by 24-35 MB in a burst).
 """
 import json
 import threading
