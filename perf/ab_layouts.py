@@ -3,7 +3,7 @@
     .venv/bin/python perf/ab_layouts.py --run runs/k2 --out perf/results/layout_ab    # ~10 minutes on 2 cores
 
 Each layout is a copy of RUN/model_repository with the CPU ranker's parameters, instance count and the queue delay
-of every CPU model overridden; all servers run at once and every (concurrency, layout, request) point is measured
+of every CPU model overridden (layout M also the preprocess/postprocess instance counts; `--layouts C0,M` runs two); all servers run at once and every (concurrency, layout, request) point is measured
 before the next concurrency starts, twice over, so background load drifts over all layouts alike. Requests are the
 bench's fixed 1 x 100 and 1 x 16 with their actions in the request (no store needed). Writes ab.json and ab.md.
 """
@@ -20,24 +20,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 import make_inputs  # noqa: E402
 
-# name -> (ranker parameters, ranker instances, max_queue_delay_microseconds of every CPU model or None = as exported)
+# name -> (ranker parameters, ranker instances, max_queue_delay_microseconds of every CPU model or None = as exported,
+#          preprocess/postprocess instances or None = as exported)
 LAYOUTS = {
     "A: 1 single-threaded run per instance, 2 instances, delay 1000/200 us":
-        ({"intra_op_threads": 1, "run_threads": 1}, 2, None),
-    "B: 1 instance x run_threads 2": ({"intra_op_threads": 1, "run_threads": 2}, 1, None),
-    "C: 2 instances x run_threads 2": ({"intra_op_threads": 1, "run_threads": 2}, 2, None),
-    "C0: C with max_queue_delay 0 (shipped)": ({"intra_op_threads": 1, "run_threads": 2}, 2, 0),
+        ({"intra_op_threads": 1, "run_threads": 1}, 2, None, None),
+    "B: 1 instance x run_threads 2": ({"intra_op_threads": 1, "run_threads": 2}, 1, None, None),
+    "C: 2 instances x run_threads 2": ({"intra_op_threads": 1, "run_threads": 2}, 2, None, None),
+    "C0: C with max_queue_delay 0 (shipped)": ({"intra_op_threads": 1, "run_threads": 2}, 2, 0, None),
+    # model_analyzer's per-model picks (perf/results/model_analyzer): C0 with 2 preprocess and 2 postprocess instances
+    "M: C0 with 2 preprocess + 2 postprocess instances": ({"intra_op_threads": 1, "run_threads": 2}, 2, 0, 2),
 }
 DELAYS_BEFORE = {"ranker": 1000, "preprocess": 200, "postprocess": 200}  # the values A, B and C were measured with
 
 
-def layout_copy(src: Path, dst: Path, params: dict, instances: int, delay: int | None) -> None:
+def layout_copy(src: Path, dst: Path, params: dict, instances: int, delay: int | None,
+                cpu_instances: int | None = None) -> None:
     bench.ranker_variant_copy(src, dst, params, instances)
     for model, before in DELAYS_BEFORE.items():
         cfg = dst / model / ("configs/cpu.pbtxt" if model == "ranker" else "config.pbtxt")
         value = before if delay is None else delay
-        cfg.write_text(re.sub(r"max_queue_delay_microseconds:\s*\d+", f"max_queue_delay_microseconds: {value}",
-                              cfg.read_text()))
+        text = re.sub(r"max_queue_delay_microseconds:\s*\d+", f"max_queue_delay_microseconds: {value}",
+                      cfg.read_text())
+        if model != "ranker" and cpu_instances is not None:
+            text, n = re.subn(r"(instance_group\s*\[\s*{\s*count:\s*)\d+", rf"\g<1>{cpu_instances}", text)
+            if n != 1:
+                raise ValueError(f"{cfg}: instance_group count not found once")
+        cfg.write_text(text)
 
 
 def main() -> None:
@@ -46,16 +55,22 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("perf/results/layout_ab"))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrencies", default="1,2,4,8")
+    ap.add_argument("--layouts", default=",".join(name.split(":")[0] for name in LAYOUTS),
+                    help="which layouts, by the label before the colon (default: all)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="seqrank-ab-"))
     make_inputs.write_inputs(args.run, work / "inputs", None, 16)
     data = {r: work / "inputs" / f"fixed_{r}_actions.json" for r in ("1x100", "1x16")}
     st = bench.Settings(False, pa_window_ms=2000)
+    chosen = args.layouts.split(",")
+    layouts = {name: spec for name, spec in LAYOUTS.items() if name.split(":")[0] in chosen}
+    if len(layouts) != len(chosen):
+        ap.error(f"--layouts: unknown label in {args.layouts!r}; known: {[n.split(':')[0] for n in LAYOUTS]}")
     servers, rows = {}, []
     try:
-        for i, (name, (params, instances, delay)) in enumerate(LAYOUTS.items()):
-            layout_copy(args.run / "model_repository", work / f"layout{i}", params, instances, delay)
+        for i, (name, spec) in enumerate(layouts.items()):
+            layout_copy(args.run / "model_repository", work / f"layout{i}", *spec)
             servers[name] = bench.start_triton(work / f"layout{i}", None, work / f"layout{i}.log")
         for srv in servers.values():  # warm every system once
             for f in data.values():
@@ -75,11 +90,11 @@ def main() -> None:
     md = []
     for r in data:
         md += [f"### 1 x {r.split('x')[1]}: throughput req/s (p99 ms), one cell per round", "",
-               "| concurrency | " + " | ".join(LAYOUTS) + " |", "|---" * (len(LAYOUTS) + 1) + "|"]
+               "| concurrency | " + " | ".join(layouts) + " |", "|---" * (len(layouts) + 1) + "|"]
         for c in sorted({row["concurrency"] for row in rows}):
             cells = [" / ".join(f"{x['throughput']:.1f} ({x['p99_ms']:.0f})" for x in rows
                                 if x["layout"] == name and x["request"] == r and x["concurrency"] == c)
-                     for name in LAYOUTS]
+                     for name in layouts]
             md.append(f"| {c} | " + " | ".join(cells) + " |")
         md.append("")
     (args.out / "ab.md").write_text("\n".join(md))

@@ -136,3 +136,37 @@ def test_layout_copies_override_the_cpu_configs(tmp_path):
     for cfg in ("ranker/configs/cpu.pbtxt", "preprocess/config.pbtxt", "postprocess/config.pbtxt"):
         assert (tmp_path / "c0" / cfg).read_text() == (src / cfg).read_text()  # C0 is what the repository ships
     assert (tmp_path / "c0" / "ranker" / "config.pbtxt").read_text() == (src / "ranker" / "config.pbtxt").read_text()
+    ab_layouts.layout_copy(src, tmp_path / "m", {"intra_op_threads": 1, "run_threads": 2}, 2, 0, 2)
+    for model in ("preprocess", "postprocess"):
+        text = (tmp_path / "m" / model / "config.pbtxt").read_text()
+        assert "instance_group [ { count: 2, kind: KIND_CPU } ]" in text
+        assert text.replace("count: 2,", "count: 1,") == (src / model / "config.pbtxt").read_text()
+
+
+def test_model_analyzer_summary_reads_its_csv_and_configs(tmp_path):
+    """perf/model_analyzer_summary.py: a delay left out of dynamic_batching is 0 (protobuf text omits defaults), no
+    dynamic_batching is 'off', and the best config is the highest throughput within the p99 constraint."""
+    sys.path.insert(0, str(ROOT / "perf"))
+    import model_analyzer_summary as mas
+
+    configs = {"ranker_config_default": "instance_group [ { count: 2, kind: KIND_CPU } ]\ndynamic_batching { }",
+               "ranker_config_0": "instance_group {\n  count: 1\n}\ndynamic_batching {\n"
+                                  "  max_queue_delay_microseconds: 1000\n}",
+               "ranker_config_1": "instance_group {\n  count: 1\n}"}
+    for name, text in configs.items():
+        (tmp_path / "output_models" / name).mkdir(parents=True)
+        (tmp_path / "output_models" / name / "config.pbtxt").write_text(text)
+    (tmp_path / "results").mkdir()
+    head = "Model,Batch,Concurrency,Model Config Path,Instance Group,Max Batch Size,Satisfies Constraints," \
+           "Throughput (infer/sec),p99 Latency (ms)\n"
+    body = ["ranker,1,1,ranker_config_default,2:CPU,64,Yes,30.0,40.0",
+            "ranker,1,8,ranker_config_0,1:CPU,64,No,90.0,900.0",   # fastest, but over the p99 constraint
+            "ranker,1,8,ranker_config_1,1:CPU,64,Yes,50.0,300.0"]
+    (tmp_path / "results" / "metrics-model-inference.csv").write_text(head + "\n".join(body) + "\n")
+    assert mas.config_knobs(tmp_path / "output_models/ranker_config_default/config.pbtxt") == \
+        {"instances": 2, "queue_delay_us": 0}
+    assert mas.config_knobs(tmp_path / "output_models/ranker_config_0/config.pbtxt")["queue_delay_us"] == 1000
+    md = mas.summarize(tmp_path, p99_max_ms=500)
+    assert "| config_default | 2 | 0 | 30.0 (40.0) | - |" in md
+    assert "| config_1 | 1 | off | - | 50.0 (300.0) |" in md
+    assert "Best: **ranker_config_1**" in md

@@ -675,3 +675,25 @@ def test_output_dim_puts_a_normalised_bottleneck_between_transact_and_dcn():
         assert z.shape[-1] == 5
         torch.testing.assert_close(z.mean(-1), torch.zeros(z.shape[:-1]), atol=1e-5, rtol=0)  # LayerNorm'd
         assert torch.isfinite(compressed(*inputs)).all()
+
+
+def test_output_gate_at_zero_starts_as_the_baseline_and_opens_with_training():
+    """output_gate_init=0: the ranker's first output ignores the sequence (it starts as its no-sequence baseline),
+    yet the gate gets a gradient, so training can let the sequence in; None (the paper) has no gate."""
+    assert make_ranker().output_gate is None
+    model = make_ranker(output_gate_init=0.0)
+    a = ranker_inputs([7, 3], 7, 4, seed=0)
+    b = ranker_inputs([5, 6], 7, 4, seed=1)
+    b = (b[0], b[1], b[2], a[3], a[4], a[5])  # other sequences, same user, context and candidates
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(*a), model(*b), atol=0, rtol=0)
+    model.train()
+    loss = model.logits(*a).sum()
+    loss.backward()
+    assert model.output_gate.grad is not None and model.output_gate.grad.abs() > 0
+    assert all(p.grad is None or not p.grad.any() for p in model.encoder.parameters())  # nothing flows through yet
+    model.eval()
+    with torch.no_grad():
+        model.output_gate.fill_(0.5)
+        assert not torch.equal(model(*a), model(*b))  # once open, the sequence changes the scores

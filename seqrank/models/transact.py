@@ -134,12 +134,15 @@ class TransActRanker(nn.Module):
         self.sequence_mean = kind == "avg_pool" or (kind == "transact" and cfg.sequence_mean)
         seq_dim = (cfg.action_dim + cfg.item_dim) * int(self.sequence_mean)
         self.compress = None
+        self.register_parameter("output_gate", None)
         if kind == "transact":
             self.encoder = TransActEncoder(cfg)
             seq_dim += cfg.output_dim or self.encoder.out_dim
             if cfg.output_dim:  # our addition: a normalised bottleneck between TransAct and DCN v2
                 self.compress = nn.Sequential(nn.Linear(self.encoder.out_dim, cfg.output_dim),
                                               nn.LayerNorm(cfg.output_dim))
+            if cfg.output_gate_init is not None:  # our addition (ReZero-style): the sequence enters as it helps
+                self.output_gate = nn.Parameter(torch.tensor(float(cfg.output_gate_init)))
         dim = seq_dim + user_dim + cfg.item_dim + n_context
         self.cross = CrossNetworkV2(dim, cfg.cross_layers, cfg.cross_rank)
         mlp, prev = [], dim
@@ -167,7 +170,8 @@ class TransActRanker(nn.Module):
                 first = torch.arange(seq_mask.shape[1], device=seq_mask.device) == 0
                 keys = keys | (first.unsqueeze(0) & ~keys.any(dim=1, keepdim=True))
                 encoded = self.encoder(seq, keys, seq_mask, cand)
-                parts.append(encoded if self.compress is None else self.compress(encoded))
+                encoded = encoded if self.compress is None else self.compress(encoded)
+                parts.append(encoded if self.output_gate is None else encoded * self.output_gate)
             if self.sequence_mean:  # once per request (padding excluded), broadcast over the candidates
                 m = seq_mask.unsqueeze(-1).to(seq.dtype)
                 avg = (seq * m).sum(1) / m.sum(1).clamp(min=1.0)
