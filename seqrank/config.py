@@ -45,11 +45,12 @@ class TransActConfig:
     dropout: float = 0.1
     top_k_rows: int = 10        # K newest rows of the encoder output, + a max-pool row
     mean_pool_row: bool = False # beyond the paper: + a mean-pool row (rates such as the user's hide rate)
-    sequence_mean: bool = False # beyond the paper: also feed the mean of the raw action rows (what avg_pool sees)
+    sequence_mean: bool = True  # beyond the paper: also feed the mean of the raw action rows (what avg_pool sees);
+                                # with the output gate below, chosen on the validation split (README)
     output_dim: int = 0         # beyond the paper: project the flattened TransAct output to this size (+ LayerNorm)
                                 # before DCN v2; 0 = the paper (the (K+1) x d features go in as they are)
-    output_gate_init: float | None = None  # beyond the paper: TransAct's output times a learned scalar started here
-                                # (0: the ranker starts as its baselines and lets the sequence in as it helps); None = off
+    output_gate_init: float | None = 0.0  # beyond the paper: TransAct's output times a learned scalar started here
+                                # (0: the ranker starts as the avg-pool model and lets TransAct in as it helps); None = off
     sequence_encoder: str = "transact"    # "transact" | "no_sequence" | "avg_pool" (baselines from the same code)
     time_window_max_h: float = 1.0        # training-only random time-window mask, T ~ U[0, 1h] (paper: 24h; README)
     cross_layers: int = 2       # DCN v2

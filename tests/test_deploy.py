@@ -250,6 +250,7 @@ def exported_repo(tmp_path_factory) -> Path:
     run.mkdir()
     cfg = RunConfig()
     cfg.transact.seq_len = 20
+    cfg.transact.output_gate_init = 0.5  # untrained weights: a closed gate (0) would hide TransAct from these tests
     (run / "config.json").write_text(cfg.to_json())
     actions = ["click", "hate", "like"]
     vocab = Vocabulary(np.array(sorted(f"item{i:03d}".encode() for i in range(40)), dtype="S"), actions, actions,

@@ -35,8 +35,9 @@ def _restore_torch_global_state():
 
 
 def small_transact_cfg(**kw) -> TransActConfig:
+    # the paper's form (no raw-mean feature, no output gate): every test here then sees what TransAct itself computes
     base = dict(action_dim=4, item_dim=6, n_layers=2, n_heads=2, d_ff=12, dropout=0.1, top_k_rows=3,
-                cross_layers=2, cross_rank=4, mlp=[16, 8], seq_len=7)
+                cross_layers=2, cross_rank=4, mlp=[16, 8], seq_len=7, sequence_mean=False, output_gate_init=None)
     return TransActConfig(**{**base, **kw})
 
 
@@ -66,6 +67,7 @@ def ranker_inputs(lengths, S: int, n_cand: int, seed: int = 0, pad_item: int = 0
 
 @pytest.mark.parametrize("encoder,extra", [("transact", {}), ("avg_pool", {}),
                                            ("transact", {"sequence_mean": True, "mean_pool_row": True}),
+                                           ("transact", {"sequence_mean": True, "output_gate_init": 0.5}),
                                            ("transact", {"output_dim": 5})])
 def test_padded_positions_never_change_the_output(encoder, extra):
     model = make_ranker(encoder, **extra)
@@ -609,10 +611,12 @@ def test_predict_has_no_time_mask_and_is_deterministic(tiny_ranker_inputs, tmp_p
 
 # ---------------------------------------------------------------------------------------------------- ONNX parity
 
-def test_onnx_export_parity(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"sequence_mean": True, "output_gate_init": 0.5}],
+                         ids=["paper", "shipped-default-form"])  # 0.5: a trained gate is open; 0 would hide TransAct
+def test_onnx_export_parity(tmp_path, extra):
     pytest.importorskip("onnxruntime")
     from seqrank.export import PARITY_TOLERANCE, check_parity, export_ranker_onnx
-    model = make_ranker("transact", seed=3, top_k_rows=4)
+    model = make_ranker("transact", seed=3, top_k_rows=4, **extra)
     S = 9
     path = export_ranker_onnx(model, tmp_path / "ranker" / "model.onnx")
     assert path.exists() and path.stat().st_size > 0
