@@ -3,8 +3,9 @@
     .venv/bin/python perf/ab_layouts.py --run runs/k2 --out perf/results/layout_ab    # ~10 minutes on 2 cores
 
 Each layout is a copy of RUN/model_repository with the CPU ranker's parameters, instance count and the queue delay
-of every CPU model overridden (layout M also the preprocess/postprocess instance counts; `--layouts C0,M` runs two); all servers run at once and every (concurrency, layout, request) point is measured
-before the next concurrency starts, twice over, so background load drifts over all layouts alike. Requests are the
+of every CPU model overridden (layout M also the preprocess/postprocess instance counts; `--layouts C0,M` runs only
+those two); all servers run at once and every (concurrency, layout, request) point is measured before the next
+concurrency starts, twice over, so background load drifts over all layouts alike. Requests are the
 bench's fixed 1 x 100 and 1 x 16 with their actions in the request (no store needed). Writes ab.json and ab.md.
 """
 from __future__ import annotations

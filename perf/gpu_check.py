@@ -40,7 +40,7 @@ from seqrank.serving.preprocess import CANDIDATE_BUCKETS  # noqa: E402
 
 
 def load_model(run: Path) -> tuple[TransActRanker, RunConfig, str]:
-    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    cfg = RunConfig.load_saved(run)
     info = json.loads((run / "run.json").read_text())
     vocab = json.loads((run / "vocab" / "vocab.json").read_text())
     table = np.load(run / "item_table.npy")

@@ -66,6 +66,11 @@ class TransActConfig:
     grad_clip: float = 0.0                # max global gradient norm; 0 = no clipping
 
 
+# Fields added after runs were first saved whose default is not "off", with the value that reproduces a run trained
+# before them (sequence_mean was added off and turned on by default in session 5, with output_gate_init).
+FIELDS_ADDED_SINCE = {"transact": {"sequence_mean": False, "output_gate_init": None}}
+
+
 @dataclass
 class RunConfig:
     seed: int = 0
@@ -91,6 +96,18 @@ class RunConfig:
         sub = {"data": DataConfig, "pinnerformer": PinnerFormerConfig, "transact": TransActConfig}
         parts = {k: build(v, raw.pop(k, {})) for k, v in sub.items()}
         return build(cls, {**raw, **parts})
+
+    @classmethod
+    def load_saved(cls, run: str | Path) -> "RunConfig":
+        """A trained run's config.json. It is a full snapshot, so a field it lacks was added to the code after the
+        run was trained: that field takes the value that reproduces the run (FIELDS_ADDED_SINCE), not today's
+        default, and the run's weights still load."""
+        raw = json.loads((Path(run) / "config.json").read_text())
+        for section, added in FIELDS_ADDED_SINCE.items():
+            raw.setdefault(section, {})
+            for key, before in added.items():
+                raw[section].setdefault(key, before)
+        return cls.from_dict(raw)
 
     @classmethod
     def load(cls, path: str | Path | None) -> "RunConfig":

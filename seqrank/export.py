@@ -28,7 +28,7 @@ PARITY_TOLERANCE = 1e-4
 
 def load_ranker(run: Path) -> tuple[TransActRanker, RunConfig, Vocabulary]:
     run = Path(run)
-    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    cfg = RunConfig.load_saved(run)
     vocab = Vocabulary.load(run / "vocab", mmap=False)
     table = np.load(run / "item_table.npy")
     model = TransActRanker(cfg.transact, table, vocab.n_actions, cfg.pinnerformer.dim, N_CONTEXT, len(vocab.heads))

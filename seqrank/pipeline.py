@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 
 from . import metrics as M
@@ -73,7 +74,7 @@ def _fit_ranker(run, cfg, prep, table, train_ex, encoder: str, out: Path, tag: s
 
 def load_run(run: Path) -> tuple[RunConfig, dict, Prepared]:
     run = Path(run)
-    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    cfg = RunConfig.load_saved(run)
     info = json.loads((run / "run.json").read_text())
     prep = prepare(load_log(info["events"], cfg), cfg)
     return cfg, info, prep
@@ -128,7 +129,7 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
     test_ex = RankerExamples(prep, np.flatnonzero(is_test), embeddings, cfg.transact.seq_len)
     heads, negative = prep.vocab.heads, prep.vocab.negative_actions
 
-    ranker_metrics = {}
+    ranker_metrics, gate = {}, None
     for encoder in ("transact", "no_sequence", "avg_pool"):
         path = run / "ranker.safetensors" if encoder == cfg.transact.sequence_encoder \
             else run / "baselines" / f"ranker_{encoder}.safetensors"
@@ -138,6 +139,8 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
         hits = M.hit_at_k(test_ex.user_day, test_ex.labels, util, k=3, seed=cfg.seed)
         ranker_metrics[encoder] = {h: {"auc": M.auc(test_ex.labels[:, j], probs[:, j]), "hit@3": float(hits[j])}
                                    for j, h in enumerate(heads)}
+        if encoder == "transact" and model.output_gate is not None:
+            gate = gate_ablation(model, test_ex, probs, heads)
     seed_metrics = {}
     for seed in sorted(set(seeds or [])):
         for encoder in ("transact", "no_sequence", "avg_pool"):
@@ -180,15 +183,36 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
     user_metrics["dense_vs_next_ratio"] = dense / nxt if nxt > 0 else None  # None: next-action retrieved nothing
     result = {"ranker": ranker_metrics, "lifts_of_transact": lifts, "user_model": user_metrics,
               **({"ranker_seeds": seed_metrics} if seed_metrics else {}),
+              **({"transact_output_gate": gate} if gate else {}),
               "data": {"events": info["events"], "test_impressions": int(is_test.sum()),
                        "train_impressions": int((~is_test).sum()),
                        "hit@3_groups": int((np.bincount(test_ex.user_day) >= 4).sum()),
                        "hit@3_grouping": "user-day (impressions of one user and day, >= 4)"}}
     (run / "metrics.json").write_text(json.dumps(result, indent=2))
     print(format_table(result, heads))
+    if gate:
+        print(f"TransAct output gate {gate['value']:.4f}; with the gate closed the AUC moves by at most "
+              f"{gate['max_abs_auc_change']:.4f} (what the sequence encoder adds on top of the other features)")
     if seed_metrics:
         print(format_seed_table(seed_metrics, heads))
     return result
+
+
+@torch.no_grad()
+def gate_ablation(model, test_ex: RankerExamples, probs: np.ndarray, heads: list[str]) -> dict:
+    """TransAct's contribution, measured: the test AUC with its output gate closed (0) against the trained gate. A
+    gate the training left near 0 means the ranker learned to do without the sequence encoder on this data."""
+    value = float(model.output_gate)
+    model.output_gate.fill_(0.0)
+    try:
+        closed = predict(model, test_ex)
+    finally:
+        model.output_gate.fill_(value)
+    auc_closed = {h: M.auc(test_ex.labels[:, j], closed[:, j]) for j, h in enumerate(heads)}
+    change = {h: M.auc(test_ex.labels[:, j], probs[:, j]) - auc_closed[h] for j, h in enumerate(heads)}
+    return {"value": value, "auc_with_gate_closed": auc_closed, "auc_change_from_gate": change,
+            "max_abs_auc_change": max(abs(v) for v in change.values()),
+            "mean_abs_prob_change": float(np.abs(probs - closed).mean())}
 
 
 def format_seed_table(seed_metrics: dict, heads: list[str]) -> str:

@@ -701,3 +701,22 @@ def test_output_gate_at_zero_starts_as_the_baseline_and_opens_with_training():
     with torch.no_grad():
         model.output_gate.fill_(0.5)
         assert not torch.equal(model(*a), model(*b))  # once open, the sequence changes the scores
+
+
+def test_a_run_saved_before_the_gate_existed_loads_as_it_was_trained(tmp_path):
+    """RunConfig.load_saved: a config.json snapshot without sequence_mean / output_gate_init (a run trained before
+    they existed) gets the values it was trained with, so its weights load; a newer snapshot keeps its own."""
+    import json
+
+    old = json.loads(RunConfig().to_json())
+    del old["transact"]["sequence_mean"], old["transact"]["output_gate_init"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = RunConfig.load_saved(tmp_path)
+    assert cfg.transact.sequence_mean is False and cfg.transact.output_gate_init is None
+    paper = make_ranker(sequence_mean=False, output_gate_init=None)
+    rebuilt = TransActRanker(replace(small_transact_cfg(), sequence_mean=cfg.transact.sequence_mean,
+                                     output_gate_init=cfg.transact.output_gate_init),
+                             paper.item_table.numpy(), N_ACTIONS, USER_DIM, N_CONTEXT, N_HEADS)
+    rebuilt.load_state_dict(paper.state_dict())  # strict: same parameters, no gate
+    (tmp_path / "config.json").write_text(RunConfig().to_json())
+    assert RunConfig.load_saved(tmp_path).transact.output_gate_init == 0.0  # today's snapshot: as written

@@ -116,6 +116,13 @@ def test_evaluate_writes_metrics_of_the_required_shape(run):
     data = metrics["data"]
     assert data["test_impressions"] > 0 and data["train_impressions"] > data["test_impressions"]
     assert set(metrics["lifts_of_transact"]) == {"no_sequence", "avg_pool"}
+    # the default ranker has TransAct's output gate: its value and the test AUC with the gate closed are reported
+    gate = metrics["transact_output_gate"]
+    assert math.isfinite(gate["value"]) and set(gate["auc_with_gate_closed"]) == set(heads)
+    for h in REQUIRED_HEADS:
+        change = metrics["ranker"]["transact"][h]["auc"] - gate["auc_with_gate_closed"][h]
+        assert change == pytest.approx(gate["auc_change_from_gate"][h], abs=1e-12)
+    assert gate["mean_abs_prob_change"] >= 0 and "TransAct output gate" in run["eval_stdout"]
     # the printed table names every head
     for h in heads:
         assert h in run["eval_stdout"]
