@@ -1,6 +1,7 @@
 """The CPU ranker's bounded runs (seqrank/serving/batching.py): a dynamic batch of requests with different
 candidate buckets scored in runs of at most max_rows candidate rows gives, for every real candidate, what scoring
-each request on its own gives; no run is above the bound and no padding is scored (padding columns are 0)."""
+each request on its own gives; no run is above the bound, no padding is scored (padding columns are 0) and each
+distinct id of a request row is scored once."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -9,19 +10,28 @@ import numpy as np
 import pytest
 import torch
 
+from seqrank.features import FIRST_ID
 from seqrank.serving.batching import real_widths, score_in_runs, warmup_feeds
-from test_models import make_ranker, ranker_inputs
+from test_models import make_ranker as _make_ranker
+from test_models import ranker_inputs
 
 S = 7
 NAMES = ("seq_item", "seq_action", "seq_mask", "user_emb", "context")
+ITEMS = 300  # more items than the widest request, so a row's candidates can all be distinct
+
+
+def make_ranker():
+    return _make_ranker(n_items=ITEMS)
 
 
 def _requests(widths_rows, seed=0):
-    """Per request (user-side dict [n, ...], cand [n, w]) from the test model's input builder; the last quarter of
-    each candidate row is padding (id 0), as preprocess pads to a bucket."""
+    """Per request (user-side dict [n, ...], cand [n, w]) from the test model's input builder, each row's candidates
+    distinct; the last quarter of each candidate row is padding (id 0), as preprocess pads to a bucket."""
     out = []
+    rng = np.random.default_rng(seed)
     for k, (w, n) in enumerate(widths_rows):
         *user, cand = ranker_inputs([S - k % S] * n, S, w, seed=seed + k)
+        cand = torch.stack([torch.from_numpy(rng.permutation(np.arange(FIRST_ID, ITEMS))[:w]) for _ in range(n)])
         cand[:, w - w // 4:] = 0
         out.append(({name: t.numpy() for name, t in zip(NAMES, user)}, cand.numpy()))
     return out
@@ -128,3 +138,32 @@ def test_warmup_covers_the_largest_runs():
         with torch.inference_mode():
             out = model(*(torch.from_numpy(f[n]) for n in (*NAMES, "cand_item")))
         assert torch.isfinite(out).all()
+
+
+def test_each_distinct_id_is_scored_once_and_equal_ids_score_bitwise_equal():
+    """A row naming an item twice, and items the model does not know (all the one OOV id, 1), costs one row per
+    distinct id; equal ids get identical scores even when the row is split over runs of different widths (which
+    round differently in the last bit and used to reorder tied candidates between calls)."""
+    model = make_ranker()
+    (user, _), = _requests([(16, 1)])
+    cand = np.array([[7, 1, 9, 1, 7, 12, 1, 1, 30, 1, 9, 44, 1, 0, 0, 0]])  # 13 real: 6 distinct ids
+    scored = []
+
+    def run(feeds):
+        scored.append(feeds["cand_item"].copy())
+        with torch.inference_mode():
+            return model(*(torch.from_numpy(feeds[n]) for n in (*NAMES, "cand_item"))).numpy()
+
+    with ThreadPoolExecutor(2) as pool:
+        probs, = score_in_runs(run, user, [cand], 128, pool, ways=2, min_rows=1)
+    ids = np.concatenate([c.reshape(-1) for c in scored])
+    assert sorted(ids.tolist()) == [1, 7, 9, 12, 30, 44]  # each distinct id once, over two runs
+    assert len(scored) == 2 and {c.shape[1] for c in scored} == {3}
+    for value in (1, 7, 9):
+        cols = np.flatnonzero(cand[0] == value)
+        assert all(np.array_equal(probs[0, cols[0]], probs[0, c]) for c in cols[1:]), value
+    with torch.inference_mode():
+        want = model(*(torch.from_numpy(user[n]) for n in NAMES), torch.from_numpy(cand)).numpy()
+    real = cand != 0
+    np.testing.assert_allclose(probs[real], want[real], atol=1e-6)
+    assert not probs[~real].any()

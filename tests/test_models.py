@@ -41,9 +41,9 @@ def small_transact_cfg(**kw) -> TransActConfig:
     return TransActConfig(**{**base, **kw})
 
 
-def make_ranker(encoder: str = "transact", seed: int = 0, **kw) -> TransActRanker:
+def make_ranker(encoder: str = "transact", seed: int = 0, n_items: int = N_ITEMS, **kw) -> TransActRanker:
     torch.manual_seed(seed)
-    table = np.random.default_rng(seed).normal(size=(N_ITEMS, TABLE_DIM)).astype(np.float32)
+    table = np.random.default_rng(seed).normal(size=(n_items, TABLE_DIM)).astype(np.float32)
     table[0] = 0.0
     model = TransActRanker(small_transact_cfg(sequence_encoder=encoder, **kw), table, N_ACTIONS, USER_DIM,
                            N_CONTEXT, N_HEADS)

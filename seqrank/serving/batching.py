@@ -17,7 +17,11 @@ runs of 50): candidates are independent, so this parallelism scales almost linea
 intra-op threads synchronise inside every operator (1.25x on 2 threads, docs/performance.md).
 
 Scoring candidates separately is exact: the ranker scores each candidate from the user's side and that candidate
-alone (user-side tensors are one row per user, broadcast over the candidates inside the model).
+alone (user-side tensors are one row per user, broadcast over the candidates inside the model). So each distinct id
+of a request row is scored once and copied to its columns: a request that names an item twice, or several items
+unknown to the model (all the one OOV id), costs one row per distinct id, and equal ids get bitwise-equal scores
+whatever run they land in (runs of different widths round differently in the last bit, which used to reorder
+tied candidates between calls).
 """
 from __future__ import annotations
 
@@ -49,40 +53,47 @@ def score_in_runs(run: Callable[[dict], np.ndarray], user_side: Mapping[str, np.
     every thread gets the same work (3 x 100 candidates on 2 threads: 4 runs of 75, not 3 of 100)."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    widths = [real_widths(cand) for cand in cand_items]
+    # one entry per request row (= user row, in request order): its distinct real ids and where each column's id is
+    rows = []
+    for r, cand in enumerate(cand_items):
+        for i, real in enumerate(real_widths(cand)):
+            ids, where = np.unique(cand[i, :real], return_inverse=True)
+            rows.append((r, i, ids, where))
+    user_rows = len(next(iter(user_side.values())))
+    if len(rows) != user_rows:
+        raise ValueError(f"{len(rows)} request rows but {user_rows} user-side rows")
     if pool is not None and ways > 1:
-        total = sum(int(w.sum()) for w in widths)
+        total = sum(len(ids) for _, _, ids, _ in rows)
         n_runs = ways * -(-total // (ways * max_rows))
         max_rows = min(max_rows, max(min_rows, -(-total // max(n_runs, 1))))
-    # pieces: (request, row in request, user row, first candidate), grouped by piece width
-    by_width: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
-    user = 0
-    for r, row_widths in enumerate(widths):
-        for i, real in enumerate(row_widths):
-            if real == 0:  # nothing to score; one empty piece still runs, so every request learns the head count
-                by_width[0].append((r, i, user, 0))
-            for start in range(0, real, max_rows):
-                by_width[min(max_rows, real - start)].append((r, i, user, start))
-            user += 1
-    user_rows = len(next(iter(user_side.values())))
-    if user != user_rows:
-        raise ValueError(f"{user} request rows but {user_rows} user-side rows")
+    # pieces: (user row, first id), grouped by piece width
+    by_width: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for u, (_, _, ids, _) in enumerate(rows):
+        if len(ids) == 0:  # nothing to score; one empty piece still runs, so every request learns the head count
+            by_width[0].append((u, 0))
+        for start in range(0, len(ids), max_rows):
+            by_width[min(max_rows, len(ids) - start)].append((u, start))
     runs = []  # (width, pieces, feeds)
     for width, pieces in by_width.items():
         per_run = max(1, max_rows // max(width, 1))
         for first in range(0, len(pieces), per_run):
             chunk = pieces[first:first + per_run]
-            users = np.fromiter((p[2] for p in chunk), dtype=np.int64, count=len(chunk))
+            users = np.fromiter((u for u, _ in chunk), dtype=np.int64, count=len(chunk))
             feeds = {name: np.ascontiguousarray(value[users]) for name, value in user_side.items()}
-            feeds["cand_item"] = np.stack([cand_items[r][i, start:start + width] for r, i, _, start in chunk])
+            feeds["cand_item"] = np.stack([rows[u][2][start:start + width] for u, start in chunk])
             runs.append((width, chunk, feeds))
     results = (pool.map if pool is not None else map)(run, [feeds for _, _, feeds in runs])
-    outputs: list[np.ndarray | None] = [None] * len(cand_items)
+    scored: list[np.ndarray | None] = [None] * len(rows)  # per user row: probs of its distinct ids
     for (width, chunk, _), probs in zip(runs, results):
-        for j, (r, i, _, start) in enumerate(chunk):
-            if outputs[r] is None:
-                outputs[r] = np.zeros((*cand_items[r].shape, probs.shape[-1]), dtype=probs.dtype)
-            outputs[r][i, start:start + width] = probs[j]
+        for j, (u, start) in enumerate(chunk):
+            if scored[u] is None:
+                scored[u] = np.zeros((len(rows[u][2]), probs.shape[-1]), dtype=probs.dtype)
+            scored[u][start:start + width] = probs[j]
+    outputs: list[np.ndarray | None] = [None] * len(cand_items)
+    for (r, i, _, where), probs in zip(rows, scored):
+        if outputs[r] is None:
+            outputs[r] = np.zeros((*cand_items[r].shape, probs.shape[-1]), dtype=probs.dtype)
+        outputs[r][i, :len(where)] = probs[where]
     return outputs
 
 
