@@ -19,8 +19,8 @@ Every set comes in two forms (same requests):
   actions the store path would read).
 
 Sets: ``log`` (up to ``--requests`` sessions sampled from the held-out period), ``fixed_1x100`` and ``fixed_1x16``
-(ONE request: the held-out session of the user with the longest history, its own items first and then real
-vocabulary item ids, drawn with a fixed seed, until there are 100, resp. the first 16 of those).
+(ONE request: the held-out session of the user with the longest history, its own items that the model knows first
+and then other vocabulary item ids, drawn with a fixed seed, until there are 100 distinct ones, resp. the first 16).
 
 The JSON is perf_analyzer's per-request form: ``{"data": [{"<input>": {"content": [...], "shape": [...]}}]}``, the
 shape without the batch dimension (run perf_analyzer with ``-b 1``). ``manifest.json`` describes the sets
@@ -119,10 +119,16 @@ def build_requests(run: Path, events: str | None = None, n_requests: int = 256, 
     log_set = [rows[i] for i in sorted(pick)]
 
     # the fixed request: the user with the longest history before a held-out session (S = 100 full when possible)
+    # Its candidates: the session's items the model knows, then other vocabulary items, all distinct. Items new in
+    # the held-out period would all be the one OOV row, which the CPU ranker scores once per request
+    # (seqrank/serving/batching.py) but the bare ranker and the naive service score per column.
     best = max(rows, key=lambda r: (len(r["actions"]), len(r["candidate_ids"]), -r["request_time_ms"]))
-    pool = [i for i in _vocab_items(run) if i not in set(best["candidate_ids"])]
-    extra = [pool[i] for i in rng.permutation(len(pool))[: max(0, 100 - len(best["candidate_ids"]))]]
-    cands100 = (best["candidate_ids"] + extra)[:100]
+    vocab = _vocab_items(run)
+    known = set(vocab)
+    own = [i for i in best["candidate_ids"] if i in known]
+    pool = [i for i in vocab if i not in set(own)]
+    extra = [pool[i] for i in rng.permutation(len(pool))[: max(0, 100 - len(own))]]
+    cands100 = (own + extra)[:100]
     fixed100 = dict(best, candidate_ids=cands100)
     fixed16 = dict(best, candidate_ids=cands100[:16])
     return {"log": log_set, "fixed_1x100": [fixed100], "fixed_1x16": [fixed16]}

@@ -170,3 +170,20 @@ def test_model_analyzer_summary_reads_its_csv_and_configs(tmp_path):
     assert "| config_default | 2 | 0 | 30.0 (40.0) | - |" in md
     assert "| config_1 | 1 | off | - | 50.0 (300.0) |" in md
     assert "Best: **ranker_config_1**" in md
+
+
+def test_fixed_requests_are_distinct_items_the_model_knows(bench_results):
+    """perf/make_inputs.py: the fixed 1 x 100 request holds 100 distinct vocabulary items (unknown items would all be
+    the one OOV row, which the CPU ranker scores once per request but the bare ranker and the naive service score
+    per column), and 1 x 16 is its first 16."""
+    import numpy as np
+
+    out, _ = bench_results
+    vocab = {x.decode() for x in np.load(out.parent / "fixture" / "run" / "vocab" / "items.npy").tolist()}
+    ids = {}
+    for name in ("fixed_1x100", "fixed_1x16"):
+        (request,) = json.loads((out / "inputs" / f"{name}_store.json").read_text())["data"]
+        ids[name] = [x.decode() if isinstance(x, bytes) else str(x) for x in request["candidate_ids"]["content"]]
+    assert len(ids["fixed_1x100"]) == len(set(ids["fixed_1x100"])) == 100
+    assert set(ids["fixed_1x100"]) <= vocab
+    assert ids["fixed_1x16"] == ids["fixed_1x100"][:16]
