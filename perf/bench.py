@@ -1190,6 +1190,10 @@ def main(argv=None) -> int:
         # what the CPU ranker stub scores: the real candidates (seqrank.serving.batching drops the bucket padding)
         t100_run = {**t100, "cand_item": t100["cand_item"][:, : int(real_widths(t100["cand_item"])[0])]}
         details["fixed_request"]["scored_width"] = int(t100_run["cand_item"].shape[1])
+        if len(np.unique(t100_run["cand_item"][0])) != t100_run["cand_item"].shape[1]:
+            raise SystemExit("the fixed request repeats a candidate id (several unknown items are one OOV id): the "
+                             "CPU ranker scores each distinct id once, bare and naive per column; rebuild the inputs "
+                             "with perf/make_inputs.py")
         item_dim = int(np.load(run / "item_table.npy", mmap_mode="r").shape[1])
         flops = ranker_flops(cfg.transact, int(t100_run["cand_item"].shape[1]), item_dim,
                              int(t100["user_emb"].shape[1]), int(t100["context"].shape[1]), len(vocab.heads))

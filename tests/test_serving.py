@@ -115,7 +115,11 @@ def test_ranker_stub_memory_is_reached_at_load_and_stays(server, small_run):
         return {k: v for k, v in rss_by_process(server.group_pids()).items() if k.startswith("ranker stub")}
 
     user, t, items = _sessions(small_run, 1)[0]
-    candidates = [*items, *(f"unseen-{k}" for k in range(1024 - len(items)))]  # unknown ids: OOV, a valid request
+    # 1,024 distinct items the model knows: the stub scores each distinct id once, so unknown ids (all the one OOV
+    # row) would make this a small request
+    vocab = [x.decode() for x in np.load(small_run["run"] / "vocab" / "items.npy").tolist()]
+    candidates = [*items, *[i for i in vocab if i not in set(items)][: 1024 - len(items)]]
+    assert len(set(candidates)) == 1024
     with RankingClient(server.grpc_url, "grpc", timeout_s=120) as c:
         want = c.rank(user, candidates, request_time=t)
     before = ranker_stubs()
