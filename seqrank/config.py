@@ -50,7 +50,8 @@ class TransActConfig:
     output_dim: int = 0         # beyond the paper: project the flattened TransAct output to this size (+ LayerNorm)
                                 # before DCN v2; 0 = the paper (the (K+1) x d features go in as they are)
     output_gate_init: float | None = 0.0  # beyond the paper: TransAct's output times a learned scalar started here
-                                # (0: the ranker starts as the avg-pool model and lets TransAct in as it helps); None = off
+                                # (0: the ranker starts as the avg-pool model and lets TransAct in as it helps;
+                                # None = off; evaluate reports the trained gate and what closing it changes)
     sequence_encoder: str = "transact"    # "transact" | "no_sequence" | "avg_pool" (baselines from the same code)
     time_window_max_h: float = 1.0        # training-only random time-window mask, T ~ U[0, 1h] (paper: 24h; README)
     cross_layers: int = 2       # DCN v2
