@@ -211,7 +211,7 @@ def gate_ablation(model, test_ex: RankerExamples, probs: np.ndarray, heads: list
     auc_closed = {h: M.auc(test_ex.labels[:, j], closed[:, j]) for j, h in enumerate(heads)}
     change = {h: M.auc(test_ex.labels[:, j], probs[:, j]) - auc_closed[h] for j, h in enumerate(heads)}
     return {"value": value, "auc_with_gate_closed": auc_closed, "auc_change_from_gate": change,
-            "max_abs_auc_change": max(abs(v) for v in change.values()),
+            "max_abs_auc_change": float(np.nanmax(np.abs(list(change.values())))),  # a head with no positive: NaN
             "mean_abs_prob_change": float(np.abs(probs - closed).mean())}
 
 
