@@ -1029,8 +1029,9 @@ def report_md(summary: dict, points: dict, extra: dict) -> str:
     out += ["", f"freshness_store: {summary['freshness_store']}", ""]
     out += ["## Method", "",
             "- **Same requests everywhere** (perf/make_inputs.py): held-out sessions of the shipped log; the fixed "
-            "1 x 100 request is the user with the longest history (S = 100 real actions) with its session's items "
-            "padded with real vocabulary ids to 100 candidates (1 x 16 = its first 16). The ensemble and the naive "
+            "1 x 100 request is the user with the longest history (S = 100 real actions) with its session's items the "
+            "model knows, then other vocabulary items, 100 distinct candidates (1 x 16 = its first 16). The ensemble "
+            "and the naive "
             "service read the sequence from the same SQLite store; bare runs the exact tensors preprocess builds for "
             "that request, as the CPU ranker stub scores them (the 100 real candidates: the stub drops the bucket "
             "padding preprocess adds for the GPU engines), in two layouts: one caller with intra_op 2 threads and "
