@@ -6,8 +6,8 @@ the container entrypoint (docker/entrypoint.sh) runs this script on first start 
 keyed by GPU name + TensorRT version + the ONNX file's sha256 (+ a hash of the build settings).
 
 One optimization profile per candidate bucket (seqrank.serving.preprocess.CANDIDATE_BUCKETS; preprocess pads N up
-to a bucket): profile i accepts batch 1..max_batch and candidates (bucket[i-1], bucket[i]]; the sequence length is fixed at S
-(preprocess always sends exactly S rows). Triton's dynamic batcher only batches requests of the same shape, so every
+to a bucket): profile i accepts batch 1..max_batch and candidates (bucket[i-1], bucket[i]]; the sequence length is
+fixed at S (preprocess always sends exactly S rows). Triton's dynamic batcher only batches requests of the same shape, so every
 batch falls inside exactly one profile, and the TensorRT backend picks it (the ranker config lists every profile).
 
     # build a plan (TensorRT Python API; prints the equivalent trtexec command first)

@@ -44,9 +44,9 @@ def layout_copy(src: Path, dst: Path, params: dict, instances: int, delay: int |
         text = re.sub(r"max_queue_delay_microseconds:\s*\d+", f"max_queue_delay_microseconds: {value}",
                       cfg.read_text())
         if model != "ranker" and cpu_instances is not None:
-            text, n = re.subn(r"(instance_group\s*\[\s*{\s*count:\s*)\d+", rf"\g<1>{cpu_instances}", text)
-            if n != 1:
-                raise ValueError(f"{cfg}: instance_group count not found once")
+            if not bench.INSTANCE_COUNT.search(text):
+                raise ValueError(f"{cfg}: no instance_group count")
+            text = bench.with_instance_count(text, cpu_instances)
         cfg.write_text(text)
 
 

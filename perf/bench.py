@@ -11,7 +11,8 @@ Systems (docs/performance.md explains the method and the numbers):
               store loaded with the log), perf_analyzer over gRPC, concurrency sweep + Poisson request-rate sweep;
 (c) untuned   a copy of the repository with dynamic_batching removed from every model, one instance per model;
 (d) naive     FastAPI + uvicorn (one process per core, Nagle off) + PyTorch eager (perf/naive_service.py) with the
-              same model, tables and store, loaded by perf/loadgen.py (closed loop, same concurrencies, same statistics).
+              same model, tables and store, loaded by perf/loadgen.py (closed loop, same concurrencies, same
+              statistics).
 
 The compared systems are measured interleaved, round by round (one load level per round, every system in each
 round), so a drift of the shared machine's background load hits all of them alike. Ratios are throughput ratios at
@@ -399,6 +400,14 @@ def ort_op_profile(onnx: Path, tensors: dict, workdir: Path, runs: int = 20) -> 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+INSTANCE_COUNT = re.compile(r"(instance_group\s*\[\s*{\s*count:\s*)\d+")
+
+
+def with_instance_count(text: str, count: int) -> str:
+    """A model config's text with its (first) instance_group count set to ``count``; unchanged if it has none."""
+    return INSTANCE_COUNT.sub(rf"\g<1>{count}", text, count=1)
+
+
 def untuned_copy(src: Path, dst: Path) -> list[str]:
     """Copy the repository; remove every dynamic_batching block, one instance per model."""
     if dst.exists():
@@ -420,7 +429,7 @@ def untuned_copy(src: Path, dst: Path) -> list[str]:
             out.append(text[pos:m.start()])
             pos = j
         new = "".join(out) + text[pos:]
-        new = re.sub(r"(instance_group\s*\[\s*{\s*count:\s*)\d+", r"\g<1>1", new)
+        new = with_instance_count(new, 1)
         if new != text:
             cfg.write_text(new)
             changed.append(str(cfg.relative_to(dst)))
@@ -453,7 +462,7 @@ def ranker_variant_copy(src: Path, dst: Path, params: dict[str, int], instances:
         if n != 1:
             raise ValueError(f"{cfg}: parameter {key} not found once")
     if instances is not None:
-        new = re.sub(r"(instance_group\s*\[\s*{\s*count:\s*)\d+", rf"\g<1>{instances}", new)
+        new = with_instance_count(new, instances)
     cfg.write_text(new)
     return [str(cfg.relative_to(dst))] if new != text else []
 

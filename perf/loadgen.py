@@ -1,14 +1,13 @@
 """A small closed-loop HTTP load generator (asyncio), measuring like perf_analyzer's concurrency mode.
 
 ``concurrency`` workers, each with its own keep-alive HTTP/1.1 connection (spread round-robin over the given URLs),
-send one request, wait for the whole response, send the next (request bodies cycle through ``bodies``). After a warm-up window, ``windows`` windows of
-``window_s`` seconds are measured: throughput = responses completed inside the measured span / its length, latency
-percentiles over those responses (client side: from writing the request to reading the last response byte), as
-perf_analyzer reports them. Any non-200 response counts as an error (and is reported).
-
-The client is deliberately thin (pre-encoded bodies, no JSON decoding of responses, no per-request objects beyond
-a few bytes) so that, on a machine where client and server share the cores, it takes as little CPU from the
-service as perf_analyzer takes from Triton; ``client_cpu_s`` reports what it used.
+send one request, wait for the whole response, send the next (request bodies cycle through ``bodies``). After a
+warm-up window, ``windows`` windows of ``window_s`` seconds are measured: throughput = responses completed inside the
+measured span / its length, latency percentiles over those responses (client side: from writing the request to reading
+the last response byte), as perf_analyzer reports them. Any non-200 response counts as an error (and is reported).
+The client is deliberately thin (pre-encoded bodies, no JSON decoding of responses, no per-request objects beyond a
+few bytes) so that, on a machine where client and server share the cores, it takes as little CPU from the service as
+perf_analyzer takes from Triton; ``client_cpu_s`` reports what it used.
 """
 from __future__ import annotations
 
