@@ -287,12 +287,14 @@ def factorization_speedup(model, sess, tensors: dict, work: Path, seconds: float
     """The served ranker (layer 0 factorized) against the same weights exported in the direct form, in alternating
     rounds on the same tensors: what TransActEncoder.first_layer_factorized buys on this machine."""
     from seqrank.export import export_ranker_onnx
+    from seqrank.serving.cpu_graph import write_cpu_graph
     direct_onnx = work / "ranker_direct_first_layer.onnx"
     model.encoder.factorize_first_layer = False
     try:
         export_ranker_onnx(model, direct_onnx)
     finally:
         model.encoder.factorize_first_layer = True
+    write_cpu_graph(direct_onnx, direct_onnx)  # as served: the same CPU graph fusion on both sides
     direct = ort_session(direct_onnx, threads=2)
     feed = {n: tensors[n] for n in RANKER_INPUTS}
     max_diff = float(np.abs(sess.run(None, feed)[0] - direct.run(None, feed)[0]).max())
@@ -1185,6 +1187,7 @@ def main(argv=None) -> int:
 
         from seqrank.export import load_ranker
         from seqrank.serving.batching import real_widths
+        from seqrank.serving.cpu_graph import cpu_graph_path
         model, cfg, vocab = load_ranker(run)
         pre = preprocessor(repo, store_url)
         fixed100 = reqs["fixed_1x100"][0]
@@ -1214,7 +1217,8 @@ def main(argv=None) -> int:
         log(f"FLOPs/request {flops['total'] / 1e9:.3f} G (counter {flops['flop_counter']}); peak "
             f"{details['peak']['peak_gflops']:.1f} GFLOP/s; dedup ratio {details['dedup']['ratio']:.1f}")
 
-        onnx = repo / "ranker" / "1" / "model.onnx"
+        onnx = cpu_graph_path(repo / "ranker" / "1")  # what the CPU ranker stub loads
+        details["bare_graph"] = onnx.name
         bare_sess = ort_session(onnx, threads=2)
         bare_sess1 = ort_session(onnx, threads=1)
         if not st.quick:

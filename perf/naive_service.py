@@ -11,7 +11,8 @@ Same request semantics as the ensemble (docs/serving-contract.md), as JSON:
 ``{"ranked_ids", "utility", "head_scores", "oov", "sequence_source"}``. Features are built in-process with
 ``seqrank.serving.preprocess.Preprocessor`` (the ensemble's preprocess code, the same tables and store); the model is
 ``seqrank.export.load_ranker(run)`` in ``torch.inference_mode`` with ``torch.set_num_threads(1)`` per worker (the
-usual setting for N workers on N cores), scoring exactly the request's candidates (no bucket padding). The
+usual setting for N workers on N cores), scoring exactly the request's candidates (no bucket padding) and its real
+history (no sequence padding, as the Triton CPU ranker: seqrank.serving.batching.trim_history_padding). The
 endpoint is ``async def`` and computes inline: on a CPU-bound service that is the cheapest choice (no thread-pool
 hop per request), i.e. the baseline's best case. Its connections have Nagle's algorithm off
 (``NoDelayHTTPProtocol``): with ``--workers`` > 1 uvicorn leaves it on, which alone added ~44 ms to every keep-alive
@@ -32,6 +33,8 @@ from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from seqrank.export import load_ranker
+from seqrank.models.transact import INPUT_NAMES
+from seqrank.serving.batching import trim_history_padding
 from seqrank.serving.preprocess import CANDIDATE_BUCKETS, Preprocessor, RequestError
 
 class NoDelayHTTPProtocol(AutoHTTPProtocol):
@@ -77,10 +80,12 @@ class NaiveRanker:
         req = self.pre.parse(raw)
         t = self.pre.build([req])[0]
         n = len(req.candidates)
+        # exactly the request's candidates and its real history (the same trimming as the Triton CPU ranker)
+        feeds = trim_history_padding({"seq_item": t.seq_item[None], "seq_action": t.seq_action[None],
+                                      "seq_mask": t.seq_mask[None], "user_emb": t.user_emb[None].copy(),
+                                      "context": t.context[None], "cand_item": t.cand_item[None, :n]})
         with torch.inference_mode():
-            probs = self.model(torch.from_numpy(t.seq_item[None]), torch.from_numpy(t.seq_action[None]),
-                               torch.from_numpy(t.seq_mask[None]), torch.from_numpy(t.user_emb[None].copy()),
-                               torch.from_numpy(t.context[None]), torch.from_numpy(t.cand_item[None, :n]))
+            probs = self.model(*(torch.from_numpy(feeds[name]) for name in INPUT_NAMES))
         probs = probs[0].numpy()  # only the real candidates are scored (no bucket padding)
         utility = probs @ self.weights
         k = n if body.get("top_k") is None else max(1, min(int(body["top_k"]), n))

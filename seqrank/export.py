@@ -18,6 +18,7 @@ from .config import RunConfig
 from .features import FIRST_ID, N_CONTEXT, Vocabulary
 from .models.pinnerformer import N_TIME_FEATURES, PinnerFormer
 from .models.transact import INPUT_NAMES, OUTPUT_NAMES, TransActRanker
+from .serving.cpu_graph import CPU_ONNX, write_cpu_graph
 from .serving.preprocess import CANDIDATE_BUCKETS
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_repository"
@@ -135,6 +136,10 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True) ->
     shutil.copytree(TEMPLATE, repository, ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "tables"))
     onnx_path = export_ranker_onnx(model, repository / "ranker" / "1" / "model.onnx")
     parity = check_parity(model, onnx_path, cfg.transact.seq_len) if check else []
+    # the CPU ranker's graph: the same model with ONNX Runtime's fused residual + LayerNorm (serving/cpu_graph.py)
+    cpu_path = onnx_path.parent / CPU_ONNX
+    fused = write_cpu_graph(onnx_path, cpu_path)
+    cpu_parity = check_parity(model, cpu_path, cfg.transact.seq_len) if check else []
     tower = load_user_tower(run, cfg, vocab)
     export_user_tower_onnx(tower, run / "export" / "user_tower.onnx")
 
@@ -153,9 +158,11 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True) ->
               "max_candidates": CANDIDATE_BUCKETS[-1]}
     for config in repository.rglob("*.pbtxt"):
         config.write_text(render_config(config.read_text(), values))
-    summary = {"repository": str(repository), "onnx": str(onnx_path), "parity": parity, **values}
+    summary = {"repository": str(repository), "onnx": str(onnx_path), "parity": parity,
+               "cpu_onnx": {"path": str(cpu_path), "fused_skip_layernorm": fused, "parity": cpu_parity}, **values}
     (run / "export").mkdir(exist_ok=True)
     (run / "export" / "export.json").write_text(json.dumps(summary, indent=2))
     print(f"exported {run} -> {repository}; ONNX parity max abs diff "
-          f"{max((p['max_abs_diff'] for p in parity), default=float('nan')):.2e}")
+          f"{max((p['max_abs_diff'] for p in parity), default=float('nan')):.2e} (CPU graph, {fused} fused "
+          f"residual+LayerNorm: {max((p['max_abs_diff'] for p in cpu_parity), default=float('nan')):.2e})")
     return repository

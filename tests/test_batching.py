@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from seqrank.features import FIRST_ID
-from seqrank.serving.batching import real_widths, score_in_runs, warmup_feeds
+from seqrank.serving.batching import real_widths, score_in_runs, trim_history_padding, warmup_feeds
 from test_models import make_ranker as _make_ranker
 from test_models import ranker_inputs
 
@@ -167,3 +167,61 @@ def test_each_distinct_id_is_scored_once_and_equal_ids_score_bitwise_equal():
     real = cand != 0
     np.testing.assert_allclose(probs[real], want[real], atol=1e-6)
     assert not probs[~real].any()
+
+
+# ------------------------------------------------------------------------------------------- history trimming
+
+def _user_side(lengths, n_cand=3, seed=0):
+    *user, cand = ranker_inputs(lengths, S, n_cand, seed=seed)
+    return {**{name: t.numpy() for name, t in zip(NAMES, user)}, "cand_item": cand.numpy()}
+
+
+@pytest.mark.parametrize("lengths,width", [([0, 3, 2], 3), ([0, 0], 1), ([S, 1], S), ([1], 1), ([5, 5, 4], 5)])
+def test_history_is_trimmed_to_the_longest_real_one_of_the_run(lengths, width):
+    feeds = _user_side(lengths)
+    trimmed = trim_history_padding(feeds)
+    assert trimmed["seq_mask"].shape == trimmed["seq_item"].shape == trimmed["seq_action"].shape == (len(lengths),
+                                                                                                       width)
+    assert trimmed["seq_mask"].sum(1).tolist() == lengths  # no real action is dropped
+    for name in ("seq_item", "seq_action", "seq_mask"):
+        np.testing.assert_array_equal(trimmed[name], feeds[name][:, :width])
+        assert not feeds[name][:, width:].any()  # what was cut is padding only (ids and mask 0 here)
+    for name in ("user_emb", "context", "cand_item"):
+        assert trimmed[name] is feeds[name]
+
+
+@pytest.mark.parametrize("extra", [{}, {"sequence_mean": True, "output_gate_init": 0.5}, {"mean_pool_row": True}])
+def test_trimmed_history_scores_what_the_padded_one_scores(extra):
+    """Exact up to rounding: padding is never attended or pooled, so the columns every row pads can go. With K = 4
+    newest rows and histories shorter than K, the trimmed sequence is narrower than the output rows it fills."""
+    model = _make_ranker(n_items=ITEMS, top_k_rows=4, **extra)
+    feeds = _user_side([0, 1, 3, 2], n_cand=5, seed=4)
+    trimmed = trim_history_padding(feeds)
+    assert trimmed["seq_mask"].shape[1] == 3 < 4
+    with torch.inference_mode():
+        full, cut = (model(*(torch.from_numpy(f[n]) for n in (*NAMES, "cand_item"))).numpy()
+                     for f in (feeds, trimmed))
+    np.testing.assert_allclose(cut, full, rtol=0, atol=1e-6)
+    # the check can fail: hiding a real action (cutting one column too many) changes the scores
+    short = {n: v[:, :2] if n in ("seq_item", "seq_action", "seq_mask") else v for n, v in feeds.items()}
+    with torch.inference_mode():
+        wrong = model(*(torch.from_numpy(short[n]) for n in (*NAMES, "cand_item"))).numpy()
+    assert np.abs(wrong - full).max() > 1e-4
+
+
+def test_runs_are_scored_on_their_real_history_width():
+    model = make_ranker()
+    requests = _requests([(16, 1), (16, 1), (8, 2)])  # histories of S, S - 1 and S - 2 actions
+    widths = []
+
+    def run(feeds):
+        widths.append(feeds["seq_mask"].shape[1])
+        with torch.inference_mode():
+            return model(*(torch.from_numpy(feeds[n]) for n in (*NAMES, "cand_item"))).numpy()
+
+    user_side = {n: np.concatenate([u[n] for u, _ in requests]) for n in NAMES}
+    for r in range(1, 4):
+        widths.clear()
+        score_in_runs(run, {n: v[r - 1:r] if r < 3 else v[2:] for n, v in user_side.items()},
+                      [requests[r - 1][1]], max_rows=128)
+        assert widths == [S - (r - 1)]

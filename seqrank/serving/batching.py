@@ -34,6 +34,26 @@ import numpy as np
 from ..features import PAD
 
 
+SEQUENCE_INPUTS = ("seq_item", "seq_action", "seq_mask")  # [users, S]: newest first, padding after the last action
+
+
+def trim_history_padding(feeds: Mapping[str, np.ndarray]) -> dict:
+    """Drop the sequence columns after the longest real history among the feeds' users: preprocess pads every
+    history to seq_len, and those columns are padding for every row, which the ranker never attends or pools, so
+    scoring without them is exact (up to the summation order of the matrix products), and the transformer's cost,
+    linear to quadratic in the length, follows the real history. One column always stays: an empty history
+    attends to position 0."""
+    mask = feeds.get("seq_mask")
+    if mask is None or mask.shape[1] <= 1:
+        return dict(feeds)
+    real = mask.any(axis=0)
+    width = max(1, len(real) - int(np.argmax(real[::-1]))) if real.any() else 1
+    if width == mask.shape[1]:
+        return dict(feeds)
+    return {name: np.ascontiguousarray(value[:, :width]) if name in SEQUENCE_INPUTS else value
+            for name, value in feeds.items()}
+
+
 def real_widths(cand: np.ndarray) -> np.ndarray:
     """[n, w] candidate ids -> [n]: each row's length without its trailing PAD columns."""
     if cand.shape[1] == 0:
@@ -81,7 +101,7 @@ def score_in_runs(run: Callable[[dict], np.ndarray], user_side: Mapping[str, np.
             users = np.fromiter((u for u, _ in chunk), dtype=np.int64, count=len(chunk))
             feeds = {name: np.ascontiguousarray(value[users]) for name, value in user_side.items()}
             feeds["cand_item"] = np.stack([rows[u][2][start:start + width] for u, start in chunk])
-            runs.append((width, chunk, feeds))
+            runs.append((width, chunk, trim_history_padding(feeds)))
     results = (pool.map if pool is not None else map)(run, [feeds for _, _, feeds in runs])
     scored: list[np.ndarray | None] = [None] * len(rows)  # per user row: probs of its distinct ids
     for (width, chunk, _), probs in zip(runs, results):

@@ -1,4 +1,5 @@
-"""Triton Python backend for CPU-only machines: the ranker's ONNX file through ONNX Runtime.
+"""Triton Python backend for CPU-only machines: the ranker through ONNX Runtime (model_cpu.onnx, the fused CPU graph
+that `seqrank export` writes beside model.onnx: seqrank/serving/cpu_graph.py).
 
 Requests arrive with candidates padded to different buckets (allow_ragged_batch on cand_item), so requests with
 different candidate counts share one execution. seqrank.serving.batching scores only the real candidates (the
@@ -21,6 +22,7 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from seqrank.serving.batching import score_in_runs, warmup_feeds
+from seqrank.serving.cpu_graph import cpu_graph_path
 
 USER_SIDE = ("seq_item", "seq_action", "seq_mask", "user_emb", "context")
 DTYPES = {"TYPE_INT64": np.int64, "TYPE_BOOL": np.bool_, "TYPE_FP32": np.float32}
@@ -37,7 +39,7 @@ class TritonPythonModel:
         # Candidate widths vary per request (no bucket padding): a memory pattern is planned and kept per input shape,
         # which grew the stub by ~50 MB over a mix of widths; the arena alone stays flat (and is as fast here).
         options.enable_mem_pattern = False
-        path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        path = cpu_graph_path(Path(args["model_repository"]) / args["model_version"])
         self.max_rows = int(params.get("max_rows_per_run", "128"))
         self.ways = int(params.get("run_threads", "1"))
         self.sessions = [ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,108 @@
+"""The ranker graph for ONNX Runtime's CPU provider: model.onnx with each residual Add + LayerNormalization pair
+fused into ONNX Runtime's SkipLayerNormalization.
+
+ONNX Runtime fuses this pair itself only for 2-D/3-D activations; TransAct's are [B, N, S, d] (one sequence per
+candidate), so its optimizer leaves four Adds and four LayerNorms that each stream the whole activation through
+memory (about a third of the CPU kernel time at 1 x 100, docs/performance.md). Viewed as [-1, d] (a reshape, no
+copy) both operands go through the contrib kernel, which adds and normalises in one pass. The op is ONNX Runtime's
+own (domain com.microsoft), so the GPU paths (TensorRT, ONNX Runtime CUDA) keep the portable model.onnx;
+`seqrank export` writes this file beside it and checks it against PyTorch like the portable one.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+CPU_ONNX = "model_cpu.onnx"  # beside model.onnx in the ranker's version directory
+CONTRIB = "com.microsoft"
+# onnx is imported where it is used: the ranker stub only needs cpu_graph_path
+
+
+def _shapes(model) -> dict[str, list]:
+    """Every tensor's shape by ONNX Runtime's symbolic shape inference, without merging symbols (so two dims are
+    the same only where the graph proves it: the export's dynamic axes propagate as `batch`, `candidates`, `seq`)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False)
+    out = {i.name: list(i.dims) for i in inferred.graph.initializer}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if v.type.tensor_type.HasField("shape"):
+            out[v.name] = [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value")
+                           else None for d in v.type.tensor_type.shape.dim]
+    return out
+
+
+def _same_shape(a: list | None, b: list | None) -> bool:
+    """Proven equal: the same rank and, dim by dim, the same size or the same symbol (a broadcast, or a dimension
+    nothing names, is never fused)."""
+    return a is not None and b is not None and len(a) == len(b) and all(x is not None and x == y for x, y in zip(a, b))
+
+
+def fuse_skip_layernorm(model) -> int:
+    """Rewrite `LayerNormalization(Add(a, b))` over the last axis, where the Add feeds nothing else and a and b have
+    the same shape, as `Reshape(SkipLayerNormalization(a', b', gamma, beta), shape(a))` with a', b' = [-1, d].
+    In place (an onnx.ModelProto); returns the number of pairs fused."""
+    import onnx
+    from onnx import helper
+    g = model.graph
+    consumers: dict[str, int] = defaultdict(int)
+    for node in g.node:
+        for name in node.input:
+            consumers[name] += 1
+    graph_outputs = {o.name for o in g.output}
+    producer = {o: node for node in g.node for o in node.output}
+    shapes = _shapes(model)
+    replace: dict[int, list] = {}
+    drop: set[int] = set()
+    for node in g.node:
+        if node.op_type != "LayerNormalization" or len(node.input) < 3 or not node.input[2]:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        add = producer.get(node.input[0])
+        gamma = shapes.get(node.input[1])
+        d = gamma[0] if gamma is not None and len(gamma) == 1 and isinstance(gamma[0], int) else None
+        if (add is None or add.op_type != "Add" or consumers[add.output[0]] != 1 or add.output[0] in graph_outputs
+                or attrs.get("axis", -1) not in (-1, len(shapes.get(add.input[0]) or []) - 1)
+                or not _same_shape(shapes.get(add.input[0]), shapes.get(add.input[1]))
+                or d is None or shapes[add.input[0]][-1] != d):
+            continue
+        k = node.output[0]
+        rows = helper.make_tensor(f"{k}/rows_shape", onnx.TensorProto.INT64, [2], [-1, d])
+        replace[id(node)] = [
+            helper.make_node("Constant", [], [f"{k}/rows"], value=rows),
+            helper.make_node("Shape", [add.input[0]], [f"{k}/shape"]),
+            helper.make_node("Reshape", [add.input[0], f"{k}/rows"], [f"{k}/a"]),
+            helper.make_node("Reshape", [add.input[1], f"{k}/rows"], [f"{k}/b"]),
+            helper.make_node("SkipLayerNormalization", [f"{k}/a", f"{k}/b", node.input[1], node.input[2]],
+                             [f"{k}/y"], name=f"{node.name}/skip", domain=CONTRIB,
+                             epsilon=float(attrs.get("epsilon", 1e-5))),
+            helper.make_node("Reshape", [f"{k}/y", f"{k}/shape"], [k]),
+        ]
+        drop.add(id(add))
+    if not replace:
+        return 0
+    nodes = []
+    for node in g.node:
+        if id(node) in replace:
+            nodes.extend(replace[id(node)])
+        elif id(node) not in drop:
+            nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    if not any(o.domain == CONTRIB for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CONTRIB, 1))
+    return len(replace)
+
+
+def write_cpu_graph(src: Path, dst: Path) -> int:
+    """model.onnx -> the CPU graph; returns the number of fused pairs (0: dst is a plain copy of src)."""
+    import onnx
+    model = onnx.load(str(src))
+    fused = fuse_skip_layernorm(model)
+    onnx.save(model, str(dst))
+    return fused
+
+
+def cpu_graph_path(version_dir: Path) -> Path:
+    """What the CPU ranker loads: the fused graph where export wrote one (older repositories: model.onnx)."""
+    fused = Path(version_dir) / CPU_ONNX
+    return fused if fused.is_file() else Path(version_dir) / "model.onnx"

@@ -1,0 +1,79 @@
+"""The CPU ranker's graph (seqrank/serving/cpu_graph.py): residual Add + LayerNorm fused into ONNX Runtime's
+SkipLayerNormalization, the same scores as PyTorch, and nothing fused where the rewrite would not be exact."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from seqrank.models.transact import INPUT_NAMES
+from seqrank.serving.batching import trim_history_padding
+from seqrank.serving.cpu_graph import CPU_ONNX, cpu_graph_path, fuse_skip_layernorm, write_cpu_graph
+from test_models import make_ranker, ranker_inputs
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+@pytest.mark.parametrize("extra", [{"n_heads": 1, "sequence_mean": True, "output_gate_init": 0.5},
+                                   {"n_heads": 2}], ids=["shipped-form-1-head", "paper-2-heads"])
+def test_fused_cpu_graph_scores_what_pytorch_scores(tmp_path, extra):
+    from seqrank.export import check_parity, export_ranker_onnx
+    model = make_ranker("transact", seed=3, top_k_rows=4, **extra)
+    portable = export_ranker_onnx(model, tmp_path / "model.onnx")
+    fused = write_cpu_graph(portable, tmp_path / CPU_ONNX)
+    assert fused == 2 * model.cfg.n_layers  # post-norm: two residual + LayerNorm pairs per layer
+    ops = _ops(tmp_path / CPU_ONNX)
+    assert ops.count("SkipLayerNormalization") == fused and "LayerNormalization" not in ops
+    assert "SkipLayerNormalization" not in _ops(portable)  # the portable file (TensorRT, CUDA) is untouched
+    report = check_parity(model, tmp_path / CPU_ONNX, 9)  # raises past the export tolerance
+    assert max(r["max_abs_diff"] for r in report) <= 1e-5
+    # as the stub runs it: mixed history lengths (a cold start too), trimmed to the longest
+    sess = ort.InferenceSession(str(tmp_path / CPU_ONNX), providers=["CPUExecutionProvider"])
+    feeds = {n: t.numpy() for n, t in zip(INPUT_NAMES, ranker_inputs([0, 2, 5], 9, 6, seed=7))}
+    with torch.no_grad():
+        want = model(*(torch.from_numpy(feeds[n]) for n in INPUT_NAMES)).numpy()
+    trimmed = trim_history_padding(feeds)
+    assert trimmed["seq_mask"].shape[1] == 5
+    np.testing.assert_allclose(sess.run(None, trimmed)[0], want, rtol=0, atol=1e-5)
+
+
+def _layernorm_graph(skip_shape):
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "s", 4])
+    skip = helper.make_tensor_value_info("skip", TensorProto.FLOAT, skip_shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "s", 4])
+    rng = np.random.default_rng(0)
+    inits = [helper.make_tensor("gamma", TensorProto.FLOAT, [4], rng.normal(size=4).tolist()),
+             helper.make_tensor("beta", TensorProto.FLOAT, [4], rng.normal(size=4).tolist())]
+    nodes = [helper.make_node("Add", ["x", "skip"], ["sum"]),
+             helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5)]
+    graph = helper.make_graph(nodes, "ln", [x, skip], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_only_same_shape_residuals_are_fused():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    for skip_shape, skip, fusable in ((["n", "s", 4], rng.normal(size=(3, 5, 4)), True),
+                                      ([4], rng.normal(size=4), False),            # a broadcast bias
+                                      ([1, "s", 4], rng.normal(size=(1, 5, 4)), False)):
+        model = _layernorm_graph(skip_shape)
+        plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        want = plain.run(None, {"x": x, "skip": skip.astype(np.float32)})[0]
+        assert fuse_skip_layernorm(model) == int(fusable)
+        assert ("SkipLayerNormalization" in [n.op_type for n in model.graph.node]) == fusable
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x, "skip": skip.astype(np.float32)})[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_the_stub_loads_the_fused_graph_where_export_wrote_one(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"portable")
+    assert cpu_graph_path(tmp_path) == tmp_path / "model.onnx"  # a repository exported before the CPU graph
+    (tmp_path / CPU_ONNX).write_bytes(b"fused")
+    assert cpu_graph_path(tmp_path) == tmp_path / CPU_ONNX
