@@ -185,6 +185,7 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
               **({"ranker_seeds": seed_metrics} if seed_metrics else {}),
               **({"transact_output_gate": gate} if gate else {}),
               "data": {"events": info["events"], "test_impressions": int(is_test.sum()),
+                       **candidate_coverage(prep.impressions),
                        "train_impressions": int((~is_test).sum()),
                        "hit@3_groups": int((np.bincount(test_ex.user_day) >= 4).sum()),
                        "hit@3_grouping": "user-day (impressions of one user and day, >= 4)"}}
@@ -196,6 +197,17 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
     if seed_metrics:
         print(format_seed_table(seed_metrics, heads))
     return result
+
+
+def candidate_coverage(impressions) -> dict:
+    """How much the training period tells the ranker about the test candidates: the share of test impressions whose
+    item was seen in training (the rest are one out-of-vocabulary row), and how often the median seen one was. Early
+    fusion can only match a candidate against the history through what its embedding learned."""
+    train_counts = impressions.loc[~impressions.is_test, "item_id"].value_counts()
+    test_items = impressions.loc[impressions.is_test, "item_id"]
+    seen = test_items.map(train_counts).dropna()
+    return {"test_candidates_seen_in_training": float(len(seen) / max(len(test_items), 1)),
+            "train_impressions_of_seen_test_candidate_median": float(seen.median()) if len(seen) else 0.0}
 
 
 @torch.no_grad()

@@ -70,6 +70,12 @@ def test_summary_has_every_key_finite_and_positive(bench_results):
     flops = summary["details"]["flops"]
     if flops.get("flop_counter"):
         assert abs(flops["total"] - flops["flop_counter"]) / flops["flop_counter"] < 0.02
+    # the fused CPU graph and history trimming score what the portable graph scores on padded histories
+    details = summary["details"]
+    assert details["bare_graph"] == "model_cpu.onnx"
+    assert details["cpu_graph"]["max_abs_diff"] < 1e-5 and details["history_trimming"]["max_abs_diff"] < 1e-5
+    trim = details["history_trimming"]
+    assert trim["requests"] > 0 and trim["history_mean"] <= trim["scored_width_mean"] <= trim["history_mean"] + 1
     # the ensemble and the FastAPI baseline rank the same request alike (ONNX Runtime vs torch eager)
     assert summary["details"]["parity"]["max_abs_utility_diff"] < 1e-3
 

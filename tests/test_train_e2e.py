@@ -115,6 +115,8 @@ def test_evaluate_writes_metrics_of_the_required_shape(run):
         assert user[objective]["users"] > 0
     data = metrics["data"]
     assert data["test_impressions"] > 0 and data["train_impressions"] > data["test_impressions"]
+    assert 0.0 < data["test_candidates_seen_in_training"] < 1.0  # this log: about half the test items are new
+    assert data["train_impressions_of_seen_test_candidate_median"] >= 1.0
     assert set(metrics["lifts_of_transact"]) == {"no_sequence", "avg_pool"}
     # the default ranker has TransAct's output gate: its value and the test AUC with the gate closed are reported
     gate = metrics["transact_output_gate"]
@@ -182,3 +184,13 @@ def test_evaluate_over_seeds_trains_each_ranker_per_seed_and_reports_the_spread(
     # seed 1 is a different model: its AUCs are not all equal to seed 0's
     assert any(e["auc"][0] != e["auc"][1] for e in metrics["ranker_seeds"]["transact"].values())
     assert "AUC over seeds [0, 1]" in seeds_eval.stdout
+
+
+def test_candidate_coverage_counts_test_items_seen_in_the_training_period():
+    import pandas as pd
+    from seqrank.pipeline import candidate_coverage
+    imp = pd.DataFrame({"item_id": ["a", "a", "b", "c", "a", "b", "d", "d"],
+                        "is_test": [False, False, False, False, True, True, True, True]})
+    cov = candidate_coverage(imp)
+    assert cov["test_candidates_seen_in_training"] == 0.5               # a and b seen; d (twice) never
+    assert cov["train_impressions_of_seen_test_candidate_median"] == 1.5  # a: 2, b: 1

@@ -16,6 +16,10 @@ the run size shrinks so that even one request's candidates are spread over the t
 runs of 50): candidates are independent, so this parallelism scales almost linearly, where ONNX Runtime's
 intra-op threads synchronise inside every operator (1.25x on 2 threads, docs/performance.md).
 
+Each run is also scored on its real history width: preprocess pads every history to seq_len, and the columns after
+the longest real history among a run's users are padding for all of them, so ``trim_history_padding`` drops them
+(exact: padding is never attended or pooled). A user with 30 actions then costs a 30-step transformer, not 100.
+
 Scoring candidates separately is exact: the ranker scores each candidate from the user's side and that candidate
 alone (user-side tensors are one row per user, broadcast over the candidates inside the model). So each distinct id
 of a request row is scored once and copied to its columns: a request that names an item twice, or several items
