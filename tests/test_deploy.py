@@ -654,7 +654,7 @@ def test_explicit_model_control_rollout_drops_no_request(exported_repo, entrypoi
     try:
         time.sleep(1)
         (ranker / "2").mkdir()
-        for name in ("model.onnx", "model_cpu.py"):
+        for name in ("model.onnx", "model_cpu.onnx", "model_cpu.py"):
             (ranker / "2" / name).symlink_to(exported_repo / "ranker" / "1" / name)
         config.write_text(config.read_text() + "\nversion_policy: { specific: { versions: [ 1, 2 ] } }\n")
         assert server.status("/v2/repository/models/ranker/load", "POST") == 403  # no key: refused

@@ -51,7 +51,11 @@ def test_grpc_and_http_give_identical_rankings(server, small_run):
 
 
 def test_train_serve_parity(server, small_run):
-    """Served scores = the torch model's scores on the same held-out requests, features built by the training path."""
+    """Served scores = the torch model's scores on the same held-out requests, features built by the training path.
+    The CPU ranker serves the fused graph (model_cpu.onnx) on each run's real history width; torch gets the padded
+    history."""
+    export = json.loads((small_run["run"] / "export" / "export.json").read_text())
+    assert export["cpu_onnx"]["fused_skip_layernorm"] == 4 and (small_run["repo"] / "ranker/1/model_cpu.onnx").is_file()
     cfg, info, prep = load_run(small_run["run"])
     model, _, vocab = load_ranker(small_run["run"])
     pre = Preprocessor(small_run["repo"] / "preprocess" / "1" / "tables", cfg.transact.seq_len, [16, 1024], 1024)

@@ -22,7 +22,10 @@ def _shapes(model) -> dict[str, list]:
     """Every tensor's shape by ONNX Runtime's symbolic shape inference, without merging symbols (so two dims are
     the same only where the graph proves it: the export's dynamic axes propagate as `batch`, `candidates`, `seq`)."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False)
+    except Exception:  # a graph it cannot follow: nothing is proven, so nothing is fused (export prints the count)
+        return {}
     out = {i.name: list(i.dims) for i in inferred.graph.initializer}
     for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         if v.type.tensor_type.HasField("shape"):
