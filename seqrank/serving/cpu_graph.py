@@ -47,20 +47,22 @@ def fuse_skip_layernorm(model) -> int:
     import onnx
     from onnx import helper
     g = model.graph
+    nodes = list(g.node)
     consumers: dict[str, int] = defaultdict(int)
-    for node in g.node:
+    for node in nodes:
         for name in node.input:
             consumers[name] += 1
     graph_outputs = {o.name for o in g.output}
-    producer = {o: node for node in g.node for o in node.output}
+    producer = {o: i for i, node in enumerate(nodes) for o in node.output}  # tensor -> index of its node
     shapes = _shapes(model)
-    replace: dict[int, list] = {}
+    replace: dict[int, list] = {}  # node index -> the nodes that take its place
     drop: set[int] = set()
-    for node in g.node:
+    for i, node in enumerate(nodes):
         if node.op_type != "LayerNormalization" or len(node.input) < 3 or not node.input[2]:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        add = producer.get(node.input[0])
+        j = producer.get(node.input[0])
+        add = nodes[j] if j is not None else None
         gamma = shapes.get(node.input[1])
         d = gamma[0] if gamma is not None and len(gamma) == 1 and isinstance(gamma[0], int) else None
         if (add is None or add.op_type != "Add" or consumers[add.output[0]] != 1 or add.output[0] in graph_outputs
@@ -70,7 +72,7 @@ def fuse_skip_layernorm(model) -> int:
             continue
         k = node.output[0]
         rows = helper.make_tensor(f"{k}/rows_shape", onnx.TensorProto.INT64, [2], [-1, d])
-        replace[id(node)] = [
+        replace[i] = [
             helper.make_node("Constant", [], [f"{k}/rows"], value=rows),
             helper.make_node("Shape", [add.input[0]], [f"{k}/shape"]),
             helper.make_node("Reshape", [add.input[0], f"{k}/rows"], [f"{k}/a"]),
@@ -80,17 +82,17 @@ def fuse_skip_layernorm(model) -> int:
                              epsilon=float(attrs.get("epsilon", 1e-5))),
             helper.make_node("Reshape", [f"{k}/y", f"{k}/shape"], [k]),
         ]
-        drop.add(id(add))
+        drop.add(j)
     if not replace:
         return 0
-    nodes = []
-    for node in g.node:
-        if id(node) in replace:
-            nodes.extend(replace[id(node)])
-        elif id(node) not in drop:
-            nodes.append(node)
+    rewritten = []
+    for i, node in enumerate(nodes):
+        if i in replace:
+            rewritten.extend(replace[i])
+        elif i not in drop:
+            rewritten.append(node)
     del g.node[:]
-    g.node.extend(nodes)
+    g.node.extend(rewritten)
     if not any(o.domain == CONTRIB for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CONTRIB, 1))
     return len(replace)
