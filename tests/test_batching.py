@@ -211,7 +211,6 @@ def test_trimmed_history_scores_what_the_padded_one_scores(extra):
 
 def test_runs_are_scored_on_their_real_history_width():
     model = make_ranker()
-    requests = _requests([(16, 1), (16, 1), (8, 2)])  # histories of S, S - 1 and S - 2 actions
     widths = []
 
     def run(feeds):
@@ -219,9 +218,10 @@ def test_runs_are_scored_on_their_real_history_width():
         with torch.inference_mode():
             return model(*(torch.from_numpy(feeds[n]) for n in (*NAMES, "cand_item"))).numpy()
 
-    user_side = {n: np.concatenate([u[n] for u, _ in requests]) for n in NAMES}
-    for r in range(1, 4):
+    for lengths, width in (([S], S), ([3], 3), ([2, 4], 4), ([0], 1)):
+        user = _user_side(lengths, n_cand=6)
+        user.pop("cand_item")
+        cand = np.tile(np.arange(FIRST_ID, FIRST_ID + 6), (len(lengths), 1))  # distinct ids: one piece width
         widths.clear()
-        score_in_runs(run, {n: v[r - 1:r] if r < 3 else v[2:] for n, v in user_side.items()},
-                      [requests[r - 1][1]], max_rows=128)
-        assert widths == [S - (r - 1)]
+        score_in_runs(run, user, [cand], max_rows=128)
+        assert widths == [width], lengths  # one run, as wide as its longest real history (an empty one: 1)
