@@ -56,7 +56,7 @@ for p in (ROOT, PERF, ROOT / "tests"):
 import make_inputs  # noqa: E402  (perf/make_inputs.py)
 from loadgen import closed_loop  # noqa: E402  (perf/loadgen.py)
 from seqrank.serving.batching import real_widths, trim_history_padding  # noqa: E402
-from seqrank.serving.cpu_graph import cpu_graph_path  # noqa: E402
+from seqrank.serving.cpu_graph import cpu_graph_path, write_cpu_graph  # noqa: E402
 
 SUMMARY_KEYS = ("ensemble_vs_bare_throughput", "tuned_vs_untuned_throughput", "ensemble_vs_naive_throughput",
                 "dedup_bytes_ratio", "roofline_fraction", "p99_ms", "freshness_p99_ms")
@@ -289,7 +289,6 @@ def factorization_speedup(model, sess, tensors: dict, work: Path, seconds: float
     """The served ranker (layer 0 factorized) against the same weights exported in the direct form, in alternating
     rounds on the same tensors: what TransActEncoder.first_layer_factorized buys on this machine."""
     from seqrank.export import export_ranker_onnx
-    from seqrank.serving.cpu_graph import write_cpu_graph
     direct_onnx = work / "ranker_direct_first_layer.onnx"
     model.encoder.factorize_first_layer = False
     try:
@@ -331,12 +330,11 @@ def paired_ms(cases: dict, rounds: int) -> dict:
             "round_totals_ms": {k: (t.sum(axis=1) * 1e3).round(2).tolist() for k, t in times.items()}}
 
 
-def cpu_graph_speedup(repo: Path, tensors: dict, rounds: int = 8) -> dict:
-    """The CPU ranker's graph (residual + LayerNorm fused, seqrank/serving/cpu_graph.py) against the portable
-    model.onnx, single-threaded on the same 1 x 100 tensors, call by call in turn."""
+def cpu_graph_speedup(repo: Path, cpu_sess, tensors: dict, rounds: int = 8) -> dict:
+    """The CPU ranker's graph (``cpu_sess``: residual + LayerNorm fused, seqrank/serving/cpu_graph.py, one thread)
+    against the portable model.onnx, single-threaded on the same 1 x 100 tensors, call by call in turn."""
     feed = {n: tensors[n] for n in RANKER_INPUTS}
-    sessions = {"portable": ort_session(repo / "ranker" / "1" / "model.onnx", threads=1),
-                "cpu_graph": ort_session(cpu_graph_path(repo / "ranker" / "1"), threads=1)}
+    sessions = {"portable": ort_session(repo / "ranker" / "1" / "model.onnx", threads=1), "cpu_graph": cpu_sess}
     diff = float(np.abs(sessions["portable"].run(None, feed)[0] - sessions["cpu_graph"].run(None, feed)[0]).max())
     res = paired_ms({k: (sess, [feed] * 6) for k, sess in sessions.items()}, rounds)
     ms = {k: v / 6 for k, v in res["total_ms"].items()}  # per call
@@ -1305,10 +1303,10 @@ def main(argv=None) -> int:
             details["first_layer_factorization"] = factorization_speedup(model, bare_sess, t100_run, work, st.bare_s)
             log(f"first-layer factorization: {details['first_layer_factorization']['speedup']:.2f}x the direct form")
 
-        rounds = 1 if st.quick else None  # the smoke run checks that both run and agree, not how fast
-        details["cpu_graph"] = cpu_graph_speedup(repo, t100_run, rounds=rounds or 8)
+        quick = {"rounds": 1} if st.quick else {}  # the smoke run checks that both run and agree, not how fast
+        details["cpu_graph"] = cpu_graph_speedup(repo, bare_sess1, t100_run, **quick)
         details["history_trimming"] = history_trimming(
-            bare_sess1, [request_tensors(pre, r, with_actions=True) for r in reqs["log"]], rounds=rounds or 9)
+            bare_sess1, [request_tensors(pre, r, with_actions=True) for r in reqs["log"]], **quick)
         log(f"CPU graph {details['cpu_graph']['speedup']:.2f}x the portable one; history trimming "
             f"{details['history_trimming']['speedup']:.2f}x on the log's requests")
         # ---- servers -------------------------------------------------------------------------------------------
