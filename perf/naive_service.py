@@ -12,7 +12,8 @@ Same request semantics as the ensemble (docs/serving-contract.md), as JSON:
 ``seqrank.serving.preprocess.Preprocessor`` (the ensemble's preprocess code, the same tables and store); the model is
 ``seqrank.export.load_ranker(run)`` in ``torch.inference_mode`` with ``torch.set_num_threads(1)`` per worker (the
 usual setting for N workers on N cores), scoring exactly the request's candidates (no bucket padding) and its real
-history (no sequence padding, as the Triton CPU ranker: seqrank.serving.batching.trim_history_padding). The
+history (no sequence padding, as the Triton CPU ranker: seqrank.serving.batching.trim_history_padding), unmasked
+where that history is full (TransActRanker.full_history, as the CPU graph's branch). The
 endpoint is ``async def`` and computes inline: on a CPU-bound service that is the cheapest choice (no thread-pool
 hop per request), i.e. the baseline's best case. Its connections have Nagle's algorithm off
 (``NoDelayHTTPProtocol``): with ``--workers`` > 1 uvicorn leaves it on, which alone added ~44 ms to every keep-alive
@@ -84,6 +85,9 @@ class NaiveRanker:
         feeds = trim_history_padding({"seq_item": t.seq_item[None], "seq_action": t.seq_action[None],
                                       "seq_mask": t.seq_mask[None], "user_emb": t.user_emb[None].copy(),
                                       "context": t.context[None], "cand_item": t.cand_item[None, :n]})
+        # the unmasked form where every position is a real action, as the CPU graph's If picks it (requests are
+        # scored one at a time on the event loop, so the flag is never shared between two calls)
+        self.model.full_history = bool(feeds["seq_mask"].all())
         with torch.inference_mode():
             probs = self.model(*(torch.from_numpy(feeds[name]) for name in INPUT_NAMES))
         probs = probs[0].numpy()  # only the real candidates are scored (no bucket padding)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -59,15 +60,21 @@ def example_inputs(model: TransActRanker, batch: int, seq_len: int, n_cand: int,
     return seq_item, seq_action, mask, user_emb, context, cand
 
 
-def export_ranker_onnx(model: TransActRanker, path: Path) -> Path:
+def export_ranker_onnx(model: TransActRanker, path: Path, full_history: bool = False) -> Path:
+    """full_history: trace the form without masking (TransActRanker.full_history), valid only where every
+    sequence position is a real action; the CPU graph runs it for such runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     dyn = {"seq_item": {0: "batch", 1: "seq"}, "seq_action": {0: "batch", 1: "seq"}, "seq_mask": {0: "batch", 1: "seq"},
            "user_emb": {0: "batch"}, "context": {0: "batch"}, "cand_item": {0: "batch", 1: "candidates"},
            "probs": {0: "batch", 1: "candidates"}}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, example_inputs(model, 2, 12, 3), str(path), input_names=INPUT_NAMES,
-                          output_names=OUTPUT_NAMES, dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
+    model.full_history = full_history
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, example_inputs(model, 2, 12, 3), str(path), input_names=INPUT_NAMES,
+                              output_names=OUTPUT_NAMES, dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
+    finally:
+        model.full_history = False
     return path
 
 
@@ -90,10 +97,10 @@ def export_user_tower_onnx(model: PinnerFormer, path: Path) -> Path:
 
 def parity_shapes(seq_len: int) -> list[dict]:
     """The shapes the parity check covers: 1 candidate; a sequence of length 1; all padding but one position;
-    a full batch at serving size; an empty history (cold start)."""
+    a full batch at serving size; an empty history (cold start); full histories (the CPU graph's unmasked branch)."""
     return [dict(batch=1, seq_len=seq_len, n_cand=1), dict(batch=2, seq_len=1, n_cand=5),
             dict(batch=3, seq_len=seq_len, n_cand=7, valid=1), dict(batch=4, seq_len=seq_len, n_cand=100),
-            dict(batch=2, seq_len=seq_len, n_cand=16, valid=0)]
+            dict(batch=2, seq_len=seq_len, n_cand=16, valid=0), dict(batch=2, seq_len=seq_len, n_cand=9, valid=seq_len)]
 
 
 def check_parity(model: TransActRanker, onnx_path: Path, seq_len: int) -> list[dict]:
@@ -136,9 +143,13 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True) ->
     shutil.copytree(TEMPLATE, repository, ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "tables"))
     onnx_path = export_ranker_onnx(model, repository / "ranker" / "1" / "model.onnx")
     parity = check_parity(model, onnx_path, cfg.transact.seq_len) if check else []
-    # the CPU ranker's graph: the same model with ONNX Runtime's fused residual + LayerNorm (serving/cpu_graph.py)
+    # the CPU ranker's graph: the same model with ONNX Runtime's fused residual + LayerNorm, and a branch without
+    # masking for runs where every history position is a real action (serving/cpu_graph.py)
     cpu_path = onnx_path.parent / CPU_ONNX
-    fused = write_cpu_graph(onnx_path, cpu_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        full_path = (export_ranker_onnx(model, Path(tmp) / "model_full_history.onnx", full_history=True)
+                     if model.cfg.sequence_encoder == "transact" else None)
+        fused = write_cpu_graph(onnx_path, cpu_path, full_path)
     cpu_parity = check_parity(model, cpu_path, cfg.transact.seq_len) if check else []
     tower = load_user_tower(run, cfg, vocab)
     export_user_tower_onnx(tower, run / "export" / "user_tower.onnx")
@@ -159,10 +170,11 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True) ->
     for config in repository.rglob("*.pbtxt"):
         config.write_text(render_config(config.read_text(), values))
     summary = {"repository": str(repository), "onnx": str(onnx_path), "parity": parity,
-               "cpu_onnx": {"path": str(cpu_path), "fused_skip_layernorm": fused, "parity": cpu_parity}, **values}
+               "cpu_onnx": {"path": str(cpu_path), "fused_skip_layernorm": fused,
+                            "full_history_branch": full_path is not None, "parity": cpu_parity}, **values}
     (run / "export").mkdir(exist_ok=True)
     (run / "export" / "export.json").write_text(json.dumps(summary, indent=2))
     print(f"exported {run} -> {repository}; ONNX parity max abs diff "
           f"{max((p['max_abs_diff'] for p in parity), default=float('nan')):.2e} (CPU graph, {fused} fused "
-          f"residual+LayerNorm: {max((p['max_abs_diff'] for p in cpu_parity), default=float('nan')):.2e})")
+          f"residual+LayerNorm{', a full-history branch' if full_path else ''}: {max((p['max_abs_diff'] for p in cpu_parity), default=float('nan')):.2e})")
     return repository

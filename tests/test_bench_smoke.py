@@ -74,6 +74,7 @@ def test_summary_has_every_key_finite_and_positive(bench_results):
     details = summary["details"]
     assert details["bare_graph"] == "model_cpu.onnx"
     assert details["cpu_graph"]["max_abs_diff"] < 1e-5 and details["history_trimming"]["max_abs_diff"] < 1e-5
+    assert set(details["cpu_graph"]["median_ms"]) == {"portable", "fused_masked_only", "cpu_graph"}
     trim = details["history_trimming"]
     assert trim["requests"] > 0 and trim["history_mean"] <= trim["scored_width_mean"] <= trim["history_mean"] + 1
     # the ensemble and the FastAPI baseline rank the same request alike (ONNX Runtime vs torch eager)

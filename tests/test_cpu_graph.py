@@ -1,6 +1,10 @@
 """The CPU ranker's graph (seqrank/serving/cpu_graph.py): residual Add + LayerNorm fused into ONNX Runtime's
-SkipLayerNormalization, the same scores as PyTorch, and nothing fused where the rewrite would not be exact."""
+SkipLayerNormalization, the same scores as PyTorch, and nothing fused where the rewrite would not be exact; the
+unmasked branch runs exactly when every history position is a real action."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,28 +12,48 @@ import torch
 
 from seqrank.models.transact import INPUT_NAMES
 from seqrank.serving.batching import trim_history_padding
-from seqrank.serving.cpu_graph import CPU_ONNX, cpu_graph_path, fuse_skip_layernorm, write_cpu_graph
+from seqrank.serving.cpu_graph import (CPU_ONNX, add_full_history_branch, cpu_graph_path, fuse_skip_layernorm,
+                                      write_cpu_graph)
 from test_models import make_ranker, ranker_inputs
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 
+def _nodes(graph):
+    """Every node, inside If branches too."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _nodes(attr.g)
+
+
 def _ops(path):
-    return [n.op_type for n in onnx.load(str(path)).graph.node]
+    return [n.op_type for n in _nodes(onnx.load(str(path)).graph)]
+
+
+def _cpu_graph(model, tmp_path) -> tuple[Path, int]:
+    """As `seqrank export` writes it: the fused graph with the full-history branch."""
+    from seqrank.export import export_ranker_onnx
+    portable = export_ranker_onnx(model, tmp_path / "model.onnx")
+    full = export_ranker_onnx(model, tmp_path / "full.onnx", full_history=True)
+    return tmp_path / CPU_ONNX, write_cpu_graph(portable, tmp_path / CPU_ONNX, full)
 
 
 @pytest.mark.parametrize("extra", [{"n_heads": 1, "sequence_mean": True, "output_gate_init": 0.5},
                                    {"n_heads": 2}], ids=["shipped-form-1-head", "paper-2-heads"])
 def test_fused_cpu_graph_scores_what_pytorch_scores(tmp_path, extra):
-    from seqrank.export import check_parity, export_ranker_onnx
+    from seqrank.export import check_parity
     model = make_ranker("transact", seed=3, top_k_rows=4, **extra)
-    portable = export_ranker_onnx(model, tmp_path / "model.onnx")
-    fused = write_cpu_graph(portable, tmp_path / CPU_ONNX)
+    _, fused = _cpu_graph(model, tmp_path)
     assert fused == 2 * model.cfg.n_layers  # post-norm: two residual + LayerNorm pairs per layer
     ops = _ops(tmp_path / CPU_ONNX)
-    assert ops.count("SkipLayerNormalization") == fused and "LayerNormalization" not in ops
-    assert "SkipLayerNormalization" not in _ops(portable)  # the portable file (TensorRT, CUDA) is untouched
+    # in both branches (masked, full history)
+    assert ops.count("SkipLayerNormalization") == 2 * fused and "LayerNormalization" not in ops
+    assert ops.count("If") == 1
+    portable = _ops(tmp_path / "model.onnx")  # the portable file (TensorRT, CUDA) is untouched
+    assert "SkipLayerNormalization" not in portable and "If" not in portable
     report = check_parity(model, tmp_path / CPU_ONNX, 9)  # raises past the export tolerance
     assert max(r["max_abs_diff"] for r in report) <= 1e-5
     # as the stub runs it: mixed history lengths (a cold start too), trimmed to the longest
@@ -77,3 +101,50 @@ def test_the_stub_loads_the_fused_graph_where_export_wrote_one(tmp_path):
     assert cpu_graph_path(tmp_path) == tmp_path / "model.onnx"  # a repository exported before the CPU graph
     (tmp_path / CPU_ONNX).write_bytes(b"fused")
     assert cpu_graph_path(tmp_path) == tmp_path / CPU_ONNX
+
+
+def _branch_run(sess, feeds) -> tuple[np.ndarray, set[str]]:
+    """Scores, and which If branch's nodes ONNX Runtime's profiler saw run."""
+    probs = sess.run(None, feeds)[0]
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    return probs, {e["name"].split("/")[0] for e in events if e.get("cat") == "Node" and "/" in e["name"]}
+
+
+@pytest.mark.parametrize("lengths, width, branch", [([6, 6], 6, "full"), ([6, 2], 6, "masked"),
+                                                    ([3], 6, "full"), ([0], 6, "masked"), ([0, 4], 6, "masked")],
+                         ids=["full-histories", "one-short", "one-user-trimmed", "cold-start", "cold-and-short"])
+def test_the_unmasked_branch_runs_exactly_when_every_position_is_real(tmp_path, lengths, width, branch):
+    model = make_ranker("transact", seed=6, top_k_rows=3)
+    path, _ = _cpu_graph(model, tmp_path)
+    feeds = trim_history_padding({n: t.numpy() for n, t in zip(INPUT_NAMES, ranker_inputs(lengths, width, 5, seed=1))})
+    with torch.no_grad():
+        want = model(*(torch.from_numpy(feeds[n]) for n in INPUT_NAMES)).numpy()
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    got, ran = _branch_run(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), feeds)
+    assert {"full", "masked"} & ran == {branch}
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_the_branches_share_their_weights(tmp_path):
+    """The item table and every other weight are stored once, in the outer graph, not once per branch."""
+    model = make_ranker("transact", seed=6)
+    path, _ = _cpu_graph(model, tmp_path)
+    graph = onnx.load(str(path)).graph
+    table = list(model.item_table.shape)
+    outer = [list(i.dims) for i in graph.initializer]
+    inner = [list(i.dims) for n in _nodes(graph) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
+             for i in a.g.initializer]
+    assert outer.count(table) == 1 and not inner  # both branches read every weight from the outer graph
+
+
+def test_a_ranker_without_a_sequence_gets_no_branch(tmp_path):
+    from seqrank.export import export_ranker_onnx
+    model = make_ranker("no_sequence", seed=6)
+    portable = export_ranker_onnx(model, tmp_path / "model.onnx")
+    full = export_ranker_onnx(model, tmp_path / "full.onnx", full_history=True)
+    loaded = onnx.load(str(portable))
+    assert "seq_mask" not in {i.name for i in loaded.graph.input}  # unused, so the exporter dropped it
+    assert add_full_history_branch(loaded, onnx.load(str(full))) is False
+    assert "If" not in [n.op_type for n in loaded.graph.node]

@@ -253,6 +253,28 @@ def test_factorized_first_layer_equals_direct_attention(logit_scale):
     assert calls
 
 
+@pytest.mark.parametrize("extra", [{}, {"mean_pool_row": True}, {"n_heads": 2}], ids=["default", "mean-row", "2-heads"])
+def test_full_history_form_equals_the_masked_form_only_on_full_histories(extra):
+    """TransActRanker.full_history (the CPU graph's unmasked branch) drops every mask: on histories with no padding
+    it scores what the masked model scores, for both the factorized and the direct first layer; with padding it
+    would attend it, which is why the CPU graph takes it only when seq_mask is all True."""
+    model = make_ranker("transact", seed=5, **extra)
+    full = ranker_inputs([6, 6, 6], 6, 5, seed=2)
+    padded = ranker_inputs([6, 2, 4], 6, 5, seed=2)
+    for factorize in (True, False):
+        model.encoder.factorize_first_layer = factorize
+        with torch.no_grad():
+            want_full, want_padded = model(*full), model(*padded)
+            model.full_history = True
+            try:
+                got_full, got_padded = model(*full), model(*padded)
+            finally:
+                model.full_history = False
+        torch.testing.assert_close(got_full, want_full, rtol=0, atol=2e-6)
+        assert (got_padded[1:] - want_padded[1:]).abs().max() > 1e-4  # the short histories' padding now counts
+    model.encoder.factorize_first_layer = True
+
+
 def test_sequence_mean_feeds_transact_exactly_the_avg_pool_feature():
     """transact.sequence_mean: TransAct's ranker also sees the mean of the raw action rows, computed like avg_pool."""
     plain, with_mean, avg = make_ranker("transact"), make_ranker("transact", sequence_mean=True), make_ranker("avg_pool")

@@ -36,14 +36,15 @@ class TransActEncoder(nn.Module):
         self.out_dim = (self.k + 1 + int(self.mean_pool)) * d
         self.factorize_first_layer = True  # inference only (see first_layer_factorized); False = the direct form
 
-    def forward(self, seq: torch.Tensor, key_mask: torch.Tensor, row_mask: torch.Tensor,
+    def forward(self, seq: torch.Tensor, key_mask: torch.Tensor | None, row_mask: torch.Tensor | None,
                 cand: torch.Tensor) -> torch.Tensor:
         """seq [B,S,ds], cand [B,N,dc] -> [B,N,(K+1[+1])*d].
         key_mask [B,S]: positions that may be attended (never all False); row_mask [B,S]: real actions, the only
-        rows that reach the output and the pooling (padding never does)."""
+        rows that reach the output and the pooling (padding never does). None for both: every position is a real
+        action (TransActRanker.full_history), so nothing is masked."""
         B, S, _ = seq.shape
         N = cand.shape[1]
-        keys = key_mask.unsqueeze(1)  # [B,1,S] broadcast over candidates
+        keys = None if key_mask is None else key_mask.unsqueeze(1)  # [B,1,S] broadcast over candidates
         first = self.layers[0]
         if self.factorize_first_layer and not self.training and first.attn.n_heads == 1:
             x = self.first_layer_factorized(seq, key_mask, cand)
@@ -56,18 +57,23 @@ class TransActEncoder(nn.Module):
             x = first(x, keys, qkv=qkv)
         for layer in self.layers[1:]:
             x = layer(x, keys)
-        valid = row_mask.unsqueeze(1).unsqueeze(-1)  # [B,1,S,1]
-        x = x * valid  # padding rows are never part of the output
-        pooled = x.masked_fill(~valid, MASK_FILL).amax(dim=2, keepdim=True)
-        pooled = pooled * valid.any(dim=2, keepdim=True)  # an empty history pools to zeros
-        if self.mean_pool:  # our addition: the mean row carries rates (e.g. how often this user hides)
-            mean = x.sum(dim=2, keepdim=True) / valid.sum(dim=2, keepdim=True).clamp(min=1)
+        if row_mask is None:  # every row real
+            pooled = x.amax(dim=2, keepdim=True)
+            mean = x.mean(dim=2, keepdim=True) if self.mean_pool else None
+        else:
+            valid = row_mask.unsqueeze(1).unsqueeze(-1)  # [B,1,S,1]
+            x = x * valid  # padding rows are never part of the output
+            pooled = x.masked_fill(~valid, MASK_FILL).amax(dim=2, keepdim=True)
+            pooled = pooled * valid.any(dim=2, keepdim=True)  # an empty history pools to zeros
+            mean = x.sum(dim=2, keepdim=True) / valid.sum(dim=2, keepdim=True).clamp(min=1) if self.mean_pool else None
+        if mean is not None:  # our addition: the mean row carries rates (e.g. how often this user hides)
             pooled = torch.cat([pooled, mean], dim=2)
         # the K newest rows; a sequence shorter than K gets zero rows (written shape-agnostic for ONNX export)
         rows = torch.cat([x, x.new_zeros(B, N, self.k, x.shape[-1])], dim=2)[:, :, : self.k]
         return torch.cat([rows, pooled], dim=2).flatten(2)
 
-    def first_layer_factorized(self, seq: torch.Tensor, key_mask: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    def first_layer_factorized(self, seq: torch.Tensor, key_mask: torch.Tensor | None,
+                               cand: torch.Tensor) -> torch.Tensor:
         """Layer 0 at inference, exactly, without forming per-candidate attention. Early fusion makes every row of
         candidate c equal to [s_j | c], so q_i = qs_i + qc, k_j = ks_j + kc, v_j = vs_j + vc. In the score
         (qs_i + qc).(ks_j + kc) the terms that do not depend on j cancel in the softmax over j, leaving
@@ -87,10 +93,12 @@ class TransActEncoder(nn.Module):
         scale = d ** -0.5
         qs, ks, vs = seq @ wq[:, :ds].T, seq @ wk[:, :ds].T, seq @ wv[:, :ds].T          # [B,S,d]
         qc, vc = cand @ wq[:, ds:].T + bq, cand @ wv[:, ds:].T + bv                      # [B,N,d]
-        hidden = ~key_mask.unsqueeze(1)                                                  # [B,1,S]
-        a = ((qs @ ks.transpose(1, 2)) * scale).masked_fill(hidden, MASK_FILL)          # [B,S,S]
+        a = (qs @ ks.transpose(1, 2)) * scale                                            # [B,S,S]
+        b = (qc @ ks.transpose(1, 2)) * scale                                            # [B,N,S]
+        if key_mask is not None:
+            hidden = ~key_mask.unsqueeze(1)                                              # [B,1,S]
+            a, b = a.masked_fill(hidden, MASK_FILL), b.masked_fill(hidden, MASK_FILL)
         e = torch.exp(a - a.amax(-1, keepdim=True))                                      # hidden keys -> 0
-        b = ((qc @ ks.transpose(1, 2)) * scale).masked_fill(hidden, MASK_FILL)          # [B,N,S]
         w = torch.exp(b - b.amax(-1, keepdim=True))
         z = (w @ e.transpose(1, 2)).clamp_min(1e-30)                                     # [B,N,S_i]
         us = vs @ layer.attn.out.weight.T                                                # [B,S,d]
@@ -152,6 +160,9 @@ class TransActRanker(nn.Module):
             prev = width
         self.mlp = nn.Sequential(*mlp)
         self.heads = nn.Linear(prev, n_heads)  # one sigmoid head per action
+        # Export only: trace the encoder for sequences whose every position is a real action, with no masking
+        # (the CPU graph runs this form when a run's seq_mask is all True: serving/cpu_graph.py).
+        self.full_history = False
 
     def item_embedding(self, idx):
         return self.item_proj(self.item_table[idx])
@@ -170,7 +181,8 @@ class TransActRanker(nn.Module):
                 keys = seq_mask if attn_mask is None else attn_mask
                 first = torch.arange(seq_mask.shape[1], device=seq_mask.device) == 0
                 keys = keys | (first.unsqueeze(0) & ~keys.any(dim=1, keepdim=True))
-                encoded = self.encoder(seq, keys, seq_mask, cand)
+                encoded = (self.encoder(seq, None, None, cand) if self.full_history
+                           else self.encoder(seq, keys, seq_mask, cand))
                 encoded = encoded if self.compress is None else self.compress(encoded)
                 parts.append(encoded if self.output_gate is None else encoded * self.output_gate)
             if self.sequence_mean:  # once per request (padding excluded), broadcast over the candidates

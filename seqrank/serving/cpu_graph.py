@@ -1,5 +1,6 @@
 """The ranker graph for ONNX Runtime's CPU provider: model.onnx with each residual Add + LayerNormalization pair
-fused into ONNX Runtime's SkipLayerNormalization.
+fused into ONNX Runtime's SkipLayerNormalization, and a second, unmasked copy of the ranker that runs when every
+history position of the run is a real action.
 
 ONNX Runtime fuses this pair itself only for 2-D/3-D activations; TransAct's are [B, N, S, d] (one sequence per
 candidate), so its optimizer leaves four Adds and four LayerNorms that each stream the whole activation through
@@ -7,6 +8,12 @@ memory (about a third of the CPU kernel time at 1 x 100, docs/performance.md). V
 copy) both operands go through the contrib kernel, which adds and normalises in one pass. The op is ONNX Runtime's
 own (domain com.microsoft), so the GPU paths (TensorRT, ONNX Runtime CUDA) keep the portable model.onnx;
 `seqrank export` writes this file beside it and checks it against PyTorch like the portable one.
+
+The masks (padding never attended, pooled or output) cost ~10 % of the CPU time at 1 x 100: a Where over every
+candidate's [S, S] scores, another before max-pooling, the multiplications by the row mask. After history trimming
+(serving/batching.py) a single user's run has no padding left unless the history is empty, and on a mask of all
+True those steps are identities, so an If node picks the ranker traced without them (TransActRanker.full_history):
+bitwise the same scores, 1.10x faster (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -98,11 +105,101 @@ def fuse_skip_layernorm(model) -> int:
     return len(replace)
 
 
-def write_cpu_graph(src: Path, dst: Path) -> int:
-    """model.onnx -> the CPU graph; returns the number of fused pairs (0: dst is a plain copy of src)."""
+def _content_key(init) -> bytes:
+    """An initializer's identity without its name: two exports of one model name equal weights differently."""
+    import hashlib
+
+    import onnx
+    unnamed = onnx.TensorProto()
+    unnamed.CopyFrom(init)
+    unnamed.name = ""
+    return hashlib.sha256(unnamed.SerializeToString()).digest()
+
+
+def _branch(graph, prefix: str, outer: set[str], shared: dict[str, str]):
+    """``graph`` as an If branch: every tensor and node name it defines gets ``prefix`` (names must be unique
+    across a model's scopes); the outer graph's inputs and ``shared`` initializers (name -> outer name) are read
+    from the enclosing scope."""
+    from onnx import helper
+
+    def rename(name: str) -> str:
+        if not name or name in outer:
+            return name
+        return shared.get(name, prefix + name)
+
+    body = helper.make_graph([], prefix + graph.name, [], [])
+    for i, node in enumerate(graph.node):
+        copy = body.node.add()
+        copy.CopyFrom(node)
+        copy.name = prefix + (node.name or f"unnamed_{i}_{node.op_type}")
+        copy.input[:] = [rename(n) for n in node.input]
+        copy.output[:] = [rename(n) for n in node.output]
+    for init in graph.initializer:
+        if init.name not in shared:
+            copy = body.initializer.add()
+            copy.CopyFrom(init)
+            copy.name = prefix + init.name
+    for out in graph.output:
+        copy = body.output.add()
+        copy.CopyFrom(out)
+        copy.name = rename(out.name)
+    return body
+
+
+def add_full_history_branch(model, full) -> bool:
+    """Make ``model`` (the ranker graph) run ``full`` (the same ranker traced with TransActRanker.full_history: no
+    masking) whenever every position of seq_mask is a real action, through one If node: after history trimming
+    (serving/batching.py) that is every single-user run with a non-empty history, and multi-user runs whose users
+    all have a full history. The two graphs' equal initializers (the item table above all) are stored once, in the
+    outer graph. In place; False (nothing changed) for a graph without a seq_mask input."""
+    import onnx
+    from onnx import helper
+    g = model.graph
+    outer = {i.name for i in g.input}
+    if "seq_mask" not in outer:
+        return False
+    keys = [{init.name: _content_key(init) for init in graph.initializer} for graph in (g, full.graph)]
+    common = sorted(set(keys[0].values()) & set(keys[1].values()))
+    outer_name = {key: f"shared/{i}" for i, key in enumerate(common)}
+    shared = [{name: outer_name[key] for name, key in k.items() if key in outer_name} for k in keys]
+    inits = {}
+    for init in g.initializer:
+        name = shared[0].get(init.name)
+        if name is not None and name not in inits:
+            inits[name] = onnx.TensorProto()
+            inits[name].CopyFrom(init)
+            inits[name].name = name
+    masked_branch = _branch(g, "masked/", outer, shared[0])
+    full_branch = _branch(full.graph, "full/", outer, shared[1])
+    outputs = [o.name for o in g.output]
+    nodes = [
+        helper.make_node("Cast", ["seq_mask"], ["full_history/mask_int"], to=onnx.TensorProto.INT32),
+        helper.make_node("ReduceMin", ["full_history/mask_int"], ["full_history/min"], keepdims=0),
+        helper.make_node("Cast", ["full_history/min"], ["full_history/all_real"], to=onnx.TensorProto.BOOL),
+        helper.make_node("If", ["full_history/all_real"], outputs, name="full_history/if",
+                         then_branch=full_branch, else_branch=masked_branch),
+    ]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.initializer[:]
+    g.initializer.extend(inits.values())
+    del g.value_info[:]
+    for op in full.opset_import:
+        if all(o.domain != op.domain for o in model.opset_import):
+            model.opset_import.append(op)
+    return True
+
+
+def write_cpu_graph(src: Path, dst: Path, full_history_src: Path | None = None) -> int:
+    """model.onnx -> the CPU graph; returns the number of fused pairs (0: dst is a plain copy of src).
+    ``full_history_src``: the ranker exported without masking, run when seq_mask is all True (add_full_history_branch)."""
     import onnx
     model = onnx.load(str(src))
     fused = fuse_skip_layernorm(model)
+    if full_history_src is not None:
+        full = onnx.load(str(full_history_src))
+        fuse_skip_layernorm(full)
+        add_full_history_branch(model, full)
     onnx.save(model, str(dst))
     return fused
 
