@@ -81,18 +81,37 @@ def export_ranker_onnx(model: TransActRanker, path: Path, full_history: bool = F
 def export_user_tower_onnx(model: PinnerFormer, path: Path) -> Path:
     """PinnerFormer user tower for on-demand embeddings (inputs built by the same feature path)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    L = 12
-    g = torch.Generator().manual_seed(0)
-    mask = torch.arange(L)[None, :] < torch.tensor([[L], [3]])
-    args = (torch.randint(FIRST_ID, model.item_emb.num_embeddings, (2, L), generator=g) * mask,
-            torch.randint(FIRST_ID, model.action_emb.num_embeddings, (2, L), generator=g) * mask,
-            torch.randn(2, L, N_TIME_FEATURES, generator=g), mask)
     dyn = {n: {0: "batch", 1: "seq"} for n in USER_TOWER_INPUTS} | {"user_emb": {0: "batch"}}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(path), input_names=USER_TOWER_INPUTS, output_names=["user_emb"],
-                          dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
+        torch.onnx.export(model, user_tower_inputs(model, [12, 3]), str(path), input_names=USER_TOWER_INPUTS,
+                          output_names=["user_emb"], dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
     return path
+
+
+def user_tower_inputs(model: PinnerFormer, lengths: list[int], seq_len: int = 12, seed: int = 0) -> tuple:
+    """Random, well-formed user-tower inputs with the given real lengths (padding after)."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    mask = torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]
+    return (torch.randint(FIRST_ID, model.item_emb.num_embeddings, (B, seq_len), generator=g) * mask,
+            torch.randint(FIRST_ID, model.action_emb.num_embeddings, (B, seq_len), generator=g) * mask,
+            torch.randn(B, seq_len, N_TIME_FEATURES, generator=g), mask)
+
+
+def check_user_tower_parity(model: PinnerFormer, onnx_path: Path, seq_len: int) -> float:
+    """The exported user tower against PyTorch on full, short, one-action and empty histories; the max abs diff."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inputs = user_tower_inputs(model, [seq_len, seq_len // 2, 1, 0], seq_len, seed=1)
+    with torch.no_grad():
+        expected = model(*inputs).numpy()
+    got = sess.run(None, {n: t.numpy() for n, t in zip(USER_TOWER_INPUTS, inputs)})[0]
+    diff = float(np.abs(got - expected).max())
+    if not diff <= PARITY_TOLERANCE:
+        raise AssertionError(f"user tower ONNX parity failed: max abs diff {diff:.3g} > {PARITY_TOLERANCE}")
+    return diff
 
 
 def parity_shapes(seq_len: int) -> list[dict]:
@@ -152,7 +171,8 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True) ->
         fused = write_cpu_graph(onnx_path, cpu_path, full_path)
     cpu_parity = check_parity(model, cpu_path, cfg.transact.seq_len) if check else []
     tower = load_user_tower(run, cfg, vocab)
-    export_user_tower_onnx(tower, run / "export" / "user_tower.onnx")
+    tower_path = export_user_tower_onnx(tower, run / "export" / "user_tower.onnx")
+    tower_parity = check_user_tower_parity(tower, tower_path, cfg.pinnerformer.max_len) if check else None
 
     tables = repository / "preprocess" / "1" / "tables"
     vocab.save(tables)
@@ -171,7 +191,8 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True) ->
         config.write_text(render_config(config.read_text(), values))
     summary = {"repository": str(repository), "onnx": str(onnx_path), "parity": parity,
                "cpu_onnx": {"path": str(cpu_path), "fused_skip_layernorm": fused,
-                            "full_history_branch": full_path is not None, "parity": cpu_parity}, **values}
+                            "full_history_branch": full_path is not None, "parity": cpu_parity},
+               "user_tower": {"path": str(tower_path), "max_abs_diff": tower_parity}, **values}
     (run / "export").mkdir(exist_ok=True)
     (run / "export" / "export.json").write_text(json.dumps(summary, indent=2))
     print(f"exported {run} -> {repository}; ONNX parity max abs diff "

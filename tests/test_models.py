@@ -671,6 +671,22 @@ def test_onnx_parity_check_catches_a_wrong_model(tmp_path):
         check_parity(make_ranker("transact", seed=4), path, 9)
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_user_tower_onnx_parity_and_its_check_catches_a_wrong_model(tmp_path, heads):
+    """The exported PinnerFormer user tower (causal attention, exported projections) scores what PyTorch scores on
+    full, short, one-action and empty histories, and the check fails a graph exported from other weights."""
+    pytest.importorskip("onnxruntime")
+    from seqrank.export import check_user_tower_parity, export_user_tower_onnx
+    cfg = small_pf_cfg(max_len=16, n_heads=heads)
+    torch.manual_seed(0)
+    model = PinnerFormer(cfg, N_ITEMS, N_ACTIONS).eval()
+    path = export_user_tower_onnx(model, tmp_path / "user_tower.onnx")
+    assert check_user_tower_parity(model, path, 10) <= 1e-5
+    torch.manual_seed(1)
+    with pytest.raises(AssertionError, match="parity"):
+        check_user_tower_parity(PinnerFormer(cfg, N_ITEMS, N_ACTIONS).eval(), path, 10)
+
+
 # ------------------------------------------------------------------------------------------------ lr schedule
 
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():

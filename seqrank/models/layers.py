@@ -28,21 +28,27 @@ class SelfAttention(nn.Module):
         causal: sequences are newest first, so position i sees itself and the older positions j >= i."""
         lead, (L, d) = x.shape[:-2], x.shape[-2:]
         h = self.n_heads
+        out_bias = self.out.bias
         if qkv is None and torch.onnx.is_in_onnx_export():
-            # exported: three products instead of one and a Split, which is a view in PyTorch but a copy of the
-            # whole activation in ONNX Runtime (the same values; 1.07x on the CPU ranker, docs/performance.md)
+            # Exported (the same scores up to rounding; 1.07x and ~1.05x on the CPU ranker, docs/performance.md):
+            # three products instead of one and a Split, which is a view in PyTorch but a copy of the whole activation
+            # in ONNX Runtime; no key bias: it adds q_i.b_k to every score of row i, which the softmax cancels; the
+            # value bias after the output projection: each softmax row sums to 1, so it passes through unchanged.
             w, b = self.qkv.weight.chunk(3), self.qkv.bias.chunk(3)
-            q, k, v = (F.linear(x, w[i], b[i]).reshape(-1, L, d) for i in range(3))
+            q, k, v = F.linear(x, w[0], b[0]), x @ w[1].T, x @ w[2].T
+            q, k, v = (t.reshape(-1, L, d) for t in (q, k, v))
+            out_bias = out_bias + self.out.weight @ b[2]
         else:
             qkv = self.qkv(x) if qkv is None else qkv.expand(*lead, L, 3 * d)
             q, k, v = qkv.reshape(-1, L, 3 * d).split(d, dim=-1)               # each [M, L, d]
-        # flatten the leading dims; slices, and explicit non-negative permutations only with several heads: a
-        # single head (TransAct's default) needs no transposes of the [M, L, d] activations (ONNX/TensorRT friendly)
-        q, k, v = (t.reshape(-1, L, h, d // h).permute(0, 2, 1, 3) if h > 1 else t.unsqueeze(1)
-                   for t in (q, k, v))                                         # each [M, h, L, dh]
-        scores = q @ k.transpose(2, 3) / math.sqrt(d // h)                     # [M, h, L, L]
+        # flatten the leading dims; a head axis and explicit non-negative permutations only with several heads: a
+        # single head (TransAct's default) needs no transposes or copies of the [M, L, d] activations (ONNX/TensorRT
+        # friendly)
+        if h > 1:
+            q, k, v = (t.reshape(-1, L, h, d // h).permute(0, 2, 1, 3) for t in (q, k, v))  # each [M, h, L, dh]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d // h)                  # [M, (h,) L, L]
         if key_mask is not None:
-            allowed = key_mask.expand(*lead, L).reshape(-1, 1, 1, L)
+            allowed = key_mask.expand(*lead, L).reshape(-1, *([1] * (scores.dim() - 2)), L)
             scores = scores.masked_fill(~allowed, MASK_FILL)
         if causal:
             newer = torch.ones(L, L, dtype=torch.bool, device=x.device).tril(-1)
@@ -50,7 +56,7 @@ class SelfAttention(nn.Module):
         attn = self.dropout(scores.softmax(-1))
         y = attn @ v
         y = (y.permute(0, 2, 1, 3) if h > 1 else y).reshape(*lead, L, d)
-        return self.out(y)
+        return F.linear(y, self.out.weight, out_bias)
 
 
 class Block(nn.Module):
