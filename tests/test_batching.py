@@ -131,8 +131,10 @@ def test_mismatched_user_rows_and_bad_bound_are_errors():
 
 def test_warmup_covers_the_largest_runs():
     (user, _), = _requests([(16, 1)])
+    user["seq_mask"][:, 3:] = False  # a short history: the masked branch; the warm-up adds a full one
     feeds = warmup_feeds(user, 128)
-    assert [f["cand_item"].shape for f in feeds] == [(128, 1), (1, 128)]
+    assert [f["cand_item"].shape for f in feeds] == [(128, 1), (128, 1), (1, 128), (1, 128)]
+    assert [bool(f["seq_mask"].all()) for f in feeds] == [False, True, False, True]
     model = make_ranker()
     for f in feeds:  # valid inputs for the model (an empty history is a cold start)
         with torch.inference_mode():

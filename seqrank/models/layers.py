@@ -30,7 +30,7 @@ class SelfAttention(nn.Module):
         h = self.n_heads
         out_bias = self.out.bias
         if qkv is None and torch.onnx.is_in_onnx_export():
-            # Exported (the same scores up to rounding; 1.07x and ~1.05x on the CPU ranker, docs/performance.md):
+            # Exported (the same scores up to rounding; ~1.07x and ~1.02x on the CPU ranker, docs/performance.md):
             # three products instead of one and a Split, which is a view in PyTorch but a copy of the whole activation
             # in ONNX Runtime; no key bias: it adds q_i.b_k to every score of row i, which the softmax cancels; the
             # value bias after the output projection: each softmax row sums to 1, so it passes through unchanged.

@@ -160,8 +160,9 @@ class TransActRanker(nn.Module):
             prev = width
         self.mlp = nn.Sequential(*mlp)
         self.heads = nn.Linear(prev, n_heads)  # one sigmoid head per action
-        # Export only: trace the encoder for sequences whose every position is a real action, with no masking
-        # (the CPU graph runs this form when a run's seq_mask is all True: serving/cpu_graph.py).
+        # Only for inputs whose every sequence position is a real action: the encoder without masking (exported as
+        # the CPU graph's branch for runs whose seq_mask is all True, serving/cpu_graph.py; the naive baseline
+        # sets it per request). Never in training.
         self.full_history = False
 
     def item_embedding(self, idx):

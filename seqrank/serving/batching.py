@@ -124,11 +124,14 @@ def score_in_runs(run: Callable[[dict], np.ndarray], user_side: Mapping[str, np.
 def warmup_feeds(user_side_example: Mapping[str, np.ndarray], max_rows: int) -> list[dict]:
     """The two run shapes with the largest memory footprint under ``max_rows``: max_rows users x 1 candidate (the
     most user-side work) and 1 user x max_rows candidates. Running both at load time makes ONNX Runtime's arena
-    reach its peak before the first request, so serving never raises it. ``user_side_example``: name -> one
-    user's row [1, ...] (any valid values)."""
+    reach its peak before the first request, so serving never raises it. Each shape runs with the example's history
+    mask and with every position real, so both branches of the CPU graph (masked, full history) are warmed up.
+    ``user_side_example``: name -> one user's row [1, ...] (any valid values)."""
     feeds = []
     for users, width in ((max_rows, 1), (1, max_rows)):
         f = {name: np.repeat(value[:1], users, axis=0) for name, value in user_side_example.items()}
         f["cand_item"] = np.full((users, width), PAD, dtype=np.int64)
         feeds.append(f)
+        if "seq_mask" in f and not f["seq_mask"].all():
+            feeds.append({**f, "seq_mask": np.ones_like(f["seq_mask"])})
     return feeds

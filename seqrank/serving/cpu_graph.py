@@ -192,7 +192,8 @@ def add_full_history_branch(model, full) -> bool:
 
 def write_cpu_graph(src: Path, dst: Path, full_history_src: Path | None = None) -> int:
     """model.onnx -> the CPU graph; returns the number of fused pairs (0: dst is a plain copy of src).
-    ``full_history_src``: the ranker exported without masking, run when seq_mask is all True (add_full_history_branch)."""
+    ``full_history_src``: the ranker exported without masking, run when seq_mask is all True
+    (add_full_history_branch)."""
     import onnx
     model = onnx.load(str(src))
     fused = fuse_skip_layernorm(model)
