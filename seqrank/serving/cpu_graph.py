@@ -9,11 +9,11 @@ copy) both operands go through the contrib kernel, which adds and normalises in 
 own (domain com.microsoft), so the GPU paths (TensorRT, ONNX Runtime CUDA) keep the portable model.onnx;
 `seqrank export` writes this file beside it and checks it against PyTorch like the portable one.
 
-The masks (padding never attended, pooled or output) cost ~10 % of the CPU time at 1 x 100: a Where over every
+The masks (padding never attended, pooled or output) cost ~12 % of the CPU time at 1 x 100: a Where over every
 candidate's [S, S] scores, another before max-pooling, the multiplications by the row mask. After history trimming
 (serving/batching.py) a single user's run has no padding left unless the history is empty, and on a mask of all
 True those steps are identities, so an If node picks the ranker traced without them (TransActRanker.full_history):
-bitwise the same scores, 1.10x faster (docs/performance.md).
+bitwise the same scores, 1.09-1.11x faster (docs/performance.md).
 """
 from __future__ import annotations
 
