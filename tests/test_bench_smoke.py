@@ -75,6 +75,9 @@ def test_summary_has_every_key_finite_and_positive(bench_results):
     assert details["bare_graph"] == "model_cpu.onnx"
     assert details["cpu_graph"]["max_abs_diff"] < 1e-5 and details["history_trimming"]["max_abs_diff"] < 1e-5
     assert set(details["cpu_graph"]["median_ms"]) == {"portable", "fused_masked_only", "cpu_graph"}
+    paired = details["roofline_paired"]
+    assert len(paired["fractions"]) == len(paired["peak_gflops"]) == len(paired["bare_rps"]) >= 1
+    assert 0 < summary["roofline_fraction_paired"] == paired["median_fraction"] < 1
     trim = details["history_trimming"]
     assert trim["requests"] > 0 and trim["history_mean"] <= trim["scored_width_mean"] <= trim["history_mean"] + 1
     # the ensemble and the FastAPI baseline rank the same request alike (ONNX Runtime vs torch eager)
