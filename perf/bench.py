@@ -288,16 +288,14 @@ def ort_session(onnx: Path, threads: int = 2, spinning: bool = True, profile_pre
 def factorization_speedup(model, sess, tensors: dict, work: Path, seconds: float, rounds: int = 3) -> dict:
     """The served ranker (layer 0 factorized) against the same weights exported in the direct form, in alternating
     rounds on the same tensors: what TransActEncoder.first_layer_factorized buys on this machine."""
-    from seqrank.export import export_ranker_onnx
+    from seqrank.export import export_cpu_graph, export_ranker_onnx
     direct_onnx = work / "ranker_direct_first_layer.onnx"
-    direct_full = work / "ranker_direct_first_layer_full_history.onnx"
     model.encoder.factorize_first_layer = False
     try:
         export_ranker_onnx(model, direct_onnx)
-        export_ranker_onnx(model, direct_full, full_history=True)
+        export_cpu_graph(model, direct_onnx, direct_onnx)  # as served: the same CPU graph on both sides
     finally:
         model.encoder.factorize_first_layer = True
-    write_cpu_graph(direct_onnx, direct_onnx, direct_full)  # as served: the same CPU graph on both sides
     direct = ort_session(direct_onnx, threads=2)
     feed = {n: tensors[n] for n in RANKER_INPUTS}
     max_diff = float(np.abs(sess.run(None, feed)[0] - direct.run(None, feed)[0]).max())
@@ -415,35 +413,33 @@ def bare_point(sess, tensors: dict, batch: int, seconds: float, callers: int = 1
             "cpu_per_request_ms": (time.process_time() - cpu0) / (batch * len(lat)) * 1e3}
 
 
-def matmul_peak(seconds: float) -> dict:
-    """fp32 matmul peak of this machine on 2 threads: the best of torch.mm and numpy matmul on large squares."""
+def best_matmul_gflops(n: int, seconds: float, use_torch: bool = True) -> float:
+    """The best single-call GFLOP/s of an n x n fp32 matmul over ``seconds`` (torch.mm on 2 threads, or numpy)."""
     import torch
-    out = {}
+    if use_torch:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        call = lambda: torch.mm(a, b)  # noqa: E731
+    else:
+        a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+        call = lambda: a @ a  # noqa: E731
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for n in (1024, 2048):
-            a, b = torch.randn(n, n), torch.randn(n, n)
-            torch.mm(a, b)
-            best = 0.0
-            t_end = time.perf_counter() + seconds
-            while time.perf_counter() < t_end:
-                t0 = time.perf_counter()
-                torch.mm(a, b)
-                best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-            out[f"torch_mm_{n}"] = best / 1e9
+        call()
+        best, t_end = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            call()
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
     finally:
         torch.set_num_threads(prev)
-    n = 1024
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    a @ a
-    best = 0.0
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        a @ a
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-    out[f"numpy_matmul_{n}"] = best / 1e9
+    return best / 1e9
+
+
+def matmul_peak(seconds: float) -> dict:
+    """fp32 matmul peak of this machine on 2 threads: the best of torch.mm and numpy matmul on large squares."""
+    out = {f"torch_mm_{n}": best_matmul_gflops(n, seconds) for n in (1024, 2048)}
+    out["numpy_matmul_1024"] = best_matmul_gflops(1024, seconds, use_torch=False)
     out["peak_gflops"] = max(v for k, v in out.items())
     out["method"] = ("best single-call GFLOP/s of a square fp32 matmul (torch.mm 1024/2048, numpy 1024) on 2 threads, "
                      f"repeated for {seconds}s each")
@@ -456,22 +452,9 @@ def roofline_paired(sess1, tensors: dict, flops: float, rounds: int = 5, bare_s:
     1024^2 torch.mm on 2 threads over ``peak_s``) and the bare ranker's saturated rate (two single-threaded callers on
     ``sess1``, the best bare load in every full run so far, over ``bare_s``). On a shared VM both drift; a round's
     ratio sees one moment's machine, and the median over rounds is steadier than one peak against one sweep."""
-    import torch
-    prev = torch.get_num_threads()
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     peaks, rates = [], []
     for _ in range(rounds):
-        torch.set_num_threads(2)
-        try:
-            torch.mm(a, b)
-            best, t_end = 0.0, time.perf_counter() + peak_s
-            while time.perf_counter() < t_end:
-                t0 = time.perf_counter()
-                torch.mm(a, b)
-                best = max(best, 2 * 1024 ** 3 / (time.perf_counter() - t0))
-        finally:
-            torch.set_num_threads(prev)
-        peaks.append(best / 1e9)
+        peaks.append(best_matmul_gflops(1024, peak_s))
         rates.append(bare_point(sess1, tensors, 1, bare_s, callers=2)["throughput"])
     ratios = [flops * r / (p * 1e9) for r, p in zip(rates, peaks)]
     return {"peak_gflops": peaks, "bare_rps": rates, "fractions": ratios, "median_fraction": float(np.median(ratios)),

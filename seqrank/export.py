@@ -78,6 +78,16 @@ def export_ranker_onnx(model: TransActRanker, path: Path, full_history: bool = F
     return path
 
 
+def export_cpu_graph(model: TransActRanker, portable: Path, dst: Path) -> tuple[int, bool]:
+    """The CPU ranker's graph from the portable export of ``model``: ONNX Runtime's fused residual + LayerNorm and,
+    for TransAct, a branch traced without masking for runs where every history position is a real action
+    (serving/cpu_graph.py). Returns (fused pairs, whether the branch was added)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        full = (export_ranker_onnx(model, Path(tmp) / "model_full_history.onnx", full_history=True)
+                if model.cfg.sequence_encoder == "transact" else None)
+        return write_cpu_graph(portable, dst, full), full is not None
+
+
 def export_user_tower_onnx(model: PinnerFormer, path: Path) -> Path:
     """PinnerFormer user tower for on-demand embeddings (inputs built by the same feature path)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,13 +172,8 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True) ->
     shutil.copytree(TEMPLATE, repository, ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "tables"))
     onnx_path = export_ranker_onnx(model, repository / "ranker" / "1" / "model.onnx")
     parity = check_parity(model, onnx_path, cfg.transact.seq_len) if check else []
-    # the CPU ranker's graph: the same model with ONNX Runtime's fused residual + LayerNorm, and a branch without
-    # masking for runs where every history position is a real action (serving/cpu_graph.py)
     cpu_path = onnx_path.parent / CPU_ONNX
-    with tempfile.TemporaryDirectory() as tmp:
-        full_path = (export_ranker_onnx(model, Path(tmp) / "model_full_history.onnx", full_history=True)
-                     if model.cfg.sequence_encoder == "transact" else None)
-        fused = write_cpu_graph(onnx_path, cpu_path, full_path)
+    fused, branch = export_cpu_graph(model, onnx_path, cpu_path)
     cpu_parity = check_parity(model, cpu_path, cfg.transact.seq_len) if check else []
     tower = load_user_tower(run, cfg, vocab)
     tower_path = export_user_tower_onnx(tower, run / "export" / "user_tower.onnx")
@@ -191,12 +196,12 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True) ->
         config.write_text(render_config(config.read_text(), values))
     summary = {"repository": str(repository), "onnx": str(onnx_path), "parity": parity,
                "cpu_onnx": {"path": str(cpu_path), "fused_skip_layernorm": fused,
-                            "full_history_branch": full_path is not None, "parity": cpu_parity},
+                            "full_history_branch": branch, "parity": cpu_parity},
                "user_tower": {"path": str(tower_path), "max_abs_diff": tower_parity}, **values}
     (run / "export").mkdir(exist_ok=True)
     (run / "export" / "export.json").write_text(json.dumps(summary, indent=2))
     worst = {name: max((p["max_abs_diff"] for p in report), default=float("nan"))
              for name, report in (("portable", parity), ("cpu", cpu_parity))}
     print(f"exported {run} -> {repository}; ONNX parity max abs diff {worst['portable']:.2e} (CPU graph, {fused} fused "
-          f"residual+LayerNorm{', a full-history branch' if full_path else ''}: {worst['cpu']:.2e})")
+          f"residual+LayerNorm{', a full-history branch' if branch else ''}: {worst['cpu']:.2e})")
     return repository

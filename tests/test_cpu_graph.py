@@ -12,8 +12,7 @@ import torch
 
 from seqrank.models.transact import INPUT_NAMES
 from seqrank.serving.batching import trim_history_padding
-from seqrank.serving.cpu_graph import (CPU_ONNX, add_full_history_branch, cpu_graph_path, fuse_skip_layernorm,
-                                      write_cpu_graph)
+from seqrank.serving.cpu_graph import CPU_ONNX, add_full_history_branch, cpu_graph_path, fuse_skip_layernorm
 from test_models import make_ranker, ranker_inputs
 
 ort = pytest.importorskip("onnxruntime")
@@ -35,10 +34,11 @@ def _ops(path):
 
 def _cpu_graph(model, tmp_path) -> tuple[Path, int]:
     """As `seqrank export` writes it: the fused graph with the full-history branch."""
-    from seqrank.export import export_ranker_onnx
+    from seqrank.export import export_cpu_graph, export_ranker_onnx
     portable = export_ranker_onnx(model, tmp_path / "model.onnx")
-    full = export_ranker_onnx(model, tmp_path / "full.onnx", full_history=True)
-    return tmp_path / CPU_ONNX, write_cpu_graph(portable, tmp_path / CPU_ONNX, full)
+    fused, branch = export_cpu_graph(model, portable, tmp_path / CPU_ONNX)
+    assert branch
+    return tmp_path / CPU_ONNX, fused
 
 
 @pytest.mark.parametrize("extra", [{"n_heads": 1, "sequence_mean": True, "output_gate_init": 0.5},
@@ -151,3 +151,5 @@ def test_a_ranker_without_a_sequence_gets_no_branch(tmp_path):
     assert "seq_mask" not in {i.name for i in loaded.graph.input}  # unused, so the exporter dropped it
     assert add_full_history_branch(loaded, onnx.load(str(full))) is False
     assert "If" not in [n.op_type for n in loaded.graph.node]
+    from seqrank.export import export_cpu_graph
+    assert export_cpu_graph(model, portable, tmp_path / CPU_ONNX)[1] is False  # what export records

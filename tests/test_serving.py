@@ -56,6 +56,7 @@ def test_train_serve_parity(server, small_run):
     history."""
     export = json.loads((small_run["run"] / "export" / "export.json").read_text())
     assert export["cpu_onnx"]["fused_skip_layernorm"] == 4 and (small_run["repo"] / "ranker/1/model_cpu.onnx").is_file()
+    assert export["cpu_onnx"]["full_history_branch"]
     cfg, info, prep = load_run(small_run["run"])
     model, _, vocab = load_ranker(small_run["run"])
     pre = Preprocessor(small_run["repo"] / "preprocess" / "1" / "tables", cfg.transact.seq_len, [16, 1024], 1024)
