@@ -462,6 +462,43 @@ def roofline_paired(sess1, tensors: dict, flops: float, rounds: int = 5, bare_s:
                       f"2 single-threaded callers x batch 1 over {bare_s}s"}
 
 
+def paired_vs_bare(server, ensemble_data: Path, ranker_data: Path, sess1, tensors: dict, st: "Settings",
+                   csvdir: Path, rounds: int = 4, loads: tuple = (2, 4), callers: int = 2) -> dict:
+    """ensemble_vs_bare measured back to back, ``rounds`` times: in each round the bare ranker (``callers``
+    single-threaded callers on ``sess1``, load = callers x batch), the ranker alone through Triton and the tuned
+    ensemble, each at every load in ``loads``, and the round's ratios at the same p99 budget (``ratio_at_budget``).
+    The sweep's ratio compares one system's best of 4 points with bare's best of 8, measured minutes apart on a
+    machine whose speed drifts by a quarter (two identical bare points of one run: 66.6 and 58.8 req/s); a round sees
+    one moment's machine, and the order alternates so a trend favours neither side."""
+    per_round = []
+    for r in range(rounds):
+        def bare():
+            return [{**bare_point(sess1, tensors, max(1, load // callers), st.bare_s, callers=callers), "ok": True}
+                    for load in loads]
+
+        def triton(model: str, data: Path):
+            return [pa_point(server, model, data, csvdir / f"paired_{model}_{r}_c{c}.csv", st, concurrency=c)
+                    for c in loads]
+
+        if r % 2 == 0:
+            b, ranker, ens = bare(), triton("ranker", ranker_data), triton("seqrank", ensemble_data)
+        else:
+            ens, ranker, b = triton("seqrank", ensemble_data), triton("ranker", ranker_data), bare()
+        per_round.append({
+            "ensemble_vs_bare": ratio_at_budget(ens, b), "ranker_only_vs_bare": ratio_at_budget(ranker, b),
+            "ensemble_vs_ranker_only": ratio_at_budget(ens, ranker),
+            "throughput": {name: [p.get("throughput") for p in pts]
+                           for name, pts in (("bare", b), ("ranker_only", ranker), ("ensemble", ens))}})
+    out = {"rounds": per_round, "loads": list(loads),
+           "method": f"{rounds} rounds, order alternating, of: bare ({callers} single-threaded callers), the ranker "
+                     f"alone through Triton and the tuned ensemble at loads {list(loads)}; ratio at the same p99 "
+                     "budget per round, median over rounds"}
+    for key in ("ensemble_vs_bare", "ranker_only_vs_bare", "ensemble_vs_ranker_only"):
+        ratios = [x[key]["ratio"] for x in per_round]
+        out[key] = {"ratios": ratios, "median": float(np.median(ratios))}
+    return out
+
+
 def ort_op_profile(onnx: Path, tensors: dict, workdir: Path, runs: int = 20) -> list[dict]:
     """Share of the ranker's ONNX Runtime time per operator type (ORT's own profiler, 2 threads)."""
     sess = ort_session(onnx, profile_prefix=str(workdir / "ort_profile"))
@@ -1201,6 +1238,19 @@ def bounds_md(summary: dict, extra: dict) -> list[str]:
                 f"thread); on the {ht['short_history_requests']} requests with a short history "
                 f"{'-' if short is None else f'{short:.2f}x'}; max |probability difference| {ht['max_abs_diff']:.1e}.",
                 ""]
+    pvb = d.get("paired_vs_bare")
+    if pvb:
+        fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+        out += [f"Ensemble vs bare measured back to back ({pvb['method']}): ensemble / bare "
+                f"**{pvb['ensemble_vs_bare']['median']:.2f}** (rounds {fmt(pvb['ensemble_vs_bare']['ratios'])}); the "
+                f"ranker alone through Triton / bare {pvb['ranker_only_vs_bare']['median']:.2f} "
+                f"({fmt(pvb['ranker_only_vs_bare']['ratios'])}); ensemble / ranker alone "
+                f"{pvb['ensemble_vs_ranker_only']['median']:.2f} ({fmt(pvb['ensemble_vs_ranker_only']['ratios'])}).",
+                "", "| round | bare req/s | ranker alone req/s | ensemble req/s (at loads "
+                + ", ".join(map(str, pvb["loads"])) + ") |", "|---|---|---|---|"]
+        out += [f"| {i} | {fmt(r['throughput']['bare'])} | {fmt(r['throughput']['ranker_only'])} | "
+                f"{fmt(r['throughput']['ensemble'])} |" for i, r in enumerate(pvb["rounds"])]
+        out.append("")
     bv = d.get("bare_variants")
     if bv:
         out += ["Bare ranker, batch 1, other ONNX Runtime thread settings (same tensors):", "",
@@ -1452,6 +1502,13 @@ def main(argv=None) -> int:
         for name in [n for n in tri if n != "tuned"]:
             tri[name].stop()
             servers.remove(tri[name])
+        log("ensemble vs bare, paired rounds (the tuned ensemble, the ranker alone through Triton, bare)")
+        details["paired_vs_bare"] = paired_vs_bare(
+            ensure("tuned"), files["fixed_1x100_store"], work / "inputs" / "ranker_1x100.json", bare_sess1, t100_run,
+            st, csvdir, **({"rounds": 1} if st.quick else {}))
+        log("  ensemble/bare per round " + ", ".join(
+            f"{x:.2f}" for x in details["paired_vs_bare"]["ensemble_vs_bare"]["ratios"]) + "; ranker alone/bare "
+            + ", ".join(f"{x:.2f}" for x in details["paired_vs_bare"]["ranker_only_vs_bare"]["ratios"]))
 
         # ---- tuned only: log-drawn requests, raw actions, ranker alone, Poisson sweep, profile ----------------
         for rset in ("log_store", "log_actions"):
@@ -1537,6 +1594,7 @@ def main(argv=None) -> int:
         "dedup_bytes_ratio": details["dedup"]["ratio"],
         "roofline_fraction": roofline,
         "roofline_fraction_paired": details.get("roofline_paired", {}).get("median_fraction"),
+        "ensemble_vs_bare_paired": details.get("paired_vs_bare", {}).get("ensemble_vs_bare", {}).get("median"),
         "p99_ms": chosen["p99_ms"],
         "freshness_p99_ms": fresh.get("p99_ms", float("nan")),
         "freshness_store": fresh.get("store", "redis") if "p99_ms" in fresh else "unavailable",

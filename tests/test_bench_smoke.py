@@ -78,6 +78,14 @@ def test_summary_has_every_key_finite_and_positive(bench_results):
     paired = details["roofline_paired"]
     assert len(paired["fractions"]) == len(paired["peak_gflops"]) == len(paired["bare_rps"]) >= 1
     assert 0 < summary["roofline_fraction_paired"] == paired["median_fraction"] < 1
+    # ensemble vs bare back to back: every round has all three systems at every load and a ratio from them
+    pvb = details["paired_vs_bare"]
+    assert len(pvb["rounds"]) >= 1 and pvb["loads"]
+    for rnd in pvb["rounds"]:
+        assert all(len(v) == len(pvb["loads"]) and all(x and x > 0 for x in v) for v in rnd["throughput"].values())
+        assert rnd["ensemble_vs_bare"]["ratio"] == pytest.approx(
+            rnd["ensemble_vs_bare"]["a"]["throughput"] / rnd["ensemble_vs_bare"]["b"]["throughput"])
+    assert summary["ensemble_vs_bare_paired"] == pvb["ensemble_vs_bare"]["median"] > 0
     trim = details["history_trimming"]
     assert trim["requests"] > 0 and trim["history_mean"] <= trim["scored_width_mean"] <= trim["history_mean"] + 1
     # the ensemble and the FastAPI baseline rank the same request alike (ONNX Runtime vs torch eager)
