@@ -463,7 +463,7 @@ def roofline_paired(sess1, tensors: dict, flops: float, rounds: int = 5, bare_s:
 
 
 def paired_vs_bare(server, ensemble_data: Path, ranker_data: Path, sess1, tensors: dict, st: "Settings",
-                   csvdir: Path, rounds: int = 4, loads: tuple = (2, 4), callers: int = 2) -> dict:
+                   csvdir: Path, rounds: int = 3, loads: tuple = (2, 4, 8), callers: int = 2) -> dict:
     """ensemble_vs_bare measured back to back, ``rounds`` times: in each round the bare ranker (``callers``
     single-threaded callers on ``sess1``, load = callers x batch), the ranker alone through Triton and the tuned
     ensemble, each at every load in ``loads``, and the round's ratios at the same p99 budget (``ratio_at_budget``).

@@ -69,6 +69,28 @@ def test_fused_cpu_graph_scores_what_pytorch_scores(tmp_path, extra):
     np.testing.assert_allclose(sess.run(None, trimmed)[0], want, rtol=0, atol=1e-5)
 
 
+def test_no_copy_only_pass_over_the_per_candidate_sequence(tmp_path):
+    """Layer 0 never forms the early-fusion input [s_j | c] per candidate, its attention output needs no transpose,
+    and the K newest rows are sliced before their zero padding: no Concat, Expand or Transpose writes a
+    [batch, candidates, seq, ...] tensor (each would stream the largest activation through memory for nothing)."""
+    import sympy  # ONNX Runtime's symbolic shape inference writes dims as sympy expressions
+
+    from seqrank.export import export_ranker_onnx
+    from seqrank.serving.cpu_graph import _shapes
+    model = make_ranker("transact", seed=3, top_k_rows=4, n_heads=1, sequence_mean=True, output_gate_init=0.5)
+    for full_history in (False, True):
+        graph = onnx.load(str(export_ranker_onnx(model, tmp_path / "m.onnx", full_history=full_history)))
+        shapes = _shapes(graph)
+        assert shapes, "symbolic shape inference followed nothing"
+        copies = [(n.op_type, shapes.get(n.output[0])) for n in graph.graph.node
+                  if n.op_type in ("Concat", "Expand", "Transpose")]
+        # a dim that grows with the sequence (seq, seq + K; not Min(K, seq) + K): evaluated at seq = 1000
+        per_candidate_sequence = [(op, shape) for op, shape in copies if shape and len(shape) == 4
+                                  and shape[1] == "candidates" and "seq" in str(shape[2])
+                                  and sympy.sympify(str(shape[2])).subs(sympy.Symbol("seq"), 1000) >= 1000]
+        assert not per_candidate_sequence, per_candidate_sequence
+
+
 def _layernorm_graph(skip_shape):
     from onnx import TensorProto, helper
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "s", 4])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import TransActConfig
@@ -68,8 +69,9 @@ class TransActEncoder(nn.Module):
             mean = x.sum(dim=2, keepdim=True) / valid.sum(dim=2, keepdim=True).clamp(min=1) if self.mean_pool else None
         if mean is not None:  # our addition: the mean row carries rates (e.g. how often this user hides)
             pooled = torch.cat([pooled, mean], dim=2)
-        # the K newest rows; a sequence shorter than K gets zero rows (written shape-agnostic for ONNX export)
-        rows = torch.cat([x, x.new_zeros(B, N, self.k, x.shape[-1])], dim=2)[:, :, : self.k]
+        # the K newest rows; a sequence shorter than K gets zero rows (shape-agnostic for ONNX export; sliced before
+        # the padding, so only K rows are copied, not the whole [B,N,S,d] activation)
+        rows = torch.cat([x[:, :, : self.k], x.new_zeros(B, N, self.k, x.shape[-1])], dim=2)[:, :, : self.k]
         return torch.cat([rows, pooled], dim=2).flatten(2)
 
     def first_layer_factorized(self, seq: torch.Tensor, key_mask: torch.Tensor | None,
@@ -80,14 +82,15 @@ class TransActEncoder(nn.Module):
             softmax_j(A_ij + b_cj),  A = Qs Ks^T (once per request),  b_c = Ks qc (one vector per candidate),
         and since each softmax row sums to 1 the output projection of the value is
             sum_j P_cij vs_j Wo + (vc Wo + bo) = (E diag(w_c) Us)_i / z_ci + uc,   Us = Vs Wo^T,
-        with E = exp(A - max), w_c = exp(b_c - max), z_c = E w_c. All candidates share one GEMM E [Us w_1 ... Us w_N]:
-        no per-candidate QK^T, [N,S,S] softmax or output projection (18% fewer ranker FLOPs, 1.39x ONNX Runtime
-        throughput at 1 x 100 on CPU: docs/performance.md).
+        with E = exp(A - max), w_c = exp(b_c - max), z_c = E w_c: one [S,S] x [S,d] product per candidate with the
+        request's E, no per-candidate QK^T, [N,S,S] softmax or output projection (18% fewer ranker FLOPs, 1.39x ONNX
+        Runtime throughput at 1 x 100 on CPU: docs/performance.md), written out in [B,N,S,d] order (no transpose).
+        The residual input x = [s_i | c] is never formed either: x + attention = y/z + ([s_i | 0] + [0 | c] + uc),
+        the bracket a broadcast sum of one row per position and one per candidate.
         Exact up to rounding while, per row, max_j A_ij + max_j b_cj - max_j (A_ij + b_cj) stays below ~80 (fp32
         exp range): trained attention logits are far inside that; tests check parity with the direct form."""
         layer, d = self.layers[0], self.layers[0].attn.out.in_features
         B, S, ds = seq.shape
-        N = cand.shape[1]
         wq, wk, wv = layer.attn.qkv.weight.chunk(3, dim=0)
         bq, _, bv = layer.attn.qkv.bias.chunk(3)            # the key bias cancels like kc
         scale = d ** -0.5
@@ -103,11 +106,9 @@ class TransActEncoder(nn.Module):
         z = (w @ e.transpose(1, 2)).clamp_min(1e-30)                                     # [B,N,S_i]
         us = vs @ layer.attn.out.weight.T                                                # [B,S,d]
         uc = vc @ layer.attn.out.weight.T + layer.attn.out.bias                          # [B,N,d]
-        wu = (w.transpose(1, 2).unsqueeze(-1) * us.unsqueeze(2)).reshape(B, S, N * d)    # [B,S_j,N*d]
-        y = (e @ wu).reshape(B, S, N, d).transpose(1, 2)                                 # [B,N,S_i,d]
-        attn = y / z.unsqueeze(-1) + uc.unsqueeze(2)
-        x = torch.cat([seq.unsqueeze(1).expand(B, N, S, ds), cand.unsqueeze(2).expand(B, N, S, -1)], dim=-1)
-        x = layer.norm1(x + attn)
+        y = e.unsqueeze(1) @ (w.unsqueeze(-1) * us.unsqueeze(1))                         # [B,N,S_i,d]
+        residual = F.pad(seq, (0, d - ds)).unsqueeze(1) + (uc + F.pad(cand, (ds, 0))).unsqueeze(2)  # [B,N,S,d]
+        x = layer.norm1(y / z.unsqueeze(-1) + residual)
         return layer.norm2(x + layer.ff(x))
 
 
