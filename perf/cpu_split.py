@@ -1,0 +1,111 @@
+"""Where the two cores go while the tuned server is saturated: CPU seconds per process (each Python backend stub,
+tritonserver, perf_analyzer) and the machine's idle share, for the ranker model alone and for the ensemble, in
+alternating rounds. The evidence behind "what bounds ensemble_vs_bare" in docs/performance.md.
+
+    .venv/bin/python perf/cpu_split.py --run runs/k2          # ~2 minutes on 2 cores
+
+Requests: the bench's fixed 1 x 100 with its actions in the request (no store needed), and for the ranker alone the
+tensors preprocess builds for it. Prints one JSON line per measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+import make_inputs  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (command name, user + system CPU seconds so far), every process."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        out[int(pid)] = (name, (int(fields[11]) + int(fields[12])) / TICK)
+    return out
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(all CPU ticks, idle + iowait ticks) since boot."""
+    values = list(map(int, Path("/proc/stat").read_text().splitlines()[0].split()[1:]))
+    return sum(values), values[3] + values[4]
+
+
+def stub_labels(server) -> dict[int, str]:
+    """pid -> "<model> stubs" for every Python backend stub of the server (all instances of a model share a label)."""
+    labels = {}
+    for pid in server.group_pids():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd and cmd[0].endswith(b"triton_python_backend_stub") and len(cmd) > 1:
+            labels[pid] = f"{Path(cmd[1].decode()).parent.parent.name} stubs"
+    return labels
+
+
+def split(server, model: str, data: Path, concurrency: int, seconds: float) -> dict:
+    """Load ``model`` with perf_analyzer and sample every process's CPU over ``seconds`` in the middle of it."""
+    from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
+    names = stub_labels(server)
+    cmd = [str(perf_analyzer_binary()), "-m", model, "-i", "grpc", "-u", server.grpc_url, "--input-data", str(data),
+           "-b", "1", "--concurrency-range", str(concurrency), "-p", str(int((seconds + 4) * 1000)), "-s", "1000",
+           "-r", "3"]
+    load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=perf_analyzer_env(), text=True)
+    time.sleep(3)
+    cpu0, ticks0, t0 = process_cpu_seconds(), machine_ticks(), time.time()
+    time.sleep(seconds)
+    cpu1, ticks1, wall = process_cpu_seconds(), machine_ticks(), time.time() - t0
+    out = load.communicate()[0]
+    lines = [line for line in out.splitlines() if "throughput:" in line]
+    cores: dict[str, float] = {}
+    for pid, (name, used) in cpu1.items():
+        if pid in cpu0 and used - cpu0[pid][1] > 0.01 * wall:
+            key = names.get(pid, name)
+            cores[key] = cores.get(key, 0.0) + (used - cpu0[pid][1]) / wall
+    return {"model": model, "concurrency": concurrency, "perf_analyzer": lines[-1].strip() if lines else out[-300:],
+            "idle_share": (ticks1[1] - ticks0[1]) / max(1, ticks1[0] - ticks0[0]),
+            "cores": dict(sorted(((k, round(v, 3)) for k, v in cores.items()), key=lambda kv: -kv[1]))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    args = ap.parse_args()
+    repo = args.run / "model_repository"
+    work = Path(tempfile.mkdtemp(prefix="seqrank-cpu-split-"))
+    make_inputs.write_inputs(args.run, work / "inputs", None, 16)
+    ensemble_data = work / "inputs" / "fixed_1x100_actions.json"
+    req = json.loads((work / "inputs" / "requests.json").read_text())["fixed_1x100"][0]
+    bench.write_ranker_json(bench.request_tensors(bench.preprocessor(repo, None), req, with_actions=True),
+                            work / "ranker_1x100.json")
+    server = bench.start_triton(repo, None, work / "server.log")
+    try:
+        for model, data in (("ranker", work / "ranker_1x100.json"), ("seqrank", ensemble_data)):
+            bench.pa_point(server, model, data, work / "warm.csv", bench.Settings(True, pa_window_ms=300),
+                           concurrency=2)
+        for _ in range(args.rounds):
+            for model, data in (("ranker", work / "ranker_1x100.json"), ("seqrank", ensemble_data)):
+                print(json.dumps(split(server, model, data, args.concurrency, args.seconds)), flush=True)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
