@@ -696,7 +696,8 @@ def pa_point(server, model: str, data: Path, out_csv: Path, st: Settings, concur
     return point
 
 
-def stub_pids(server) -> dict:
+def stub_models(server) -> dict[int, str]:
+    """pid -> model name, for every Python backend stub process of the server (each instance has its own)."""
     out = {}
     for pid in server.group_pids():
         try:
@@ -704,8 +705,13 @@ def stub_pids(server) -> dict:
         except OSError:
             continue
         if cmd and cmd[0].endswith(b"triton_python_backend_stub") and len(cmd) > 1:
-            out[Path(cmd[1].decode()).parent.parent.name] = pid
+            out[pid] = Path(cmd[1].decode()).parent.parent.name
     return out
+
+
+def stub_pids(server) -> dict:
+    """model name -> the pid of one of its stubs (the models that have a live stub)."""
+    return {model: pid for pid, model in stub_models(server).items()}
 
 
 def parse_collapsed(path: Path, top: int = 12) -> dict:

@@ -44,23 +44,10 @@ def machine_ticks() -> tuple[int, int]:
     return sum(values), values[3] + values[4]
 
 
-def stub_labels(server) -> dict[int, str]:
-    """pid -> "<model> stubs" for every Python backend stub of the server (all instances of a model share a label)."""
-    labels = {}
-    for pid in server.group_pids():
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0].endswith(b"triton_python_backend_stub") and len(cmd) > 1:
-            labels[pid] = f"{Path(cmd[1].decode()).parent.parent.name} stubs"
-    return labels
-
-
 def split(server, model: str, data: Path, concurrency: int, seconds: float) -> dict:
     """Load ``model`` with perf_analyzer and sample every process's CPU over ``seconds`` in the middle of it."""
     from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
-    names = stub_labels(server)
+    names = {pid: f"{model} stubs" for pid, model in bench.stub_models(server).items()}
     cmd = [str(perf_analyzer_binary()), "-m", model, "-i", "grpc", "-u", server.grpc_url, "--input-data", str(data),
            "-b", "1", "--concurrency-range", str(concurrency), "-p", str(int((seconds + 4) * 1000)), "-s", "1000",
            "-r", "3"]
