@@ -51,6 +51,11 @@ def test_fused_cpu_graph_scores_what_pytorch_scores(tmp_path, extra):
     ops = _ops(tmp_path / CPU_ONNX)
     # in both branches (masked, full history)
     assert ops.count("SkipLayerNormalization") == 2 * fused and "LayerNormalization" not in ops
+    # the Linear biases before a residual (feed-forward out in every layer, attention out where layer 0 is not
+    # factorized and in every later layer) are the kernel's bias input, not an Add pass
+    biased = [len(n.input) == 5 for n in _nodes(onnx.load(str(tmp_path / CPU_ONNX)).graph)
+              if n.op_type == "SkipLayerNormalization"]
+    assert sum(biased) == 2 * (2 * model.cfg.n_layers - (model.cfg.n_heads == 1))
     assert ops.count("If") == 1
     # q, k and v projected separately when exported (a Split copies in ONNX Runtime); with several heads layer 0
     # is not factorized and splits its precomputed projection
@@ -89,6 +94,40 @@ def test_no_copy_only_pass_over_the_per_candidate_sequence(tmp_path):
                                   and shape[1] == "candidates" and "seq" in str(shape[2])
                                   and sympy.sympify(str(shape[2])).subs(sympy.Symbol("seq"), 1000) >= 1000]
         assert not per_candidate_sequence, per_candidate_sequence
+
+
+def _linear_residual_graph(bias_also_output: bool):
+    """LayerNorm(x + (h W + b)): a Linear's output added to a residual, its bias Add optionally a graph output too."""
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(2)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "s", 4])
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["n", "s", 3])
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "s", 4])]
+    if bias_also_output:
+        outs.append(helper.make_tensor_value_info("lin", TensorProto.FLOAT, ["n", "s", 4]))
+    inits = [helper.make_tensor(name, TensorProto.FLOAT, dims, rng.normal(size=dims).ravel().tolist())
+             for name, dims in (("w", [3, 4]), ("b", [4]), ("gamma", [4]), ("beta", [4]))]
+    nodes = [helper.make_node("MatMul", ["h", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["lin"]),
+             helper.make_node("Add", ["x", "lin"], ["sum"]),
+             helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5)]
+    return helper.make_model(helper.make_graph(nodes, "linear_residual", [x, h], outs, inits),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("bias_also_output", [False, True])
+def test_a_linear_bias_before_the_residual_goes_into_the_kernel(bias_also_output):
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.normal(size=(2, 5, 4)).astype(np.float32), "h": rng.normal(size=(2, 5, 3)).astype(np.float32)}
+    model = _linear_residual_graph(bias_also_output)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert fuse_skip_layernorm(model) == 1
+    skip = [n for n in model.graph.node if n.op_type == "SkipLayerNormalization"]
+    # folded only where the bias Add feeds nothing else (here it is also a graph output)
+    assert (len(skip[0].input) == 5) == (not bias_also_output)
+    assert [n.op_type for n in model.graph.node].count("Add") == int(bias_also_output)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
 
 
 def _layernorm_graph(skip_shape):

@@ -5,7 +5,8 @@ history position of the run is a real action.
 ONNX Runtime fuses this pair itself only for 2-D/3-D activations; TransAct's are [B, N, S, d] (one sequence per
 candidate), so its optimizer leaves four Adds and four LayerNorms that each stream the whole activation through
 memory (about a third of the CPU kernel time at 1 x 100, docs/performance.md). Viewed as [-1, d] (a reshape, no
-copy) both operands go through the contrib kernel, which adds and normalises in one pass. The op is ONNX Runtime's
+copy) both operands go through the contrib kernel, which adds and normalises in one pass; the bias of a Linear that
+feeds the residual (feed-forward out, attention out) goes in as the kernel's bias input, saving its Add pass too. The op is ONNX Runtime's
 own (domain com.microsoft), so the GPU paths (TensorRT, ONNX Runtime CUDA) keep the portable model.onnx;
 `seqrank export` writes this file beside it and checks it against PyTorch like the portable one.
 
@@ -49,8 +50,10 @@ def _same_shape(a: list | None, b: list | None) -> bool:
 
 def fuse_skip_layernorm(model) -> int:
     """Rewrite `LayerNormalization(Add(a, b))` over the last axis, where the Add feeds nothing else and a and b have
-    the same shape, as `Reshape(SkipLayerNormalization(a', b', gamma, beta), shape(a))` with a', b' = [-1, d].
-    In place (an onnx.ModelProto); returns the number of pairs fused."""
+    the same shape, as `Reshape(SkipLayerNormalization(a', b', gamma, beta[, bias]), shape(a))` with a', b' = [-1, d].
+    Where b is itself `Add(m, bias)` with a [d] bias and feeds only this residual (a Linear's output: the feed-forward's
+    second layer, attention's output projection), the bias goes to the kernel's bias input and m in place of b: one
+    more pass over the activation saved. In place (an onnx.ModelProto); returns the number of pairs fused."""
     import onnx
     from onnx import helper
     g = model.graph
@@ -77,14 +80,22 @@ def fuse_skip_layernorm(model) -> int:
                 or not _same_shape(shapes.get(add.input[0]), shapes.get(add.input[1]))
                 or d is None or shapes[add.input[0]][-1] != d):
             continue
+        a, b, bias = add.input[0], add.input[1], []
+        for first, second in ((a, b), (b, a)):
+            folded = _linear_bias(nodes, producer, consumers, shapes, second, first, d, graph_outputs)
+            if folded is not None:
+                (m, bias_name), index = folded
+                a, b, bias = first, m, [bias_name]
+                drop.add(index)
+                break
         k = node.output[0]
         rows = helper.make_tensor(f"{k}/rows_shape", onnx.TensorProto.INT64, [2], [-1, d])
         replace[i] = [
             helper.make_node("Constant", [], [f"{k}/rows"], value=rows),
-            helper.make_node("Shape", [add.input[0]], [f"{k}/shape"]),
-            helper.make_node("Reshape", [add.input[0], f"{k}/rows"], [f"{k}/a"]),
-            helper.make_node("Reshape", [add.input[1], f"{k}/rows"], [f"{k}/b"]),
-            helper.make_node("SkipLayerNormalization", [f"{k}/a", f"{k}/b", node.input[1], node.input[2]],
+            helper.make_node("Shape", [a], [f"{k}/shape"]),
+            helper.make_node("Reshape", [a, f"{k}/rows"], [f"{k}/a"]),
+            helper.make_node("Reshape", [b, f"{k}/rows"], [f"{k}/b"]),
+            helper.make_node("SkipLayerNormalization", [f"{k}/a", f"{k}/b", node.input[1], node.input[2], *bias],
                              [f"{k}/y"], name=f"{node.name}/skip", domain=CONTRIB,
                              epsilon=float(attrs.get("epsilon", 1e-5))),
             helper.make_node("Reshape", [f"{k}/y", f"{k}/shape"], [k]),
@@ -103,6 +114,19 @@ def fuse_skip_layernorm(model) -> int:
     if not any(o.domain == CONTRIB for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CONTRIB, 1))
     return len(replace)
+
+
+def _linear_bias(nodes, producer, consumers, shapes, name, other, d, graph_outputs):
+    """((m, bias), index of the Add) where tensor ``name`` is `Add(m, bias)` (either order) with bias of shape [d], m
+    proven the same shape as ``other``, and the Add feeding nothing but the residual; else None."""
+    j = producer.get(name)
+    if j is None or nodes[j].op_type != "Add" or consumers[name] != 1 or name in graph_outputs:
+        return None
+    x, y = nodes[j].input
+    for m, bias in ((x, y), (y, x)):
+        if shapes.get(bias) == [d] and _same_shape(shapes.get(m), shapes.get(other)):
+            return (m, bias), j
+    return None
 
 
 def _content_key(init) -> bytes:
