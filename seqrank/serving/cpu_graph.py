@@ -6,9 +6,10 @@ ONNX Runtime fuses this pair itself only for 2-D/3-D activations; TransAct's are
 candidate), so its optimizer leaves four Adds and four LayerNorms that each stream the whole activation through
 memory (about a third of the CPU kernel time at 1 x 100, docs/performance.md). Viewed as [-1, d] (a reshape, no
 copy) both operands go through the contrib kernel, which adds and normalises in one pass; the bias of a Linear that
-feeds the residual (feed-forward out, attention out) goes in as the kernel's bias input, saving its Add pass too. The op is ONNX Runtime's
-own (domain com.microsoft), so the GPU paths (TensorRT, ONNX Runtime CUDA) keep the portable model.onnx;
-`seqrank export` writes this file beside it and checks it against PyTorch like the portable one.
+feeds the residual (feed-forward out, attention out) goes in as the kernel's bias input, saving its Add pass too.
+The op is ONNX Runtime's own (domain com.microsoft), so the GPU paths (TensorRT, ONNX Runtime CUDA) keep the
+portable model.onnx; `seqrank export` writes this file beside it and checks it against PyTorch like the portable
+one.
 
 The masks (padding never attended, pooled or output) cost ~12 % of the CPU time at 1 x 100: a Where over every
 candidate's [S, S] scores, another before max-pooling, the multiplications by the row mask. After history trimming
