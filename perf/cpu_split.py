@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,7 @@ def machine_ticks() -> tuple[int, int]:
 def split(server, model: str, data: Path, concurrency: int, seconds: float) -> dict:
     """Load ``model`` with perf_analyzer and sample every process's CPU over ``seconds`` in the middle of it."""
     from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
-    names = {pid: f"{model} stubs" for pid, model in bench.stub_models(server).items()}
+    names = {pid: f"{name} stubs" for pid, name in bench.stub_models(server).items()}
     cmd = [str(perf_analyzer_binary()), "-m", model, "-i", "grpc", "-u", server.grpc_url, "--input-data", str(data),
            "-b", "1", "--concurrency-range", str(concurrency), "-p", str(int((seconds + 4) * 1000)), "-s", "1000",
            "-r", "3"]
@@ -92,6 +93,7 @@ def main() -> None:
                 print(json.dumps(split(server, model, data, args.concurrency, args.seconds)), flush=True)
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
