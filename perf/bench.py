@@ -734,6 +734,20 @@ def parse_collapsed(path: Path, top: int = 12) -> dict:
     return {"samples": total, "self": fmt(self_c), "inclusive": fmt(incl)}
 
 
+def background_load(server, model: str, data: Path, concurrency: int, seconds: float,
+                    keep_output: bool = False) -> subprocess.Popen:
+    """perf_analyzer holding ``concurrency`` requests in flight on ``model`` for about ``seconds`` + 3 s (its three
+    windows, no stability check), in the background: the load under which a profile or a CPU sample is taken.
+    ``keep_output``: its report can be read from stdout (text) when it exits."""
+    from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
+    out = subprocess.PIPE if keep_output else subprocess.DEVNULL
+    return subprocess.Popen([str(perf_analyzer_binary()), "-m", model, "-i", "grpc", "-u", server.grpc_url,
+                             "--input-data", str(data), "-b", "1", "--concurrency-range", str(concurrency),
+                             "-p", str(int(seconds * 1000 + 3000)), "-s", "1000", "-r", "3"],
+                            stdout=out, stderr=subprocess.STDOUT if keep_output else subprocess.DEVNULL,
+                            env=perf_analyzer_env(), text=True)
+
+
 def profile_stubs(server, data: Path, concurrency: int, seconds: float, outdir: Path, st: Settings) -> dict:
     """py-spy record (raw, non-blocking) of every Python backend stub while perf_analyzer loads the ensemble."""
     spy = Path(sys.executable).parent / "py-spy"
@@ -741,11 +755,7 @@ def profile_stubs(server, data: Path, concurrency: int, seconds: float, outdir: 
         spy = Path(shutil.which("py-spy") or "py-spy")
     pids = stub_pids(server)
     outdir.mkdir(parents=True, exist_ok=True)
-    from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
-    load = subprocess.Popen([str(perf_analyzer_binary()), "-m", "seqrank", "-i", "grpc", "-u", server.grpc_url,
-                             "--input-data", str(data), "-b", "1", "--concurrency-range", str(concurrency),
-                             "-p", str(int(seconds * 1000 + 3000)), "-s", "1000", "-r", "3"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=perf_analyzer_env())
+    load = background_load(server, "seqrank", data, concurrency, seconds)
     result = {"concurrency": concurrency, "seconds": seconds, "stubs": {}}
     try:
         time.sleep(1.0)

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,12 +46,8 @@ def machine_ticks() -> tuple[int, int]:
 
 def split(server, model: str, data: Path, concurrency: int, seconds: float) -> dict:
     """Load ``model`` with perf_analyzer and sample every process's CPU over ``seconds`` in the middle of it."""
-    from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
     names = {pid: f"{name} stubs" for pid, name in bench.stub_models(server).items()}
-    cmd = [str(perf_analyzer_binary()), "-m", model, "-i", "grpc", "-u", server.grpc_url, "--input-data", str(data),
-           "-b", "1", "--concurrency-range", str(concurrency), "-p", str(int((seconds + 4) * 1000)), "-s", "1000",
-           "-r", "3"]
-    load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=perf_analyzer_env(), text=True)
+    load = bench.background_load(server, model, data, concurrency, seconds + 1, keep_output=True)
     time.sleep(3)
     cpu0, ticks0, t0 = process_cpu_seconds(), machine_ticks(), time.time()
     time.sleep(seconds)
