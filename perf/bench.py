@@ -208,15 +208,17 @@ def ranker_flops(cfg, n_cand: int, item_table_dim: int, user_dim: int, n_context
     """Analytic FLOPs of one ranker request as served (matrix products only, multiply-add = 2 FLOP; softmax,
     LayerNorm, masking, activations and gathers are left out: about 1 %). Notation: S = seq_len, d = action_dim +
     2 item_dim (early fusion width), ds = action_dim + item_dim (sequence part), E = item table dim, F = DCN input.
-    Layer 0 runs factorized (TransActEncoder.first_layer_factorized; single head):
+    For a single head (TransAct's default and the shipped config; the torch FlopCounterMode cross-check counts any
+    config). Layer 0 runs factorized (TransActEncoder.first_layer_factorized):
 
     per request    : 2 S E item_dim (sequence item projection) + 3 x 2 S ds d (Qs, Ks, Vs) + 2 S^2 d (A = Qs Ks^T)
                      + 2 S d^2 (Us = Vs Wo^T)
     per candidate  : 2 E item_dim (candidate projection)
                      + layer 0: 2 x 2 item_dim d (qc, vc) + 2 S d (b_c) + 2 S^2 (z_c) + 2 d^2 (uc) + 2 S^2 d (E Us w_c)
                                 + 4 S d d_ff (FF)
-                     + (layers - 1) x [2 S d 3d (QKV) + 2 S^2 d (QK^T) + 2 S^2 d (attention V) + 2 S d^2 (output)
-                                       + 4 S d d_ff (FF)]
+                     + (layers - 1) x [2 S d^2 (x M) + 2 S^2 d (scores) + 2 S d^2 (x N) + 2 S^2 d (attention)
+                                       + 4 S d d_ff (FF)]    (query-key and value-output products merged:
+                                       SelfAttention.merged_single_head)
                      + cross_layers x 4 F rank (DCN v2, low rank) + MLP 2 sum(in x out) + heads 2 last H
     total          = per request + N x per candidate
     """
@@ -226,7 +228,7 @@ def ranker_flops(cfg, n_cand: int, item_table_dim: int, user_dim: int, n_context
     F = (cfg.top_k_rows + 1 + int(cfg.mean_pool_row)) * d + ds * int(cfg.sequence_mean) + user_dim + i + n_context
     per_request = 2 * S * E * i + 3 * 2 * S * ds * d + 2 * S * S * d + 2 * S * d * d
     first = 2 * 2 * i * d + 2 * S * d + 2 * S * S + 2 * d * d + 2 * S * S * d + 4 * S * d * dff
-    later = 2 * S * d * 3 * d + 2 * S * S * d * 2 + 2 * S * d * d + 4 * S * d * dff
+    later = 2 * 2 * S * d * d + 2 * S * S * d * 2 + 4 * S * d * dff
     per_cand = 2 * E * i + first + (L - 1) * later
     per_cand += cfg.cross_layers * 4 * F * cfg.cross_rank
     prev = F
@@ -286,26 +288,38 @@ def ort_session(onnx: Path, threads: int = 2, spinning: bool = True, profile_pre
     return ort.InferenceSession(str(onnx), o, providers=["CPUExecutionProvider"])
 
 
-def factorization_speedup(model, sess, tensors: dict, work: Path, seconds: float, rounds: int = 3) -> dict:
-    """The served ranker (layer 0 factorized) against the same weights exported in the direct form, in alternating
-    rounds on the same tensors: what TransActEncoder.first_layer_factorized buys on this machine."""
+# The exact inference rewrites of the ranker, each as a switch on the PyTorch model (on = served)
+REWRITES = {
+    "first_layer_factorization": ("TransAct's first layer factorized (TransActEncoder.first_layer_factorized) vs the "
+                                  "direct form", lambda model, on: setattr(model.encoder, "factorize_first_layer", on)),
+    "merged_attention": ("one head's query-key and value-output products merged (SelfAttention.merged_single_head) "
+                         "vs four separate projections",
+                         lambda model, on: [setattr(layer.attn, "merge_single_head", on)
+                                            for layer in model.encoder.layers]),
+}
+
+
+def rewrite_speedup(model, sess, tensors: dict, work: Path, seconds: float, name: str, rounds: int = 3) -> dict:
+    """The served ranker (``sess``) against the same weights exported with the rewrite ``name`` (REWRITES) switched
+    off, the same CPU graph on both sides, in alternating rounds on the same tensors: what it buys on this machine."""
     from seqrank.export import export_cpu_graph, export_ranker_onnx
-    direct_onnx = work / "ranker_direct_first_layer.onnx"
-    model.encoder.factorize_first_layer = False
+    without_onnx = work / f"ranker_without_{name}.onnx"
+    switch = REWRITES[name][1]
+    switch(model, False)
     try:
-        export_ranker_onnx(model, direct_onnx)
-        export_cpu_graph(model, direct_onnx, direct_onnx)  # as served: the same CPU graph on both sides
+        export_ranker_onnx(model, without_onnx)
+        export_cpu_graph(model, without_onnx, without_onnx)
     finally:
-        model.encoder.factorize_first_layer = True
-    direct = ort_session(direct_onnx, threads=2)
+        switch(model, True)
+    without = ort_session(without_onnx, threads=2)
     feed = {n: tensors[n] for n in RANKER_INPUTS}
-    max_diff = float(np.abs(sess.run(None, feed)[0] - direct.run(None, feed)[0]).max())
-    runs = {"factorized": [], "direct": []}
+    max_diff = float(np.abs(sess.run(None, feed)[0] - without.run(None, feed)[0]).max())
+    runs = {"served": [], "without": []}
     for _ in range(rounds):
-        runs["factorized"].append(bare_point(sess, tensors, 1, seconds)["throughput"])
-        runs["direct"].append(bare_point(direct, tensors, 1, seconds)["throughput"])
+        runs["served"].append(bare_point(sess, tensors, 1, seconds)["throughput"])
+        runs["without"].append(bare_point(without, tensors, 1, seconds)["throughput"])
     med = {k: float(np.median(v)) for k, v in runs.items()}
-    return {"throughput_rps": runs, "median_rps": med, "speedup": med["factorized"] / med["direct"],
+    return {"throughput_rps": runs, "median_rps": med, "speedup": med["served"] / med["without"],
             "max_abs_diff": max_diff}
 
 
@@ -1232,11 +1246,13 @@ def bounds_md(summary: dict, extra: dict) -> list[str]:
                 "| op | share | us per run |", "|---|---|---|"]
         out += [f"| {o['op']} | {o['share'] * 100:.1f} % | {o['us_per_run']:.0f} |" for o in ops[:10]]
         out.append("")
-    fl = d.get("first_layer_factorization")
-    if fl:
-        out += [f"First TransAct layer factorized (served) vs the direct form, bare ranker 1 x 100, {len(fl['throughput_rps']['direct'])} "
-                f"alternating rounds: **{fl['speedup']:.2f}x** throughput (median {_fmt(fl['median_rps']['factorized'], 2)} vs "
-                f"{_fmt(fl['median_rps']['direct'], 2)} req/s), max |probability difference| {fl['max_abs_diff']:.1e}.", ""]
+    for name, (what, _) in REWRITES.items():
+        fl = d.get(name)
+        if fl:
+            out += [f"{what[0].upper()}{what[1:]}, bare ranker 1 x 100, {len(fl['throughput_rps']['without'])} alternating "
+                    f"rounds: **{fl['speedup']:.2f}x** throughput (median {_fmt(fl['median_rps']['served'], 2)} vs "
+                    f"{_fmt(fl['median_rps']['without'], 2)} req/s), max |probability difference| "
+                    f"{fl['max_abs_diff']:.1e}.", ""]
     cg, ht = d.get("cpu_graph"), d.get("history_trimming")
     if cg:
         out += [f"CPU ranker graph (residual + LayerNorm fused into SkipLayerNormalization, and the unmasked branch for "
@@ -1397,8 +1413,9 @@ def main(argv=None) -> int:
             for label, th, spin in (("intra_op 1 thread", 1, True), ("intra_op 2, no spinning", 2, False)):
                 variants[label] = bare_point(ort_session(onnx, threads=th, spinning=spin), t100_run, 1, st.bare_s)
             details["bare_variants"] = variants
-            details["first_layer_factorization"] = factorization_speedup(model, bare_sess, t100_run, work, st.bare_s)
-            log(f"first-layer factorization: {details['first_layer_factorization']['speedup']:.2f}x the direct form")
+            for name in REWRITES:
+                details[name] = rewrite_speedup(model, bare_sess, t100_run, work, st.bare_s, name)
+                log(f"{name}: {details[name]['speedup']:.2f}x without it")
 
         quick = {"rounds": 1} if st.quick else {}  # the smoke run checks that both run and agree, not how fast
         details["cpu_graph"] = cpu_graph_speedup(repo, bare_sess1, t100_run, work, **quick)
@@ -1616,6 +1633,7 @@ def main(argv=None) -> int:
         "freshness_p99_ms": fresh.get("p99_ms", float("nan")),
         "freshness_store": fresh.get("store", "redis") if "p99_ms" in fresh else "unavailable",
         "first_layer_factorization_speedup": details.get("first_layer_factorization", {}).get("speedup"),
+        "merged_attention_speedup": details.get("merged_attention", {}).get("speedup"),
         "cpu_graph_speedup": details.get("cpu_graph", {}).get("speedup"),
         "full_history_branch_speedup": details.get("cpu_graph", {}).get("full_history_branch_speedup"),
         "history_trimming_speedup": details.get("history_trimming", {}).get("speedup"),

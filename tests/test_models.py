@@ -17,6 +17,7 @@ from seqrank.config import PinnerFormerConfig, RunConfig, TransActConfig
 from seqrank.data.loaders import EventLog
 from seqrank.dataset import prepare
 from seqrank.features import FIRST_ID, N_CONTEXT
+from seqrank.models.layers import Block
 from seqrank.models.pinnerformer import N_TIME_FEATURES, PinnerFormer, sampled_softmax_loss
 from seqrank.models.transact import (INPUT_NAMES, TransActRanker, time_window_mask,
                                      weighted_multitask_bce)
@@ -251,6 +252,42 @@ def test_factorized_first_layer_equals_direct_attention(logit_scale):
     finally:
         handle.remove()
     assert calls
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 8.0])
+def test_merged_single_head_attention_equals_the_separate_projections(logit_scale):
+    """At inference one head's query-key and value-output products are merged (SelfAttention.merged_single_head):
+    the same scores as the four separate projections for TransAct's later layers (full, short, one-action and empty
+    histories) and for a causal PinnerFormer-style block; training keeps the separate projections."""
+    model = make_ranker("transact", n_heads=1, n_layers=3)
+    pf_block = Block(12, 1, 8, 0.1, norm_first=True).eval()
+    with torch.no_grad():
+        for attn in [layer.attn for layer in model.encoder.layers] + [pf_block.attn]:
+            attn.qkv.weight.mul_(logit_scale)
+    inputs = ranker_inputs([7, 3, 1, 0], 7, 9, seed=4)
+    seq = torch.randn(3, 6, 12, generator=torch.Generator().manual_seed(1))
+    seq_mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4, [True] + [False] * 5])
+    calls = []
+    hooks = [layer.attn.qkv.register_forward_hook(lambda *a: calls.append(1)) for layer in model.encoder.layers[1:]]
+    try:
+        with torch.no_grad():
+            merged, merged_pf = model(*inputs), pf_block(seq, seq_mask, causal=True)
+            assert not calls  # the later layers' qkv projection never ran
+            for attn in [layer.attn for layer in model.encoder.layers] + [pf_block.attn]:
+                attn.merge_single_head = False
+            separate, separate_pf = model(*inputs), pf_block(seq, seq_mask, causal=True)
+            assert calls
+        torch.testing.assert_close(merged, separate, rtol=0, atol=2e-6)
+        torch.testing.assert_close(merged_pf, separate_pf, rtol=0, atol=2e-5 * logit_scale)
+        for attn in [layer.attn for layer in model.encoder.layers]:
+            attn.merge_single_head = True
+        calls.clear()
+        model.train()
+        model(*inputs)
+        assert len(calls) == 2  # training: the separate projections in both later layers
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @pytest.mark.parametrize("extra", [{}, {"mean_pool_row": True}, {"n_heads": 2}], ids=["default", "mean-row", "2-heads"])
