@@ -4,8 +4,8 @@ alternating rounds. The evidence behind "what bounds ensemble_vs_bare" in docs/p
 
     .venv/bin/python perf/cpu_split.py --run runs/k2          # ~2 minutes on 2 cores
 
-Requests: the bench's fixed 1 x 100 with its actions in the request (no store needed), and for the ranker alone the
-tensors preprocess builds for it. Prints one JSON line per measurement.
+Requests: the bench's fixed 1 x 100 (or, with --candidates 16, 1 x 16) with its actions in the request (no store
+needed), and for the ranker alone the tensors preprocess builds for it. Prints one JSON line per measurement.
 """
 from __future__ import annotations
 
@@ -70,21 +70,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--candidates", type=int, choices=(100, 16), default=100, help="the fixed 1 x 100 or 1 x 16 request")
     args = ap.parse_args()
     repo = args.run / "model_repository"
     work = Path(tempfile.mkdtemp(prefix="seqrank-cpu-split-"))
     make_inputs.write_inputs(args.run, work / "inputs", None, 16)
-    ensemble_data = work / "inputs" / "fixed_1x100_actions.json"
-    req = json.loads((work / "inputs" / "requests.json").read_text())["fixed_1x100"][0]
-    bench.write_ranker_json(bench.request_tensors(bench.preprocessor(repo, None), req, with_actions=True),
-                            work / "ranker_1x100.json")
+    fixed = f"fixed_1x{args.candidates}"
+    ensemble_data = work / "inputs" / f"{fixed}_actions.json"
+    req = json.loads((work / "inputs" / "requests.json").read_text())[fixed][0]
+    ranker_data = work / f"ranker_1x{args.candidates}.json"
+    bench.write_ranker_json(bench.request_tensors(bench.preprocessor(repo, None), req, with_actions=True), ranker_data)
     server = bench.start_triton(repo, None, work / "server.log")
     try:
-        for model, data in (("ranker", work / "ranker_1x100.json"), ("seqrank", ensemble_data)):
+        for model, data in (("ranker", ranker_data), ("seqrank", ensemble_data)):
             bench.pa_point(server, model, data, work / "warm.csv", bench.Settings(True, pa_window_ms=300),
                            concurrency=2)
         for _ in range(args.rounds):
-            for model, data in (("ranker", work / "ranker_1x100.json"), ("seqrank", ensemble_data)):
+            for model, data in (("ranker", ranker_data), ("seqrank", ensemble_data)):
                 print(json.dumps(split(server, model, data, args.concurrency, args.seconds)), flush=True)
     finally:
         server.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Sequence
 
@@ -19,10 +20,18 @@ FIRST_ID = 2     # known ids start here
 N_CONTEXT = 4    # context features: log1p(#history), log1p(hours since last action), sin/cos hour of day
 
 
-def _as_bytes_array(ids) -> np.ndarray:
-    """Object/str/bytes ids -> an object array of bytes (the form Triton's BYTES tensors arrive in)."""
+def as_bytes_array(ids) -> np.ndarray:
+    """Object/str/bytes ids -> a flat object array of bytes (the form Triton's BYTES tensors arrive in; returned
+    as is, without a Python loop per element: the serving path's most common call)."""
     arr = np.asarray(ids, dtype=object).reshape(-1)
+    if set(map(type, arr)) <= {bytes}:
+        return arr
     return np.array([x if isinstance(x, bytes) else str(x).encode() for x in arr], dtype=object)
+
+
+def byte_lengths(raw: np.ndarray) -> np.ndarray:
+    """The length of every element of an object array of bytes, int64."""
+    return np.fromiter(map(len, raw), dtype=np.int64, count=raw.size)
 
 
 @dataclass
@@ -38,7 +47,7 @@ class Vocabulary:
     @classmethod
     def build(cls, item_ids: Sequence, actions: Sequence[str], negative_actions: Sequence[str],
               exposure_action: str | None) -> "Vocabulary":
-        items = np.unique(np.asarray(_as_bytes_array(item_ids), dtype="S"))
+        items = np.unique(np.asarray(as_bytes_array(item_ids), dtype="S"))
         seq_actions = sorted(a for a in set(actions) if a != exposure_action)
         return cls(items, seq_actions, list(seq_actions), sorted(negative_actions), exposure_action)
 
@@ -52,12 +61,12 @@ class Vocabulary:
 
     def item_index(self, ids) -> np.ndarray:
         """ids (str/bytes, any shape) -> int64 indices; unknown ids -> OOV. Vectorised binary search."""
-        raw = _as_bytes_array(ids)
+        raw = as_bytes_array(ids)
         out = np.full(raw.shape, OOV, dtype=np.int64)
         if raw.size == 0 or self.items.size == 0:
             return out
         # An id longer than the longest known id is unknown; numpy would silently truncate it, so filter first.
-        fits = np.fromiter((len(x) <= self.items.itemsize for x in raw), dtype=bool, count=raw.size)
+        fits = byte_lengths(raw) <= self.items.itemsize
         query = np.asarray(raw[fits], dtype=self.items.dtype)
         pos = np.searchsorted(self.items, query)
         pos_c = np.minimum(pos, len(self.items) - 1)
@@ -70,8 +79,9 @@ class Vocabulary:
         table = {a: i + FIRST_ID for i, a in enumerate(self.actions)}
         if self.exposure_action is not None:
             table[self.exposure_action] = -1
-        raw = _as_bytes_array(names)
-        return np.array([table.get(x.decode(errors="replace"), OOV) for x in raw], dtype=np.int64)
+        table = {name.encode(): code for name, code in table.items()}  # looked up as bytes: no decode per element
+        raw = as_bytes_array(names)
+        return np.fromiter(map(table.get, raw, repeat(OOV, raw.size)), dtype=np.int64, count=raw.size)
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..features import OOV, PAD, History, Vocabulary, build_sequences, index_history
+from ..features import (OOV, PAD, History, Vocabulary, as_bytes_array, build_sequences, byte_lengths,
+                        index_history)
 
 FUTURE_TOLERANCE_MS = 5 * 60 * 1000   # a request time more than 5 minutes ahead of the server clock is an error
 MIN_VALID_TIME_MS = 946_684_800_000   # 2000-01-01: earlier request times are almost surely seconds, not ms
@@ -34,7 +35,7 @@ class Request:
     user_id: str
     candidates: np.ndarray            # object array of bytes [N]
     request_time_ms: int
-    actions: tuple | None = None      # (item ids, action names, times) from the request, or None -> store
+    actions: tuple | None = None      # (item ids, action names: bytes arrays; times) from the request, or None
 
 
 @dataclass
@@ -58,13 +59,16 @@ def _one(value: np.ndarray | None, name: str):
 
 
 def _ids(value: np.ndarray, name: str, max_bytes: int) -> np.ndarray:
-    flat = np.asarray(value, dtype=object).reshape(-1)
-    for i, x in enumerate(flat):
-        b = x if isinstance(x, bytes) else str(x).encode()
-        if not b.strip():
+    """A flat object array of bytes ids; the first empty (or whitespace-only) or over-long element is an error."""
+    flat = as_bytes_array(value)
+    empty = ~np.fromiter(map(bool, map(bytes.strip, flat)), dtype=bool, count=flat.size)
+    lengths = byte_lengths(flat)
+    bad = np.flatnonzero(empty | (lengths > max_bytes))
+    if bad.size:
+        i = int(bad[0])
+        if empty[i]:
             raise RequestError(name, f"element {i} is empty")
-        if len(b) > max_bytes:
-            raise RequestError(name, f"element {i} is {len(b)} bytes, the cap is {max_bytes}")
+        raise RequestError(name, f"element {i} is {lengths[i]} bytes, the cap is {max_bytes}")
     return flat
 
 
@@ -80,6 +84,7 @@ class Preprocessor:
         self.max_actions, self.max_id_bytes = max_actions, max_id_bytes
         self.store = store
         self.known_actions = set(self.vocab.actions) | ({self.vocab.exposure_action} - {None})
+        self.known_action_bytes = {a.encode() for a in self.known_actions}  # requests carry names as bytes
 
     # ------------------------------------------------------------ validation (per request)
     def parse(self, inputs: Mapping[str, np.ndarray | None], now_ms: int | None = None) -> Request:
@@ -111,7 +116,7 @@ class Preprocessor:
                 missing = [f for f in ACTION_FIELDS if f not in given]
                 raise RequestError(missing[0], f"is required when {', '.join(given)} is given")
             items = _ids(inputs["action_item_ids"], "action_item_ids", self.max_id_bytes)
-            kinds = np.asarray(inputs["action_types"], dtype=object).reshape(-1)
+            kinds = as_bytes_array(inputs["action_types"])
             times = np.asarray(inputs["action_times_ms"]).reshape(-1)
             if not np.issubdtype(times.dtype, np.integer):
                 raise RequestError("action_times_ms", f"must be INT64 milliseconds, got {times.dtype}")
@@ -122,12 +127,13 @@ class Preprocessor:
                     raise RequestError(name, f"has {len(arr)} elements, action_item_ids has {len(items)}")
             if len(times) and times.min() < 0:
                 raise RequestError("action_times_ms", f"negative time at element {int(np.argmin(times))}")
-            names = [k.decode(errors="replace") if isinstance(k, bytes) else str(k) for k in kinds]
-            unknown = [i for i, k in enumerate(names) if k not in self.known_actions]
-            if unknown:
-                raise RequestError("action_types", f"element {unknown[0]} is unknown action {names[unknown[0]]!r}; "
+            known = np.fromiter(map(self.known_action_bytes.__contains__, kinds), dtype=bool, count=kinds.size)
+            if not known.all():
+                i = int(np.argmin(known))
+                raise RequestError("action_types", f"element {i} is unknown action "
+                                                   f"{kinds[i].decode(errors='replace')!r}; "
                                                    f"known: {sorted(self.known_actions)}")
-            actions = (items, names, times.astype(np.int64))
+            actions = (items, kinds, times.astype(np.int64))
         return Request(user_id, cands, request_time, actions)
 
     # ------------------------------------------------------------ tensors (batched)

@@ -7,6 +7,10 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from seqrank.serving import bytes_tensor
+
+bytes_tensor.install(pb_utils)  # BYTES inputs without a Python struct call per element
+
 
 class TritonPythonModel:
     def initialize(self, args):

@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from seqrank.serving import bytes_tensor
 from seqrank.serving.preprocess import ACTION_FIELDS, Preprocessor, RequestError
+
+bytes_tensor.install(pb_utils)  # BYTES inputs without a Python struct call per element
 
 INPUTS = ("user_id", "candidate_ids", "request_time_ms") + ACTION_FIELDS
 
