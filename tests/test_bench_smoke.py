@@ -205,3 +205,25 @@ def test_fixed_requests_are_distinct_items_the_model_knows(bench_results):
     assert len(ids["fixed_1x100"]) == len(set(ids["fixed_1x100"])) == 100
     assert set(ids["fixed_1x100"]) <= vocab
     assert ids["fixed_1x16"] == ids["fixed_1x100"][:16]
+
+
+def test_backend_floor_models_return_their_input_as_each_output(tmp_path, start_server):
+    """perf/backend_floor.py: the trivial models it measures load in the real server and answer with `outputs`
+    copies of the input (so the 1-vs-8-output comparison compares what it says)."""
+    import numpy as np
+    import tritonclient.http as http
+
+    sys.path.insert(0, str(ROOT / "perf"))
+    import backend_floor
+
+    names = {k: backend_floor.write_model(tmp_path / "repo", k) for k in (1, 8)}
+    server = start_server(tmp_path / "repo", reuse=False)
+    x = np.arange(100, dtype=np.int64).reshape(1, 100)
+    with http.InferenceServerClient(server.http_url) as client:
+        for k, name in names.items():
+            inp = http.InferInput("x", [1, 100], "INT64")
+            inp.set_data_from_numpy(x)
+            result = client.infer(name, [inp])
+            outputs = [o["name"] for o in result.get_response()["outputs"]]
+            assert sorted(outputs) == sorted(f"y{i}" for i in range(k))
+            assert all(np.array_equal(result.as_numpy(o), x) for o in outputs)
