@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_split import split  # noqa: E402
+from cpu_split import alternating_splits  # noqa: E402
 
 MODEL = '''import triton_python_backend_utils as pb_utils
 
@@ -59,9 +59,7 @@ def main() -> None:
                           log_path=work / "server.log")
     server.start(timeout_s=120)
     try:
-        for _ in range(args.rounds):
-            for model in models:
-                print(json.dumps(split(server, model, data, args.concurrency, args.seconds)), flush=True)
+        alternating_splits(server, [(model, data) for model in models], args.rounds, args.concurrency, args.seconds)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -64,6 +64,13 @@ def split(server, model: str, data: Path, concurrency: int, seconds: float) -> d
             "cores": dict(sorted(((k, round(v, 3)) for k, v in cores.items()), key=lambda kv: -kv[1]))}
 
 
+def alternating_splits(server, cases: list[tuple[str, Path]], rounds: int, concurrency: int, seconds: float) -> None:
+    """`split` for each (model, perf_analyzer input) in turn, ``rounds`` times; one JSON line per measurement."""
+    for _ in range(rounds):
+        for model, data in cases:
+            print(json.dumps(split(server, model, data, concurrency, seconds)), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True)
@@ -81,13 +88,12 @@ def main() -> None:
     ranker_data = work / f"ranker_1x{args.candidates}.json"
     bench.write_ranker_json(bench.request_tensors(bench.preprocessor(repo, None), req, with_actions=True), ranker_data)
     server = bench.start_triton(repo, None, work / "server.log")
+    cases = [("ranker", ranker_data), ("seqrank", ensemble_data)]
     try:
-        for model, data in (("ranker", ranker_data), ("seqrank", ensemble_data)):
+        for model, data in cases:
             bench.pa_point(server, model, data, work / "warm.csv", bench.Settings(True, pa_window_ms=300),
                            concurrency=2)
-        for _ in range(args.rounds):
-            for model, data in (("ranker", ranker_data), ("seqrank", ensemble_data)):
-                print(json.dumps(split(server, model, data, args.concurrency, args.seconds)), flush=True)
+        alternating_splits(server, cases, args.rounds, args.concurrency, args.seconds)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
