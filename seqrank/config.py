@@ -29,8 +29,12 @@ class PinnerFormerConfig:
     positions_per_user: int = 32          # random positions per sequence that each predict one future positive
     random_negatives: int = 512
     batch_users: int = 32
-    epochs: int = 20
+    epochs: int = 40            # 20 before session 10, when the towers learned next to nothing in 20 (README)
     lr: float = 3e-3
+    item_lr: float = 0.3        # the item embedding table's own learning rate (train.py: why it is 100x lr)
+    temperature_init: float = 0.2   # the learned softmax temperature starts here (0.07 before session 10)
+    positions: str = "from_oldest"  # learned positions counted from the oldest action, so a position's output does
+                                # not depend on how many actions came after it; "from_newest" = runs before session 10
     weight_decay: float = 1e-4
 
 
@@ -68,8 +72,10 @@ class TransActConfig:
 
 
 # Fields added after runs were first saved whose default is not "off", with the value that reproduces a run trained
-# before them (sequence_mean was added off and turned on by default in session 5, with output_gate_init).
-FIELDS_ADDED_SINCE = {"transact": {"sequence_mean": False, "output_gate_init": None}}
+# before them (sequence_mean was added off and turned on by default in session 5, with output_gate_init; PinnerFormer's
+# positions and item learning rate changed in session 10).
+FIELDS_ADDED_SINCE = {"transact": {"sequence_mean": False, "output_gate_init": None},
+                      "pinnerformer": {"positions": "from_newest", "item_lr": 3e-3, "temperature_init": 0.07}}
 
 
 @dataclass

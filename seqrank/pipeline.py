@@ -163,24 +163,7 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
                         "hit@3_lift": M.lift(ranker_metrics["transact"][h]["hit@3"], ranker_metrics[base][h]["hit@3"])}
                     for h in heads} for base in ("no_sequence", "avg_pool")}
 
-    user_metrics = {}
-    window = prep.future_window_ms
-    test_users = sorted(prep.pf_test_users)
-    future = []
-    for u in test_users:
-        h = prep.histories[u]
-        sel = (h.ts >= prep.split_time) & (h.ts < prep.split_time + window) & (h.item >= FIRST_ID)
-        sel &= ~np.isin(h.action, [prep.vocab.actions.index(a) + FIRST_ID for a in negative])
-        future.append(set(h.item[sel].tolist()))
-    for objective in ("dense_all_action", "next_action"):
-        path = run / "pinnerformer.safetensors" if objective == cfg.pinnerformer.objective \
-            else run / "baselines" / f"pinnerformer_{objective}.safetensors"
-        model = _fit_pinnerformer(run, cfg, prep, objective, path)
-        emb = embed_users(model, prep, test_users, np.full(len(test_users), prep.split_time))
-        user_metrics[objective] = {"recall@10": M.recall_at_k(emb, item_table(model), future, k=10),
-                                   "users": sum(1 for f in future if f)}
-    dense, nxt = user_metrics["dense_all_action"]["recall@10"], user_metrics["next_action"]["recall@10"]
-    user_metrics["dense_vs_next_ratio"] = dense / nxt if nxt > 0 else None  # None: next-action retrieved nothing
+    user_metrics = evaluate_user_models(run, cfg, prep)
     result = {"ranker": ranker_metrics, "lifts_of_transact": lifts, "user_model": user_metrics,
               **({"ranker_seeds": seed_metrics} if seed_metrics else {}),
               **({"transact_output_gate": gate} if gate else {}),
@@ -197,6 +180,29 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
     if seed_metrics:
         print(format_seed_table(seed_metrics, heads))
     return result
+
+
+def evaluate_user_models(run: Path, cfg: RunConfig, prep: Prepared) -> dict:
+    """PinnerFormer's Recall@10 of each held-out user's positives in the window after the split, dense all-action
+    against next-action (trained here if the run lacks it)."""
+    negative = [prep.vocab.actions.index(a) + FIRST_ID for a in prep.vocab.negative_actions]
+    test_users = sorted(prep.pf_test_users)
+    future = []
+    for u in test_users:
+        h = prep.histories[u]
+        sel = (h.ts >= prep.split_time) & (h.ts < prep.split_time + prep.future_window_ms) & (h.item >= FIRST_ID)
+        future.append(set(h.item[sel & ~np.isin(h.action, negative)].tolist()))
+    user_metrics = {}
+    for objective in ("dense_all_action", "next_action"):
+        path = run / "pinnerformer.safetensors" if objective == cfg.pinnerformer.objective \
+            else run / "baselines" / f"pinnerformer_{objective}.safetensors"
+        model = _fit_pinnerformer(run, cfg, prep, objective, path)
+        emb = embed_users(model, prep, test_users, np.full(len(test_users), prep.split_time))
+        user_metrics[objective] = {"recall@10": M.recall_at_k(emb, item_table(model), future, k=10),
+                                   "users": sum(1 for f in future if f)}
+    dense, nxt = user_metrics["dense_all_action"]["recall@10"], user_metrics["next_action"]["recall@10"]
+    user_metrics["dense_vs_next_ratio"] = dense / nxt if nxt > 0 else None  # None: next-action retrieved nothing
+    return user_metrics
 
 
 def candidate_coverage(impressions) -> dict:

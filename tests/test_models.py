@@ -534,6 +534,34 @@ def test_pinnerformer_is_causal_newest_first():
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(B), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("positions", ["from_oldest", "from_newest"])
+def test_a_training_position_sees_what_a_request_right_after_it_would_see(positions):
+    """Training queries PinnerFormer at every position; serving at position 0 of a request made later. The output at
+    position i must equal the user embedding of the history that ends at action i (the sequence with the i newer
+    actions dropped): true with positions counted from the oldest action, false for the pre-session-10 count from the
+    newest (position i's input then says how many actions came after it)."""
+    torch.manual_seed(0)
+    model = PinnerFormer(small_pf_cfg(positions=positions), N_ITEMS, N_ACTIONS).eval()
+    g = torch.Generator().manual_seed(2)
+    B, L = 2, 8
+    mask = torch.arange(L)[None, :] < torch.tensor([[8], [6]])
+    item = torch.randint(FIRST_ID, N_ITEMS, (B, L), generator=g) * mask
+    action = torch.randint(FIRST_ID, N_ACTIONS, (B, L), generator=g) * mask
+    tfeat = torch.randn(B, L, N_TIME_FEATURES, generator=g) * mask[..., None]
+    worst = 0.0
+    with torch.no_grad():
+        full = model.encode(item, action, tfeat, mask)
+        for i in range(1, 5):
+            # drop the i newest actions: shift left, pad at the end
+            shift = lambda t: torch.cat([t[:, i:], torch.zeros_like(t[:, :i])], dim=1)  # noqa: E731
+            emb = model(shift(item), shift(action), shift(tfeat), shift(mask))
+            worst = max(worst, float((emb - full[:, i]).abs().max()))
+    if positions == "from_oldest":
+        assert worst < 1e-5
+    else:
+        assert worst > 1e-3  # the skew the new default removes
+
+
 # ------------------------------------------------------------------------------------------- training / determinism
 
 def synthetic_log(n_users: int = 14, seed: int = 0) -> EventLog:
@@ -815,3 +843,19 @@ def test_a_run_saved_before_the_gate_existed_loads_as_it_was_trained(tmp_path):
     rebuilt.load_state_dict(paper.state_dict())  # strict: same parameters, no gate
     (tmp_path / "config.json").write_text(RunConfig().to_json())
     assert RunConfig.load_saved(tmp_path).transact.output_gate_init == 0.0  # today's snapshot: as written
+
+
+def test_a_run_saved_before_session_10_embeds_users_as_it_was_trained(tmp_path):
+    """A config.json snapshot without PinnerFormer's `positions` (trained before session 10) counts positions from
+    the newest action, as its weights were trained; a newer snapshot keeps its own (from the oldest)."""
+    import json
+
+    old = json.loads(RunConfig().to_json())
+    for key in ("positions", "item_lr", "temperature_init"):
+        del old["pinnerformer"][key]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = RunConfig.load_saved(tmp_path)
+    assert (cfg.pinnerformer.positions, cfg.pinnerformer.item_lr, cfg.pinnerformer.temperature_init) == \
+        ("from_newest", 3e-3, 0.07)
+    (tmp_path / "config.json").write_text(RunConfig().to_json())
+    assert RunConfig.load_saved(tmp_path).pinnerformer.positions == "from_oldest"

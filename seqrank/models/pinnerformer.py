@@ -1,6 +1,6 @@
 """PinnerFormer (Pancha et al., KDD 2022): a long-term user embedding trained with the dense all-action loss.
 
-    last M actions: item emb + action emb + time features + learned position
+    last M actions: item emb + action emb + time features + learned position (counted from the oldest action)
         -> causal PreNorm transformer -> output at every position -> L2-normalised user embedding
     item tower: MLP over the item embedding -> L2-normalised
 Dense all-action loss: random positions each predict one positive sampled from the window after that position;
@@ -38,13 +38,16 @@ class PinnerFormer(nn.Module):
         self.item_emb = nn.Embedding(n_items, d, padding_idx=0)
         self.action_emb = nn.Embedding(n_actions, d, padding_idx=0)
         self.time_proj = nn.Linear(N_TIME_FEATURES, d)
-        self.pos_emb = nn.Embedding(cfg.max_len, d)  # learned; position 0 = the most recent action
+        # learned positions, counted from the oldest action in the window (see encode)
+        if cfg.positions not in ("from_oldest", "from_newest"):
+            raise ValueError(f"positions must be from_oldest or from_newest, got {cfg.positions!r}")
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.d_ff, cfg.dropout, norm_first=True)
                                     for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(d)
         self.user_head = nn.Linear(d, cfg.dim)
         self.item_tower = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.dim))
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(0.07)))  # learned temperature
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature_init)))  # learned temperature
 
     @property
     def temperature(self):
@@ -52,9 +55,15 @@ class PinnerFormer(nn.Module):
 
     def encode(self, item, action, tfeat, mask):
         """Newest-first sequences [B,L] (padding after) -> L2-normalised user embeddings at every position [B,L,D].
-        Position i's output summarises the actions at i and older: what the user looked like at that time."""
+        Position i's output summarises the actions at i and older: what the user looked like at that time, and
+        exactly what a request made right after action i gets at position 0 (prefix invariance). Training queries
+        every position, serving only position 0, so positions are counted from the oldest action: counted from the
+        newest (runs before session 10), position i's input said how many actions came after it, which the serving
+        output never sees, and position 0 got ~1/L of the training signal."""
         L = item.shape[1]
-        pos = torch.arange(L, device=item.device)
+        pos = torch.arange(L, device=item.device).unsqueeze(0)                       # [1,L], newest first
+        if self.cfg.positions == "from_oldest":
+            pos = (mask.sum(1, keepdim=True) - 1 - pos).clamp(0, self.cfg.max_len - 1)  # padding clamps to 0
         x = self.item_emb(item) + self.action_emb(action) + self.time_proj(tfeat) + self.pos_emb(pos)
         # causal attention: a position only sees itself and older actions, never the padding after them
         attend = mask | ~mask.any(1, keepdim=True)
