@@ -49,13 +49,13 @@ class TransActConfig:
     dropout: float = 0.1
     top_k_rows: int = 10        # K newest rows of the encoder output, + a max-pool row
     mean_pool_row: bool = False # beyond the paper: + a mean-pool row (rates such as the user's hide rate)
-    sequence_mean: bool = True  # beyond the paper: also feed the mean of the raw action rows (what avg_pool sees);
-                                # with the output gate below, chosen on the validation split (README)
+    sequence_mean: bool = False # beyond the paper: also feed the mean of the raw action rows (what avg_pool sees);
+                                # the default in sessions 5-9 with the gate below (README: why no longer)
     output_dim: int = 0         # beyond the paper: project the flattened TransAct output to this size (+ LayerNorm)
                                 # before DCN v2; 0 = the paper (the (K+1) x d features go in as they are)
-    output_gate_init: float | None = 0.0  # beyond the paper: TransAct's output times a learned scalar started here
+    output_gate_init: float | None = None  # beyond the paper: TransAct's output times a learned scalar started here
                                 # (0: the ranker starts as the avg-pool model and lets TransAct in as it helps;
-                                # None = off; evaluate reports the trained gate and what closing it changes)
+                                # None = off, the paper; evaluate reports a trained gate and what closing it changes)
     sequence_encoder: str = "transact"    # "transact" | "no_sequence" | "avg_pool" (baselines from the same code)
     time_window_max_h: float = 1.0        # training-only random time-window mask, T ~ U[0, 1h] (paper: 24h; README)
     cross_layers: int = 2       # DCN v2
@@ -72,8 +72,8 @@ class TransActConfig:
 
 
 # Fields added after runs were first saved whose default is not "off", with the value that reproduces a run trained
-# before them (sequence_mean was added off and turned on by default in session 5, with output_gate_init; PinnerFormer's
-# positions and item learning rate changed in session 10).
+# before them (sequence_mean was added off and turned on by default in session 5, with output_gate_init, and both went
+# back off in session 10; PinnerFormer's positions, item learning rate and initial temperature changed in session 10).
 FIELDS_ADDED_SINCE = {"transact": {"sequence_mean": False, "output_gate_init": None},
                       "pinnerformer": {"positions": "from_newest", "item_lr": 3e-3, "temperature_init": 0.07}}
 

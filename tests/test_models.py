@@ -841,8 +841,11 @@ def test_a_run_saved_before_the_gate_existed_loads_as_it_was_trained(tmp_path):
                                      output_gate_init=cfg.transact.output_gate_init),
                              paper.item_table.numpy(), N_ACTIONS, USER_DIM, N_CONTEXT, N_HEADS)
     rebuilt.load_state_dict(paper.state_dict())  # strict: same parameters, no gate
-    (tmp_path / "config.json").write_text(RunConfig().to_json())
-    assert RunConfig.load_saved(tmp_path).transact.output_gate_init == 0.0  # today's snapshot: as written
+    gated = json.loads(RunConfig().to_json())
+    gated["transact"].update(sequence_mean=True, output_gate_init=0.0)  # a session 5-9 snapshot: as written
+    (tmp_path / "config.json").write_text(json.dumps(gated))
+    cfg = RunConfig.load_saved(tmp_path)
+    assert cfg.transact.output_gate_init == 0.0 and cfg.transact.sequence_mean is True
 
 
 def test_a_run_saved_before_session_10_embeds_users_as_it_was_trained(tmp_path):

@@ -27,8 +27,10 @@ SMALL_CONFIG = {
     "threads": 2,
     "pinnerformer": {"epochs": 1, "max_len": 32, "d_model": 16, "n_heads": 1, "n_layers": 1, "d_ff": 32,
                      "dim": 16, "random_negatives": 64, "positions_per_user": 8},
+    # with the optional raw-mean feature and output gate (not the default), so their reporting is tested end to end
     "transact": {"epochs": 1, "seq_len": 20, "action_dim": 8, "item_dim": 8, "d_ff": 16, "n_layers": 1,
-                 "top_k_rows": 3, "mlp": [32, 16], "cross_rank": 8, "cross_layers": 1},
+                 "top_k_rows": 3, "mlp": [32, 16], "cross_rank": 8, "cross_layers": 1, "sequence_mean": True,
+                 "output_gate_init": 0.0},
 }
 REQUIRED_HEADS = ("like", "hate", "click")
 RUN_FILES = ("config.json", "run.json", "vocab/items.npy", "vocab/vocab.json", "pinnerformer.safetensors",
@@ -118,7 +120,7 @@ def test_evaluate_writes_metrics_of_the_required_shape(run):
     assert 0.0 < data["test_candidates_seen_in_training"] < 1.0  # this log: about half the test items are new
     assert data["train_impressions_of_seen_test_candidate_median"] >= 1.0
     assert set(metrics["lifts_of_transact"]) == {"no_sequence", "avg_pool"}
-    # the default ranker has TransAct's output gate: its value and the test AUC with the gate closed are reported
+    # a ranker with TransAct's output gate: its value and the test AUC with the gate closed are reported
     gate = metrics["transact_output_gate"]
     assert math.isfinite(gate["value"]) and set(gate["auc_with_gate_closed"]) == set(heads)
     for h in REQUIRED_HEADS:
