@@ -503,15 +503,22 @@ def small_pf_cfg(**kw) -> PinnerFormerConfig:
     return PinnerFormerConfig(**{**base, **kw})
 
 
+def pf_history(g: torch.Generator, lengths=(8, 6), L: int = 8):
+    """Random newest-first PinnerFormer inputs, padding after each row's last real action."""
+    B = len(lengths)
+    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    item = torch.randint(FIRST_ID, N_ITEMS, (B, L), generator=g) * mask
+    action = torch.randint(FIRST_ID, N_ACTIONS, (B, L), generator=g) * mask
+    tfeat = torch.randn(B, L, N_TIME_FEATURES, generator=g) * mask[..., None]
+    return item, action, tfeat, mask
+
+
 def test_pinnerformer_is_causal_newest_first():
     torch.manual_seed(0)
     model = PinnerFormer(small_pf_cfg(), N_ITEMS, N_ACTIONS).eval()
     g = torch.Generator().manual_seed(1)
     B, L = 2, 8
-    mask = torch.arange(L)[None, :] < torch.tensor([[8], [6]])
-    item = torch.randint(FIRST_ID, N_ITEMS, (B, L), generator=g) * mask
-    action = torch.randint(FIRST_ID, N_ACTIONS, (B, L), generator=g) * mask
-    tfeat = torch.randn(B, L, N_TIME_FEATURES, generator=g) * mask[..., None]
+    item, action, tfeat, mask = pf_history(g)
     with torch.no_grad():
         ref = model.encode(item, action, tfeat, mask)
         for i in range(1, 6):
@@ -542,12 +549,7 @@ def test_a_training_position_sees_what_a_request_right_after_it_would_see(positi
     newest (position i's input then says how many actions came after it)."""
     torch.manual_seed(0)
     model = PinnerFormer(small_pf_cfg(positions=positions), N_ITEMS, N_ACTIONS).eval()
-    g = torch.Generator().manual_seed(2)
-    B, L = 2, 8
-    mask = torch.arange(L)[None, :] < torch.tensor([[8], [6]])
-    item = torch.randint(FIRST_ID, N_ITEMS, (B, L), generator=g) * mask
-    action = torch.randint(FIRST_ID, N_ACTIONS, (B, L), generator=g) * mask
-    tfeat = torch.randn(B, L, N_TIME_FEATURES, generator=g) * mask[..., None]
+    item, action, tfeat, mask = pf_history(torch.Generator().manual_seed(2))
     worst = 0.0
     with torch.no_grad():
         full = model.encode(item, action, tfeat, mask)
