@@ -62,6 +62,8 @@ class TransActConfig:
     cross_rank: int = 64        # low-rank cross matrices
     mlp: list[int] = field(default_factory=lambda: [256, 128])
     negative_label_weight: float = 3.0    # weight on positive heads for an impression that carries a negative action
+    candidate_oov_rate: float = 0.0       # training only: this share of candidates is shown as the out-of-vocabulary
+                                          # item, as test-period items never seen in training are (0 = off)
     batch_size: int = 256
     epochs: int = 3
     lr: float = 2e-3

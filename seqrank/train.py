@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .config import PinnerFormerConfig, TransActConfig
 from .dataset import DAY_MS, Prepared, day_start, sequences_for
-from .features import FIRST_ID, N_CONTEXT
+from .features import FIRST_ID, N_CONTEXT, OOV
 from .models.pinnerformer import PinnerFormer, sampled_softmax_loss, time_features
 from .models.transact import TransActRanker, time_window_mask, weighted_multitask_bce
 
@@ -241,6 +241,8 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
             L = seq_mask.shape[1]
             age = torch.as_tensor((train.request_time[idx, None] - train.seq.seq_ts[idx, :L]) / 1000.0)
             window = time_window_mask(seq_mask, age, cfg.time_window_max_h, gen)  # training only
+            if cfg.candidate_oov_rate > 0:  # training only: candidates as unseen items are at serving time
+                cand = torch.where(torch.rand(cand.shape, generator=gen) < cfg.candidate_oov_rate, OOV, cand)
             logits = model.logits(seq_item, seq_action, seq_mask, user_emb, context, cand, attn_mask=window)[:, 0]
             loss = weighted_multitask_bce(logits, torch.as_tensor(train.labels[idx]), negative_heads,
                                           cfg.negative_label_weight)

@@ -657,6 +657,28 @@ def tiny_ranker_inputs(tiny, tmp_path_factory):
     return cfg, prep, table, train_ex, test_ex
 
 
+def test_candidate_oov_rate_hides_the_candidate_in_training_only(tiny_ranker_inputs, tmp_path):
+    """candidate_oov_rate = 1: training never sees a candidate's id (the same weights whatever the ids are); 0 (the
+    default): it does. Inference is untouched: the trained model still tells candidates apart."""
+    import copy
+
+    from seqrank.train import predict, seed_everything, train_ranker
+    cfg, prep, table, train_ex, test_ex = tiny_ranker_inputs
+    shuffled = copy.copy(train_ex)
+    shuffled.cand_item = np.random.default_rng(5).permutation(train_ex.cand_item)
+    states = {}
+    for rate in (1.0, 0.0):
+        r_cfg = replace(cfg.transact, candidate_oov_rate=rate)
+        for name, ex in (("ids", train_ex), ("shuffled", shuffled)):
+            seed_everything(cfg.seed, cfg.threads)
+            model = train_ranker(prep, r_cfg, table, cfg.pinnerformer.dim, ex, cfg.seed, tmp_path / f"{rate}{name}.pt")
+            states[rate, name] = _state(model)
+    _assert_same_state(states[1.0, "ids"], states[1.0, "shuffled"])
+    assert _differs(states[0.0, "ids"], states[0.0, "shuffled"])
+    probs = predict(model, test_ex)
+    assert len(np.unique(probs[:, 0].round(6))) > 1
+
+
 @pytest.mark.parametrize("encoder", ["transact", "avg_pool"])
 def test_ranker_training_is_deterministic(tiny_ranker_inputs, tmp_path, encoder):
     from seqrank.train import build_ranker, seed_everything, train_ranker
