@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from seqrank.data.planted import planted_log
+from seqrank.data.planted import clusters_of, planted_log
 
 
 def main() -> None:
@@ -56,16 +56,17 @@ def oracle_auc(events: Path, item_cluster: np.ndarray, last: int = 8) -> float:
 
     cfg = RunConfig()
     prep = prepare(load_log(str(events), cfg, ["hate"]), cfg)
-    cluster = item_cluster[np.char.lstrip(prep.vocab.items.astype(str), "i").astype(int)]
+    cluster = clusters_of(prep.vocab.items, item_cluster)
     like = prep.vocab.actions.index("like") + FIRST_ID
     test = prep.impressions[prep.impressions.is_test]
+    candidate_cluster = clusters_of(test.item_id, item_cluster)
     scores = []
-    for user, request_time, item in zip(test.user_id, test.request_time, test.item_id):
+    for user, request_time, candidate in zip(test.user_id, test.request_time, candidate_cluster):
         h = prep.histories[user]
         before = h.ts < request_time
         recent_item, recent_action = h.item[before][-last:], h.action[before][-last:]
         liked = recent_item[(recent_action == like) & (recent_item >= FIRST_ID)]  # out-of-vocabulary rows skipped
-        scores.append(np.mean(cluster[liked - FIRST_ID] == item_cluster[int(item[1:])]) if len(liked) else 0.0)
+        scores.append(np.mean(cluster[liked - FIRST_ID] == candidate) if len(liked) else 0.0)
     labels = prep.labels[prep.impressions.is_test.to_numpy(), prep.vocab.heads.index("like")]
     return M.auc(labels, np.array(scores))
 

@@ -17,23 +17,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 
 from seqrank import metrics as M
-from seqrank.pipeline import EmbeddingCache, _fit_ranker, _load_pinnerformer, load_run
-from seqrank.train import RankerExamples, predict
+from seqrank.pipeline import _fit_ranker, load_ranker_examples
+from seqrank.train import predict
 
 
 def main() -> None:
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
-    run = Path(sys.argv[1])
-    cfg, _, prep = load_run(run)
-    embeddings = EmbeddingCache(_load_pinnerformer(run, cfg.pinnerformer, prep), prep)
-    table = np.load(run / "item_table.npy")
-    is_test = prep.impressions.is_test.to_numpy()
-    train = RankerExamples(prep, np.flatnonzero(~is_test), embeddings, cfg.transact.seq_len)
-    test = RankerExamples(prep, np.flatnonzero(is_test), embeddings, cfg.transact.seq_len)
+    cfg, _, prep, table, train, test = load_ranker_examples(Path(sys.argv[1]))
     with tempfile.TemporaryDirectory() as scratch:
         for i, spec in enumerate(sys.argv[2:]):
             fields = json.loads(spec)

@@ -115,18 +115,24 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
     return run
 
 
+def load_ranker_examples(run: Path):
+    """A trained run's config, data, item table and ranker examples of both periods (its PinnerFormer's daily batch
+    as the user embedding): what evaluate and scripts/ranker_variants.py train and score rankers on."""
+    cfg, info, prep = load_run(run)
+    embeddings = EmbeddingCache(_load_pinnerformer(run, cfg.pinnerformer, prep), prep)
+    is_test = prep.impressions.is_test.to_numpy()
+    train_ex = RankerExamples(prep, np.flatnonzero(~is_test), embeddings, cfg.transact.seq_len)
+    test_ex = RankerExamples(prep, np.flatnonzero(is_test), embeddings, cfg.transact.seq_len)
+    return cfg, info, prep, np.load(run / "item_table.npy"), train_ex, test_ex
+
+
 def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
     """Time-split evaluation of the run (its seed). `seeds`: also train every ranker (TransAct and both baselines,
     the same PinnerFormer) with these seeds and report each head's AUC per seed with mean and standard deviation:
     on small logs a single seed can move an AUC by more than the differences between the models."""
     run = Path(run)
-    cfg, info, prep = load_run(run)
-    pf = _load_pinnerformer(run, cfg.pinnerformer, prep)
-    table = np.load(run / "item_table.npy")
-    embeddings = EmbeddingCache(pf, prep)
+    cfg, info, prep, table, train_ex, test_ex = load_ranker_examples(run)
     is_test = prep.impressions.is_test.to_numpy()
-    train_ex = RankerExamples(prep, np.flatnonzero(~is_test), embeddings, cfg.transact.seq_len)
-    test_ex = RankerExamples(prep, np.flatnonzero(is_test), embeddings, cfg.transact.seq_len)
     heads, negative = prep.vocab.heads, prep.vocab.negative_actions
 
     ranker_metrics, gate = {}, None

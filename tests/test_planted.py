@@ -12,7 +12,7 @@ import pytest
 from seqrank import metrics as M
 from seqrank.config import RunConfig
 from seqrank.data.loaders import EventLog
-from seqrank.data.planted import planted_log
+from seqrank.data.planted import clusters_of, planted_log
 from seqrank.dataset import prepare
 from seqrank.features import FIRST_ID
 
@@ -33,7 +33,7 @@ def planted():
 def test_planted_log_labels_follow_the_users_interest():
     log = planted_log(users=20, items=60, clusters=4, days=5, keep=1.0, noise=0.0, seed=3)
     ev = log.events
-    cluster = log.item_cluster[ev.item_id.str[1:].astype(int)]
+    cluster = clusters_of(ev.item_id, log.item_cluster)
     liked = ev.action == "like"
     # keep=1, no noise: each user likes exactly one cluster and hides only items of the others
     per_user = ev.assign(cluster=cluster)[liked].groupby("user_id").cluster.nunique()
@@ -53,7 +53,7 @@ def _in_cluster_auc(cfg, prep, item_cluster, tmp_path) -> float:
     users = [u for u in prep.users if u in prep.pf_test_users]  # users PinnerFormer never trained on
     emb = embed_users(model, prep, users, np.full(len(users), prep.split_time))
     table = item_table(model)[FIRST_ID:]
-    cluster = item_cluster[np.char.lstrip(prep.vocab.items.astype(str), "i").astype(int)]
+    cluster = clusters_of(prep.vocab.items, item_cluster)
     like = prep.vocab.actions.index("like") + FIRST_ID
     favourite = np.array([np.bincount(cluster[prep.histories[u].item[prep.histories[u].action == like] - FIRST_ID])
                           .argmax() for u in users])

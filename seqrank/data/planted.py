@@ -51,3 +51,8 @@ def planted_log(users: int = 400, items: int = 1600, clusters: int = 16, days: i
             frames.append(pd.DataFrame({"user_id": f"u{u}", "item_id": [f"i{i}" for i in item], "action": action,
                                         "timestamp": start + 60_000 * np.arange(n)}))  # one impression a minute
     return PlantedLog(pd.concat(frames, ignore_index=True), item_cluster)
+
+
+def clusters_of(item_ids, item_cluster: np.ndarray) -> np.ndarray:
+    """The planted cluster of each item id ("i<k>", str or bytes)."""
+    return item_cluster[np.char.lstrip(np.asarray(item_ids).astype(str), "i").astype(int)]
