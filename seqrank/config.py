@@ -62,8 +62,9 @@ class TransActConfig:
     cross_rank: int = 64        # low-rank cross matrices
     mlp: list[int] = field(default_factory=lambda: [256, 128])
     negative_label_weight: float = 3.0    # weight on positive heads for an impression that carries a negative action
-    candidate_oov_rate: float = 0.0       # training only: this share of candidates is shown as the out-of-vocabulary
-                                          # item, as test-period items never seen in training are (0 = off)
+    candidate_oov_rate: float | None = None  # training only: this share of candidates is shown as the out-of-vocabulary
+                                          # item, as items never seen in training are at serving time; None = the
+                                          # log's own share of them (dataset.unseen_item_share); 0 = off (session 10)
     batch_size: int = 256
     epochs: int = 3
     lr: float = 2e-3
@@ -75,8 +76,9 @@ class TransActConfig:
 
 # Fields added after runs were first saved whose default is not "off", with the value that reproduces a run trained
 # before them (sequence_mean was added off and turned on by default in session 5, with output_gate_init, and both went
-# back off in session 10; PinnerFormer's positions, item learning rate and initial temperature changed in session 10).
-FIELDS_ADDED_SINCE = {"transact": {"sequence_mean": False, "output_gate_init": None},
+# back off in session 10; PinnerFormer's positions, item learning rate and initial temperature changed in session 10;
+# candidate_oov_rate was added off in session 10 and follows the log since session 11).
+FIELDS_ADDED_SINCE = {"transact": {"sequence_mean": False, "output_gate_init": None, "candidate_oov_rate": 0.0},
                       "pinnerformer": {"positions": "from_newest", "item_lr": 3e-3, "temperature_init": 0.07}}
 
 

@@ -22,8 +22,8 @@ from .config import RunConfig
 from .dataset import Prepared, load_log, prepare
 from .features import FIRST_ID, N_CONTEXT
 from .models.pinnerformer import PinnerFormer
-from .train import (RankerExamples, build_ranker, embed_users, item_table, predict, seed_everything,
-                    train_pinnerformer, train_ranker)
+from .train import (RankerExamples, build_ranker, candidate_oov_rate, embed_users, item_table, predict,
+                    seed_everything, train_pinnerformer, train_ranker)
 
 
 class EmbeddingCache:
@@ -95,7 +95,8 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
             "heads": prep.vocab.heads, "negative_heads": prep.vocab.negative_actions,
             "user_dim": cfg.pinnerformer.dim, "n_context": N_CONTEXT, "seq_len": cfg.transact.seq_len,
             "duplicates_dropped": prep.log.duplicates_dropped, "n_events": len(prep.log.events),
-            "future_window_days": round(prep.future_window_ms / 86_400_000, 3)}
+            "future_window_days": round(prep.future_window_ms / 86_400_000, 3),
+            "candidate_oov_rate": round(candidate_oov_rate(cfg.transact, prep), 4)}
     (run / "run.json").write_text(json.dumps(info, indent=2))
 
     pf = _fit_pinnerformer(run, cfg, prep, cfg.pinnerformer.objective, run / "pinnerformer.safetensors")

@@ -219,6 +219,11 @@ def build_ranker(cfg: TransActConfig, prep: Prepared, table: np.ndarray, user_di
     return TransActRanker(cfg, table, prep.vocab.n_actions, user_dim, N_CONTEXT, len(prep.vocab.heads))
 
 
+def candidate_oov_rate(cfg: TransActConfig, prep: Prepared) -> float:
+    """The share of training candidates shown as the out-of-vocabulary item: the config's, or the log's own."""
+    return prep.unseen_item_share if cfg.candidate_oov_rate is None else cfg.candidate_oov_rate
+
+
 def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_dim: int, train: RankerExamples,
                  seed: int, ckpt: Path) -> TransActRanker:
     torch.manual_seed(seed)
@@ -228,6 +233,7 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
     negative_heads = torch.as_tensor([h in prep.vocab.negative_actions for h in prep.vocab.heads])
 
     lengths = train.seq.seq_mask.sum(1)
+    oov_rate = candidate_oov_rate(cfg, prep)
     per_epoch = -(-len(lengths) // cfg.batch_size)  # batches per epoch (length_bucketed_batches makes ~this many)
 
     def run_epoch(epoch):
@@ -241,8 +247,8 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
             L = seq_mask.shape[1]
             age = torch.as_tensor((train.request_time[idx, None] - train.seq.seq_ts[idx, :L]) / 1000.0)
             window = time_window_mask(seq_mask, age, cfg.time_window_max_h, gen)  # training only
-            if cfg.candidate_oov_rate > 0:  # training only: candidates as unseen items are at serving time
-                cand = torch.where(torch.rand(cand.shape, generator=gen) < cfg.candidate_oov_rate, OOV, cand)
+            if oov_rate > 0:  # training only: candidates as unseen items are at serving time
+                cand = torch.where(torch.rand(cand.shape, generator=gen) < oov_rate, OOV, cand)
             logits = model.logits(seq_item, seq_action, seq_mask, user_emb, context, cand, attn_mask=window)[:, 0]
             loss = weighted_multitask_bce(logits, torch.as_tensor(train.labels[idx]), negative_heads,
                                           cfg.negative_label_weight)

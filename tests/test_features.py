@@ -273,6 +273,34 @@ def test_every_prepared_example_sees_only_the_past(seed):
     assert np.isfinite(seq.context).all()
 
 
+def test_unseen_item_share_is_estimated_inside_the_training_period_by_hand():
+    """The ranker's default candidate_oov_rate: of the training period's last test_fraction (20%), the share of
+    impressions (not action rows) whose item nothing before it showed; the test period is never read."""
+    from seqrank.dataset import unseen_item_share
+    from seqrank.train import candidate_oov_rate
+    H = HOUR_MS
+    rows = [("u1", "a", "click", 0), ("u1", "b", "like", 10 * H), ("u2", "c", "click", 20 * H),  # before 80 h
+            ("u1", "a", "like", 85 * H), ("u1", "a", EXPOSURE, 85 * H),   # one impression of a seen item
+            ("u2", "x", "click", 90 * H), ("u2", "x", "hate", 90 * H),    # one impression of an unseen item
+            ("u1", "y", "click", 95 * H),                                  # unseen
+            ("u2", "b", "click", 100 * H),                                 # seen; the training period ends here
+            ("u1", "z", "click", 130 * H)]                                 # the test period: all new, never counted
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"])
+    cfg = RunConfig()
+    train_ev = ev[ev.timestamp < 104 * H]  # prepare's split of 0..130 h at 80 % is 104 h
+    assert unseen_item_share(train_ev, cfg) == pytest.approx(2 / 4)  # inner split at 80 h: a, x, y, b -> x, y new
+    seen_only = train_ev[train_ev.item_id.isin(["a", "b"])]  # a, b before 80 h; a, b after: nothing new
+    assert unseen_item_share(seen_only, cfg) == 0.0
+    log = EventLog(events=ev, source="hand", fmt="canonical", duplicates_dropped=0,
+                   negative_actions=("hate",), exposure_action=EXPOSURE)
+    prep = prepare(log, cfg)
+    assert prep.split_time == 104 * H and prep.unseen_item_share == pytest.approx(0.5)
+    assert cfg.transact.candidate_oov_rate is None  # the default follows the log ...
+    assert candidate_oov_rate(cfg.transact, prep) == pytest.approx(0.5)
+    from dataclasses import replace
+    assert candidate_oov_rate(replace(cfg.transact, candidate_oov_rate=0.0), prep) == 0.0  # ... unless set
+
+
 # ------------------------------------------------------------------------------------------------------ Vocabulary
 
 def test_item_index_known_unknown_and_too_long():

@@ -659,7 +659,7 @@ def tiny_ranker_inputs(tiny, tmp_path_factory):
 
 def test_candidate_oov_rate_hides_the_candidate_in_training_only(tiny_ranker_inputs, tmp_path):
     """candidate_oov_rate = 1: training never sees a candidate's id (the same weights whatever the ids are); 0 (the
-    default): it does. Inference is untouched: the trained model still tells candidates apart."""
+    session-10 default): it does. Inference is untouched: the trained model still tells candidates apart."""
     import copy
 
     from seqrank.train import predict, seed_everything, train_ranker
@@ -886,3 +886,18 @@ def test_a_run_saved_before_session_10_embeds_users_as_it_was_trained(tmp_path):
         ("from_newest", 3e-3, 0.07)
     (tmp_path / "config.json").write_text(RunConfig().to_json())
     assert RunConfig.load_saved(tmp_path).pinnerformer.positions == "from_oldest"
+
+
+def test_a_run_saved_before_session_11_trains_candidates_as_it_did(tmp_path):
+    """candidate_oov_rate follows the log by default since session 11 (None); a snapshot from before the field
+    existed retrains with it off, and a session-10 snapshot keeps the rate it wrote."""
+    import json
+
+    old = json.loads(RunConfig().to_json())
+    assert old["transact"]["candidate_oov_rate"] is None
+    del old["transact"]["candidate_oov_rate"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert RunConfig.load_saved(tmp_path).transact.candidate_oov_rate == 0.0
+    old["transact"]["candidate_oov_rate"] = 0.3
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert RunConfig.load_saved(tmp_path).transact.candidate_oov_rate == 0.3

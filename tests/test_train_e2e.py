@@ -80,6 +80,8 @@ def test_train_writes_the_run_directory(run):
         assert h in info["heads"]
     assert info["negative_heads"] == ["hate"]
     assert info["seq_len"] == 20 and info["user_dim"] == 16 and info["train_seconds"] > 0
+    # the rate of candidates trained as unseen items follows the log (about half of this log's later items are new)
+    assert cfg["transact"]["candidate_oov_rate"] is None and 0.3 < info["candidate_oov_rate"] < 0.7
     vocab = json.loads((out / "vocab" / "vocab.json").read_text())
     assert vocab["heads"] == info["heads"]
     items = np.load(out / "vocab" / "items.npy")

@@ -5,8 +5,8 @@ r"""TransAct ranker (Xia et al., KDD 2023) inside the multi-task DCN v2 ranker o
                  \___ early fusion: candidate concatenated to every row (d = 96) ___/
                        TransformerEncoder (2 layers, 1 head, ff 32, no positions)
                        first K rows + max-pool row -> flatten (11 x 96)
-    [g * TransAct | sequence mean | PinnerFormer user emb | candidate emb | context] -> DCN v2 -> MLP -> one sigmoid
-    per action; g (a learned scalar started at 0) and the raw sequence mean are our additions (config.py, README)
+    [TransAct | PinnerFormer user emb | candidate emb | context] -> DCN v2 -> MLP -> one sigmoid per action
+    (options beyond the paper, off by default: a learned gate on TransAct's output, the raw sequence mean; config.py)
 
 Request-level de-duplication: user-side inputs are [B, ...] (one row per request) and are broadcast over the
 request's N candidates inside the model, so they cross the wire and the host-to-device copy once per request.
