@@ -47,10 +47,10 @@ class TransActConfig:
     n_heads: int = 1
     d_ff: int = 32
     dropout: float = 0.1
-    top_k_rows: int = 10        # K newest rows of the encoder output, + a max-pool row
+    top_k_rows: int = 3         # K newest rows of the encoder output, + a max-pool row (10 before session 11; README)
     mean_pool_row: bool = False # beyond the paper: + a mean-pool row (rates such as the user's hide rate)
-    sequence_mean: bool = False # beyond the paper: also feed the mean of the raw action rows (what avg_pool sees);
-                                # the default in sessions 5-9 with the gate below (README: why no longer)
+    sequence_mean: bool = True  # beyond the paper: also feed the mean of the raw action rows (what avg_pool sees):
+                                # on in sessions 5-9 (with the gate below), off in 10, on since 11 (README: why)
     output_dim: int = 0         # beyond the paper: project the flattened TransAct output to this size (+ LayerNorm)
                                 # before DCN v2; 0 = the paper (the (K+1) x d features go in as they are)
     output_gate_init: float | None = None  # beyond the paper: TransAct's output times a learned scalar started here

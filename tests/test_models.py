@@ -17,7 +17,7 @@ from seqrank.config import PinnerFormerConfig, RunConfig, TransActConfig
 from seqrank.data.loaders import EventLog
 from seqrank.dataset import prepare
 from seqrank.features import FIRST_ID, N_CONTEXT
-from seqrank.models.layers import Block
+from seqrank.models.layers import Block, Dropout
 from seqrank.models.pinnerformer import N_TIME_FEATURES, PinnerFormer, sampled_softmax_loss
 from seqrank.models.transact import (INPUT_NAMES, TransActRanker, time_window_mask,
                                      weighted_multitask_bce)
@@ -901,3 +901,25 @@ def test_a_run_saved_before_session_11_trains_candidates_as_it_did(tmp_path):
     old["transact"]["candidate_oov_rate"] = 0.3
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert RunConfig.load_saved(tmp_path).transact.candidate_oov_rate == 0.3
+
+
+def test_dropout_drops_at_rate_p_scales_the_rest_and_follows_torch_seed():
+    """seqrank's Dropout (numpy-drawn mask on CPU): the share dropped is p, kept values and their gradients are
+    scaled by 1/(1-p), eval and p = 0 are the identity, and torch.manual_seed decides the mask."""
+    x = torch.rand(400, 500) + 1.0  # no zeros of its own
+    drop = Dropout(0.1).train()
+    torch.manual_seed(3)
+    a = drop(x)
+    dropped = a == 0
+    assert abs(dropped.float().mean().item() - 0.1) < 0.003  # 200k draws: sd 0.0007
+    assert torch.allclose(a[~dropped], x[~dropped] / 0.9)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), a)            # same torch seed, same mask
+    assert not torch.equal(drop(x), a)        # the generator moved on: a new mask
+    leaf = x.clone().requires_grad_(True)
+    torch.manual_seed(3)
+    drop(leaf).sum().backward()
+    assert torch.allclose(leaf.grad, (~dropped).float() / 0.9)
+    assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
+    with pytest.raises(ValueError, match="dropout"):
+        Dropout(1.0)

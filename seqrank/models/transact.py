@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TransActConfig
-from .layers import MASK_FILL, Block
+from .layers import MASK_FILL, Block, Dropout
 
 INPUT_NAMES = ["seq_item", "seq_action", "seq_mask", "user_emb", "context", "cand_item"]
 OUTPUT_NAMES = ["probs"]
@@ -157,7 +157,7 @@ class TransActRanker(nn.Module):
         self.cross = CrossNetworkV2(dim, cfg.cross_layers, cfg.cross_rank)
         mlp, prev = [], dim
         for width in cfg.mlp:
-            mlp += [nn.Linear(prev, width), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            mlp += [nn.Linear(prev, width), nn.ReLU(), Dropout(cfg.dropout)]
             prev = width
         self.mlp = nn.Sequential(*mlp)
         self.heads = nn.Linear(prev, n_heads)  # one sigmoid head per action
