@@ -1,5 +1,5 @@
 """Train ranker variants on an existing run (its PinnerFormer, item table and split) and print each one's test AUC
-per head: how the session-10 ranker default was chosen on the validation split (docs/results/README.md).
+per head: how the ranker defaults of sessions 10 and 11 were chosen on the validation split (docs/results/README.md).
 
     python scripts/validation_split.py --events data/kuairand/events.tsv.gz --out /tmp/val/events.csv
     seqrank train --events /tmp/val/events.csv --out /tmp/val/run --negative-actions hate --config CONFIG

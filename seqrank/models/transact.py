@@ -4,9 +4,10 @@ r"""TransAct ranker (Xia et al., KDD 2023) inside the multi-task DCN v2 ranker o
     [action emb | item emb] per action     item emb
                  \___ early fusion: candidate concatenated to every row (d = 96) ___/
                        TransformerEncoder (2 layers, 1 head, ff 32, no positions)
-                       first K rows + max-pool row -> flatten (11 x 96)
-    [TransAct | PinnerFormer user emb | candidate emb | context] -> DCN v2 -> MLP -> one sigmoid per action
-    (options beyond the paper, off by default: a learned gate on TransAct's output, the raw sequence mean; config.py)
+                       first K rows + max-pool row -> flatten ((K + 1) x 96)
+    [TransAct | raw sequence mean | PinnerFormer user emb | candidate emb | context] -> DCN v2 -> MLP -> one sigmoid
+    per action. Beyond the paper, chosen on the validation split (config.py, README): the raw sequence mean (what the
+    avg_pool baseline sees) and K = 3; optional: a learned gate on TransAct's output, a mean-pool row, a bottleneck.
 
 Request-level de-duplication: user-side inputs are [B, ...] (one row per request) and are broadcast over the
 request's N candidates inside the model, so they cross the wire and the host-to-device copy once per request.
