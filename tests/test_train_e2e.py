@@ -27,7 +27,7 @@ SMALL_CONFIG = {
     "threads": 2,
     "pinnerformer": {"epochs": 1, "max_len": 32, "d_model": 16, "n_heads": 1, "n_layers": 1, "d_ff": 32,
                      "dim": 16, "random_negatives": 64, "positions_per_user": 8},
-    # with the optional output gate (not the default) beside the raw sequence mean, so its reporting is tested end to end
+    # with the optional output gate (not the default) beside the raw sequence mean: its reporting is tested end to end
     "transact": {"epochs": 1, "seq_len": 20, "action_dim": 8, "item_dim": 8, "d_ff": 16, "n_layers": 1,
                  "top_k_rows": 3, "mlp": [32, 16], "cross_rank": 8, "cross_layers": 1, "sequence_mean": True,
                  "output_gate_init": 0.0},
