@@ -24,11 +24,10 @@ def main() -> None:
     cfg, _, prep = load_run(args.run)
     embeddings = EmbeddingCache(_load_pinnerformer(args.run, cfg.pinnerformer, prep), prep)
     table = np.load(args.run / "item_table.npy")
-    is_test = prep.impressions.is_test.to_numpy()
-    train_rows = np.flatnonzero(~is_test)
+    train_rows = prep.ranker_train_rows()
     sample = np.sort(np.random.default_rng(0).choice(train_rows, min(args.sample, len(train_rows)), replace=False))
     sets = {"train": RankerExamples(prep, sample, embeddings, cfg.transact.seq_len),
-            "test": RankerExamples(prep, np.flatnonzero(is_test), embeddings, cfg.transact.seq_len)}
+            "test": RankerExamples(prep, prep.test_rows(), embeddings, cfg.transact.seq_len)}
     out = {}
     for encoder in ("transact", "no_sequence", "avg_pool"):
         path = args.run / ("ranker.safetensors" if encoder == cfg.transact.sequence_encoder

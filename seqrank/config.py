@@ -13,6 +13,10 @@ class DataConfig:
     session_gap_s: float = 1800.0     # a gap > 30 min starts a new session; one session = one ranking request
     pinnerformer_test_users: float = 0.2  # fraction of users held out from PinnerFormer training (disjoint eval users)
     sampled_negatives_per_positive: float = 1.0  # only for data without negatives or exposures (OTTO, clicks-only)
+    embedding_period: float = 1.0     # the share of the training period that PinnerFormer and the vocabulary learn
+                                      # from; the ranker trains on the impressions after it, so no training example
+                                      # sees an item embedding learned from its own outcome (dataset.prepare).
+                                      # 1.0 = one period for both: embeddings in-sample for the ranker
 
 
 @dataclass

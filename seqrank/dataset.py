@@ -29,6 +29,16 @@ class Prepared:
     pf_test_users: set[str]          # users held out from PinnerFormer training
     future_window_ms: int            # PinnerFormer's dense all-action window, resolved for this log
     unseen_item_share: float         # share of impressions whose item training never saw (unseen_item_share below)
+    embedding_end: int               # ms: PinnerFormer and the vocabulary learn from events before it (<= split_time)
+    ranker_start: int                # ms: the ranker trains on the training impressions at or after it
+
+    def ranker_train_rows(self) -> np.ndarray:
+        """The impressions the ranker trains on: the training period from ranker_start."""
+        imp = self.impressions
+        return np.flatnonzero(~imp.is_test.to_numpy() & (imp.timestamp.to_numpy() >= self.ranker_start))
+
+    def test_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.impressions.is_test.to_numpy())
 
 
 PAPER_WINDOW_DAYS = 28.0  # PinnerFormer's dense all-action window
@@ -69,16 +79,35 @@ def split_time_ms(events: pd.DataFrame, cfg: RunConfig) -> int:
     return int(t0 + (1.0 - cfg.data.test_fraction) * (t1 - t0))
 
 
+def embedding_period_ms(t0: int, split_time: int, cfg: RunConfig) -> tuple[int, int]:
+    """(embedding_end, ranker_start). With embedding_period p < 1, PinnerFormer (item table, user tower) and the
+    vocabulary learn from the first p of the training period and the ranker from the rest: a ranker example's item
+    embedding was then learned without the example's outcome, as at serving time, when every embedding predates the
+    request (a pretrained table learned on the ranker's own period encodes its labels: README, session 12).
+    p = 1: both learn from the whole training period."""
+    p = cfg.data.embedding_period
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"data.embedding_period must be in (0, 1], got {p}")
+    if p >= 1.0:
+        return split_time, t0
+    end = int(t0 + p * (split_time - t0))
+    return end, end
+
+
 def prepare(log: EventLog, cfg: RunConfig) -> Prepared:
     ev = log.events
     t0, t1 = int(ev.timestamp.min()), int(ev.timestamp.max())
     split_time = split_time_ms(ev, cfg)
+    embedding_end, ranker_start = embedding_period_ms(t0, split_time, cfg)
     train_ev = ev[ev.timestamp < split_time]
     if train_ev.user_id.nunique() < 2 or (ev.timestamp >= split_time).sum() == 0:
         raise DataError("too few events on one side of the time split", file=log.source)
-    # Items known to the models are those seen in training: test-only items are out of vocabulary, as in production.
-    vocab = Vocabulary.build(train_ev.item_id.to_numpy(), ev.action.unique(), log.negative_actions,
-                             log.exposure_action)
+    if (ev.timestamp < embedding_end).sum() == 0 or (train_ev.timestamp >= ranker_start).sum() == 0:
+        raise DataError(f"data.embedding_period {cfg.data.embedding_period} leaves no events for PinnerFormer or "
+                        "for the ranker", file=log.source)
+    # Items known to the models are those PinnerFormer learned: later items are out of vocabulary, as in production.
+    vocab = Vocabulary.build(ev.item_id[ev.timestamp < embedding_end].to_numpy(), ev.action.unique(),
+                             log.negative_actions, log.exposure_action)
     histories = {u: index_history(vocab, g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
                  for u, g in ev.groupby("user_id", sort=True)}
     impressions, labels = build_impressions(ev, vocab.heads, cfg.data.session_gap_s)
@@ -88,7 +117,7 @@ def prepare(log: EventLog, cfg: RunConfig) -> Prepared:
     n_test = max(1, int(round(cfg.data.pinnerformer_test_users * len(users))))
     pf_test_users = set(rng.choice(users, size=n_test, replace=False).tolist())
     return Prepared(log, vocab, split_time, users, histories, impressions, labels, pf_test_users,
-                    future_window_ms(cfg, t1 - t0), unseen_item_share(train_ev, cfg))
+                    future_window_ms(cfg, t1 - t0), unseen_item_share(train_ev, cfg), embedding_end, ranker_start)
 
 
 def build_impressions(ev: pd.DataFrame, heads: list[str], session_gap_s: float):

@@ -21,19 +21,48 @@ def utility(probs: np.ndarray, heads: list[str], negative: list[str], weights: d
     return probs @ w
 
 
-def hit_at_k(sessions: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: int = 3, min_size: int = 4,
-             seed: int = 0) -> np.ndarray:
-    """Per head: mean over sessions (with > k impressions) of the positives ranked in the top k.
-    Sessions are shuffled before ranking so the logged order can never break ties."""
+def hits_per_group(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: int = 3, min_size: int = 4,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per group with >= min_size impressions: the positives of each head ranked in its top k. Returns (the row of
+    each group's first impression [G], hits [G,H]). Groups are shuffled before ranking so the logged order can never
+    break ties."""
     rng = np.random.default_rng(seed)
-    hits = []
-    for idx in pd.Series(np.arange(len(sessions))).groupby(sessions).indices.values():
+    first, hits = [], []
+    for idx in pd.Series(np.arange(len(groups))).groupby(groups).indices.values():
         if len(idx) < min_size:
             continue
+        first.append(idx[0])
         idx = rng.permutation(idx)
         top = idx[np.argsort(-scores[idx], kind="stable")[:k]]
         hits.append(labels[top].sum(0))
-    return np.mean(hits, axis=0) if hits else np.full(labels.shape[1], np.nan)
+    return np.asarray(first, dtype=np.int64), np.asarray(hits, dtype=np.float64).reshape(-1, labels.shape[1])
+
+
+def hit_at_k(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: int = 3, min_size: int = 4,
+             seed: int = 0) -> np.ndarray:
+    """Per head: mean over groups (sessions or user-days with >= min_size impressions) of the positives ranked in
+    the top k (hits_per_group)."""
+    _, hits = hits_per_group(groups, labels, scores, k, min_size, seed)
+    return hits.mean(axis=0) if len(hits) else np.full(labels.shape[1], np.nan)
+
+
+def hit_at_k_bounds(groups: np.ndarray, labels: np.ndarray, k: int = 3, min_size: int = 4) -> dict[str, np.ndarray]:
+    """What HIT@k can be on these groups whatever the model, per head (binary labels), over the groups hit_at_k
+    counts: "random" (the expectation under a random order: k/n of a group's positives), "most" (an oracle that puts
+    the head's positives first: min(k, positives)) and "fewest" (one that puts them last: max(0, k - negatives)).
+    A lift target beyond most/baseline - 1 cannot be met on this log."""
+    labels = np.asarray(labels) > 0
+    sums, sizes = [], []
+    for idx in pd.Series(np.arange(len(groups))).groupby(groups).indices.values():
+        if len(idx) >= min_size:
+            sums.append(labels[idx].sum(0))
+            sizes.append(len(idx))
+    if not sums:
+        nan = np.full(labels.shape[1], np.nan)
+        return {"random": nan, "most": nan, "fewest": nan}
+    pos, n = np.asarray(sums, dtype=np.float64), np.asarray(sizes, dtype=np.float64)[:, None]
+    return {"random": (np.minimum(k, n) / n * pos).mean(0), "most": np.minimum(k, pos).mean(0),
+            "fewest": np.maximum(0.0, np.minimum(k, n) - (n - pos)).mean(0)}
 
 
 def recall_at_k(user_emb: np.ndarray, item_table: np.ndarray, future: list[set[int]], k: int = 10,
@@ -47,3 +76,75 @@ def recall_at_k(user_emb: np.ndarray, item_table: np.ndarray, future: list[set[i
 
 def lift(value: float, baseline: float) -> float:
     return float((value - baseline) / baseline) if baseline else float("nan")
+
+
+# --- Uncertainty of a comparison: a paired bootstrap over test users ----------------------------------------------
+# Rare heads have a few dozen test positives, so which users the test period happens to hold moves their AUC by more
+# than the models differ. Resampling whole users (all their impressions together, the same draw for every model and
+# seed) keeps the pairing and the within-user correlation that a per-impression bootstrap would ignore.
+
+def user_bootstrap_weights(users: np.ndarray, n_boot: int, seed: int = 0, chunk: int = 100):
+    """Yields [b, n] float32 weights, b <= chunk, n_boot rows in all: each row resamples the distinct users with
+    replacement and weighs every example by how often its user was drawn. Chunked so memory stays
+    chunk x n floats whatever n_boot is; the draws depend on `seed` only."""
+    _, inverse = np.unique(users, return_inverse=True)
+    n_users = int(inverse.max()) + 1 if len(inverse) else 0
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        counts = rng.multinomial(n_users, np.full(n_users, 1.0 / n_users), size=b).astype(np.float32)  # [b, U]
+        yield counts[:, inverse]
+
+
+def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of one score vector under each row of example weights [b, n] -> [b] (ties count one half, as in
+    auc(); integer weights give the AUC of the data with each example repeated that many times). NaN where a row
+    weighs no positive or no negative."""
+    order = np.argsort(scores, kind="stable")
+    s, y, w = np.asarray(scores)[order], np.asarray(labels)[order] > 0, weights[:, order].astype(np.float64)
+    first_of_tie = np.r_[True, s[1:] != s[:-1]]
+    tie_id = np.cumsum(first_of_tie) - 1
+    starts = np.flatnonzero(first_of_tie)
+    ends = np.r_[starts[1:], len(s)] - 1
+    neg, pos = w * ~y, w * y
+    cum = np.cumsum(neg, axis=1)
+    below = cum[:, starts] - neg[:, starts]               # negative weight strictly below each tie group
+    tied = cum[:, ends] - below                           # negative weight inside it
+    num = (pos * (below + 0.5 * tied)[:, tie_id]).sum(1)
+    den = pos.sum(1) * neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _interval(samples: np.ndarray, point: float, level: float) -> dict:
+    samples = samples[np.isfinite(samples)]
+    if not len(samples) or not np.isfinite(point):
+        return {"value": None if not np.isfinite(point) else float(point), "ci": None, "share_at_or_below_0": None}
+    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
+    return {"value": float(point), "ci": [float(lo), float(hi)],
+            "share_at_or_below_0": float((samples <= 0).mean())}
+
+
+def auc_difference_ci(labels: np.ndarray, scores_a: list[np.ndarray], scores_b: list[np.ndarray],
+                      users: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean over seeds of AUC(a_s) - AUC(b_s) (one score vector per seed and model, paired by position), with the
+    percentile interval of the user bootstrap: how far the difference could move with other test users drawn
+    from the same population. Seed noise enters only through the averaging over the seeds given."""
+    if len(scores_a) != len(scores_b) or not scores_a:
+        raise ValueError("scores_a and scores_b need one score vector per seed each, as many of both")
+    point = float(np.mean([auc(labels, a) - auc(labels, b) for a, b in zip(scores_a, scores_b)]))
+    samples = [np.mean([weighted_auc(labels, a, w) - weighted_auc(labels, b, w) for a, b in zip(scores_a, scores_b)],
+                       axis=0) for w in user_bootstrap_weights(users, n_boot, seed)]
+    return _interval(np.concatenate(samples), point, level)
+
+
+def ratio_lift_ci(values_a: np.ndarray, values_b: np.ndarray, users: np.ndarray, n_boot: int = 1000,
+                  level: float = 0.95, seed: int = 0) -> dict:
+    """mean(a) / mean(b) - 1 over paired units (e.g. HIT@3 per user-day group) with its user-bootstrap interval."""
+    point = lift(float(np.mean(values_a)), float(np.mean(values_b)))
+    samples = []
+    for w in user_bootstrap_weights(users, n_boot, seed):
+        a, b = w @ values_a, w @ values_b
+        with np.errstate(invalid="ignore", divide="ignore"):
+            samples.append(np.where(b > 0, a / np.where(b > 0, b, 1.0) - 1.0, np.nan))
+    return _interval(np.concatenate(samples), point, level)

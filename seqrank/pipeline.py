@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from . import metrics as M
 from .config import RunConfig
 from .dataset import Prepared, load_log, prepare
-from .features import FIRST_ID, N_CONTEXT
+from .features import FIRST_ID, N_CONTEXT, OOV
 from .models.pinnerformer import PinnerFormer
 from .train import (RankerExamples, build_ranker, candidate_oov_rate, embed_users, item_table, predict,
                     seed_everything, train_pinnerformer, train_ranker)
@@ -96,6 +96,7 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
             "user_dim": cfg.pinnerformer.dim, "n_context": N_CONTEXT, "seq_len": cfg.transact.seq_len,
             "duplicates_dropped": prep.log.duplicates_dropped, "n_events": len(prep.log.events),
             "future_window_days": round(prep.future_window_ms / 86_400_000, 3),
+            "embedding_end_ms": prep.embedding_end, "ranker_start_ms": prep.ranker_start,
             "candidate_oov_rate": round(candidate_oov_rate(cfg.transact, prep), 4)}
     (run / "run.json").write_text(json.dumps(info, indent=2))
 
@@ -103,8 +104,7 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
     table = item_table(pf)
     np.save(run / "item_table.npy", table)
     embeddings = EmbeddingCache(pf, prep)
-    train_ex = RankerExamples(prep, np.flatnonzero(~prep.impressions.is_test.to_numpy()), embeddings,
-                              cfg.transact.seq_len)
+    train_ex = RankerExamples(prep, prep.ranker_train_rows(), embeddings, cfg.transact.seq_len)
     _fit_ranker(run, cfg, prep, table, train_ex, cfg.transact.sequence_encoder, run / "ranker.safetensors")
     # the daily batch as of the end of the data: what serving reads for each user's long-term embedding
     end = int(prep.log.events.timestamp.max()) + 1
@@ -121,9 +121,8 @@ def load_ranker_examples(run: Path):
     as the user embedding): what evaluate and scripts/ranker_variants.py train and score rankers on."""
     cfg, info, prep = load_run(run)
     embeddings = EmbeddingCache(_load_pinnerformer(run, cfg.pinnerformer, prep), prep)
-    is_test = prep.impressions.is_test.to_numpy()
-    train_ex = RankerExamples(prep, np.flatnonzero(~is_test), embeddings, cfg.transact.seq_len)
-    test_ex = RankerExamples(prep, np.flatnonzero(is_test), embeddings, cfg.transact.seq_len)
+    train_ex = RankerExamples(prep, prep.ranker_train_rows(), embeddings, cfg.transact.seq_len)
+    test_ex = RankerExamples(prep, prep.test_rows(), embeddings, cfg.transact.seq_len)
     return cfg, info, prep, np.load(run / "item_table.npy"), train_ex, test_ex
 
 
@@ -136,14 +135,16 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
     is_test = prep.impressions.is_test.to_numpy()
     heads, negative = prep.vocab.heads, prep.vocab.negative_actions
 
-    ranker_metrics, gate = {}, None
+    ranker_metrics, gate, test_probs, group_hits = {}, None, {}, {}
     for encoder in ("transact", "no_sequence", "avg_pool"):
         path = run / "ranker.safetensors" if encoder == cfg.transact.sequence_encoder \
             else run / "baselines" / f"ranker_{encoder}.safetensors"
         model = _fit_ranker(run, cfg, prep, table, train_ex, encoder, path)
         probs = predict(model, test_ex)
         util = M.utility(probs, heads, negative, cfg.utility_weights)
-        hits = M.hit_at_k(test_ex.user_day, test_ex.labels, util, k=3, seed=cfg.seed)
+        group_rows, group_hits[encoder] = M.hits_per_group(test_ex.user_day, test_ex.labels, util, k=3, seed=cfg.seed)
+        hits = group_hits[encoder].mean(axis=0)
+        test_probs[encoder] = {cfg.seed: probs}
         ranker_metrics[encoder] = {h: {"auc": M.auc(test_ex.labels[:, j], probs[:, j]), "hit@3": float(hits[j])}
                                    for j, h in enumerate(heads)}
         if encoder == "transact" and model.output_gate is not None:
@@ -156,7 +157,7 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
             else:
                 model = _fit_ranker(run, replace(cfg, seed=seed), prep, table, train_ex, encoder,
                                     run / "seeds" / f"ranker_{encoder}_seed{seed}.safetensors", tag=f"_seed{seed}")
-                probs = predict(model, test_ex)
+                probs = test_probs[encoder][seed] = predict(model, test_ex)
                 aucs = {h: M.auc(test_ex.labels[:, j], probs[:, j]) for j, h in enumerate(heads)}
             for h, value in aucs.items():
                 seed_metrics.setdefault(encoder, {}).setdefault(h, {"seeds": [], "auc": []})
@@ -170,13 +171,23 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
                         "hit@3_lift": M.lift(ranker_metrics["transact"][h]["hit@3"], ranker_metrics[base][h]["hit@3"])}
                     for h in heads} for base in ("no_sequence", "avg_pool")}
 
+    uncertainty = comparison_uncertainty(test_ex, test_probs, group_rows, group_hits, heads)
+    bounds = M.hit_at_k_bounds(test_ex.user_day, test_ex.labels, k=3)
+    hit_bounds = {h: {**{name: float(v[j]) for name, v in bounds.items()},
+                      # the largest lift any ranking could show over the no-sequence model on these groups
+                      "reachable_lift_over_no_sequence": M.lift(float(bounds["fewest" if h in negative else "most"][j]),
+                                                                ranker_metrics["no_sequence"][h]["hit@3"])}
+                  for j, h in enumerate(heads)}
+
     user_metrics = evaluate_user_models(run, cfg, prep)
     result = {"ranker": ranker_metrics, "lifts_of_transact": lifts, "user_model": user_metrics,
+              "uncertainty": uncertainty, "hit@3_bounds": hit_bounds,
               **({"ranker_seeds": seed_metrics} if seed_metrics else {}),
               **({"transact_output_gate": gate} if gate else {}),
               "data": {"events": info["events"], "test_impressions": int(is_test.sum()),
-                       **candidate_coverage(prep.impressions),
-                       "train_impressions": int((~is_test).sum()),
+                       **candidate_coverage(prep.impressions, prep.embedding_end),
+                       "train_impressions": len(train_ex),
+                       "test_positives": {h: int((test_ex.labels[:, j] > 0).sum()) for j, h in enumerate(heads)},
                        "hit@3_groups": int((np.bincount(test_ex.user_day) >= 4).sum()),
                        "hit@3_grouping": "user-day (impressions of one user and day, >= 4)"}}
     (run / "metrics.json").write_text(json.dumps(result, indent=2))
@@ -186,7 +197,38 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
               f"{gate['max_abs_auc_change']:.4f} (what the sequence encoder adds on top of the other features)")
     if seed_metrics:
         print(format_seed_table(seed_metrics, heads))
+    print(format_uncertainty_table(uncertainty, result["data"]["test_positives"], heads))
+    print("HIT@3 whatever the model (random order / an oracle for the head / the reachable lift over no-sequence): "
+          + ", ".join(f"{h} {b['random']:.3f}/{b['fewest' if h in negative else 'most']:.3f}/"
+                      f"{b['reachable_lift_over_no_sequence']:+.1%}" for h, b in hit_bounds.items()))
     return result
+
+
+def comparison_uncertainty(test_ex: RankerExamples, test_probs: dict, group_rows: np.ndarray, group_hits: dict,
+                           heads: list[str], n_boot: int = 1000) -> dict:
+    """TransAct against each baseline with 95% intervals from one paired bootstrap over test users: the AUC
+    difference averaged over every seed trained (all seeds resample the same users), also split by whether the
+    candidate was seen in training (early fusion can only match a known item against the history), and the HIT@3
+    lift of the run's seed. An interval that straddles 0 means this test period cannot tell the two models apart."""
+    seeds = sorted(test_probs["transact"])
+    out = {"method": f"paired bootstrap over test users ({n_boot} resamples, 95% percentile interval); "
+                     "auc_difference: TransAct minus the baseline, mean over the seeds; hit@3_lift: the run's seed",
+           "seeds": seeds, "auc_difference": {}, "auc_difference_by_candidate": {}, "hit@3_lift": {}}
+
+    def auc_differences(base, rows):
+        return {h: M.auc_difference_ci(test_ex.labels[rows, j], [test_probs["transact"][s][rows, j] for s in seeds],
+                                       [test_probs[base][s][rows, j] for s in seeds], test_ex.user[rows], n_boot)
+                for j, h in enumerate(heads)}
+
+    seen = test_ex.cand_item != OOV
+    group_users = test_ex.user[group_rows]
+    for base in ("no_sequence", "avg_pool"):
+        out["auc_difference"][base] = auc_differences(base, slice(None))
+        out["auc_difference_by_candidate"][base] = {"seen_in_training": auc_differences(base, seen),
+                                                    "unseen": auc_differences(base, ~seen)}
+        out["hit@3_lift"][base] = {h: M.ratio_lift_ci(group_hits["transact"][:, j], group_hits[base][:, j],
+                                                      group_users, n_boot) for j, h in enumerate(heads)}
+    return out
 
 
 def evaluate_user_models(run: Path, cfg: RunConfig, prep: Prepared) -> dict:
@@ -212,11 +254,11 @@ def evaluate_user_models(run: Path, cfg: RunConfig, prep: Prepared) -> dict:
     return user_metrics
 
 
-def candidate_coverage(impressions) -> dict:
-    """How much the training period tells the ranker about the test candidates: the share of test impressions whose
-    item was seen in training (the rest are one out-of-vocabulary row), and how often the median seen one was. Early
-    fusion can only match a candidate against the history through what its embedding learned."""
-    train_counts = impressions.loc[~impressions.is_test, "item_id"].value_counts()
+def candidate_coverage(impressions, embedding_end: int) -> dict:
+    """How much the embedding period tells the models about the test candidates: the share of test impressions
+    whose item it saw (the vocabulary; the rest are one out-of-vocabulary row), and how often the median seen one was.
+    Early fusion can only match a candidate against the history through what its embedding learned."""
+    train_counts = impressions.loc[impressions.timestamp < embedding_end, "item_id"].value_counts()
     test_items = impressions.loc[impressions.is_test, "item_id"]
     seen = test_items.map(train_counts).dropna()
     return {"test_candidates_seen_in_training": float(len(seen) / max(len(test_items), 1)),
@@ -247,6 +289,21 @@ def format_seed_table(seed_metrics: dict, heads: list[str]) -> str:
     for h in heads:
         lines.append(f"{h:<14}" + "".join(f"{seed_metrics[e][h]['mean']:>13.4f} +-{seed_metrics[e][h]['sd'] or 0:.3f}"
                                           for e in encoders))
+    return "\n".join(lines)
+
+
+def format_uncertainty_table(uncertainty: dict, positives: dict, heads: list[str]) -> str:
+    def cell(entry):
+        if entry["ci"] is None:
+            return f"{'n/a':>26}"
+        return f"{entry['value']:>+8.3f} [{entry['ci'][0]:+.3f},{entry['ci'][1]:+.3f}]"
+
+    d, by = uncertainty["auc_difference"], uncertainty["auc_difference_by_candidate"]["avg_pool"]
+    lines = [f"TransAct AUC minus baseline, mean over seeds {uncertainty['seeds']}, 95% user-bootstrap interval",
+             f"{'head':<14}{'test pos':>9}{'vs no_sequence':>26}{'vs avg_pool':>26}"
+             f"{'vs avg_pool, seen cand.':>26}{'vs avg_pool, unseen':>26}"]
+    lines += [f"{h:<14}{positives[h]:>9}{cell(d['no_sequence'][h])}{cell(d['avg_pool'][h])}"
+              f"{cell(by['seen_in_training'][h])}{cell(by['unseen'][h])}" for h in heads]
     return "\n".join(lines)
 
 

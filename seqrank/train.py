@@ -83,7 +83,7 @@ def train_pinnerformer(prep: Prepared, cfg: PinnerFormerConfig, seed: int, ckpt:
     optim = torch.optim.AdamW([{"params": dense}, {"params": table, "lr": cfg.item_lr}], lr=cfg.lr,
                               weight_decay=cfg.weight_decay)
     users = [u for u in prep.users if u not in prep.pf_test_users]
-    positives = positive_events(prep, users, prep.split_time)
+    positives = positive_events(prep, users, prep.embedding_end)
     users = [u for u in users if len(positives[u][0]) >= 2]
     counts = np.bincount(np.concatenate([positives[u][1] for u in users]), minlength=prep.vocab.n_items)
     log_q = torch.as_tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32)
@@ -95,8 +95,8 @@ def train_pinnerformer(prep: Prepared, cfg: PinnerFormerConfig, seed: int, ckpt:
         as_of = []
         for u in batch_users:
             ts = prep.histories[u].ts
-            n_train = int(np.searchsorted(ts, prep.split_time))
-            as_of.append(ts[rng.integers(1, n_train + 1) - 1] + 1 if n_train else prep.split_time)
+            n_train = int(np.searchsorted(ts, prep.embedding_end))
+            as_of.append(ts[rng.integers(1, n_train + 1) - 1] + 1 if n_train else prep.embedding_end)
         seq = sequences_for(prep, batch_users, as_of, cfg.max_len)
         rows, cols, targets = [], [], []
         for b, u in enumerate(batch_users):
@@ -189,6 +189,7 @@ class RankerExamples:
         self.cand_item = prep.vocab.item_index(imp.item_id.to_numpy())
         self.labels = prep.labels[rows]
         self.session = imp.session.to_numpy()
+        self.user = imp.user_id.to_numpy()  # the unit of the evaluation's bootstrap (metrics.user_bootstrap_weights)
         # HIT@3 groups: a user's impressions of one day, each scored with the features of its own request
         # (a 30-minute session of this log is mostly all-like or all-hate, which no ranking can reorder)
         self.user_day = imp.groupby(["user_id", imp.timestamp // DAY_MS]).ngroup().to_numpy()
@@ -220,8 +221,14 @@ def build_ranker(cfg: TransActConfig, prep: Prepared, table: np.ndarray, user_di
 
 
 def candidate_oov_rate(cfg: TransActConfig, prep: Prepared) -> float:
-    """The share of training candidates shown as the out-of-vocabulary item: the config's, or the log's own."""
-    return prep.unseen_item_share if cfg.candidate_oov_rate is None else cfg.candidate_oov_rate
+    """The share of training candidates shown as the out-of-vocabulary item: the config's, or by default what tops
+    the ranker's training candidates up to the log's own share of unseen items (those already out of the vocabulary,
+    which an embedding period < 1 makes, count towards it)."""
+    if cfg.candidate_oov_rate is not None:
+        return cfg.candidate_oov_rate
+    items = prep.impressions.item_id.to_numpy()[prep.ranker_train_rows()]
+    already = float((prep.vocab.item_index(items) == OOV).mean()) if len(items) else 0.0
+    return max(0.0, (prep.unseen_item_share - already) / (1.0 - already)) if already < 1.0 else 0.0
 
 
 def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_dim: int, train: RankerExamples,

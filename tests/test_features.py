@@ -273,6 +273,42 @@ def test_every_prepared_example_sees_only_the_past(seed):
     assert np.isfinite(seq.context).all()
 
 
+def test_embedding_period_keeps_the_rankers_examples_after_everything_the_embeddings_learned_by_hand():
+    """data.embedding_period < 1: PinnerFormer and the vocabulary learn from the first part of the training period,
+    the ranker from the rest, so no ranker example's item embedding was learned from its own outcome."""
+    from dataclasses import replace
+    from seqrank.train import candidate_oov_rate, positive_events
+    H = HOUR_MS
+    rows = [("u1", "a", "click", 0), ("u1", "b", "like", 10 * H), ("u2", "c", "click", 20 * H),  # before 52 h
+            ("u2", "c", "hate", 20 * H),                                    # never a PinnerFormer positive
+            ("u1", "a", "like", 85 * H), ("u2", "x", "click", 90 * H), ("u1", "y", "click", 95 * H),
+            ("u2", "b", "click", 100 * H),                                  # the training period ends at 104 h
+            ("u1", "z", "click", 130 * H)]
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"])
+    log = EventLog(events=ev, source="hand", fmt="canonical", duplicates_dropped=0,
+                   negative_actions=("hate",), exposure_action=None)
+    whole = prepare(log, RunConfig())
+    assert whole.embedding_end == whole.split_time == 104 * H and whole.ranker_start == 0
+    assert len(whole.ranker_train_rows()) == 7
+    cfg = RunConfig()
+    cfg.data = replace(cfg.data, embedding_period=0.5)
+    prep = prepare(log, cfg)
+    assert prep.split_time == 104 * H and prep.embedding_end == prep.ranker_start == 52 * H
+    imp = prep.impressions
+    assert sorted(imp.item_id[prep.ranker_train_rows()]) == ["a", "b", "x", "y"]   # 52 h <= t < 104 h
+    assert imp.item_id[prep.test_rows()].tolist() == ["z"]
+    assert (prep.vocab.item_index(["a", "b", "c"]) >= FIRST_ID).all()
+    assert (prep.vocab.item_index(["x", "y", "z"]) == OOV).all()               # first seen after 52 h
+    pos = positive_events(prep, ["u1", "u2"], prep.embedding_end)              # what PinnerFormer trains on
+    assert all((ts < 52 * H).all() for ts, _ in pos.values()) and sum(len(ts) for ts, _ in pos.values()) == 3
+    # x and y are already out of the vocabulary: half the ranker's candidates, the log's own share (0.5)
+    assert prep.unseen_item_share == pytest.approx(0.5) and candidate_oov_rate(cfg.transact, prep) == 0.0
+    for bad in (0.0, 1.5):
+        cfg.data = replace(cfg.data, embedding_period=bad)
+        with pytest.raises(ValueError, match="embedding_period"):
+            prepare(log, cfg)
+
+
 def test_unseen_item_share_is_estimated_inside_the_training_period_by_hand():
     """The ranker's default candidate_oov_rate: of the training period's last test_fraction (20%), the share of
     impressions (not action rows) whose item nothing before it showed; the test period is never read."""

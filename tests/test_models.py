@@ -651,10 +651,32 @@ def tiny_ranker_inputs(tiny, tmp_path_factory):
     pf = train_pinnerformer(prep, cfg.pinnerformer, cfg.seed, tmp_path_factory.mktemp("pf") / "pf.pt")
     table = item_table(pf)
     emb = EmbeddingCache(pf, prep)
-    is_test = prep.impressions.is_test.to_numpy()
-    train_ex = RankerExamples(prep, np.flatnonzero(~is_test), emb, cfg.transact.seq_len)
-    test_ex = RankerExamples(prep, np.flatnonzero(is_test), emb, cfg.transact.seq_len)
+    train_ex = RankerExamples(prep, prep.ranker_train_rows(), emb, cfg.transact.seq_len)
+    test_ex = RankerExamples(prep, prep.test_rows(), emb, cfg.transact.seq_len)
     return cfg, prep, table, train_ex, test_ex
+
+
+def test_an_embedding_period_trains_pinnerformer_before_the_rankers_examples(tmp_path):
+    """data.embedding_period 0.5: the ranker's examples all come after everything PinnerFormer trained on, items
+    first seen after it are out of the vocabulary for both, and both models still train and score."""
+    from seqrank.features import OOV
+    from seqrank.pipeline import EmbeddingCache
+    from seqrank.train import RankerExamples, item_table, predict, seed_everything, train_pinnerformer, train_ranker
+    cfg = RunConfig.from_dict({**TINY_CFG, "data": {"embedding_period": 0.5}})
+    seed_everything(cfg.seed, cfg.threads)
+    prep = prepare(synthetic_log(), cfg)
+    imp = prep.impressions
+    assert imp.timestamp.min() < prep.embedding_end == prep.ranker_start < prep.split_time
+    rows = prep.ranker_train_rows()
+    assert (imp.timestamp.to_numpy()[rows] >= prep.embedding_end).all() and not imp.is_test.to_numpy()[rows].any()
+    later = set(imp.item_id[imp.timestamp >= prep.embedding_end]) - set(imp.item_id[imp.timestamp < prep.embedding_end])
+    assert later and (prep.vocab.item_index(sorted(later)) == OOV).all()
+    pf = train_pinnerformer(prep, cfg.pinnerformer, cfg.seed, tmp_path / "pf.pt")
+    train_ex = RankerExamples(prep, rows, EmbeddingCache(pf, prep), cfg.transact.seq_len)
+    model = train_ranker(prep, cfg.transact, item_table(pf), cfg.pinnerformer.dim, train_ex, cfg.seed,
+                         tmp_path / "ranker.pt")
+    probs = predict(model, RankerExamples(prep, prep.test_rows(), EmbeddingCache(pf, prep), cfg.transact.seq_len))
+    assert np.isfinite(probs).all() and len(np.unique(probs[:, 0].round(6))) > 1
 
 
 def test_candidate_oov_rate_hides_the_candidate_in_training_only(tiny_ranker_inputs, tmp_path):

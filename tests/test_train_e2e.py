@@ -122,6 +122,25 @@ def test_evaluate_writes_metrics_of_the_required_shape(run):
     assert 0.0 < data["test_candidates_seen_in_training"] < 1.0  # this log: about half the test items are new
     assert data["train_impressions_of_seen_test_candidate_median"] >= 1.0
     assert set(metrics["lifts_of_transact"]) == {"no_sequence", "avg_pool"}
+    # every comparison carries its user-bootstrap interval, around the point it reports
+    assert set(data["test_positives"]) == set(heads) and data["test_positives"]["like"] > 0
+    unc = metrics["uncertainty"]
+    assert unc["seeds"] == [0]
+    for base in ("no_sequence", "avg_pool"):
+        for h in REQUIRED_HEADS:
+            d = unc["auc_difference"][base][h]
+            assert d["value"] == pytest.approx(metrics["lifts_of_transact"][base][h]["auc"], abs=1e-12)
+            assert d["ci"][0] <= d["value"] <= d["ci"][1] and 0 <= d["share_at_or_below_0"] <= 1
+            for part in ("seen_in_training", "unseen"):  # the same comparison split by the candidate's coverage
+                d = unc["auc_difference_by_candidate"][base][part][h]
+                assert d["ci"] is None or d["ci"][0] <= d["value"] <= d["ci"][1], (part, h, d)
+            lift = unc["hit@3_lift"][base][h]
+            if lift["ci"] is not None:
+                assert lift["value"] == pytest.approx(metrics["lifts_of_transact"][base][h]["hit@3_lift"], abs=1e-6)
+    assert "95% user-bootstrap interval" in run["eval_stdout"]
+    for h in REQUIRED_HEADS:  # the no-sequence model's HIT@3 lies between what any ranking could reach
+        b, got = metrics["hit@3_bounds"][h], metrics["ranker"]["no_sequence"][h]["hit@3"]
+        assert b["fewest"] - 1e-6 <= got <= b["most"] + 1e-6 and b["fewest"] <= b["random"] <= b["most"]
     # a ranker with TransAct's output gate: its value and the test AUC with the gate closed are reported
     gate = metrics["transact_output_gate"]
     assert math.isfinite(gate["value"]) and set(gate["auc_with_gate_closed"]) == set(heads)
@@ -188,13 +207,21 @@ def test_evaluate_over_seeds_trains_each_ranker_per_seed_and_reports_the_spread(
     # seed 1 is a different model: its AUCs are not all equal to seed 0's
     assert any(e["auc"][0] != e["auc"][1] for e in metrics["ranker_seeds"]["transact"].values())
     assert "AUC over seeds [0, 1]" in seeds_eval.stdout
+    # the interval is for the difference averaged over both seeds
+    assert metrics["uncertainty"]["seeds"] == [0, 1]
+    for h in ("like", "hate"):
+        mean_diff = np.mean([metrics["ranker_seeds"]["transact"][h]["auc"][i]
+                             - metrics["ranker_seeds"]["avg_pool"][h]["auc"][i] for i in (0, 1)])
+        assert metrics["uncertainty"]["auc_difference"]["avg_pool"][h]["value"] == pytest.approx(mean_diff, abs=1e-12)
 
 
-def test_candidate_coverage_counts_test_items_seen_in_the_training_period():
+def test_candidate_coverage_counts_test_items_seen_in_the_embedding_period():
     import pandas as pd
     from seqrank.pipeline import candidate_coverage
     imp = pd.DataFrame({"item_id": ["a", "a", "b", "c", "a", "b", "d", "d"],
+                        "timestamp": [1, 2, 3, 4, 10, 11, 12, 13],
                         "is_test": [False, False, False, False, True, True, True, True]})
-    cov = candidate_coverage(imp)
+    cov = candidate_coverage(imp, embedding_end=10)
     assert cov["test_candidates_seen_in_training"] == 0.5               # a and b seen; d (twice) never
+    assert candidate_coverage(imp, embedding_end=3)["test_candidates_seen_in_training"] == 0.25  # only a, once
     assert cov["train_impressions_of_seen_test_candidate_median"] == 1.5  # a: 2, b: 1

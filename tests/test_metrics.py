@@ -1,0 +1,92 @@
+"""Offline metrics on hand-made cases: AUC with ties, HIT@k, the user bootstrap behind the evaluation's intervals."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from seqrank import metrics as M
+
+
+def test_auc_by_hand_with_ties():
+    labels = np.array([1, 0, 1, 0, 0])
+    scores = np.array([0.9, 0.9, 0.5, 0.1, 0.7])
+    # positive 0.9: beats 0.1, 0.7, ties 0.9 -> 2.5 of 3; positive 0.5: beats 0.1 -> 1 of 3
+    assert M.auc(labels, scores) == pytest.approx(3.5 / 6)
+    assert np.isnan(M.auc(np.zeros(3), np.arange(3.0)))
+
+
+def test_weighted_auc_equals_the_auc_of_the_data_repeated():
+    rng = np.random.default_rng(0)
+    labels = rng.random(200) < 0.2
+    scores = np.round(rng.random(200), 1)  # many ties
+    weights = rng.integers(0, 4, size=(3, 200))
+    got = M.weighted_auc(labels, scores, weights.astype(np.float32))
+    for row, w in zip(got, weights):
+        assert row == pytest.approx(M.auc(np.repeat(labels, w), np.repeat(scores, w)), abs=1e-12)
+    assert M.weighted_auc(labels, scores, np.ones((1, 200)))[0] == pytest.approx(M.auc(labels, scores), abs=1e-12)
+    assert np.isnan(M.weighted_auc(labels, scores, (~labels)[None].astype(float))[0])  # no positive weighed
+
+
+def test_user_bootstrap_resamples_whole_users_and_depends_on_the_seed_only():
+    users = np.array([7, 7, 7, 3, 3, 9])
+    chunks = list(M.user_bootstrap_weights(users, n_boot=250, seed=1, chunk=100))
+    assert [c.shape for c in chunks] == [(100, 6), (100, 6), (50, 6)]
+    w = np.concatenate(chunks)
+    assert (w[:, 0] == w[:, 1]).all() and (w[:, 1] == w[:, 2]).all() and (w[:, 3] == w[:, 4]).all()
+    assert (w[:, [0, 3, 5]].sum(1) == 3).all()  # 3 distinct users drawn 3 times in all
+    assert len({tuple(r) for r in w}) > 1
+    again = np.concatenate(list(M.user_bootstrap_weights(users, n_boot=250, seed=1, chunk=100)))
+    assert (again == w).all()
+
+
+def test_auc_difference_interval_separates_a_better_model_and_not_an_equal_one():
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(100), 10)
+    labels = rng.random(1000) < 0.3
+    noise = rng.normal(size=1000)
+    weak, strong = noise + 0.3 * labels, noise + 1.5 * labels
+    same = M.auc_difference_ci(labels, [weak], [weak], users, n_boot=200)
+    assert same["value"] == 0 and same["ci"] == [0.0, 0.0]
+    better = M.auc_difference_ci(labels, [strong, strong], [weak, weak], users, n_boot=200)
+    assert better["value"] == pytest.approx(M.auc(labels, strong) - M.auc(labels, weak))
+    assert 0 < better["ci"][0] < better["value"] < better["ci"][1] and better["share_at_or_below_0"] == 0
+    # two equally good models that disagree, on a head with 8 positives: the interval straddles 0 and is wide
+    few = np.zeros(1000, bool)
+    few[rng.choice(1000, 8, replace=False)] = True
+    close = M.auc_difference_ci(few, [rng.normal(size=1000) + few], [rng.normal(size=1000) + few], users, n_boot=200)
+    assert close["ci"][0] < 0 < close["ci"][1] and close["ci"][1] - close["ci"][0] > 0.1
+    with pytest.raises(ValueError, match="one score vector per seed"):
+        M.auc_difference_ci(labels, [weak], [], users)
+
+
+def test_hits_per_group_ranks_within_groups_and_shuffles_ties():
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])  # group 2 is too small
+    labels = np.array([[1], [0], [0], [1], [0], [0], [0], [1], [1], [1]])
+    scores = np.array([4.0, 3, 2, 1, 1, 1, 1, 1, 9, 9])
+    rows, hits = M.hits_per_group(groups, labels, scores, k=3, min_size=4)
+    assert rows.tolist() == [0, 4] and hits[0, 0] == 1  # the positive at score 1 is 4th
+    # group 1 is all tied: over shuffle seeds its positive lands in the top 3 about 3 times in 4
+    share = np.mean([M.hits_per_group(groups, labels, scores, k=3, seed=s)[1][1, 0] for s in range(400)])
+    assert 0.65 < share < 0.85
+    assert M.hit_at_k(groups, labels, scores, k=3, seed=0)[0] == hits.mean()
+
+
+def test_ratio_lift_interval_is_paired_over_users():
+    users = np.arange(50)
+    a, b = np.full(50, 2.0), np.full(50, 1.0)
+    out = M.ratio_lift_ci(a, b, users, n_boot=100)
+    assert out["value"] == pytest.approx(1.0) and out["ci"] == pytest.approx([1.0, 1.0])
+    assert M.ratio_lift_ci(a, np.zeros(50), users, n_boot=10)["ci"] is None  # no baseline hits: no lift
+
+
+def test_hit_at_k_bounds_by_hand():
+    groups = np.array([0] * 5 + [1] * 4 + [2] * 2)  # group 2 is too small to count
+    labels = np.array([[1], [1], [0], [0], [0], [1], [1], [1], [1], [1], [1]])
+    b = M.hit_at_k_bounds(groups, labels, k=3, min_size=4)
+    # group 0: 2 positives of 5; group 1: 4 of 4
+    assert b["random"][0] == pytest.approx((3 / 5 * 2 + 3) / 2)
+    assert b["most"][0] == pytest.approx((2 + 3) / 2) and b["fewest"][0] == pytest.approx((0 + 3) / 2)
+    # and no ranking escapes them
+    for seed in range(20):
+        scores = np.random.default_rng(seed).random(len(groups))
+        assert b["fewest"][0] <= M.hit_at_k(groups, labels, scores, k=3)[0] <= b["most"][0]
