@@ -208,7 +208,7 @@ def comparison_uncertainty(test_ex: RankerExamples, test_probs: dict, group_rows
                            heads: list[str], n_boot: int = 1000) -> dict:
     """TransAct against each baseline with 95% intervals from one paired bootstrap over test users: the AUC
     difference averaged over every seed trained (all seeds resample the same users), also split by whether the
-    candidate was seen in training (early fusion can only match a known item against the history), and the HIT@3
+    candidate is in the vocabulary (early fusion can only match a known item against the history), and the HIT@3
     lift of the run's seed. An interval that straddles 0 means this test period cannot tell the two models apart."""
     seeds = sorted(test_probs["transact"])
     out = {"method": f"paired bootstrap over test users ({n_boot} resamples, 95% percentile interval); "
@@ -220,12 +220,12 @@ def comparison_uncertainty(test_ex: RankerExamples, test_probs: dict, group_rows
                                        [test_probs[base][s][rows, j] for s in seeds], test_ex.user[rows], n_boot)
                 for j, h in enumerate(heads)}
 
-    seen = test_ex.cand_item != OOV
+    known = test_ex.cand_item != OOV
     group_users = test_ex.user[group_rows]
     for base in ("no_sequence", "avg_pool"):
         out["auc_difference"][base] = auc_differences(base, slice(None))
-        out["auc_difference_by_candidate"][base] = {"seen_in_training": auc_differences(base, seen),
-                                                    "unseen": auc_differences(base, ~seen)}
+        out["auc_difference_by_candidate"][base] = {"in_vocabulary": auc_differences(base, known),
+                                                    "out_of_vocabulary": auc_differences(base, ~known)}
         out["hit@3_lift"][base] = {h: M.ratio_lift_ci(group_hits["transact"][:, j], group_hits[base][:, j],
                                                       group_users, n_boot) for j, h in enumerate(heads)}
     return out
@@ -301,9 +301,9 @@ def format_uncertainty_table(uncertainty: dict, positives: dict, heads: list[str
     d, by = uncertainty["auc_difference"], uncertainty["auc_difference_by_candidate"]["avg_pool"]
     lines = [f"TransAct AUC minus baseline, mean over seeds {uncertainty['seeds']}, 95% user-bootstrap interval",
              f"{'head':<14}{'test pos':>9}{'vs no_sequence':>26}{'vs avg_pool':>26}"
-             f"{'vs avg_pool, seen cand.':>26}{'vs avg_pool, unseen':>26}"]
+             f"{'vs avg_pool, known cand.':>26}{'vs avg_pool, unknown':>26}"]
     lines += [f"{h:<14}{positives[h]:>9}{cell(d['no_sequence'][h])}{cell(d['avg_pool'][h])}"
-              f"{cell(by['seen_in_training'][h])}{cell(by['unseen'][h])}" for h in heads]
+              f"{cell(by['in_vocabulary'][h])}{cell(by['out_of_vocabulary'][h])}" for h in heads]
     return "\n".join(lines)
 
 

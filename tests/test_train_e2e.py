@@ -131,7 +131,7 @@ def test_evaluate_writes_metrics_of_the_required_shape(run):
             d = unc["auc_difference"][base][h]
             assert d["value"] == pytest.approx(metrics["lifts_of_transact"][base][h]["auc"], abs=1e-12)
             assert d["ci"][0] <= d["value"] <= d["ci"][1] and 0 <= d["share_at_or_below_0"] <= 1
-            for part in ("seen_in_training", "unseen"):  # the same comparison split by the candidate's coverage
+            for part in ("in_vocabulary", "out_of_vocabulary"):  # the same comparison split by the candidate's coverage
                 d = unc["auc_difference_by_candidate"][base][part][h]
                 assert d["ci"] is None or d["ci"][0] <= d["value"] <= d["ci"][1], (part, h, d)
             lift = unc["hit@3_lift"][base][h]
