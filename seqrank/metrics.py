@@ -65,13 +65,20 @@ def hit_at_k_bounds(groups: np.ndarray, labels: np.ndarray, k: int = 3, min_size
             "fewest": np.maximum(0.0, np.minimum(k, n) - (n - pos)).mean(0)}
 
 
-def recall_at_k(user_emb: np.ndarray, item_table: np.ndarray, future: list[set[int]], k: int = 10,
-                first_id: int = 2) -> float:
-    """Mean over users of |top-k retrieved ∩ future positives| / |future positives| (padding/OOV rows excluded)."""
+def recall_per_user(user_emb: np.ndarray, item_table: np.ndarray, future: list[set[int]], k: int = 10,
+                    first_id: int = 2) -> np.ndarray:
+    """|top-k retrieved ∩ future positives| / |future positives| for each user with a future positive, in order
+    (padding/OOV rows are never retrieved)."""
     scores = user_emb @ item_table[first_id:].T
     top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k] + first_id
-    vals = [len(set(t.tolist()) & f) / len(f) for t, f in zip(top, future) if f]
-    return float(np.mean(vals)) if vals else float("nan")
+    return np.array([len(set(t.tolist()) & f) / len(f) for t, f in zip(top, future) if f], dtype=np.float64)
+
+
+def recall_at_k(user_emb: np.ndarray, item_table: np.ndarray, future: list[set[int]], k: int = 10,
+                first_id: int = 2) -> float:
+    """Mean over users of recall_per_user."""
+    vals = recall_per_user(user_emb, item_table, future, k, first_id)
+    return float(vals.mean()) if len(vals) else float("nan")
 
 
 def lift(value: float, baseline: float) -> float:
@@ -89,6 +96,8 @@ def user_bootstrap_weights(users: np.ndarray, n_boot: int, seed: int = 0, chunk:
     chunk x n floats whatever n_boot is; the draws depend on `seed` only."""
     _, inverse = np.unique(users, return_inverse=True)
     n_users = int(inverse.max()) + 1 if len(inverse) else 0
+    if n_users == 0:  # nothing to resample
+        return
     rng = np.random.default_rng(seed)
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
@@ -132,19 +141,21 @@ def auc_difference_ci(labels: np.ndarray, scores_a: list[np.ndarray], scores_b: 
     from the same population. Seed noise enters only through the averaging over the seeds given."""
     if len(scores_a) != len(scores_b) or not scores_a:
         raise ValueError("scores_a and scores_b need one score vector per seed each, as many of both")
+    if len(labels) == 0:
+        return _interval(np.array([]), float("nan"), level)
     point = float(np.mean([auc(labels, a) - auc(labels, b) for a, b in zip(scores_a, scores_b)]))
     samples = [np.mean([weighted_auc(labels, a, w) - weighted_auc(labels, b, w) for a, b in zip(scores_a, scores_b)],
                        axis=0) for w in user_bootstrap_weights(users, n_boot, seed)]
-    return _interval(np.concatenate(samples), point, level)
+    return _interval(np.concatenate(samples) if samples else np.array([]), point, level)
 
 
 def ratio_lift_ci(values_a: np.ndarray, values_b: np.ndarray, users: np.ndarray, n_boot: int = 1000,
                   level: float = 0.95, seed: int = 0) -> dict:
     """mean(a) / mean(b) - 1 over paired units (e.g. HIT@3 per user-day group) with its user-bootstrap interval."""
-    point = lift(float(np.mean(values_a)), float(np.mean(values_b)))
+    point = lift(float(np.mean(values_a)), float(np.mean(values_b))) if len(values_a) else float("nan")
     samples = []
     for w in user_bootstrap_weights(users, n_boot, seed):
         a, b = w @ values_a, w @ values_b
         with np.errstate(invalid="ignore", divide="ignore"):
             samples.append(np.where(b > 0, a / np.where(b > 0, b, 1.0) - 1.0, np.nan))
-    return _interval(np.concatenate(samples), point, level)
+    return _interval(np.concatenate(samples) if samples else np.array([]), point, level)

@@ -241,16 +241,21 @@ def evaluate_user_models(run: Path, cfg: RunConfig, prep: Prepared) -> dict:
         h = prep.histories[u]
         sel = (h.ts >= prep.split_time) & (h.ts < prep.split_time + prep.future_window_ms) & (h.item >= FIRST_ID)
         future.append(set(h.item[sel & ~np.isin(h.action, negative)].tolist()))
-    user_metrics = {}
+    user_metrics, per_user = {}, {}
     for objective in ("dense_all_action", "next_action"):
         path = run / "pinnerformer.safetensors" if objective == cfg.pinnerformer.objective \
             else run / "baselines" / f"pinnerformer_{objective}.safetensors"
         model = _fit_pinnerformer(run, cfg, prep, objective, path)
         emb = embed_users(model, prep, test_users, np.full(len(test_users), prep.split_time))
-        user_metrics[objective] = {"recall@10": M.recall_at_k(emb, item_table(model), future, k=10),
-                                   "users": sum(1 for f in future if f)}
+        per_user[objective] = M.recall_per_user(emb, item_table(model), future, k=10)
+        user_metrics[objective] = {"recall@10": float(per_user[objective].mean()) if len(per_user[objective]) else float("nan"),
+                                   "users": len(per_user[objective])}
     dense, nxt = user_metrics["dense_all_action"]["recall@10"], user_metrics["next_action"]["recall@10"]
     user_metrics["dense_vs_next_ratio"] = dense / nxt if nxt > 0 else None  # None: next-action retrieved nothing
+    # the ratio's 95% interval over the held-out users (both objectives scored on the same users)
+    lift = M.ratio_lift_ci(per_user["dense_all_action"], per_user["next_action"],
+                           np.arange(len(per_user["dense_all_action"])))
+    user_metrics["dense_vs_next_ratio_ci"] = [1.0 + v for v in lift["ci"]] if lift["ci"] else None
     return user_metrics
 
 
@@ -316,9 +321,11 @@ def format_table(result: dict, heads: list[str]) -> str:
         lines.append(f"{h:<14}{t['auc']:>13.4f}{n['auc']:>9.4f}{a['auc']:>9.4f}{t['hit@3']:>10.4f}"
                      f"{n['hit@3']:>9.4f}{M.lift(t['hit@3'], n['hit@3']):>+9.1%}{M.lift(t['hit@3'], a['hit@3']):>+9.1%}")
     u = result["user_model"]
+    ratio, ci = u["dense_vs_next_ratio"], u.get("dense_vs_next_ratio_ci")
     lines.append(f"PinnerFormer Recall@10: dense all-action {u['dense_all_action']['recall@10']:.4f}  "
                  f"next-action {u['next_action']['recall@10']:.4f}  ratio "
-                 + (f"{u['dense_vs_next_ratio']:.3f}" if u["dense_vs_next_ratio"] is not None else "n/a (next-action 0)"))
+                 + (f"{ratio:.3f}" if ratio is not None else "n/a (next-action 0)")
+                 + (f" [95%: {ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
     return "\n".join(lines)
 
 

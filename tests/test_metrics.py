@@ -77,6 +77,10 @@ def test_ratio_lift_interval_is_paired_over_users():
     out = M.ratio_lift_ci(a, b, users, n_boot=100)
     assert out["value"] == pytest.approx(1.0) and out["ci"] == pytest.approx([1.0, 1.0])
     assert M.ratio_lift_ci(a, np.zeros(50), users, n_boot=10)["ci"] is None  # no baseline hits: no lift
+    empty = M.ratio_lift_ci(np.array([]), np.array([]), np.array([]), n_boot=10)  # e.g. no held-out user: no interval
+    assert empty["ci"] is None and empty["value"] is None
+    none = M.auc_difference_ci(np.array([]), [np.array([])], [np.array([])], np.array([]), n_boot=10)
+    assert none["ci"] is None
 
 
 def test_hit_at_k_bounds_by_hand():
@@ -90,3 +94,12 @@ def test_hit_at_k_bounds_by_hand():
     for seed in range(20):
         scores = np.random.default_rng(seed).random(len(groups))
         assert b["fewest"][0] <= M.hit_at_k(groups, labels, scores, k=3)[0] <= b["most"][0]
+
+
+def test_recall_per_user_by_hand():
+    table = np.array([[0, 0], [0, 0], [1, 0], [0, 1], [0.9, 0.1]], dtype=np.float32)  # rows 0/1: padding, OOV
+    users = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
+    future = [{2, 3}, {2}, set()]  # the third user has no future positive: not counted
+    got = M.recall_per_user(users, table, future, k=2)
+    assert got.tolist() == [0.5, 0.0]  # user 0 retrieves 2 and 4; user 1 retrieves 3 and 4
+    assert M.recall_at_k(users, table, future, k=2) == 0.25

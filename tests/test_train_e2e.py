@@ -117,6 +117,9 @@ def test_evaluate_writes_metrics_of_the_required_shape(run):
     for objective in ("dense_all_action", "next_action"):
         assert 0.0 <= user[objective]["recall@10"] <= 1.0
         assert user[objective]["users"] > 0
+    if user["dense_vs_next_ratio"] is not None and user["dense_vs_next_ratio_ci"] is not None:
+        lo, hi = user["dense_vs_next_ratio_ci"]
+        assert lo <= user["dense_vs_next_ratio"] <= hi
     data = metrics["data"]
     assert data["test_impressions"] > 0 and data["train_impressions"] > data["test_impressions"]
     assert 0.0 < data["test_candidates_seen_in_training"] < 1.0  # this log: about half the test items are new
