@@ -6,19 +6,21 @@ import pandas as pd
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC by the rank-sum formula (ties get average ranks); NaN when one class is absent."""
-    labels = np.asarray(labels) > 0
-    n_pos, n_neg = labels.sum(), (~labels).sum()
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = pd.Series(scores).rank(method="average").to_numpy()
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    """ROC AUC (a tie counts one half); NaN when one class is absent. weighted_auc with every weight 1."""
+    return float(weighted_auc(labels, scores, np.ones((1, len(scores)), dtype=np.float32))[0])
 
 
 def utility(probs: np.ndarray, heads: list[str], negative: list[str], weights: dict[str, float]) -> np.ndarray:
     """Weighted sum of heads; negative heads subtract. probs [..., H] -> [...]."""
     w = np.array([weights.get(h, 1.0) * (-1.0 if h in negative else 1.0) for h in heads], dtype=np.float32)
     return probs @ w
+
+
+def _counted_groups(groups: np.ndarray, min_size: int):
+    """Row indices (ascending) of each group with at least min_size rows: the groups HIT@k counts."""
+    for idx in pd.Series(np.arange(len(groups))).groupby(groups).indices.values():
+        if len(idx) >= min_size:
+            yield idx
 
 
 def hits_per_group(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: int = 3, min_size: int = 4,
@@ -28,9 +30,7 @@ def hits_per_group(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray, k
     break ties."""
     rng = np.random.default_rng(seed)
     first, hits = [], []
-    for idx in pd.Series(np.arange(len(groups))).groupby(groups).indices.values():
-        if len(idx) < min_size:
-            continue
+    for idx in _counted_groups(groups, min_size):
         first.append(idx[0])
         idx = rng.permutation(idx)
         top = idx[np.argsort(-scores[idx], kind="stable")[:k]]
@@ -53,10 +53,9 @@ def hit_at_k_bounds(groups: np.ndarray, labels: np.ndarray, k: int = 3, min_size
     A lift target beyond most/baseline - 1 cannot be met on this log."""
     labels = np.asarray(labels) > 0
     sums, sizes = [], []
-    for idx in pd.Series(np.arange(len(groups))).groupby(groups).indices.values():
-        if len(idx) >= min_size:
-            sums.append(labels[idx].sum(0))
-            sizes.append(len(idx))
+    for idx in _counted_groups(groups, min_size):
+        sums.append(labels[idx].sum(0))
+        sizes.append(len(idx))
     if not sums:
         nan = np.full(labels.shape[1], np.nan)
         return {"random": nan, "most": nan, "fewest": nan}

@@ -132,7 +132,6 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
     on small logs a single seed can move an AUC by more than the differences between the models."""
     run = Path(run)
     cfg, info, prep, table, train_ex, test_ex = load_ranker_examples(run)
-    is_test = prep.impressions.is_test.to_numpy()
     heads, negative = prep.vocab.heads, prep.vocab.negative_actions
 
     ranker_metrics, gate, test_probs, group_hits = {}, None, {}, {}
@@ -184,7 +183,7 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
               "uncertainty": uncertainty, "hit@3_bounds": hit_bounds,
               **({"ranker_seeds": seed_metrics} if seed_metrics else {}),
               **({"transact_output_gate": gate} if gate else {}),
-              "data": {"events": info["events"], "test_impressions": int(is_test.sum()),
+              "data": {"events": info["events"], "test_impressions": len(test_ex),
                        **candidate_coverage(prep.impressions, prep.embedding_end),
                        "train_impressions": len(train_ex),
                        "test_positives": {h: int((test_ex.labels[:, j] > 0).sum()) for j, h in enumerate(heads)},
