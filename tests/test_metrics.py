@@ -24,6 +24,9 @@ def test_weighted_auc_equals_the_auc_of_the_data_repeated():
     for row, w in zip(got, weights):
         assert row == pytest.approx(M.auc(np.repeat(labels, w), np.repeat(scores, w)), abs=1e-12)
     assert M.weighted_auc(labels, scores, np.ones((1, 200)))[0] == pytest.approx(M.auc(labels, scores), abs=1e-12)
+    # and auc against every positive-negative pair counted directly (a tie counts one half)
+    diff = scores[labels][:, None] - scores[~labels][None, :]
+    assert M.auc(labels, scores) == pytest.approx(((diff > 0) + 0.5 * (diff == 0)).mean(), abs=1e-12)
     assert np.isnan(M.weighted_auc(labels, scores, (~labels)[None].astype(float))[0])  # no positive weighed
 
 
