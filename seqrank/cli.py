@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--seeds", default=None, help="e.g. 0,1,2: also train every ranker with these seeds and report "
                    "each head's AUC mean +- sd (seed variance)")
+    p.add_argument("--user-folds", type=int, default=1, help="K > 1: also cross-validate PinnerFormer over K folds "
+                   "of users, so dense vs next-action is measured on every user (trains 2 (K - 1) more PinnerFormers)")
 
     p = sub.add_parser("export", help="ONNX + parity check + lookup tables -> a Triton model repository")
     p.add_argument("--run", required=True)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         train(args.events, args.out, args.config, args.negative_actions)
     elif args.command == "evaluate":
         from .pipeline import evaluate
-        evaluate(args.run, [int(x) for x in args.seeds.split(",")] if args.seeds else None)
+        evaluate(args.run, [int(x) for x in args.seeds.split(",")] if args.seeds else None, args.user_folds)
     return 0
 
 

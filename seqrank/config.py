@@ -17,6 +17,10 @@ class DataConfig:
                                       # from; the ranker trains on the impressions after it, so no training example
                                       # sees an item embedding learned from its own outcome (dataset.prepare).
                                       # 1.0 = one period for both: embeddings in-sample for the ranker
+    ranker_users: str = "all"         # "all": the ranker trains on every user's impressions. "held_out": only on the
+                                      # users PinnerFormer did not learn from (pinnerformer_test_users), and the
+                                      # vocabulary holds only items PinnerFormer learned, so no training example's
+                                      # embeddings saw its own outcome while the whole period is kept (dataset.prepare)
 
 
 @dataclass

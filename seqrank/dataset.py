@@ -31,11 +31,15 @@ class Prepared:
     unseen_item_share: float         # share of impressions whose item training never saw (unseen_item_share below)
     embedding_end: int               # ms: PinnerFormer and the vocabulary learn from events before it (<= split_time)
     ranker_start: int                # ms: the ranker trains on the training impressions at or after it
+    ranker_users: set[str] | None = None  # the users whose impressions the ranker trains on (None: every user)
 
     def ranker_train_rows(self) -> np.ndarray:
-        """The impressions the ranker trains on: the training period from ranker_start."""
+        """The impressions the ranker trains on: the training period from ranker_start, of ranker_users."""
         imp = self.impressions
-        return np.flatnonzero(~imp.is_test.to_numpy() & (imp.timestamp.to_numpy() >= self.ranker_start))
+        keep = ~imp.is_test.to_numpy() & (imp.timestamp.to_numpy() >= self.ranker_start)
+        if self.ranker_users is not None:
+            keep &= imp.user_id.isin(self.ranker_users).to_numpy()
+        return np.flatnonzero(keep)
 
     def test_rows(self) -> np.ndarray:
         return np.flatnonzero(self.impressions.is_test.to_numpy())
@@ -105,19 +109,37 @@ def prepare(log: EventLog, cfg: RunConfig) -> Prepared:
     if (ev.timestamp < embedding_end).sum() == 0 or (train_ev.timestamp >= ranker_start).sum() == 0:
         raise DataError(f"data.embedding_period {cfg.data.embedding_period} leaves no events for PinnerFormer or "
                         "for the ranker", file=log.source)
+    users = np.array(sorted(ev.user_id.unique()))
+    rng = np.random.default_rng(cfg.seed)
+    n_test = max(1, int(round(cfg.data.pinnerformer_test_users * len(users))))
+    pf_test_users = set(rng.choice(users, size=n_test, replace=False).tolist())
+    ranker_users = held_out_ranker_users(cfg, pf_test_users, log.source)
     # Items known to the models are those PinnerFormer learned: later items are out of vocabulary, as in production.
-    vocab = Vocabulary.build(ev.item_id[ev.timestamp < embedding_end].to_numpy(), ev.action.unique(),
+    learned = ev.timestamp < embedding_end
+    if ranker_users is not None:
+        learned &= ~ev.user_id.isin(pf_test_users)
+    vocab = Vocabulary.build(ev.item_id[learned].to_numpy(), ev.action.unique(),
                              log.negative_actions, log.exposure_action)
     histories = {u: index_history(vocab, g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
                  for u, g in ev.groupby("user_id", sort=True)}
     impressions, labels = build_impressions(ev, vocab.heads, cfg.data.session_gap_s)
     impressions["is_test"] = impressions.timestamp >= split_time
-    users = np.array(sorted(histories))
-    rng = np.random.default_rng(cfg.seed)
-    n_test = max(1, int(round(cfg.data.pinnerformer_test_users * len(users))))
-    pf_test_users = set(rng.choice(users, size=n_test, replace=False).tolist())
     return Prepared(log, vocab, split_time, users, histories, impressions, labels, pf_test_users,
-                    future_window_ms(cfg, t1 - t0), unseen_item_share(train_ev, cfg), embedding_end, ranker_start)
+                    future_window_ms(cfg, t1 - t0), unseen_item_share(train_ev, cfg), embedding_end, ranker_start,
+                    ranker_users)
+
+
+def held_out_ranker_users(cfg: RunConfig, pf_test_users: set[str], source) -> set[str] | None:
+    """data.ranker_users "held_out": the ranker learns only from users PinnerFormer never trained on, so the item
+    table cannot encode a training example's own outcome (a table learned on the ranker's own impressions does:
+    README, session 12), at the cost of the ranker's share of users instead of the embedding period's share of time."""
+    if cfg.data.ranker_users == "all":
+        return None
+    if cfg.data.ranker_users != "held_out":
+        raise ValueError(f'data.ranker_users must be "all" or "held_out", got {cfg.data.ranker_users!r}')
+    if not 0.0 < cfg.data.pinnerformer_test_users < 1.0:
+        raise DataError("data.ranker_users held_out needs data.pinnerformer_test_users in (0, 1)", file=source)
+    return set(pf_test_users)
 
 
 def build_impressions(ev: pd.DataFrame, heads: list[str], session_gap_s: float):

@@ -47,12 +47,13 @@ def _load_pinnerformer(run: Path, cfg, prep, name="pinnerformer.safetensors") ->
     return model.eval()
 
 
-def _fit_pinnerformer(run: Path, cfg: RunConfig, prep: Prepared, objective: str, out: Path) -> PinnerFormer:
+def _fit_pinnerformer(run: Path, cfg: RunConfig, prep: Prepared, objective: str, out: Path,
+                      tag: str = "") -> PinnerFormer:
     pf_cfg = replace(cfg.pinnerformer, objective=objective)
     if out.exists():
         return _load_pinnerformer(out.parent, pf_cfg, prep, out.name)
     seed_everything(cfg.seed, cfg.threads)
-    model = train_pinnerformer(prep, pf_cfg, cfg.seed, run / "checkpoints" / f"pinnerformer_{objective}.pt")
+    model = train_pinnerformer(prep, pf_cfg, cfg.seed, run / "checkpoints" / f"pinnerformer_{objective}{tag}.pt")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), out)
     return model
@@ -126,7 +127,7 @@ def load_ranker_examples(run: Path):
     return cfg, info, prep, np.load(run / "item_table.npy"), train_ex, test_ex
 
 
-def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
+def evaluate(run: str | Path, seeds: list[int] | None = None, user_folds: int = 1) -> dict:
     """Time-split evaluation of the run (its seed). `seeds`: also train every ranker (TransAct and both baselines,
     the same PinnerFormer) with these seeds and report each head's AUC per seed with mean and standard deviation:
     on small logs a single seed can move an AUC by more than the differences between the models."""
@@ -178,7 +179,7 @@ def evaluate(run: str | Path, seeds: list[int] | None = None) -> dict:
                                                                 ranker_metrics["no_sequence"][h]["hit@3"])}
                   for j, h in enumerate(heads)}
 
-    user_metrics = evaluate_user_models(run, cfg, prep)
+    user_metrics = evaluate_user_models(run, cfg, prep, user_folds)
     result = {"ranker": ranker_metrics, "lifts_of_transact": lifts, "user_model": user_metrics,
               "uncertainty": uncertainty, "hit@3_bounds": hit_bounds,
               **({"ranker_seeds": seed_metrics} if seed_metrics else {}),
@@ -230,32 +231,68 @@ def comparison_uncertainty(test_ex: RankerExamples, test_probs: dict, group_rows
     return out
 
 
-def evaluate_user_models(run: Path, cfg: RunConfig, prep: Prepared) -> dict:
+def evaluate_user_models(run: Path, cfg: RunConfig, prep: Prepared, user_folds: int = 1) -> dict:
     """PinnerFormer's Recall@10 of each held-out user's positives in the window after the split, dense all-action
-    against next-action (trained here if the run lacks it)."""
+    against next-action (trained here if the run lacks it), with the ratio's 95% interval over the held-out users.
+    user_folds K > 1: also cross-validate over users, so every user is held out once and the interval rests on all
+    of them: the users PinnerFormer trained on are split into K - 1 more held-out folds, each with its own pair of
+    PinnerFormers trained like the run's (same config and seed) on everyone else (`folds` in the result)."""
+    per_user = {objective: [] for objective in USER_OBJECTIVES}
+    for k, held_out in enumerate(held_out_user_folds(prep, user_folds, cfg.seed)):
+        fold_prep = replace(prep, pf_test_users=held_out)
+        for objective in USER_OBJECTIVES:
+            path = (run / "user_folds" / f"pinnerformer_{objective}_fold{k}.safetensors" if k else
+                    run / ("pinnerformer.safetensors" if objective == cfg.pinnerformer.objective
+                           else f"baselines/pinnerformer_{objective}.safetensors"))
+            per_user[objective].append(recall_of_held_out_users(run, cfg, fold_prep, objective, sorted(held_out),
+                                                                path, tag=f"_fold{k}" if k else ""))
+    user_metrics = dense_vs_next({objective: values[0] for objective, values in per_user.items()})
+    if user_folds > 1:
+        user_metrics["folds"] = {"k": user_folds,
+                                 **dense_vs_next({o: np.concatenate(v) for o, v in per_user.items()})}
+    return user_metrics
+
+
+def held_out_user_folds(prep: Prepared, k: int, seed: int) -> list[set]:
+    """k disjoint sets of users that together hold every user: the run's own held-out users (pf_test_users) first,
+    then the users PinnerFormer trained on, shuffled and split into k - 1 folds (k = 1 / pinnerformer_test_users
+    gives folds of the same size)."""
+    rest = np.random.default_rng(seed).permutation(sorted(set(prep.users) - prep.pf_test_users))
+    if not 1 <= k <= len(rest) + 1:
+        raise ValueError(f"user_folds must be between 1 and {len(rest) + 1} (the users PinnerFormer trains on + 1), "
+                         f"got {k}")
+    folds = [set(prep.pf_test_users)]
+    if k > 1:
+        folds += [set(fold.tolist()) for fold in np.array_split(rest, k - 1)]
+    return folds
+
+
+USER_OBJECTIVES = ("dense_all_action", "next_action")
+
+
+def recall_of_held_out_users(run: Path, cfg: RunConfig, prep: Prepared, objective: str, users: list, path: Path,
+                             tag: str = "") -> np.ndarray:
+    """Recall@10 per held-out user (those with a future positive) of the PinnerFormer at `path` (trained if absent)."""
     negative = [prep.vocab.actions.index(a) + FIRST_ID for a in prep.vocab.negative_actions]
-    test_users = sorted(prep.pf_test_users)
     future = []
-    for u in test_users:
+    for u in users:
         h = prep.histories[u]
         sel = (h.ts >= prep.split_time) & (h.ts < prep.split_time + prep.future_window_ms) & (h.item >= FIRST_ID)
         future.append(set(h.item[sel & ~np.isin(h.action, negative)].tolist()))
-    user_metrics, per_user = {}, {}
-    for objective in ("dense_all_action", "next_action"):
-        path = run / "pinnerformer.safetensors" if objective == cfg.pinnerformer.objective \
-            else run / "baselines" / f"pinnerformer_{objective}.safetensors"
-        model = _fit_pinnerformer(run, cfg, prep, objective, path)
-        emb = embed_users(model, prep, test_users, np.full(len(test_users), prep.split_time))
-        per_user[objective] = M.recall_per_user(emb, item_table(model), future, k=10)
-        user_metrics[objective] = {"recall@10": float(per_user[objective].mean()) if len(per_user[objective]) else float("nan"),
-                                   "users": len(per_user[objective])}
-    dense, nxt = user_metrics["dense_all_action"]["recall@10"], user_metrics["next_action"]["recall@10"]
-    user_metrics["dense_vs_next_ratio"] = dense / nxt if nxt > 0 else None  # None: next-action retrieved nothing
-    # the ratio's 95% interval over the held-out users (both objectives scored on the same users)
+    model = _fit_pinnerformer(run, cfg, prep, objective, path, tag)
+    emb = embed_users(model, prep, users, np.full(len(users), prep.split_time))
+    return M.recall_per_user(emb, item_table(model), future, k=10)
+
+
+def dense_vs_next(per_user: dict) -> dict:
+    """Mean Recall@10 of each objective over the same users, their ratio and its 95% interval over those users."""
+    out = {o: {"recall@10": float(v.mean()) if len(v) else float("nan"), "users": len(v)} for o, v in per_user.items()}
+    dense, nxt = out["dense_all_action"]["recall@10"], out["next_action"]["recall@10"]
+    out["dense_vs_next_ratio"] = dense / nxt if nxt > 0 else None  # None: next-action retrieved nothing
     lift = M.ratio_lift_ci(per_user["dense_all_action"], per_user["next_action"],
                            np.arange(len(per_user["dense_all_action"])))
-    user_metrics["dense_vs_next_ratio_ci"] = [1.0 + v for v in lift["ci"]] if lift["ci"] else None
-    return user_metrics
+    out["dense_vs_next_ratio_ci"] = [1.0 + v for v in lift["ci"]] if lift["ci"] else None
+    return out
 
 
 def candidate_coverage(impressions, embedding_end: int) -> dict:
@@ -320,11 +357,16 @@ def format_table(result: dict, heads: list[str]) -> str:
         lines.append(f"{h:<14}{t['auc']:>13.4f}{n['auc']:>9.4f}{a['auc']:>9.4f}{t['hit@3']:>10.4f}"
                      f"{n['hit@3']:>9.4f}{M.lift(t['hit@3'], n['hit@3']):>+9.1%}{M.lift(t['hit@3'], a['hit@3']):>+9.1%}")
     u = result["user_model"]
-    ratio, ci = u["dense_vs_next_ratio"], u.get("dense_vs_next_ratio_ci")
-    lines.append(f"PinnerFormer Recall@10: dense all-action {u['dense_all_action']['recall@10']:.4f}  "
-                 f"next-action {u['next_action']['recall@10']:.4f}  ratio "
-                 + (f"{ratio:.3f}" if ratio is not None else "n/a (next-action 0)")
-                 + (f" [95%: {ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+    for m in (u, u.get("folds")):
+        if m is None:
+            continue
+        name = f" ({m['k']} user folds)" if "k" in m else ""
+        ratio, ci = m["dense_vs_next_ratio"], m.get("dense_vs_next_ratio_ci")
+        lines.append(f"PinnerFormer Recall@10{name}: dense all-action {m['dense_all_action']['recall@10']:.4f}  "
+                     f"next-action {m['next_action']['recall@10']:.4f}  ratio "
+                     + (f"{ratio:.3f}" if ratio is not None else "n/a (next-action 0)")
+                     + (f" [95%: {ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+                     + f" over {m['dense_all_action']['users']} held-out users")
     return "\n".join(lines)
 
 

@@ -309,6 +309,41 @@ def test_embedding_period_keeps_the_rankers_examples_after_everything_the_embedd
             prepare(log, cfg)
 
 
+def test_held_out_ranker_users_keep_the_rankers_examples_away_from_what_the_embeddings_learned_by_hand():
+    """data.ranker_users "held_out": the ranker trains only on the users PinnerFormer is not trained on, and the
+    vocabulary holds only the items PinnerFormer learned, so no training example's embeddings saw its outcome."""
+    from dataclasses import replace
+    H = HOUR_MS
+    rows = [("u1", "a", "click", 0), ("u2", "b", "click", 1 * H), ("u3", "c", "click", 2 * H),
+            ("u4", "d", "click", 3 * H), ("u1", "s", "click", 5 * H), ("u2", "s", "like", 6 * H),
+            ("u3", "s", "click", 7 * H), ("u4", "s", "click", 8 * H),   # s: every user's, in the vocabulary
+            ("u1", "z", "click", 100 * H)]                              # the test period starts at 80 h
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"])
+    log = EventLog(events=ev, source="hand", fmt="canonical", duplicates_dropped=0,
+                   negative_actions=(), exposure_action=None)
+    cfg = RunConfig()
+    cfg.data = replace(cfg.data, pinnerformer_test_users=0.5)
+    every = prepare(log, cfg)
+    assert len(every.ranker_train_rows()) == 8 and every.ranker_users is None
+    cfg.data = replace(cfg.data, ranker_users="held_out")
+    prep = prepare(log, cfg)
+    held = prep.pf_test_users
+    assert held == every.pf_test_users and len(held) == 2 and prep.ranker_users == held
+    imp = prep.impressions
+    assert set(imp.user_id[prep.ranker_train_rows()]) == held and len(prep.ranker_train_rows()) == 4
+    assert imp.user_id[prep.test_rows()].tolist() == ["u1"]        # evaluated on every user
+    first_items = dict(zip(["u1", "u2", "u3", "u4"], "abcd"))
+    learned = sorted(first_items[u] for u in ("u1", "u2", "u3", "u4") if u not in held)
+    unlearned = sorted(first_items[u] for u in held)
+    assert (prep.vocab.item_index(learned + ["s"]) >= FIRST_ID).all()
+    assert (prep.vocab.item_index(unlearned + ["z"]) == OOV).all()  # only the ranker's users saw them
+    for bad, error in (({"ranker_users": "some"}, "ranker_users"),
+                       ({"ranker_users": "held_out", "pinnerformer_test_users": 0.0}, "pinnerformer_test_users")):
+        cfg.data = replace(RunConfig().data, **bad)
+        with pytest.raises(ValueError, match=error):
+            prepare(log, cfg)
+
+
 def test_unseen_item_share_is_estimated_inside_the_training_period_by_hand():
     """The ranker's default candidate_oov_rate: of the training period's last test_fraction (20%), the share of
     impressions (not action rows) whose item nothing before it showed; the test period is never read."""

@@ -196,7 +196,7 @@ def test_train_resumes_from_the_finished_checkpoint(run, tmp_path):
 def test_evaluate_over_seeds_trains_each_ranker_per_seed_and_reports_the_spread(run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(run["out"], out)
-    seeds_eval, _ = seqrank("evaluate", "--run", str(out), "--seeds", "0,1")
+    seeds_eval, _ = seqrank("evaluate", "--run", str(out), "--seeds", "0,1", "--user-folds", "3")
     metrics = json.loads((out / "metrics.json").read_text())
     first = json.loads((run["out"] / "metrics.json").read_text())
     assert json.dumps(metrics["ranker"], sort_keys=True) == json.dumps(first["ranker"], sort_keys=True)
@@ -216,6 +216,46 @@ def test_evaluate_over_seeds_trains_each_ranker_per_seed_and_reports_the_spread(
         mean_diff = np.mean([metrics["ranker_seeds"]["transact"][h]["auc"][i]
                              - metrics["ranker_seeds"]["avg_pool"][h]["auc"][i] for i in (0, 1)])
         assert metrics["uncertainty"]["auc_difference"]["avg_pool"][h]["value"] == pytest.approx(mean_diff, abs=1e-12)
+    # --user-folds 3: the run's own held-out users keep their numbers; two more folds of users, each scored by its own
+    # pair of PinnerFormers, put every user in the dense vs next-action comparison
+    user, folds = metrics["user_model"], metrics["user_model"]["folds"]
+    assert json.dumps({k: v for k, v in user.items() if k != "folds"}, sort_keys=True) == \
+        json.dumps(first["user_model"], sort_keys=True)
+    for k in (1, 2):
+        for objective in ("dense_all_action", "next_action"):
+            assert (out / "user_folds" / f"pinnerformer_{objective}_fold{k}.safetensors").is_file()
+            assert (out / "checkpoints" / f"pinnerformer_{objective}_fold{k}.pt").is_file()
+    assert folds["k"] == 3 and folds["dense_all_action"]["users"] == folds["next_action"]["users"]
+    assert folds["dense_all_action"]["users"] >= 3 * user["dense_all_action"]["users"]  # 20% of users -> all
+    if folds["dense_vs_next_ratio_ci"] is not None:
+        lo, hi = folds["dense_vs_next_ratio_ci"]
+        assert lo <= folds["dense_vs_next_ratio"] <= hi
+    assert "(3 user folds)" in seeds_eval.stdout
+
+
+def test_user_folds_hold_out_every_user_exactly_once():
+    from dataclasses import replace as dc_replace
+
+    import pandas as pd
+
+    from seqrank.config import RunConfig
+    from seqrank.data.loaders import EventLog
+    from seqrank.dataset import prepare
+    from seqrank.pipeline import held_out_user_folds
+    rows = [(f"u{i}", f"i{j}", "click", 1000 * (10 * i + j)) for i in range(10) for j in range(3)]
+    log = EventLog(events=pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"]), source="hand",
+                   fmt="canonical", duplicates_dropped=0, negative_actions=(), exposure_action=None)
+    cfg = RunConfig()
+    cfg.data = dc_replace(cfg.data, pinnerformer_test_users=0.2)
+    prep = prepare(log, cfg)
+    assert held_out_user_folds(prep, 1, seed=0) == [prep.pf_test_users]
+    folds = held_out_user_folds(prep, 5, seed=0)
+    assert folds[0] == prep.pf_test_users and [len(f) for f in folds] == [2] * 5
+    assert set().union(*folds) == set(prep.users) and sum(len(f) for f in folds) == len(prep.users)
+    assert held_out_user_folds(prep, 5, seed=0) == folds
+    for bad in (0, 10):
+        with pytest.raises(ValueError, match="user_folds"):
+            held_out_user_folds(prep, bad, seed=0)
 
 
 def test_candidate_coverage_counts_test_items_seen_in_the_embedding_period():
