@@ -4,11 +4,12 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo
+RESULTS_RUN ?= runs/kuairand
 EVENTS ?= data/kuairand/events.tsv.gz
 STORE ?= sqlite:///$(abspath $(RUN))/store.db
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo train export serve test test-fast bench lint-deploy movielens clean
+.PHONY: install demo train export serve test test-fast bench results lint-deploy movielens clean
 
 install: $(STAMP)   ## system packages (apt-get) + .venv with pinned packages; idempotent
 
@@ -36,6 +37,10 @@ movielens: install   ## fetch MovieLens 100K (not redistributable, so not in git
 
 train: install
 	$(BIN)/seqrank train --events $(EVENTS) --out $(RUN)
+
+results: install   ## the README's KuaiRand numbers: train, then evaluate over 3 seeds and 5 user folds (~25 min)
+	$(BIN)/seqrank train --events $(EVENTS) --out $(RESULTS_RUN)
+	$(BIN)/seqrank evaluate --run $(RESULTS_RUN) --seeds 0,1,2 --user-folds 5
 
 export: install
 	$(BIN)/seqrank export --run $(RUN)
