@@ -495,3 +495,21 @@ def test_movielens_fetcher_writes_the_real_100k_ratings(tmp_path):
     assert set(log.events.action) == {"like", "rate", "dislike"} and tuple(log.negative_actions) == ("dislike",)
     assert (tmp_path / "ml" / "TERMS.txt").read_text().startswith("MovieLens 100K")
     assert fetch.fetch(tmp_path / "ml") == path  # idempotent: a second call does not download again
+
+
+def test_log_timing_counts_bursts_by_hand():
+    """scripts/log_timing.py: one action per impression (a click and a like on the same item at the same time are
+    one), gaps between a user's consecutive actions, users whose history spans under a day."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("log_timing",
+                                                  Path(__file__).resolve().parents[1] / "scripts" / "log_timing.py")
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    day = 86_400_000
+    rows = [("u1", "a", "click", 0), ("u1", "a", "like", 0), ("u1", "b", "click", 0), ("u1", "c", "click", 30_000),
+            ("u2", "a", "click", 0), ("u2", "b", "click", 2 * day), ("u2", "c", "click", 2 * day + 120_000)]
+    got = timing.log_timing(pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"]))
+    # gaps: u1 0 s, 30 s; u2 2 days, 120 s
+    assert got["actions"] == 6 and got["users"] == 2
+    assert got["gaps_of_0s"] == 0.25 and got["gaps_under_60s"] == 0.5 and got["median_gap_s"] == 75.0
+    assert got["users_spanning_under_a_day"] == 0.5 and got["actions_on_the_users_first_day"] == 4 / 6
