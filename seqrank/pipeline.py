@@ -185,7 +185,8 @@ def evaluate(run: str | Path, seeds: list[int] | None = None, user_folds: int = 
               **({"ranker_seeds": seed_metrics} if seed_metrics else {}),
               **({"transact_output_gate": gate} if gate else {}),
               "data": {"events": info["events"], "test_impressions": len(test_ex),
-                       **candidate_coverage(prep.impressions, prep.embedding_end),
+                       **candidate_coverage(prep.impressions, prep.embedding_end,
+                                            lambda items: prep.vocab.item_index(items) != OOV),
                        "train_impressions": len(train_ex),
                        "test_positives": {h: int((test_ex.labels[:, j] > 0).sum()) for j, h in enumerate(heads)},
                        "hit@3_groups": int((np.bincount(test_ex.user_day) >= 4).sum()),
@@ -295,11 +296,14 @@ def dense_vs_next(per_user: dict) -> dict:
     return out
 
 
-def candidate_coverage(impressions, embedding_end: int) -> dict:
+def candidate_coverage(impressions, embedding_end: int, in_vocabulary=None) -> dict:
     """How much the embedding period tells the models about the test candidates: the share of test impressions
-    whose item it saw (the vocabulary; the rest are one out-of-vocabulary row), and how often the median seen one was.
-    Early fusion can only match a candidate against the history through what its embedding learned."""
+    whose item it saw and the vocabulary holds (the rest are one out-of-vocabulary row), and how often the median seen
+    one was shown in that period. Early fusion can only match a candidate against the history through what its
+    embedding learned. in_vocabulary(items) -> bool mask: the vocabulary (None: every item the period saw)."""
     train_counts = impressions.loc[impressions.timestamp < embedding_end, "item_id"].value_counts()
+    if in_vocabulary is not None:
+        train_counts = train_counts[in_vocabulary(train_counts.index.to_numpy())]
     test_items = impressions.loc[impressions.is_test, "item_id"]
     seen = test_items.map(train_counts).dropna()
     return {"test_candidates_seen_in_training": float(len(seen) / max(len(test_items), 1)),

@@ -268,3 +268,6 @@ def test_candidate_coverage_counts_test_items_seen_in_the_embedding_period():
     assert cov["test_candidates_seen_in_training"] == 0.5               # a and b seen; d (twice) never
     assert candidate_coverage(imp, embedding_end=3)["test_candidates_seen_in_training"] == 0.25  # only a, once
     assert cov["train_impressions_of_seen_test_candidate_median"] == 1.5  # a: 2, b: 1
+    # a vocabulary without b (data.ranker_users held_out: only what PinnerFormer learned) covers only a
+    cov = candidate_coverage(imp, embedding_end=10, in_vocabulary=lambda items: items != "b")
+    assert cov["test_candidates_seen_in_training"] == 0.25 and cov["train_impressions_of_seen_test_candidate_median"] == 2
