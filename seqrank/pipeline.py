@@ -130,7 +130,8 @@ def load_ranker_examples(run: Path):
 def evaluate(run: str | Path, seeds: list[int] | None = None, user_folds: int = 1) -> dict:
     """Time-split evaluation of the run (its seed). `seeds`: also train every ranker (TransAct and both baselines,
     the same PinnerFormer) with these seeds and report each head's AUC per seed with mean and standard deviation:
-    on small logs a single seed can move an AUC by more than the differences between the models."""
+    on small logs a single seed can move an AUC by more than the differences between the models. `user_folds` K > 1:
+    PinnerFormer's dense vs next-action also over K folds of users, every user held out once (evaluate_user_models)."""
     run = Path(run)
     cfg, info, prep, table, train_ex, test_ex = load_ranker_examples(run)
     heads, negative = prep.vocab.heads, prep.vocab.negative_actions
