@@ -7,8 +7,9 @@ head, on the ranker's training impressions and on the test period, candidates se
 A pretrained table learned on the same period as the ranker's examples has seen their outcomes (PinnerFormer pulls
 an engaged item towards its user), so the cosine predicts a training label better than a test label. A ranker
 learns to lean on it, early fusion most directly (attention between the candidate and every history row), and
-carries the habit into a test period where it does not hold. `data.embedding_period` < 1 removes the overlap
-(README, session 12). Reads the run; trains nothing.
+carries the habit into a test period where it does not hold. `data.embedding_period` < 1 (README, session 12) or
+`data.ranker_users` "held_out" (session 13) removes the overlap, though on KuaiRand neither closes TransAct's gap
+to average pooling. Reads the run; trains nothing.
 """
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
 Sequence models (TransAct's ordered history, PinnerFormer's "what comes after this action") assume a timestamp is
 when the user acted. A log whose actions arrive in bursts -- MovieLens ratings are typed in one sitting, half of
 consecutive ratings in the same second -- has no order within a burst and no "later" for most users. This prints,
-for any events file the loaders read (one action per impression): the median gap between a user's consecutive actions, the share of gaps under a
-minute and of exactly zero, the share of users whose whole history spans under a day, and the share of actions on
-a user's first day.
+for any events file the loaders read (one action per impression): the median gap between a user's consecutive
+actions, the share of gaps under a minute and of exactly zero, the share of users whose whole history spans under a
+day, and the share of actions on a user's first day.
 
     python scripts/log_timing.py --events data/external/movielens-100k/ratings.csv
 """

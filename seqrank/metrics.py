@@ -38,18 +38,11 @@ def hits_per_group(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray, k
     return np.asarray(first, dtype=np.int64), np.asarray(hits, dtype=np.float64).reshape(-1, labels.shape[1])
 
 
-def hit_at_k(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: int = 3, min_size: int = 4,
-             seed: int = 0) -> np.ndarray:
-    """Per head: mean over groups (sessions or user-days with >= min_size impressions) of the positives ranked in
-    the top k (hits_per_group)."""
-    _, hits = hits_per_group(groups, labels, scores, k, min_size, seed)
-    return hits.mean(axis=0) if len(hits) else np.full(labels.shape[1], np.nan)
-
-
 def hit_at_k_bounds(groups: np.ndarray, labels: np.ndarray, k: int = 3, min_size: int = 4) -> dict[str, np.ndarray]:
-    """What HIT@k can be on these groups whatever the model, per head (binary labels), over the groups hit_at_k
-    counts: "random" (the expectation under a random order: k/n of a group's positives), "most" (an oracle that puts
-    the head's positives first: min(k, positives)) and "fewest" (one that puts them last: max(0, k - negatives)).
+    """What HIT@k can be on these groups whatever the model, per head (binary labels), over the groups
+    hits_per_group counts: "random" (the expectation under a random order: k/n of a group's positives), "most"
+    (an oracle that puts the head's positives first: min(k, positives)) and "fewest" (one that puts them last:
+    max(0, k - negatives)).
     A lift target beyond most/baseline - 1 cannot be met on this log."""
     labels = np.asarray(labels) > 0
     sums, sizes = [], []
@@ -71,13 +64,6 @@ def recall_per_user(user_emb: np.ndarray, item_table: np.ndarray, future: list[s
     scores = user_emb @ item_table[first_id:].T
     top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k] + first_id
     return np.array([len(set(t.tolist()) & f) / len(f) for t, f in zip(top, future) if f], dtype=np.float64)
-
-
-def recall_at_k(user_emb: np.ndarray, item_table: np.ndarray, future: list[set[int]], k: int = 10,
-                first_id: int = 2) -> float:
-    """Mean over users of recall_per_user."""
-    vals = recall_per_user(user_emb, item_table, future, k, first_id)
-    return float(vals.mean()) if len(vals) else float("nan")
 
 
 def lift(value: float, baseline: float) -> float:
