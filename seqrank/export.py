@@ -191,7 +191,8 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True) ->
               "seq_len": cfg.transact.seq_len, "heads": ",".join(vocab.heads),
               "utility_weights": ",".join(f"{w:g}" for w in weights),
               "candidate_buckets": ",".join(map(str, CANDIDATE_BUCKETS)),
-              "max_candidates": CANDIDATE_BUCKETS[-1]}
+              "max_candidates": CANDIDATE_BUCKETS[-1],
+              "n_items": int(model.item_table.shape[0]), "n_actions": int(model.action_emb.num_embeddings)}
     for config in repository.rglob("*.pbtxt"):
         config.write_text(render_config(config.read_text(), values))
     summary = {"repository": str(repository), "onnx": str(onnx_path), "parity": parity,

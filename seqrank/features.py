@@ -18,6 +18,9 @@ PAD = 0          # index 0: padding (never attended or pooled)
 OOV = 1          # index 1: out-of-vocabulary item / action
 FIRST_ID = 2     # known ids start here
 N_CONTEXT = 4    # context features: log1p(#history), log1p(hours since last action), sin/cos hour of day
+# context[0] counts at most this many earlier actions: the feature store keeps a user's newest 256 raw actions
+# (seqrank.store DEFAULT_MAX_LEN), so serving from it cannot count more, and training must not either
+HISTORY_COUNT_CAP = 256
 
 
 def as_bytes_array(ids) -> np.ndarray:
@@ -152,5 +155,6 @@ def build_sequences(histories: Sequence[History], request_times_ms, max_len: int
     lengths = np.minimum(n_before, max_len)
     seq_mask = np.arange(max_len)[None, :] < lengths[:, None]
     hour = (req // 3_600_000) % 24 * (2 * np.pi / 24)
-    context = np.stack([np.log1p(n_before), np.log1p(last_gap_h), np.sin(hour), np.cos(hour)], axis=1)
+    context = np.stack([np.log1p(np.minimum(n_before, HISTORY_COUNT_CAP)), np.log1p(last_gap_h), np.sin(hour),
+                        np.cos(hour)], axis=1)
     return SequenceBatch(seq_item, seq_action, seq_mask, seq_ts, context.astype(np.float32))

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -14,9 +16,6 @@ from seqrank.models.transact import INPUT_NAMES
 from seqrank.serving.batching import trim_history_padding
 from seqrank.serving.cpu_graph import CPU_ONNX, add_full_history_branch, cpu_graph_path, fuse_skip_layernorm
 from test_models import make_ranker, ranker_inputs
-
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
 
 
 def _nodes(graph):

@@ -25,8 +25,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import ENSEMBLE_MODELS, REPO_ROOT
 from redis_server import RedisServer
 from seqrank.client import RankingClient
@@ -426,8 +424,40 @@ def test_corrupted_embedded_store_falls_back(small_run, start_server, tmp_path):
     assert max(latencies) < 1.0
 
 
-@pytest.mark.skipif(not RedisServer.available(), reason="redis-server not installed (apt-get install redis-server)")
-def test_paused_redis_falls_back_within_the_store_timeout(small_run, start_server):
+def test_one_unreadable_store_record_falls_back_for_that_user_only(small_run, start_server, tmp_path):
+    """One user's stored record cannot be parsed (a corrupt row; a wrong key type or embedding dim does the same):
+    that user is ranked without the sequence, flagged fallback_store_error and counted; the users batched with
+    it are ranked from the store as usual (until this was handled, the whole dynamic batch failed with INTERNAL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = _copy_store(small_run, tmp_path / "store.db")
+    requests = _requests(small_run, 4)
+    broken = requests[0][0]
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+        assert db.execute("UPDATE sequences SET packed = 'not|a|record' WHERE user_id = ?", (broken,)).rowcount == 1
+    server = _store_server(small_run, start_server, url)
+    try:
+        def rank(k):
+            user, items = requests[k % len(requests)]
+            with RankingClient(server.grpc_url, "grpc", retries=0, timeout_s=30) as client:
+                res = client.rank(user, items)
+            assert sorted(res.item_ids) == sorted(items)
+            return user, res.sequence_source
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(rank, range(32)))
+        import urllib.request
+        metrics = urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=10).read().decode()
+    finally:
+        server.stop()
+    assert {source for user, source in answers if user == broken} == {"fallback_store_error"}
+    assert {source for user, source in answers if user != broken} == {"store"}
+    counted = [line for line in metrics.splitlines()
+               if line.startswith("seqrank_store_fallback_total") and 'reason="error"' in line]
+    assert counted and float(counted[0].rsplit(" ", 1)[1]) == 8, counted
+
+
+def test_paused_redis_falls_back_well_within_a_second(small_run, start_server):
     from seqrank.store import Action, open_store
 
     (user, items), = _requests(small_run, 1)

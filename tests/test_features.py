@@ -154,6 +154,28 @@ def test_no_leakage_on_random_timelines(vocab):
     assert np.isfinite(batch.context).all()
 
 
+def test_features_from_the_stores_newest_actions_equal_those_from_the_whole_log(vocab):
+    """Serving reads at most the store's newest DEFAULT_MAX_LEN actions, training the whole log: every feature,
+    the history count included (capped at HISTORY_COUNT_CAP), must be the same from either."""
+    from seqrank.features import HISTORY_COUNT_CAP
+    from seqrank.store.base import DEFAULT_MAX_LEN
+    assert HISTORY_COUNT_CAP <= DEFAULT_MAX_LEN
+    n = DEFAULT_MAX_LEN + 300
+    names = np.array(["a", "b", "c", "d", "e"])[np.arange(n) % 5]
+    kinds = np.array(["click", "like", "hate"])[np.arange(n) % 3]
+    ts = np.arange(n, dtype=np.int64) * 1000
+    whole = index_history(vocab, names, kinds, ts)
+    store = index_history(vocab, names[-DEFAULT_MAX_LEN:], kinds[-DEFAULT_MAX_LEN:], ts[-DEFAULT_MAX_LEN:])
+    t = int(ts[-1]) + 5000
+    a, b = build_sequences([whole], [t], 100), build_sequences([store], [t], 100)
+    for field in ("seq_item", "seq_action", "seq_mask", "seq_ts", "context"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    assert a.context[0, 0] == np.float32(np.log1p(HISTORY_COUNT_CAP))
+    # below the cap the count is exact
+    few = build_sequences([whole], [int(ts[9]) + 1], 100)
+    assert few.context[0, 0] == np.float32(np.log1p(10))
+
+
 # ---------------------------------------------------------------------------------------------- build_impressions
 
 MIN = 60_000

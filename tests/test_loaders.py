@@ -430,9 +430,11 @@ def test_add_sampled_negatives_otto():
     pd.testing.assert_frame_equal(real.reset_index(drop=True), before)
     # one per positive, minus the rare exact collisions (same user, item and time drawn twice)
     assert 0.95 * len(before) <= len(imp) <= len(before)
-    engaged = set(zip(before.user_id, before.item_id))
-    assert not any((u, i) in engaged for u, i in zip(imp.user_id, imp.item_id))
-    assert set(imp.item_id) <= set(before.item_id)
+    # never an item the user had interacted with by then, never an item the log had not shown anyone by then
+    first_touch = before.groupby(["user_id", "item_id"]).timestamp.min().to_dict()
+    first_seen = before.groupby("item_id").timestamp.min().to_dict()
+    for u, i, t in zip(imp.user_id, imp.item_id, imp.timestamp):
+        assert first_touch.get((u, i), t + 1) > t and first_seen[i] <= t, (u, i, t)
     positive_times = set(zip(before.user_id, before.timestamp))
     assert all((u, t) in positive_times for u, t in zip(imp.user_id, imp.timestamp))
 
@@ -445,19 +447,33 @@ def test_add_sampled_negatives_deterministic_and_ratio():
     pd.testing.assert_frame_equal(a, b)
     assert not a.equals(c)
     n_imp = int((a.action == "impression").sum())
-    assert 330 <= n_imp <= 530  # ~431 expected
+    assert 372 <= n_imp <= 490  # 431 expected (0.5 x 862 positives), +-4 binomial sd
     n3 = int((add_sampled_negatives(log, per_positive=3.0).events.action == "impression").sum())
     assert 0.95 * 3 * 862 <= n3 <= 3 * 862
 
 
 def test_add_sampled_negatives_skips_negatives_and_dense_users(tmp_path):
-    # u1 has engaged with every item: it cannot get a sampled negative; u2's hide rows are not positives
+    # u1 has engaged with every item in the catalogue so far at each of its clicks: it cannot get a sampled
+    # negative; u2's hide rows are not positives, and b was hidden before u2's click; z appears only later
     path = write(tmp_path / "e.csv", HEADER + "u1,a,click,1\nu1,b,click,2\nu1,c,click,3\n"
-                 "u2,a,click,4\nu2,b,hide,5\n")
+                 "u2,b,hide,3\nu2,a,click,4\nu3,z,click,9\n")
     log = load_events(path, negative_actions=["hide"])
-    ev = add_sampled_negatives(log, per_positive=1.0, seed=0).events
+    for seed in range(5):
+        ev = add_sampled_negatives(log, per_positive=1.0, seed=seed).events
+        imp = ev[ev.action == "impression"]
+        assert imp[imp.user_id != "u3"].values.tolist() == [["u2", "c", "impression", 4000]], seed
+        assert imp[imp.user_id == "u3"].item_id.isin(["a", "b", "c"]).all()
+
+
+def test_add_sampled_negatives_never_come_from_the_future(tmp_path):
+    # early positives can only get early items, although later items are many
+    rows = ["u0,i0,click,1", "u1,i1,click,2"] + [f"u{k % 7},late{k},click,{100 + k}" for k in range(200)]
+    log = load_events(write(tmp_path / "e.csv", HEADER + "\n".join(rows) + "\n"))
+    ev = add_sampled_negatives(log, per_positive=3.0, seed=1).events
     imp = ev[ev.action == "impression"]
-    assert imp.values.tolist() == [["u2", "c", "impression", 4000]]
+    early = imp[imp.timestamp <= 2000]
+    assert early.values.tolist() == [["u1", "i0", "impression", 2000]]  # u0 at t=1 had nothing else to see
+    assert len(imp) > 400  # the later positives still get theirs (3 x 200, less exact collisions)
 
 
 def test_add_sampled_negatives_refuses_logged_exposures():

@@ -153,3 +153,70 @@ def test_defined_behaviours(server):
         diff = c.rank("111", ["3892024", "2629583"], actions=other_head, request_time=T0)
         np.testing.assert_allclose([i.utility for i in full.items], [i.utility for i in same.items], atol=1e-6)
         assert not np.allclose(sorted(i.utility for i in full.items), sorted(i.utility for i in diff.items), atol=1e-6)
+
+
+def _direct(client, model, tensors):
+    import tritonclient.grpc as g
+    from tritonclient.utils import np_to_triton_dtype
+    inputs = []
+    for name, value in tensors.items():
+        x = g.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else np_to_triton_dtype(value.dtype))
+        x.set_data_from_numpy(value)
+        inputs.append(x)
+    return client.infer(model, inputs)
+
+
+def test_direct_calls_to_the_ranker_and_postprocess_fail_alone(server):
+    """Inference on the composing models is open, and a direct call batches with the ensemble's own traffic: a bad
+    direct request gets INVALID_ARG naming its tensor, and the good requests batched with it are answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.grpc as g
+    from tritonclient.utils import InferenceServerException
+
+    with g.InferenceServerClient(server.grpc_url) as client:
+        pre = _direct(client, "preprocess", {n: v for n, v, _ in BASE})
+        feats = {n: pre.as_numpy(n) for n in ("seq_item", "seq_action", "seq_mask", "user_emb", "context",
+                                               "cand_item")}
+        probs = _direct(client, "ranker", feats).as_numpy("probs")
+        n_items = int(feats["cand_item"].max()) + 10**9
+        want = _infer(g, client, BASE).as_numpy("ranked_ids")
+    post = {"probs": probs, "candidate_ids": CANDS[1], "cand_oov": np.zeros((1, probs.shape[1]), dtype=bool)}
+    nan_probs = probs.copy()
+    nan_probs[0, 0, 0] = np.nan
+    bad = [  # (model, the tensor the error must name, inputs)
+        ("ranker", "cand_item", {**feats, "cand_item": np.full_like(feats["cand_item"], n_items)}),
+        ("ranker", "cand_item", {**feats, "cand_item": -feats["cand_item"] - 1}),
+        ("ranker", "seq_action", {**feats, "seq_action": feats["seq_action"] + 1000}),
+        ("ranker", "user_emb", {**feats, "user_emb": np.full_like(feats["user_emb"], np.nan)}),
+        ("ranker", "context", {**feats, "context": np.full_like(feats["context"], np.inf)}),
+        ("postprocess", "cand_oov", {**post, "cand_oov": np.zeros((1, 1), dtype=bool)}),
+        ("postprocess", "probs", {**post, "candidate_ids": _ids(*[str(i) for i in range(probs.shape[1] + 4)])}),
+        ("postprocess", "probs", {**post, "probs": nan_probs}),
+        ("postprocess", "probs", {k: np.concatenate([v, v]) for k, v in post.items()}),  # two users in one request
+    ]
+
+    def call_bad(case):
+        model, field, tensors = case
+        with g.InferenceServerClient(server.grpc_url) as c:
+            try:
+                _direct(c, model, tensors)
+            except InferenceServerException as e:
+                return field, str(e.status()), str(e)
+        return field, "OK", "no error"
+
+    def call_good(_):
+        with g.InferenceServerClient(server.grpc_url) as c:
+            return (_infer(g, c, BASE).as_numpy("ranked_ids").tolist(),
+                    _direct(c, "ranker", feats).as_numpy("probs"))
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        goods = [pool.submit(call_good, k) for k in range(12)]
+        bads = [pool.submit(call_bad, bad[k % len(bad)]) for k in range(3 * len(bad))]
+        for f in goods:
+            ranked, got = f.result()
+            assert ranked == want.tolist()
+            np.testing.assert_allclose(got, probs, atol=1e-6)
+        for f in bads:
+            field, status, message = f.result()
+            assert "INVALID_ARG" in status and field in message, (field, status, message)

@@ -679,8 +679,10 @@ def add_sampled_negatives(log: EventLog, per_positive: float = 1.0, seed: int = 
     so there is no example of an item that was shown and *not* engaged with. This function fabricates such
     examples: for each positive row (any action that is not negative feedback), with ratio ``per_positive``
     (1.0 = one per positive, 0.5 = with probability one half, 2.5 = two plus a third with probability one half),
-    it adds an ``impression`` row for an item drawn uniformly from the log's catalogue among the items that user
-    never interacted with, at the same timestamp as the positive. These are *sampled* negatives, not logged
+    it adds an ``impression`` row, at the same timestamp t as the positive, for an item drawn uniformly from the
+    catalogue as of t (the items that have appeared in the log by t: a negative never comes from the future, which
+    would teach "unseen item = not engaged" to a model evaluated on the later period) among the items that user had
+    not interacted with by t. These are *sampled* negatives, not logged
     exposures (``exposures_sampled`` is set on the result): metrics computed on them measure ranking against
     random items, which is easier than ranking real impressions. Deterministic for a given ``seed``.
     """
@@ -694,10 +696,21 @@ def add_sampled_negatives(log: EventLog, per_positive: float = 1.0, seed: int = 
         raise DataError("the log already uses the action name 'impression'", file=log.source, column="action")
 
     rng = np.random.default_rng(seed)
-    user_codes, users = pd.factorize(events["user_id"], sort=True)
+    user_codes = pd.factorize(events["user_id"], sort=True)[0].astype(np.int64)
     item_codes, items = pd.factorize(events["item_id"], sort=True)
+    item_codes = item_codes.astype(np.int64)
     n_items = len(items)
-    engaged = np.unique(user_codes.astype(np.int64) * n_items + item_codes)
+    ts = events["timestamp"].to_numpy(dtype=np.int64)
+    # the catalogue as of time t: the items that have appeared in the log by then (never one that appears later)
+    first_seen = np.full(n_items, np.iinfo(np.int64).max)
+    np.minimum.at(first_seen, item_codes, ts)
+    by_first = np.argsort(first_seen, kind="stable")
+    first_sorted = first_seen[by_first]
+    # what the user had interacted with by time t: (user, item) -> the first time
+    keys = user_codes * n_items + item_codes
+    engaged, inverse = np.unique(keys, return_inverse=True)
+    engaged_first = np.full(len(engaged), np.iinfo(np.int64).max)
+    np.minimum.at(engaged_first, inverse, ts)
 
     positive = ~events["action"].isin(log.negative_actions).to_numpy()
     pos_idx = np.flatnonzero(positive)
@@ -707,30 +720,34 @@ def add_sampled_negatives(log: EventLog, per_positive: float = 1.0, seed: int = 
     if frac > 0:
         counts += rng.random(len(pos_idx)) < frac
     src = np.repeat(pos_idx, counts)
-    sample_users = user_codes[src].astype(np.int64)
+    sample_users, sample_ts = user_codes[src], ts[src]
+    available = np.searchsorted(first_sorted, sample_ts, side="right")  # >= 1: the positive's own item
 
-    # users who engaged with every item cannot get a negative
-    per_user_engaged = np.bincount((engaged // n_items), minlength=len(users))
-    possible = per_user_engaged[sample_users] < n_items
-    src, sample_users = src[possible], sample_users[possible]
+    def taken(users, chosen, t):
+        """True where the user had interacted with the item at or before t."""
+        k = users * n_items + chosen
+        pos = np.minimum(np.searchsorted(engaged, k), len(engaged) - 1)
+        return (engaged[pos] == k) & (engaged_first[pos] <= t)
 
-    chosen = rng.integers(0, n_items, size=len(src)) if n_items else np.zeros(0, dtype=np.int64)
+    chosen = by_first[(rng.random(len(src)) * available).astype(np.int64)] if len(src) else np.zeros(0, np.int64)
     pending = np.ones(len(src), dtype=bool)
     for _ in range(64):  # rejection sampling, vectorised
-        keys = sample_users[pending] * n_items + chosen[pending]
-        hit = np.isin(keys, engaged, assume_unique=False)
         positions = np.flatnonzero(pending)
+        hit = taken(sample_users[positions], chosen[positions], sample_ts[positions])
         pending[positions[~hit]] = False
         if not pending.any():
             break
-        chosen[positions[hit]] = rng.integers(0, n_items, size=int(hit.sum()))
-    if pending.any():  # dense users: draw from the explicit complement
-        engaged_sorted = engaged
-        for pos in np.flatnonzero(pending):
-            u = sample_users[pos]
-            lo, hi = np.searchsorted(engaged_sorted, [u * n_items, (u + 1) * n_items])
-            free = np.setdiff1d(np.arange(n_items), engaged_sorted[lo:hi] - u * n_items, assume_unique=True)
+        redraw = positions[hit]
+        chosen[redraw] = by_first[(rng.random(len(redraw)) * available[redraw]).astype(np.int64)]
+    keep = np.ones(len(src), dtype=bool)
+    for pos in np.flatnonzero(pending):  # users who had seen most of the catalogue: its explicit complement
+        cands = by_first[:available[pos]]
+        free = cands[~taken(np.full(len(cands), sample_users[pos]), cands, np.full(len(cands), sample_ts[pos]))]
+        if len(free):
             chosen[pos] = free[rng.integers(0, len(free))]
+        else:  # every item in the catalogue so far: no negative to sample
+            keep[pos] = False
+    src, chosen = src[keep], chosen[keep]
 
     added = pd.DataFrame({
         "user_id": events["user_id"].to_numpy(dtype=object)[src],

@@ -24,6 +24,9 @@ def time_features(ts_ms: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """ts_ms [B,L] newest first (padding after), mask [B,L] -> [B,L,3] float32."""
     gap_h = np.zeros(ts_ms.shape, dtype=np.float64)
     gap_h[:, :-1] = np.maximum(ts_ms[:, :-1] - ts_ms[:, 1:], 0) / 3.6e6
+    # a gap only to an older real action: the oldest one in view has none (padding's time is 0, and how much
+    # padding follows depends on the batch), so a user's features do not depend on who shares the batch
+    gap_h[:, :-1] *= mask[:, 1:]
     gap_h *= mask
     hour = (ts_ms // 3_600_000) % 24 * (2 * np.pi / 24)
     feats = np.stack([np.log1p(gap_h), np.sin(hour), np.cos(hour)], axis=-1) * mask[..., None]

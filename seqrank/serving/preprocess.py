@@ -4,10 +4,12 @@ The error contract (docs/serving-contract.md): a malformed request raises Reques
 Python backend turns it into INVALID_ARG for that request only. Defined behaviours, not errors: an unknown
 candidate id gets the OOV row and oov=True; an empty history is a cold start; a history longer than S keeps the
 newest S; actions at or after the request time are ignored; a store that is down or slow gives an empty sequence
-and sequence_source="fallback_store_unavailable".
+and sequence_source="fallback_store_unavailable"; a user whose stored record cannot be read (corrupt, wrong type or
+dim) gets the same, flagged "fallback_store_error", and the rest of the batch is unaffected.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +17,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..features import (OOV, PAD, History, Vocabulary, as_bytes_array, build_sequences, byte_lengths,
-                        index_history)
+from ..features import (HISTORY_COUNT_CAP, OOV, PAD, History, Vocabulary, as_bytes_array, build_sequences,
+                        byte_lengths, index_history)
 
 FUTURE_TOLERANCE_MS = 5 * 60 * 1000   # a request time more than 5 minutes ahead of the server clock is an error
 MIN_VALID_TIME_MS = 946_684_800_000   # 2000-01-01: earlier request times are almost surely seconds, not ms
 ACTION_FIELDS = ("action_item_ids", "action_types", "action_times_ms")
+_log = logging.getLogger(__name__)
 CANDIDATE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # N is padded up to one of these (TensorRT profiles)
 
 
@@ -83,6 +86,10 @@ class Preprocessor:
         self.max_candidates = min(max_candidates, self.buckets[-1])
         self.max_actions, self.max_id_bytes = max_actions, max_id_bytes
         self.store = store
+        if store is not None and getattr(store, "max_len", HISTORY_COUNT_CAP) < HISTORY_COUNT_CAP:
+            _log.warning("the feature store keeps %d actions per user, fewer than the %d the model's history count "
+                         "feature was trained on: store-backed rankings will see a smaller count (train/serve skew)",
+                         store.max_len, HISTORY_COUNT_CAP)
         self.known_actions = set(self.vocab.actions) | ({self.vocab.exposure_action} - {None})
         self.known_action_bytes = {a.encode() for a in self.known_actions}  # requests carry names as bytes
 
@@ -130,8 +137,8 @@ class Preprocessor:
             known = np.fromiter(map(self.known_action_bytes.__contains__, kinds), dtype=bool, count=kinds.size)
             if not known.all():
                 i = int(np.argmin(known))
-                raise RequestError("action_types", f"element {i} is unknown action "
-                                                   f"{kinds[i].decode(errors='replace')!r}; "
+                raise RequestError("action_types", f"element {i} is unknown action "  # echo at most 64 bytes
+                                                   f"{kinds[i][:64].decode(errors='replace')!r}; "
                                                    f"known: {sorted(self.known_actions)}")
             actions = (items, kinds, times.astype(np.int64))
         return Request(user_id, cands, request_time, actions)
@@ -154,6 +161,48 @@ class Preprocessor:
         out[rows] = self.user_emb[pos[hit]]
         return out
 
+    def _store_rows(self, users: Sequence[str], dim: int) -> list[tuple[History, np.ndarray | None]]:
+        """Each user's history and stored embedding (None: none stored, or not finite) in one round trip each."""
+        seqs = self.store.get_sequences(users)
+        store_emb, found = self.store.get_embeddings(users, dim=dim)
+        found = found & np.isfinite(store_emb).all(axis=1)
+        return [(index_history(self.vocab, s.item_ids, s.actions, s.timestamps_ms), store_emb[j] if found[j] else None)
+                for j, s in enumerate(seqs)]
+
+    def _read_store(self, requests, need_store, histories, sources, emb) -> None:
+        """Fill the histories and embeddings of requests ``need_store`` from the store. A store that does not answer
+        fails the whole batch over to the no-sequence path (fallback_store_unavailable); any other error (one user's
+        corrupt record, a wrong key type, a stored dim that is not the model's) is retried user by user, so only the
+        users whose record cannot be read fall back (fallback_store_error) and the rest of the batch is served."""
+        from ..store.base import StoreUnavailable
+        users = [requests[i].user_id for i in need_store]
+        try:
+            read = dict(zip(need_store, self._store_rows(users, emb.shape[1])))
+        except StoreUnavailable:
+            read = {}
+        except Exception as e:
+            _log.warning("store read failed for a batch of %d users (%s: %s); retrying user by user",
+                         len(users), type(e).__name__, e)
+            read = {}
+            for i, user in zip(need_store, users):
+                try:
+                    read[i] = self._store_rows([user], emb.shape[1])[0]
+                except StoreUnavailable:
+                    break  # it stopped answering: do not wait for its timeout once per user
+                except Exception as e:
+                    _log.warning("store record of user %r cannot be read (%s: %s)", user, type(e).__name__, e)
+                    read[i] = None
+        for i in need_store:
+            if i not in read:
+                sources[i] = "fallback_store_unavailable"
+            elif read[i] is None:
+                sources[i] = "fallback_store_error"
+            else:
+                histories[i], stored = read[i]
+                sources[i] = "store" if len(histories[i].ts) else "empty"
+                if stored is not None:
+                    emb[i] = stored
+
     def build(self, requests: Sequence[Request]) -> list[Tensors]:
         histories: list[History] = [History.empty()] * len(requests)
         sources = ["request"] * len(requests)
@@ -166,21 +215,7 @@ class Preprocessor:
             for i in need_store:
                 sources[i] = "empty"
             if self.store is not None:
-                from ..store.base import StoreUnavailable
-                users = [requests[i].user_id for i in need_store]
-                try:
-                    seqs = self.store.get_sequences(users)        # one round trip for the batch
-                    store_emb, found = self.store.get_embeddings(users, dim=emb.shape[1])
-                except StoreUnavailable:
-                    for i in need_store:
-                        sources[i] = "fallback_store_unavailable"
-                else:
-                    for j, i in enumerate(need_store):
-                        histories[i] = index_history(self.vocab, seqs[j].item_ids, seqs[j].actions,
-                                                     seqs[j].timestamps_ms)
-                        sources[i] = "store" if len(histories[i].ts) else "empty"
-                        if found[j]:
-                            emb[i] = store_emb[j]
+                self._read_store(requests, need_store, histories, sources, emb)
         for i, h in enumerate(histories):
             if sources[i] == "request" and len(h.ts) == 0:
                 sources[i] = "empty"

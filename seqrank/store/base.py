@@ -224,7 +224,11 @@ class FeatureStore(ABC):
                 raise ValueError("user_id: must be a non-empty string")
         if isinstance(as_of_ms, bool) or not isinstance(as_of_ms, (int, np.integer)) or as_of_ms < 0:
             raise ValueError("as_of_ms must be a non-negative integer")
-        return np.ascontiguousarray(emb, dtype="<f4")
+        emb = np.ascontiguousarray(emb, dtype="<f4")
+        bad = ~np.isfinite(emb).all(axis=1)
+        if bad.any():  # a NaN vector would rank this user's candidates in no meaningful order
+            raise ValueError(f"embeddings: not finite (NaN or inf) for user {user_ids[int(np.argmax(bad))]!r}")
+        return emb
 
     @staticmethod
     def _resolve_dim(found_dims: set, dim: Optional[int], known: Optional[int]) -> int:

@@ -39,10 +39,14 @@ class TritonPythonModel:
         # Prometheus counter on :8002 (alert when rankings lose their real-time sequence)
         self._fallback_family = pb_utils.MetricFamily(
             name="seqrank_store_fallback_total",
-            description="Rankings served without the user's sequence because the feature store did not answer",
+            description="Rankings served without the user's sequence: the feature store did not answer, "
+                        "or the user's record could not be read",
             kind=pb_utils.MetricFamily.COUNTER)
-        self._fallbacks = self._fallback_family.Metric(
-            labels={"model": args["model_name"], "version": args["model_version"]})
+        self._fallbacks = {  # by reason: "unavailable" (an outage) or "error" (one user's unreadable record)
+            source: self._fallback_family.Metric(labels={
+                "model": args["model_name"], "version": args["model_version"],
+                "reason": source.removeprefix("fallback_store_")})
+            for source in ("fallback_store_unavailable", "fallback_store_error")}
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -61,11 +65,16 @@ class TritonPythonModel:
             except Exception as e:  # never let one request's surprise fail the batch as INTERNAL
                 responses[i] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"request could not be parsed: {e}", pb_utils.TritonError.INVALID_ARG))
-        built = self.pre.build(parsed) if parsed else []
-        fallbacks = sum(t.sequence_source == "fallback_store_unavailable" for t in built)
-        if fallbacks:
-            self._fallbacks.increment(fallbacks)
+        built = self._build(parsed)
+        sources = [t.sequence_source for t in built if not isinstance(t, Exception)]
+        for source, metric in self._fallbacks.items():
+            if source in sources:
+                metric.increment(sources.count(source))
         for i, t in zip(slots, built):
+            if isinstance(t, Exception):
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"preprocess failed for this request: {type(t).__name__}: {t}", pb_utils.TritonError.INTERNAL))
+                continue
             responses[i] = pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("seq_item", t.seq_item[None]),
                 pb_utils.Tensor("seq_action", t.seq_action[None]),
@@ -78,8 +87,23 @@ class TritonPythonModel:
             ])
         return responses
 
+    def _build(self, parsed):
+        """All requests' tensors in one pass; if that raises, each request alone, so a failure is its own."""
+        if not parsed:
+            return []
+        try:
+            return self.pre.build(parsed)
+        except Exception:
+            built = []
+            for request in parsed:
+                try:
+                    built.append(self.pre.build([request])[0])
+                except Exception as e:
+                    built.append(e)
+            return built
+
     def finalize(self):
-        self._fallbacks = None  # a Metric must be released before its MetricFamily
+        self._fallbacks = None  # the Metrics must be released before their MetricFamily
         self._fallback_family = None
         if self.pre.store is not None:
             self.pre.store.close()

@@ -45,6 +45,8 @@ class TritonPythonModel:
         self.sessions = [ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                          for _ in range(self.ways)]
         seq_len = int(params.get("seq_len", "100"))
+        self.id_bounds = {name: int(params.get(key, "0")) for name, key in
+                          (("seq_item", "n_items"), ("cand_item", "n_items"), ("seq_action", "n_actions"))}
         example = {}
         for spec in config["input"]:
             if spec["name"] in USER_SIDE:
@@ -64,16 +66,59 @@ class TritonPythonModel:
         session = getattr(self.local, "session", None) or self.sessions[0]  # no pool: the stub's thread
         return session.run(None, feeds)[0]
 
+    def _inputs(self, request) -> dict:
+        """The request's tensors, checked: what the ensemble's preprocess always satisfies, and a direct caller
+        may not. One bad request must not reach a shared ONNX Runtime run (its Gather would fail them all)."""
+        x = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in (*USER_SIDE, "cand_item")}
+        rows = len(x["cand_item"])
+        for name in USER_SIDE:
+            if len(x[name]) != rows:
+                raise ValueError(f"{name}: {len(x[name])} rows, cand_item has {rows}")
+        for name in ("seq_action", "seq_mask"):
+            if x[name].shape != x["seq_item"].shape:
+                raise ValueError(f"{name}: shape {list(x[name].shape)}, seq_item has {list(x['seq_item'].shape)}")
+        for name, bound in self.id_bounds.items():
+            ids = x[name]
+            if bound and ids.size and (ids.min() < 0 or ids.max() >= bound):
+                bad = ids[(ids < 0) | (ids >= bound)][0]
+                raise ValueError(f"{name}: id {bad} is outside the exported table [0, {bound})")
+        for name in ("user_emb", "context"):
+            if not np.isfinite(x[name]).all():
+                raise ValueError(f"{name}: not finite (NaN or inf)")
+        return x
+
+    def _score(self, inputs: list) -> list:
+        user_side = {name: np.concatenate([x[name] for x in inputs]) for name in USER_SIDE}
+        return score_in_runs(self._run, user_side, [x["cand_item"] for x in inputs], self.max_rows, self.pool,
+                             self.ways)
+
     def execute(self, requests):
-        user_side = {name: [] for name in USER_SIDE}
-        cands = []
-        for request in requests:
-            for name in USER_SIDE:
-                user_side[name].append(pb_utils.get_input_tensor_by_name(request, name).as_numpy())
-            cands.append(pb_utils.get_input_tensor_by_name(request, "cand_item").as_numpy())
-        user_side = {name: np.concatenate(parts) for name, parts in user_side.items()}
-        probs = score_in_runs(self._run, user_side, cands, self.max_rows, self.pool, self.ways)
-        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("probs", p)]) for p in probs]
+        responses = [None] * len(requests)
+        inputs, slots = [], []
+        for i, request in enumerate(requests):
+            try:
+                inputs.append(self._inputs(request))
+                slots.append(i)
+            except ValueError as e:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+        if inputs:
+            try:
+                scored = self._score(inputs)
+            except Exception:  # something the checks did not foresee: score each request alone, fail only its own
+                scored = []
+                for x in inputs:
+                    try:
+                        scored.append(self._score([x])[0])
+                    except Exception as e:
+                        scored.append(e)
+            for i, p in zip(slots, scored):
+                if isinstance(p, Exception):
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        f"ranker: {type(p).__name__}: {p}", pb_utils.TritonError.INTERNAL))
+                else:
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("probs", p)])
+        return responses
 
     def finalize(self):
         if self.pool is not None:
