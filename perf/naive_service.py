@@ -66,6 +66,7 @@ class NaiveRanker:
             store = open_store(store_url, timeout_s=0.05)
         self.pre = Preprocessor(tables, seq_len=cfg.transact.seq_len, buckets=CANDIDATE_BUCKETS,
                                 max_candidates=CANDIDATE_BUCKETS[-1], store=store)
+        self.fallbacks = 0  # rankings served without the store's sequence (GET /stats; the bench compares)
 
     def rank(self, body: dict) -> dict:
         raw = {"user_id": np.array([str(body.get("user_id", ""))], dtype=object) if "user_id" in body else None,
@@ -80,6 +81,7 @@ class NaiveRanker:
             raw["action_times_ms"] = np.array([int(a[2]) for a in actions], dtype=np.int64)
         req = self.pre.parse(raw)
         t = self.pre.build([req])[0]
+        self.fallbacks += t.sequence_source.startswith("fallback_")
         n = len(req.candidates)
         # exactly the request's candidates and its real history (the same trimming as the Triton CPU ranker)
         feeds = trim_history_padding({"seq_item": t.seq_item[None], "seq_action": t.seq_action[None],
@@ -123,6 +125,11 @@ app = FastAPI(title="seqrank naive baseline", lifespan=_lifespan)
 @app.get("/healthz")
 async def healthz():
     return {"ok": True, "pid": os.getpid()}
+
+
+@app.get("/stats")
+async def stats():
+    return {"fallbacks": _get().fallbacks, "pid": os.getpid()}
 
 
 @app.post("/rank")
