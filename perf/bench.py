@@ -780,9 +780,10 @@ def parse_collapsed(path: Path, top: int = 12) -> dict:
 
 def background_load(server, model: str, data: Path, concurrency: int, seconds: float,
                     keep_output: bool = False) -> subprocess.Popen:
-    """perf_analyzer holding ``concurrency`` requests in flight on ``model`` for about ``seconds`` + 3 s (its three
-    windows, no stability check), in the background: the load under which a profile or a CPU sample is taken.
-    ``keep_output``: its report can be read from stdout (text) when it exits."""
+    """perf_analyzer holding ``concurrency`` requests in flight on ``model`` in the background, for three windows of
+    ``seconds`` + 3 s each (no stability check), i.e. ~3 x (``seconds`` + 3) s: the load under which a profile or a
+    CPU sample of ``seconds`` is taken. ``keep_output``: its report (the rate over all three windows, not over the
+    sample) can be read from stdout (text) when it exits."""
     from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
     out = subprocess.PIPE if keep_output else subprocess.DEVNULL
     return subprocess.Popen([str(perf_analyzer_binary()), "-m", model, "-i", "grpc", "-u", server.grpc_url,
