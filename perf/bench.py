@@ -159,17 +159,15 @@ def machine_description() -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_store(url: str, ev, run: Path) -> dict:
-    """The log into a feature store (seqrank ingest) + the run's daily user embeddings."""
-    from seqrank.ingest import ingest
+def load_store(url: str, ev, run: Path, skip_actions=()) -> dict:
+    """The log's actions into a feature store (``seqrank.ingest.replay_log``, without ``skip_actions``: the
+    exposures) + the run's daily user embeddings."""
+    from seqrank.ingest import replay_log
     from seqrank.store import open_store
-    from seqrank.store.base import Action
     t0 = time.perf_counter()
     store = open_store(url, timeout_s=5.0, write_timeout_s=30.0)
     try:
-        stats = ingest(store, (Action(str(u), str(i), str(a), int(t))
-                               for u, i, a, t in ev[["user_id", "item_id", "action", "timestamp"]]
-                               .itertuples(index=False, name=None)), batch_size=2000)
+        stats = replay_log(store, ev, skip_actions, batch_size=2000)
         users = [x.decode() if isinstance(x, bytes) else str(x) for x in np.load(run / "users.npy").tolist()]
         store.put_embeddings(users, np.load(run / "user_emb.npy").astype(np.float32),
                              int(ev.timestamp.max()) + 1)
@@ -469,9 +467,10 @@ def matmul_peak(seconds: float) -> dict:
 def roofline_paired(sess1, tensors: dict, flops: float, rounds: int = 5, bare_s: float = 2.0,
                     peak_s: float = 0.5) -> dict:
     """The roofline's two terms measured back to back, ``rounds`` times: the fp32 matmul peak (``matmul_peak``, as
-    the headline measures it, ``peak_s`` per kernel) and the bare ranker's saturated rate (two single-threaded callers on
-    ``sess1``, the best bare load in every full run so far, over ``bare_s``). On a shared VM both drift; a round's
-    ratio sees one moment's machine, and the median over rounds is steadier than one peak against one sweep."""
+    the headline measures it, ``peak_s`` per kernel) and the bare ranker's saturated rate (two single-threaded
+    callers on ``sess1``, the best bare load in every full run so far, over ``bare_s``). On a shared VM both drift;
+    a round's ratio sees one moment's machine, and the median over rounds is steadier than one peak against one
+    sweep."""
     peaks, rates = [], []
     for _ in range(rounds):
         peaks.append(matmul_peak(peak_s)["peak_gflops"])  # the headline's definition of the peak, every round
@@ -938,7 +937,7 @@ def naive_point(svc: NaiveService, bodies: list[dict], concurrency: int, st: Set
 
 
 def freshness(repo: Path, ev, run: Path, req: dict, n: int, workdir: Path, vocab_items: list[str],
-              actions: list[str]) -> dict:
+              actions: list[str], skip_actions=()) -> dict:
     """Time from ``store.append`` of a new action to the first ensemble response computed with it.
 
     A real redis-server (tests/redis_server.py) holds the log; the ensemble runs with SEQRANK_STORE=redis://...
@@ -964,7 +963,7 @@ def freshness(repo: Path, ev, run: Path, req: dict, n: int, workdir: Path, vocab
     srv = RedisServer(appendonly=False).start()
     server = None
     try:
-        loaded = load_store(srv.url, ev, run)
+        loaded = load_store(srv.url, ev, run, skip_actions)
         result["load"] = loaded
         server = start_triton(repo, srv.url, workdir / "tritonserver-redis.log")
         writer = open_store(srv.url, timeout_s=1.0, write_timeout_s=5.0)
@@ -1411,7 +1410,8 @@ def main(argv=None) -> int:
     details: dict = {}
     try:
         # ---- inputs, store, tensors ---------------------------------------------------------------------------
-        ev = make_inputs.load_log(run, args.events)
+        event_log = make_inputs.load_event_log(run, args.events)
+        ev, skip = event_log.events, [event_log.exposure_action]
         manifest = make_inputs.write_inputs(run, work / "inputs", args.events, st.n_requests, ev=ev)
         (out / "inputs").mkdir(exist_ok=True)
         for name in ("manifest.json", "fixed_1x100_store.json", "fixed_1x16_store.json",
@@ -1420,7 +1420,7 @@ def main(argv=None) -> int:
         files = {k: Path(v) for k, v in manifest["files"].items()}
         reqs = json.loads((work / "inputs" / "requests.json").read_text())
         store_url = f"sqlite:///{work / 'store.db'}"
-        details["store"] = load_store(store_url, ev, run)
+        details["store"] = load_store(store_url, ev, run, skip)
         log(f"inputs: {json.dumps({k: v['requests'] for k, v in manifest['sets'].items()})}; store loaded in "
             f"{details['store']['seconds']} s")
 
@@ -1633,7 +1633,7 @@ def main(argv=None) -> int:
         vocab_items = [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(vocab.items).tolist()]
         try:
             details["freshness"] = freshness(repo, ev, run, fixed16, st.freshness_n, logs, vocab_items,
-                                             list(vocab.actions))
+                                             list(vocab.actions), skip)
         except Exception as e:  # noqa: BLE001
             details["freshness"] = {"error": repr(e), "traceback": traceback.format_exc()[-2000:]}
         log(f"freshness p99 {details['freshness'].get('p99_ms')} ms")

@@ -63,10 +63,15 @@ def events_path(run: Path, events: str | None = None) -> Path:
     return path
 
 
+def load_event_log(run: Path, events: str | None = None):
+    """The run's log as loaded for training (an EventLog: its events and its exposure action)."""
+    from seqrank.data.loaders import load_events
+    return load_events(events_path(run, events))
+
+
 def load_log(run: Path, events: str | None = None):
     """The canonical event table (user_id, item_id, action, timestamp) of the run's log."""
-    from seqrank.data.loaders import load_events
-    return load_events(events_path(run, events)).events
+    return load_event_log(run, events).events
 
 
 def _vocab_items(run: Path) -> list[str]:

@@ -15,19 +15,18 @@ import numpy as np
 from seqrank.client import RankingClient
 from seqrank.data.loaders import load_events
 from seqrank.export import export_run
-from seqrank.ingest import ingest
+from seqrank.ingest import replay_log
 from seqrank.pipeline import train, write_embeddings
 from seqrank.serving.triton import ServerOptions, TritonServer
 from seqrank.store import open_store
-from seqrank.store.base import Action
 
 
-def load_store(ev, store_url: str) -> None:
-    """The real-time side: replay the log into the feature store (idempotent: a replay only finds duplicates)."""
-    actions = (Action(u, i, a, int(t)) for u, i, a, t in ev.itertuples(index=False, name=None))
+def load_store(log, store_url: str) -> None:
+    """The real-time side: replay the log's actions into the feature store (idempotent: a replay only finds
+    duplicates)."""
     store = open_store(store_url, timeout_s=5.0)
     try:
-        print("feature store:", ingest(store, actions, batch_size=5000).to_dict())
+        print("feature store:", replay_log(store, log.events, [log.exposure_action]).to_dict())
     finally:
         store.close()
 
@@ -55,8 +54,9 @@ def main() -> int:
     if not (repo / "ranker" / "1" / "model.onnx").exists():
         export_run(run, repo)
     store_url = f"sqlite:///{(run / 'store.db').resolve()}"
-    ev = load_events(args.events).events
-    load_store(ev, store_url)
+    log = load_events(args.events)
+    ev = log.events
+    load_store(log, store_url)
     write_embeddings(run, store_url)
 
     split_time = json.loads((run / "run.json").read_text())["split_time_ms"]

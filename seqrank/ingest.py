@@ -191,6 +191,17 @@ def ingest(store: FeatureStore, source: Iterable[Action], batch_size: int = 1000
     return total
 
 
+def replay_log(store: FeatureStore, events, skip_actions: Iterable[str] = (), batch_size: int = 5000) -> IngestStats:
+    """A canonical event table (user_id, item_id, action, timestamp) into the store, as the real-time stream would
+    deliver it, without ``skip_actions`` (pass the log's exposure action: a store keeps a bounded number of actions
+    per user and the model's sequence holds engagements only, so exposures would crowd out what it reads)."""
+    skip = {a for a in skip_actions if a}
+    ev = events[~events["action"].isin(skip)] if skip else events
+    return ingest(store, (Action(str(u), str(i), str(a), int(t)) for u, i, a, t in
+                          ev[["user_id", "item_id", "action", "timestamp"]].itertuples(index=False, name=None)),
+                  batch_size=batch_size)
+
+
 # HTTP API ----------------------------------------------------------------------------------------
 def make_ingest_app(store: FeatureStore, max_body_bytes: int = MAX_BODY_BYTES):
     """A ``BaseHTTPRequestHandler`` class bound to ``store`` (serve it with ``ThreadingHTTPServer``)."""

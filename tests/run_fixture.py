@@ -17,10 +17,9 @@ SMALL_CONFIG = {"pinnerformer": {"epochs": 1}, "transact": {"epochs": 1}}
 
 def build_small_run(root: Path, n_users: int = 150) -> dict:
     from seqrank.export import export_run
-    from seqrank.ingest import ingest
+    from seqrank.ingest import replay_log
     from seqrank.pipeline import train, write_embeddings
     from seqrank.store import open_store
-    from seqrank.store.base import Action
 
     root.mkdir(parents=True, exist_ok=True)
     ev = load_events(SAMPLE).events
@@ -35,7 +34,7 @@ def build_small_run(root: Path, n_users: int = 150) -> dict:
     store_url = f"sqlite:///{root / 'store.db'}"
     store = open_store(store_url, timeout_s=5.0)
     try:
-        ingest(store, (Action(u, i, a, int(t)) for u, i, a, t in ev.itertuples(index=False, name=None)))
+        replay_log(store, ev)  # the shipped sample has no exposure rows
     finally:
         store.close()
     write_embeddings(run, store_url)

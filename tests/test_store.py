@@ -617,6 +617,23 @@ def test_measure_freshness_across_connections_embedded(tmp_path):
 
 
 # ingestion: readers, CLI, HTTP ------------------------------------------------------------------
+def test_replay_log_skips_the_exposures(make_store):
+    """A log replayed into the store (make demo, the bench) keeps the engagements only: exposures would crowd the
+    user's bounded sequence (max_len) with rows the model's history drops anyway."""
+    import pandas as pd
+    from seqrank.ingest import replay_log
+    store = make_store(max_len=3)
+    ev = pd.DataFrame({"user_id": ["u"] * 6, "item_id": ["a", "b", "c", "d", "e", "f"],
+                       "action": ["click", "exposure", "like", "exposure", "exposure", "click"],
+                       "timestamp": [T0 + k for k in range(6)]})
+    stats = replay_log(store, ev, ["exposure"])
+    assert stats.accepted == 3
+    assert store.get_sequences(["u"])[0].item_ids == ["a", "c", "f"]
+    everything = make_store(max_len=3)
+    replay_log(everything, ev, [None])  # a log without exposure rows: nothing is skipped
+    assert everything.get_sequences(["u"])[0].item_ids == ["d", "e", "f"]
+
+
 def test_read_actions_jsonl_skips_malformed_lines(tmp_path, caplog):
     p = tmp_path / "a.jsonl"
     p.write_text("\n".join([
