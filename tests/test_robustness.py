@@ -100,13 +100,13 @@ def _client(server, protocol):
     return m, m.InferenceServerClient(server.grpc_url if protocol == "grpc" else server.http_url)
 
 
-def _infer(m, client, spec):
+def _infer(m, client, spec, model="seqrank"):
     inputs = []
     for name, value, dtype in spec:
         x = m.InferInput(name, list(value.shape), dtype)
         x.set_data_from_numpy(value)
         inputs.append(x)
-    return client.infer("seqrank", inputs)
+    return client.infer(model, inputs)
 
 
 def test_at_least_40_distinct_cases():
@@ -156,14 +156,11 @@ def test_defined_behaviours(server):
 
 
 def _direct(client, model, tensors):
+    """gRPC inference on one composing model; dtypes from the arrays."""
     import tritonclient.grpc as g
     from tritonclient.utils import np_to_triton_dtype
-    inputs = []
-    for name, value in tensors.items():
-        x = g.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else np_to_triton_dtype(value.dtype))
-        x.set_data_from_numpy(value)
-        inputs.append(x)
-    return client.infer(model, inputs)
+    spec = [(n, v, "BYTES" if v.dtype == object else np_to_triton_dtype(v.dtype)) for n, v in tensors.items()]
+    return _infer(g, client, spec, model)
 
 
 def test_direct_calls_to_the_ranker_and_postprocess_fail_alone(server):
