@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -18,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seqrank.ingest import (ActionReader, ingest, main_ingest, make_ingest_server, measure_freshness,
-                            read_actions)
+from seqrank.data.loaders import DataError
+from seqrank.ingest import ingest, ingest_log, load_actions, main_ingest, measure_freshness
 from seqrank.store import (Action, EmbeddedStore, IngestStats, RedisStore, StoreUnavailable, UserSequence,
                            open_store)
 
 try:
-    from redis_server import RedisServer, free_port
+    from redis_server import RedisServer, free_port, redis_server  # noqa: F401 (a fixture)
 except ImportError:  # tests/ imported as a package
-    from tests.redis_server import RedisServer, free_port
+    from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_700_000_000_000
@@ -34,13 +31,6 @@ HOUR = 3_600_000
 
 
 # fixtures --------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def redis_server():
-    srv = RedisServer().start()  # no redis-server: FileNotFoundError with the install hint (make install has one)
-    yield srv
-    srv.cleanup()
-
-
 @pytest.fixture
 def own_redis():
     """A redis-server this test may stop, pause and restart."""
@@ -172,10 +162,11 @@ def batches(evs, sizes):
 
 
 def write_jsonl(path, evs):
+    """Canonical JSON lines (the columns ``seqrank train`` reads; times in ms)."""
     with open(path, "w") as f:
         for a in evs:
             f.write(json.dumps({"user_id": a.user_id, "item_id": a.item_id, "action": a.action,
-                                "timestamp_ms": a.timestamp_ms}) + "\n")
+                                "timestamp": a.timestamp_ms}) + "\n")
     return path
 
 
@@ -201,11 +192,11 @@ def test_replay_same_file_twice_identical_state(make_store, tmp_path):
     store = make_store()
     evs = realistic_events(n_users=25, n_events=400, seed=1, messy=False)
     path = write_jsonl(tmp_path / "actions.jsonl", evs)
-    first = ingest(store, read_actions(str(path)), batch_size=64)
+    first = ingest_log(store, load_actions(str(path)), batch_size=64)
     assert first.invalid == 0 and first.too_late == 0 and first.accepted + first.duplicates == len(evs)
     users = users_of(evs)
     state1 = snapshot(store, users)
-    second = ingest(store, read_actions(str(path)), batch_size=97)
+    second = ingest_log(store, load_actions(str(path)), batch_size=97)
     assert second == IngestStats(accepted=0, duplicates=len(evs), too_late=0, invalid=0)
     assert snapshot(store, users) == state1
     # a messy stream (late, invalid, duplicate events) replayed: no state change, nothing accepted
@@ -634,43 +625,52 @@ def test_replay_log_skips_the_exposures(make_store):
     assert everything.get_sequences(["u"])[0].item_ids == ["d", "e", "f"]
 
 
-def test_read_actions_jsonl_skips_malformed_lines(tmp_path, caplog):
-    p = tmp_path / "a.jsonl"
-    p.write_text("\n".join([
-        '{"user_id": "u1", "item_id": "p1", "action": "click", "timestamp_ms": 1700000000000}',
-        'not json at all',
-        '{"user_id": "u1", "item_id": "p2", "action": "click"}',
-        '',
-        '{"user_id": 42, "item_id": 7, "action": "repin", "timestamp_ms": "1700000000001"}',
-        '{"user_id": "u1", "item_id": "p3", "action": "click", "timestamp_ms": -3}',
-        '[1, 2, 3]',
-        '{"user_id": "u1", "item_id": "p4", "action": "save", "timestamp_ms": 1700000000002.0}',
-    ]) + "\n")
-    caplog.set_level(logging.WARNING, logger="seqrank.ingest")
-    reader = read_actions(str(p))
-    got = list(reader)
-    assert got == [Action("u1", "p1", "click", T0), Action("42", "7", "repin", T0 + 1),
-                   Action("u1", "p4", "save", T0 + 2)]
-    assert reader.invalid == 4
-    text = caplog.text
-    for line_no, field in ((2, "not JSON"), (3, "timestamp_ms: missing"), (6, "timestamp_ms"), (7, "record")):
-        assert f"a.jsonl:{line_no}:" in text and field in text
+def test_load_actions_refuses_a_bad_file_naming_row_and_column(tmp_path):
+    """A file with a bad row is refused whole (as ``seqrank train`` refuses it), naming file, row and column."""
+    good = '{"user_id": "u1", "item_id": "p1", "action": "click", "timestamp": 1700000000000}'
+    cases = [  # (second line, expected row, expected column)
+        ('{"user_id": "u1", "item_id": "p2", "action": "click"}', 2, "timestamp"),
+        ('{"user_id": "u1", "item_id": "p2", "action": "click", "timestamp": "soon"}', 2, "timestamp"),
+        ('{"user_id": "u1", "item_id": "", "action": "click", "timestamp": 1700000000001}', 2, "item_id"),
+        ('{"user_id": "u1", "item_id": "p2", "action": "click", "timestamp": -3}', 2, "timestamp"),
+        ('not json at all', 2, None),
+        ('{"user_id": "u1", "item_id": "p\\u001f2", "action": "click", "timestamp": 1700000000001}', None,
+         "item_id"),                                       # valid for training, but the store's separator
+    ]
+    for k, (line, row, column) in enumerate(cases):
+        p = tmp_path / f"bad{k}.jsonl"
+        p.write_text(good + "\n" + line + "\n")
+        with pytest.raises(DataError) as err:
+            load_actions(str(p))
+        assert (err.value.row, err.value.column) == (row, column), (k, str(err.value))
+        assert str(err.value).startswith(str(p))
 
 
-def test_read_actions_csv_and_stdin_like(tmp_path, make_store):
-    p = tmp_path / "a.csv"
-    p.write_text("user_id,item_id,action,timestamp_ms\n"
-                 "u1,p1,click,1700000000000\n"
-                 "u1,p2,click,notanumber\n"
-                 "u1,p3,repin,1700000000005\n"
-                 "u2,p1,click,1700000000001,extra\n")
+def test_ingest_reads_the_training_formats(tmp_path, make_store):
+    """The canonical file ``seqrank train`` reads, with times in seconds, milliseconds or ISO-8601 (csv, tsv,
+    jsonl), and the old ``timestamp_ms`` shape refused naming the missing column."""
     store = make_store()
-    st = ingest(store, read_actions(str(p), fmt=None), batch_size=2)
-    assert st == IngestStats(accepted=2, invalid=2)
-    assert store.get_sequences(["u1"])[0].item_ids == ["p1", "p3"]
-    import io
-    r = ActionReader(io.StringIO('{"user_id":"u","item_id":"i","action":"a","timestamp_ms":5}\n'))
-    assert list(r) == [Action("u", "i", "a", 5)]
+    files = {
+        "s.csv": "user_id,item_id,action,timestamp\nu1,p1,click,1700000000\nu1,p2,like,1700000001\n",
+        "ms.tsv": "user_id\titem_id\taction\ttimestamp\nu2,x\tp1\tclick\t1700000000000\n".replace("u2,x", "u2"),
+        "iso.jsonl": '{"user_id": "u3", "item_id": "p1", "action": "click", "timestamp": "2023-11-14T22:13:20Z"}\n'
+                     '{"user_id": 3, "item_id": 7, "action": "save", "timestamp": "2023-11-14T22:13:21.500+00:00"}\n',
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        assert main_ingest(["--store", f"sqlite:///{store.path}" if make_store.kind == "embedded"
+                            else f"{store.url}?prefix={store.prefix}", "--file", str(tmp_path / name)]) == 0
+    seqs = store.get_sequences(["u1", "u2", "u3", "3"])
+    assert seqs[0].as_tuples() == [("p1", "click", T0), ("p2", "like", T0 + 1000)]
+    assert seqs[1].as_tuples() == [("p1", "click", T0)]
+    assert seqs[2].as_tuples() == [("p1", "click", T0)]
+    assert seqs[3].as_tuples() == [("7", "save", T0 + 1500)]
+    old = tmp_path / "old.csv"
+    old.write_text("user_id,item_id,action,timestamp_ms\nu9,p1,click,1700000000000\n")
+    with pytest.raises(DataError, match="missing required column 'timestamp'") as err:
+        load_actions(str(old))
+    assert err.value.column == "timestamp"
+    assert store.get_sequences(["u9"])[0].item_ids == []
 
 
 def test_main_ingest_cli(tmp_path, capsys):
@@ -685,46 +685,11 @@ def test_main_ingest_cli(tmp_path, capsys):
     s.close()
     with pytest.raises(SystemExit):
         main_ingest(["--store", url])                         # neither --file nor --serve
-
-
-def _post(url, body):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def test_ingest_http_api(make_store):
-    store = make_store()
-    server = make_ingest_server(store, "127.0.0.1", 0)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        ok = [{"user_id": "u", "item_id": "p1", "action": "click", "timestamp_ms": T0},
-              {"user_id": "u", "item_id": "p2", "action": "click", "timestamp_ms": T0 + 5},
-              {"user_id": "u", "item_id": "p1", "action": "click", "timestamp_ms": T0}]
-        assert _post(base + "/v1/actions", ok) == (200, {"accepted": 2, "duplicates": 1, "too_late": 0,
-                                                         "invalid": 0})
-        bad = ok[:1] + [{"user_id": "u", "item_id": "p3", "action": "click", "timestamp_ms": "soon"}]
-        code, body = _post(base + "/v1/actions", bad)
-        assert code == 400 and body["field"] == "timestamp_ms" and "actions[1].timestamp_ms" in body["error"]
-        code, body = _post(base + "/v1/actions", [{"user_id": "u", "action": "click", "timestamp_ms": 1}])
-        assert code == 400 and body["field"] == "item_id"
-        assert _post(base + "/v1/actions", b"{nope")[0] == 400
-        assert _post(base + "/v1/actions", {"user_id": "u"})[0] == 400
-        code, body = _post(base + "/v1/actions?partial=1",
-                           bad + [{"user_id": "u", "item_id": "p4", "action": "save", "timestamp_ms": T0 + 9}])
-        assert (code, body) == (200, {"accepted": 1, "duplicates": 1, "too_late": 0, "invalid": 1})
-        assert store.get_sequences(["u"])[0].item_ids == ["p1", "p2", "p4"]
-        with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
-            assert r.status == 200
-    finally:
-        server.shutdown()
-        server.server_close()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,item_id,action,timestamp\nu,p,click,1700000000000\nu,p2,click,later\n")
+    assert main_ingest(["--store", url, "--file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv: row 2: column 'timestamp': cannot parse 'later' as a time" in err
 
 
 # open_store -----------------------------------------------------------------------------------

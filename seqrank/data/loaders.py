@@ -760,3 +760,26 @@ def add_sampled_negatives(log: EventLog, per_positive: float = 1.0, seed: int = 
     combined = combined.sort_values(_SORT_KEYS, kind="mergesort").reset_index(drop=True)
     combined["timestamp"] = combined["timestamp"].astype(np.int64)
     return replace(log, events=combined, exposure_action="impression", exposures_sampled=True)
+
+
+def load_records(records, source: str = "<records>", min_users: int = 1) -> EventLog:
+    """Canonical records already in memory (a JSON request body, Redis stream entries) -> :class:`EventLog`.
+
+    The in-memory twin of ``load_events(path, fmt="canonical")``: the same column converters, duplicate handling
+    and sort, so ``seqrank ingest`` reads exactly what ``seqrank train`` reads. ``records`` is a list of mappings
+    with the keys ``user_id, item_id, action, timestamp`` (other keys are ignored); times are seconds or
+    milliseconds (decided over all the records by magnitude, as for a file's column) or ISO-8601 strings.
+    :class:`DataError` names ``source``, the 1-based position of the record as ``row`` and the key as ``column``.
+    """
+    if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
+        raise DataError(f"expected a list of records, got {type(records).__name__}", file=source)
+    if not records:
+        raise DataError("no data rows", file=source)
+    for i, rec in enumerate(records, 1):
+        if not isinstance(rec, dict):
+            raise DataError(f"expected an object with {', '.join(EVENT_COLUMNS)}, got {type(rec).__name__}",
+                            file=source, row=i)
+    table = pd.DataFrame.from_records(list(records))
+    table.columns = [str(c).strip() for c in table.columns]
+    raw = _Raw(table, np.arange(1, len(table) + 1, dtype=np.int64), source)
+    return _finish(_convert_canonical(raw), source, "canonical", None, None, min_users)

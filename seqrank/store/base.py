@@ -247,8 +247,17 @@ class FeatureStore(ABC):
 
 
 # ------------------------------------------------------------------------------------------------
+def _flag(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false), got {value!r}")
+
+
 _OWN_PARAMS = {"max_len": int, "late_bound_ms": int, "timeout_s": float, "write_timeout_s": float,
-               "prefix": str, "dim": int}
+               "prefix": str, "dim": int, "cluster": _flag}
 
 
 def open_store(url: Optional[str] = None, **kw) -> FeatureStore:
@@ -256,7 +265,8 @@ def open_store(url: Optional[str] = None, **kw) -> FeatureStore:
 
     * ``sqlite:///abs/path/store.db`` (also ``sqlite:////abs/path``; ``sqlite://rel/path.db`` is relative)
       -> ``EmbeddedStore``
-    * ``redis://host:port/db`` (also ``rediss://``, ``unix://``) -> ``RedisStore``
+    * ``redis://host:port/db`` (also ``rediss://``, ``unix://``) -> ``RedisStore``; add ``?cluster=1`` for a
+      Redis Cluster (the URL names any node; see ``seqrank.store.redis_store``)
 
     Options (keyword arguments override URL query parameters such as ``?max_len=100&prefix=exp1:``):
     ``max_len``, ``late_bound_ms``, ``timeout_s`` (read deadline, default 0.05 s), ``write_timeout_s``
@@ -280,6 +290,8 @@ def open_store(url: Optional[str] = None, **kw) -> FeatureStore:
         if rest:
             raise ValueError(f"unknown sqlite store options: {[k for k, _ in rest]}")
         own.pop("prefix", None)
+        if own.pop("cluster", False):
+            raise ValueError("cluster=1 is a Redis option; a sqlite store is one file")
         path = url.split("://", 1)[1].split("?", 1)[0]
         if path.startswith("//"):               # sqlite:////abs/path (SQLAlchemy spelling) == sqlite:///abs/path
             path = "/" + path.lstrip("/")

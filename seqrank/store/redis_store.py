@@ -20,6 +20,21 @@ one round trip, one bulk string per user, almost no server work (a ZRANGE per us
 each costs far more on the server and, parsed by redis-py, on the client). The price is 2-2.5x the memory
 per user. A reader must not use a larger ``max_len`` than the writers (it could see trimmed records).
 
+Redis Cluster (``redis://host:port/0?cluster=1``, any node as the seed): the store uses redis-py's ``RedisCluster``
+client and keeps the key layout above. Why this and not hash tags alone: the ``{user}`` hash tag already puts all
+of a user's keys in one slot, so every per-user script (append, put_embeddings) touches one slot; but a batch read
+spans many users, hence many slots on several nodes, and one MGET over them fails with CROSSSLOT. Routing each
+slot group to the node that owns it needs the slot map, MOVED/ASK redirects and failover handling, which is what
+``RedisCluster`` does (and it is already in the lock file with ``redis``); hand-rolling that on plain connections
+would be a second, untested cluster client. So a cluster read groups the request's keys per hash slot
+(``RedisCluster.mget_nonatomic``: one MGET per slot group, all of a node's MGETs written in one pipeline and the
+nodes' replies read after all writes, i.e. one round trip per node, in parallel); embeddings and appends go
+through a cluster pipeline, which groups the per-user commands by node the same way. Co-locating several users
+under one tag (bucketed tags) would make fewer MGETs but hot slots and a key-layout migration; not done. A
+single-node store keeps its single MGET. The cluster client is created on first use (connecting needs the slot
+map), so opening a store never fails because the cluster is down; the read client does not retry (the caller
+falls back), the write client retries once after refreshing the slot map.
+
 Any connection error or timeout surfaces as ``StoreUnavailable``; reads use ``timeout_s`` (default 50 ms)
 as socket and connect timeout, writes ``write_timeout_s``. No client-side retries: the caller (Triton
 preprocess) falls back instead; ``seqrank.ingest.ingest`` retries appends (they are idempotent).
@@ -27,13 +42,15 @@ preprocess) falls back instead; ``seqrank.ingest.ingest`` retries appends (they 
 from __future__ import annotations
 
 import hashlib
+import threading
 from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
 from typing import Optional, Sequence
 
 import numpy as np
 import redis
+from redis.exceptions import ClusterDownError, NoScriptError, ReadOnlyError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .base import (DEFAULT_LATE_BOUND_MS, DEFAULT_MAX_LEN, DEFAULT_TIMEOUT_S, DEFAULT_WRITE_TIMEOUT_S, SEP,
@@ -108,17 +125,25 @@ _EMB_CHUNK = 10_000
 def _unavailable(what: str):
     try:
         yield
-    # BusyLoadingError (loading the AOF) is a ConnectionError; ReadOnlyError: we hit a replica during a failover
-    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError) as e:
+    # BusyLoadingError (loading the AOF) is a ConnectionError; ReadOnlyError: we hit a replica during a failover;
+    # ClusterDownError / TryAgainError: a cluster without a master for a slot, or in the middle of a resharding
+    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, ClusterDownError, TryAgainError) as e:
         raise StoreUnavailable(f"redis {what}: {type(e).__name__}: {e}") from e
+    except RedisClusterException as e:
+        # no node reachable to learn the slot map from, or a slot no node serves; anything else is a usage error
+        if isinstance(e.__cause__, (RedisConnectionError, RedisTimeoutError)) or ("slot" in str(e).lower() \
+                and "not covered" in str(e).lower()):
+            raise StoreUnavailable(f"redis {what}: {type(e).__name__}: {e}") from e
+        raise
 
 
 class RedisStore(FeatureStore):
     def __init__(self, url: str = "redis://localhost:6379/0", max_len: int = DEFAULT_MAX_LEN,
                  late_bound_ms: int = DEFAULT_LATE_BOUND_MS, timeout_s: float = DEFAULT_TIMEOUT_S,
                  write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S, prefix: str = "seqrank:",
-                 dim: Optional[int] = None, **redis_kwargs):
-        """``redis_kwargs`` go to ``redis.Redis.from_url`` (e.g. ``password``, ``connection_class``)."""
+                 dim: Optional[int] = None, cluster: bool = False, **redis_kwargs):
+        """``redis_kwargs`` go to ``redis.Redis.from_url`` (e.g. ``password``, ``connection_class``), or to
+        ``redis.RedisCluster.from_url`` with ``cluster=True`` (the URL names any node of the cluster)."""
         super().__init__(max_len, late_bound_ms)
         self.url = url
         self.prefix = prefix
@@ -126,12 +151,36 @@ class RedisStore(FeatureStore):
         self.write_timeout_s = float(write_timeout_s)
         self.dim = int(dim) if dim is not None else None
         self.slack = max(16, self.max_len // 2)     # extra records the packed view may hold between rebuilds
+        self.cluster = bool(cluster)
         common = dict(decode_responses=False, retry_on_timeout=False, health_check_interval=0)
         common.update(redis_kwargs)
-        self._r = redis.Redis.from_url(url, socket_timeout=self.timeout_s,
-                                       socket_connect_timeout=self.timeout_s, **common)
-        self._w = redis.Redis.from_url(url, socket_timeout=self.write_timeout_s,
-                                       socket_connect_timeout=self.write_timeout_s, **common)
+        if self.cluster:
+            parts = urlsplit(url)       # a cluster has only db 0: drop the path, RedisCluster refuses a db
+            self._cluster_url = urlunsplit((parts.scheme, parts.netloc, "", parts.query, ""))
+            self._cluster_kw = common
+            self._cluster_lock = threading.Lock()
+            self._clients: dict[str, object] = {}
+        else:
+            self._r = redis.Redis.from_url(url, socket_timeout=self.timeout_s,
+                                           socket_connect_timeout=self.timeout_s, **common)
+            self._w = redis.Redis.from_url(url, socket_timeout=self.write_timeout_s,
+                                           socket_connect_timeout=self.write_timeout_s, **common)
+
+    def _client(self, kind: str):
+        """The read ("r") or write ("w") client; a cluster's are created on first use (module docstring)."""
+        if not self.cluster:
+            return self._r if kind == "r" else self._w
+        client = self._clients.get(kind)
+        if client is None:
+            with self._cluster_lock, _unavailable("connect"):
+                client = self._clients.get(kind)
+                if client is None:
+                    timeout = self.timeout_s if kind == "r" else self.write_timeout_s
+                    client = redis.RedisCluster.from_url(
+                        self._cluster_url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                        cluster_error_retry_attempts=0 if kind == "r" else 1, **self._cluster_kw)
+                    self._clients[kind] = client
+        return client
 
     # keys / encoding ---------------------------------------------------------------------------
     def seq_key(self, user_id: str) -> bytes:
@@ -159,7 +208,7 @@ class RedisStore(FeatureStore):
         """Fill a non-transactional pipeline on the write client and execute it (one round trip); after
         NOSCRIPT (a restarted or flushed server) load the scripts and run it again: every script here is
         idempotent, so rerunning is safe."""
-        client = self._w
+        client = self._client("w")
         with _unavailable(what):
             for attempt in (0, 1):
                 pipe = client.pipeline(transaction=False)
@@ -201,8 +250,13 @@ class RedisStore(FeatureStore):
         user_ids = list(user_ids)
         if not user_ids:
             return []
+        keys = [self.packed_key(u) for u in user_ids]
+        reader = self._client("r")
         with _unavailable("get_sequences"):
-            replies = self._r.execute_command("MGET", *[self.packed_key(u) for u in user_ids])
+            if self.cluster:        # one MGET per hash slot, one round trip per node (module docstring)
+                replies = reader.mget_nonatomic(keys)
+            else:
+                replies = reader.execute_command("MGET", *keys)
         return [UserSequence.from_packed(r.decode(), limit=self.max_len) if r else UserSequence()
                 for r in replies]
 
@@ -211,8 +265,9 @@ class RedisStore(FeatureStore):
         user_ids = list(user_ids)
         emb = self._check_embeddings(user_ids, embeddings, as_of_ms)
         d = int(emb.shape[1])
+        writer = self._client("w")
         with _unavailable("put_embeddings"):
-            stored = self._w.hget(self.meta_key, "dim")
+            stored = writer.hget(self.meta_key, "dim")
         if stored is not None and int(stored) != d:
             raise ValueError(f"store holds embeddings of dim {int(stored)}, got dim {d}")
         sha = _SCRIPTS["put_emb"][1]
@@ -228,8 +283,9 @@ class RedisStore(FeatureStore):
 
     def get_embeddings(self, user_ids: Sequence[str], dim: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         user_ids = list(user_ids)
+        reader = self._client("r")
         with _unavailable("get_embeddings"):
-            pipe = self._r.pipeline(transaction=False)
+            pipe = reader.pipeline(transaction=False)
             pipe.hget(self.meta_key, "dim")
             for u in user_ids:
                 pipe.hmget(self.emb_key(u), "v", "dim")
@@ -246,12 +302,13 @@ class RedisStore(FeatureStore):
         return out, found
 
     def close(self) -> None:
-        for c in (self._r, self._w):
+        clients = list(self._clients.values()) if self.cluster else [self._r, self._w]
+        for c in clients:
             try:
                 c.close()
             except Exception:  # closing must never raise
                 pass
 
     def __repr__(self) -> str:
-        return (f"RedisStore({self.url!r}, prefix={self.prefix!r}, max_len={self.max_len}, "
+        return (f"RedisStore({self.url!r}, prefix={self.prefix!r}, cluster={self.cluster}, max_len={self.max_len}, "
                 f"late_bound_ms={self.late_bound_ms})")
