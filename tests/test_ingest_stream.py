@@ -123,3 +123,45 @@ def test_killed_consumer_restarts_without_loss_or_double_apply(redis_server, res
     assert any("column 'item_id'" in e for e in errors) and any("column 'action'" in e for e in errors), errors
     store.close()
     r.close()
+
+
+def test_store_down_keeps_entries_pending_until_it_is_back(redis_server, tmp_path):
+    """The store cannot write (its SQLite file is locked by another writer): the consumer acknowledges nothing,
+    it retries; once the lock is released every entry is applied and acknowledged. Nothing is dropped."""
+    import sqlite3
+    import threading
+
+    from seqrank.ingest import StreamConsumer
+    from seqrank.store import Action, EmbeddedStore
+
+    r = redis.Redis.from_url(redis_server.url)
+    key = f"down{uuid.uuid4().hex[:8]}"
+    for k in range(30):
+        r.xadd(key, {"user_id": "u", "item_id": f"p{k}", "action": "click", "timestamp": str(T0 + k)})
+    path = str(tmp_path / "s.db")
+    store = EmbeddedStore(path, timeout_s=2.0, write_timeout_s=0.05)
+    store.append([Action("w", "p", "click", T0)])                    # the schema exists before the lock
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    c = StreamConsumer(store, redis_server.url, key=key, group="g", consumer="c", batch=10, block_ms=50)
+    c.ensure_group()
+    done = {}
+    t = threading.Thread(target=lambda: done.setdefault("stats", c.run(idle_exit_s=0.5)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while pending(r, key, "g") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.5)
+        assert pending(r, key, "g") == 10 and store.get_sequences(["u"])[0].item_ids == []   # held, not acked
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    t.join(30)
+    assert not t.is_alive()
+    assert done["stats"].accepted == 30 and pending(r, key, "g") == 0
+    assert store.get_sequences(["u"])[0].item_ids == [f"p{k}" for k in range(30)]
+    c.close()
+    store.close()
+    r.close()
