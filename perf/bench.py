@@ -207,25 +207,25 @@ def ranker_flops(cfg, n_cand: int, item_table_dim: int, user_dim: int, n_context
     LayerNorm, masking, activations and gathers are left out: about 1 %). Notation: S = seq_len, d = action_dim +
     2 item_dim (early fusion width), ds = action_dim + item_dim (sequence part), E = item table dim, F = DCN input.
     For a single head (TransAct's default and the shipped config; the torch FlopCounterMode cross-check counts any
-    config). Layer 0 runs factorized (TransActEncoder.first_layer_factorized):
+    config). Layer 0 runs factorized (seqrank.models.inference.factorized_first_layer):
 
     per request    : 2 S E item_dim (sequence item projection) + 3 x 2 S ds d (Qs, Ks, Vs) + 2 S^2 d (A = Qs Ks^T)
                      + 2 S d^2 (Us = Vs Wo^T)
     per candidate  : 2 E item_dim (candidate projection)
-                     + layer 0: 2 x 2 item_dim d (qc, vc) + 2 S d (b_c) + 2 S^2 (z_c) + 2 d^2 (uc) + 2 S^2 d (E Us w_c)
+                     + layer 0: 2 x 2 item_dim d (qc, vc) + 2 S d (b_c) + 2 d^2 (uc) + 2 S^2 d (P_c Us)
                                 + 4 S d d_ff (FF)
                      + (layers - 1) x [2 S d^2 (x M) + 2 S^2 d (scores) + 2 S d^2 (x N) + 2 S^2 d (attention)
                                        + 4 S d d_ff (FF)]    (query-key and value-output products merged:
-                                       SelfAttention.merged_single_head)
+                                       seqrank.models.inference.MergedSingleHead)
                      + cross_layers x 4 F rank (DCN v2, low rank) + MLP 2 sum(in x out) + heads 2 last H
     total          = per request + N x per candidate
     """
     S, a, i = cfg.seq_len, cfg.action_dim, cfg.item_dim
     d, ds, E = a + 2 * i, a + i, item_table_dim
     L, dff = cfg.n_layers, cfg.d_ff
-    F = (cfg.top_k_rows + 1 + int(cfg.mean_pool_row)) * d + ds * int(cfg.sequence_mean) + user_dim + i + n_context
+    F = (cfg.top_k_rows + 1) * d + ds * int(cfg.sequence_mean) + user_dim + i + n_context
     per_request = 2 * S * E * i + 3 * 2 * S * ds * d + 2 * S * S * d + 2 * S * d * d
-    first = 2 * 2 * i * d + 2 * S * d + 2 * S * S + 2 * d * d + 2 * S * S * d + 4 * S * d * dff
+    first = 2 * 2 * i * d + 2 * S * d + 2 * d * d + 2 * S * S * d + 4 * S * d * dff
     later = 2 * 2 * S * d * d + 2 * S * S * d * 2 + 4 * S * d * dff
     per_cand = 2 * E * i + first + (L - 1) * later
     per_cand += cfg.cross_layers * 4 * F * cfg.cross_rank
@@ -291,14 +291,13 @@ def ort_session(onnx: Path, threads: int = 2, spinning: bool = True, profile_pre
     return ort.InferenceSession(str(onnx), o, providers=["CPUExecutionProvider"])
 
 
-# The exact inference rewrites of the ranker, each as a switch on the PyTorch model (on = served)
+# The exact inference rewrites of the ranker, each as the option of seqrank.models.inference.ranker_for_serving that
+# switches it (on = served)
 REWRITES = {
-    "first_layer_factorization": ("TransAct's first layer factorized (TransActEncoder.first_layer_factorized) vs the "
-                                  "direct form", lambda model, on: setattr(model.encoder, "factorize_first_layer", on)),
-    "merged_attention": ("one head's query-key and value-output products merged (SelfAttention.merged_single_head) "
-                         "vs four separate projections",
-                         lambda model, on: [setattr(layer.attn, "merge_single_head", on)
-                                            for layer in model.encoder.layers]),
+    "first_layer_factorization": ("TransAct's first layer factorized (seqrank.models.inference.factorized_first_layer) "
+                                  "vs the direct form", "factorize_first_layer"),
+    "merged_attention": ("one head's query-key and value-output products merged (seqrank.models.inference."
+                         "MergedSingleHead) vs four separate projections", "merge_single_head"),
 }
 
 
@@ -307,13 +306,9 @@ def rewrite_speedup(model, sess, tensors: dict, work: Path, seconds: float, name
     off, the same CPU graph on both sides, in alternating rounds on the same tensors: what it buys on this machine."""
     from seqrank.export import export_cpu_graph, export_ranker_onnx
     without_onnx = work / f"ranker_without_{name}.onnx"
-    switch = REWRITES[name][1]
-    switch(model, False)
-    try:
-        export_ranker_onnx(model, without_onnx)
-        export_cpu_graph(model, without_onnx, without_onnx)
-    finally:
-        switch(model, True)
+    off = {REWRITES[name][1]: False}
+    export_ranker_onnx(model, without_onnx, **off)
+    export_cpu_graph(model, without_onnx, without_onnx, **off)
     without = ort_session(without_onnx, threads=2)
     feed = {n: tensors[n] for n in RANKER_INPUTS}
     max_diff = float(np.abs(sess.run(None, feed)[0] - without.run(None, feed)[0]).max())
@@ -1425,6 +1420,7 @@ def main(argv=None) -> int:
             f"{details['store']['seconds']} s")
 
         from seqrank.export import load_ranker
+        from seqrank.models.inference import ranker_for_serving
         model, cfg, vocab = load_ranker(run)
         pre = preprocessor(repo, store_url)
         fixed100 = reqs["fixed_1x100"][0]
@@ -1447,7 +1443,7 @@ def main(argv=None) -> int:
         item_dim = int(np.load(run / "item_table.npy", mmap_mode="r").shape[1])
         flops = ranker_flops(cfg.transact, int(t100_run["cand_item"].shape[1]), item_dim,
                              int(t100["user_emb"].shape[1]), int(t100["context"].shape[1]), len(vocab.heads))
-        flops["flop_counter"] = flop_counter_check(model, t100_run)
+        flops["flop_counter"] = flop_counter_check(ranker_for_serving(model), t100_run)
         details["flops"] = flops
         details["dedup"] = dedup_bytes(t100, int(t100_run["cand_item"].shape[1]))
         details["peak"] = matmul_peak(st.peak_s)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from seqrank.config import RunConfig  # noqa: E402
 from seqrank.features import FIRST_ID, N_CONTEXT  # noqa: E402
+from seqrank.models.inference import ranker_for_serving  # noqa: E402
 from seqrank.models.transact import TransActRanker  # noqa: E402
 from seqrank.serving.preprocess import CANDIDATE_BUCKETS  # noqa: E402
 
@@ -130,7 +131,7 @@ def main() -> None:
     started = time.time()
     with torch.inference_mode():
         for factorized in (True, False):
-            model.encoder.factorize_first_layer = factorized
+            served = ranker_for_serving(model, factorize_first_layer=factorized)
             for n_cand in [int(n) for n in args.candidates.split(",")]:
                 for batch in (1, args.throughput_batch):
                     tensors = request(model, n_cand, batch, seq_len, args.device)
@@ -139,7 +140,7 @@ def main() -> None:
                                          model.n_context, model.heads.out_features)["total"] * batch
                     for mode in modes:
                         try:
-                            lat = timed(runner(model, tensors, mode, args.device), args.device, args.seconds)
+                            lat = timed(runner(served, tensors, mode, args.device), args.device, args.seconds)
                         except Exception as exc:  # noqa: BLE001 - a mode the device cannot run is reported
                             points.append({"factorized": factorized, "candidates": n_cand, "batch": batch,
                                            "mode": mode, "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -151,7 +152,6 @@ def main() -> None:
                             "p99_ms": float(np.percentile(lat, 99)), "requests_per_s": batch / mean_s,
                             "candidates_per_s": batch * n_cand / mean_s, "tflops": flops / mean_s / 1e12})
                         print(json.dumps(points[-1]), flush=True)
-    model.encoder.factorize_first_layer = True
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "weights": weights,
               "run": str(args.run), "seq_len": seq_len, "wall_s": round(time.time() - started, 1), "points": points,

@@ -10,10 +10,11 @@ Same request semantics as the ensemble (docs/serving-contract.md), as JSON:
 "actions": [[item_id, action, timestamp_ms], ...] (optional), "top_k": int (optional)}`` ->
 ``{"ranked_ids", "utility", "head_scores", "oov", "sequence_source"}``. Features are built in-process with
 ``seqrank.serving.preprocess.Preprocessor`` (the ensemble's preprocess code, the same tables and store); the model is
-``seqrank.export.load_ranker(run)`` in ``torch.inference_mode`` with ``torch.set_num_threads(1)`` per worker (the
-usual setting for N workers on N cores), scoring exactly the request's candidates (no bucket padding) and its real
-history (no sequence padding, as the Triton CPU ranker: seqrank.serving.batching.trim_history_padding), unmasked
-where that history is full (TransActRanker.full_history, as the CPU graph's branch). The
+``seqrank.export.load_ranker(run)`` as served (``seqrank.models.inference.ranker_for_serving``) in
+``torch.inference_mode`` with ``torch.set_num_threads(1)`` per worker (the usual setting for N workers on N cores),
+scoring exactly the request's candidates (no bucket padding) and its real history (no sequence padding, as the
+Triton CPU ranker: seqrank.serving.batching.trim_history_padding), unmasked where that history is full
+(ranker_for_serving's full_history, as the CPU graph's branch). The
 endpoint is ``async def`` and computes inline: on a CPU-bound service that is the cheapest choice (no thread-pool
 hop per request), i.e. the baseline's best case. Its connections have Nagle's algorithm off
 (``NoDelayHTTPProtocol``): with ``--workers`` > 1 uvicorn leaves it on, which alone added ~44 ms to every keep-alive
@@ -34,6 +35,7 @@ from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from seqrank.export import load_ranker
+from seqrank.models.inference import ranker_for_serving
 from seqrank.models.transact import INPUT_NAMES
 from seqrank.serving.batching import trim_history_padding
 from seqrank.serving.preprocess import CANDIDATE_BUCKETS, Preprocessor, RequestError
@@ -56,6 +58,7 @@ class NaiveRanker:
     def __init__(self, run: Path, tables: Path, store_url: str | None = None):
         torch.set_num_threads(1)
         self.model, cfg, vocab = load_ranker(run)
+        self.served = {full: ranker_for_serving(self.model, full_history=full) for full in (False, True)}
         self.heads = list(vocab.heads)
         negative = set(vocab.negative_actions)
         self.weights = np.array([cfg.utility_weights.get(h, 1.0) * (-1.0 if h in negative else 1.0)
@@ -87,11 +90,10 @@ class NaiveRanker:
         feeds = trim_history_padding({"seq_item": t.seq_item[None], "seq_action": t.seq_action[None],
                                       "seq_mask": t.seq_mask[None], "user_emb": t.user_emb[None].copy(),
                                       "context": t.context[None], "cand_item": t.cand_item[None, :n]})
-        # the unmasked form where every position is a real action, as the CPU graph's If picks it (requests are
-        # scored one at a time on the event loop, so the flag is never shared between two calls)
-        self.model.full_history = bool(feeds["seq_mask"].all())
+        # the unmasked form where every position is a real action, as the CPU graph's If picks it
+        model = self.served[bool(feeds["seq_mask"].all())]
         with torch.inference_mode():
-            probs = self.model(*(torch.from_numpy(feeds[name]) for name in INPUT_NAMES))
+            probs = model(*(torch.from_numpy(feeds[name]) for name in INPUT_NAMES))
         probs = probs[0].numpy()  # only the real candidates are scored (no bucket padding)
         utility = probs @ self.weights
         k = n if body.get("top_k") is None else max(1, min(int(body["top_k"]), n))

@@ -3,7 +3,7 @@ per head: how the ranker defaults of sessions 10 and 11 were chosen on the valid
 
     python scripts/validation_split.py --events data/kuairand/events.tsv.gz --out /tmp/val/events.csv
     seqrank train --events /tmp/val/events.csv --out /tmp/val/run --negative-actions hate --config CONFIG
-    python scripts/ranker_variants.py /tmp/val/run '{"output_gate_init": 1.0, "sequence_mean": true, "seed": 1}' ...
+    python scripts/ranker_variants.py /tmp/val/run '{"sequence_mean": false, "seed": 1}' ...
 
 Each argument is a JSON object of TransActConfig fields, plus optional "encoder" (transact | avg_pool | no_sequence)
 and "seed". Nothing is written into the run directory. One JSON line per variant and seed goes to stdout;
@@ -66,8 +66,7 @@ def main() -> None:
                                 Path(scratch) / f"ranker_{i}.safetensors", tag=f"_{i}")
             probs = predict(model, test)
             aucs = {h: round(M.auc(test.labels[:, j], probs[:, j]), 4) for j, h in enumerate(prep.vocab.heads)}
-            gate = None if model.output_gate is None else round(float(model.output_gate.detach()), 4)
-            print(json.dumps({"variant": spec, "encoder": encoder, "seed": seed, "test_auc": aucs, "gate": gate,
+            print(json.dumps({"variant": spec, "encoder": encoder, "seed": seed, "test_auc": aucs,
                               "seconds": round(time.time() - started)}), flush=True)
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from .config import RunConfig
 from .features import FIRST_ID, N_CONTEXT, Vocabulary
+from .models.inference import ranker_for_serving, user_tower_for_serving
 from .models.pinnerformer import N_TIME_FEATURES, PinnerFormer
 from .models.transact import INPUT_NAMES, OUTPUT_NAMES, TransActRanker
 from .serving.cpu_graph import CPU_ONNX, write_cpu_graph
@@ -60,42 +61,42 @@ def example_inputs(model: TransActRanker, batch: int, seq_len: int, n_cand: int,
     return seq_item, seq_action, mask, user_emb, context, cand
 
 
-def export_ranker_onnx(model: TransActRanker, path: Path, full_history: bool = False) -> Path:
-    """full_history: trace the form without masking (TransActRanker.full_history), valid only where every
-    sequence position is a real action; the CPU graph runs it for such runs."""
+def export_ranker_onnx(model: TransActRanker, path: Path, **rewrites: bool) -> Path:
+    """Trace the trained (paper-form) ``model`` as served: models/inference.py's ranker_for_serving, whose options
+    ``rewrites`` switch each rewrite (all on by default); full_history=True traces the form without masking, valid
+    only where every sequence position is a real action (the CPU graph runs it for such runs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     dyn = {"seq_item": {0: "batch", 1: "seq"}, "seq_action": {0: "batch", 1: "seq"}, "seq_mask": {0: "batch", 1: "seq"},
            "user_emb": {0: "batch"}, "context": {0: "batch"}, "cand_item": {0: "batch", 1: "candidates"},
            "probs": {0: "batch", 1: "candidates"}}
-    model.full_history = full_history
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, example_inputs(model, 2, 12, 3), str(path), input_names=INPUT_NAMES,
-                              output_names=OUTPUT_NAMES, dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
-    finally:
-        model.full_history = False
+    served = ranker_for_serving(model, **rewrites)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(served, example_inputs(model, 2, 12, 3), str(path), input_names=INPUT_NAMES,
+                          output_names=OUTPUT_NAMES, dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
     return path
 
 
-def export_cpu_graph(model: TransActRanker, portable: Path, dst: Path) -> tuple[int, bool]:
-    """The CPU ranker's graph from the portable export of ``model``: ONNX Runtime's fused residual + LayerNorm and,
-    for TransAct, a branch traced without masking for runs where every history position is a real action
-    (serving/cpu_graph.py). Returns (fused pairs, whether the branch was added)."""
+def export_cpu_graph(model: TransActRanker, portable: Path, dst: Path, **rewrites: bool) -> tuple[int, bool]:
+    """The CPU ranker's graph from the portable export of ``model`` (with the same ``rewrites``): ONNX Runtime's
+    fused residual + LayerNorm and, for TransAct, a branch traced without masking for runs where every history
+    position is a real action (serving/cpu_graph.py). Returns (fused pairs, whether the branch was added)."""
     with tempfile.TemporaryDirectory() as tmp:
-        full = (export_ranker_onnx(model, Path(tmp) / "model_full_history.onnx", full_history=True)
+        full = (export_ranker_onnx(model, Path(tmp) / "model_full_history.onnx", **rewrites, full_history=True)
                 if model.cfg.sequence_encoder == "transact" else None)
         return write_cpu_graph(portable, dst, full), full is not None
 
 
 def export_user_tower_onnx(model: PinnerFormer, path: Path) -> Path:
-    """PinnerFormer user tower for on-demand embeddings (inputs built by the same feature path)."""
+    """PinnerFormer user tower for on-demand embeddings (inputs built by the same feature path), traced as served
+    (models/inference.py's user_tower_for_serving)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     dyn = {n: {0: "batch", 1: "seq"} for n in USER_TOWER_INPUTS} | {"user_emb": {0: "batch"}}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, user_tower_inputs(model, [12, 3]), str(path), input_names=USER_TOWER_INPUTS,
-                          output_names=["user_emb"], dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
+        torch.onnx.export(user_tower_for_serving(model), user_tower_inputs(model, [12, 3]), str(path),
+                          input_names=USER_TOWER_INPUTS, output_names=["user_emb"], dynamic_axes=dyn,
+                          opset_version=OPSET, dynamo=False)
     return path
 
 

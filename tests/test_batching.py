@@ -192,7 +192,7 @@ def test_history_is_trimmed_to_the_longest_real_one_of_the_run(lengths, width):
         assert trimmed[name] is feeds[name]
 
 
-@pytest.mark.parametrize("extra", [{}, {"sequence_mean": True, "output_gate_init": 0.5}, {"mean_pool_row": True}])
+@pytest.mark.parametrize("extra", [{}, {"sequence_mean": True}])
 def test_trimmed_history_scores_what_the_padded_one_scores(extra):
     """Exact up to rounding: padding is never attended or pooled, so the columns every row pads can go. With K = 4
     newest rows and histories shorter than K, the trimmed sequence is narrower than the output rows it fills."""

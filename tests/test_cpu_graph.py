@@ -40,7 +40,7 @@ def _cpu_graph(model, tmp_path) -> tuple[Path, int]:
     return tmp_path / CPU_ONNX, fused
 
 
-@pytest.mark.parametrize("extra", [{"n_heads": 1, "sequence_mean": True, "output_gate_init": 0.5},
+@pytest.mark.parametrize("extra", [{"n_heads": 1, "sequence_mean": True},
                                    {"n_heads": 2}], ids=["shipped-form-1-head", "paper-2-heads"])
 def test_fused_cpu_graph_scores_what_pytorch_scores(tmp_path, extra):
     from seqrank.export import check_parity
@@ -81,7 +81,7 @@ def test_no_copy_only_pass_over_the_per_candidate_sequence(tmp_path):
 
     from seqrank.export import export_ranker_onnx
     from seqrank.serving.cpu_graph import _shapes
-    model = make_ranker("transact", seed=3, top_k_rows=4, n_heads=1, sequence_mean=True, output_gate_init=0.5)
+    model = make_ranker("transact", seed=3, top_k_rows=4, n_heads=1, sequence_mean=True)
     for full_history in (False, True):
         graph = onnx.load(str(export_ranker_onnx(model, tmp_path / "m.onnx", full_history=full_history)))
         shapes = _shapes(graph)

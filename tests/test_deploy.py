@@ -247,7 +247,6 @@ def exported_repo(tmp_path_factory) -> Path:
     run.mkdir()
     cfg = RunConfig()
     cfg.transact.seq_len = 20
-    cfg.transact.output_gate_init = 0.5  # untrained weights: a closed gate (0) would hide TransAct from these tests
     (run / "config.json").write_text(cfg.to_json())
     actions = ["click", "hate", "like"]
     vocab = Vocabulary(np.array(sorted(f"item{i:03d}".encode() for i in range(40)), dtype="S"), actions, actions,
@@ -902,13 +901,14 @@ def test_deployment_doc_flop_count_and_replicas_follow_from_the_model():
 
     from seqrank.config import TransActConfig
     from seqrank.export import example_inputs
+    from seqrank.models.inference import ranker_for_serving
     from seqrank.models.transact import TransActRanker
 
     text = DOCS.read_text()
     documented = int(re.search(r"flops-per-candidate: (\d+)", text).group(1))
     model = TransActRanker(TransActConfig(), np.zeros((50, 64), dtype=np.float32), 10, 64, 4, 8).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*example_inputs(model, 1, 100, 512, valid=100))
+        ranker_for_serving(model)(*example_inputs(model, 1, 100, 512, valid=100))
     per_candidate = counter.get_total_flops() / 512
     assert abs(per_candidate - documented) / documented < 0.02, f"model: {per_candidate:.0f}, doc: {documented}"
     assert f"{documented / 1e6:.1f} MFLOP per candidate" in text

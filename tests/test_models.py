@@ -17,7 +17,7 @@ from seqrank.config import PinnerFormerConfig, RunConfig, TransActConfig
 from seqrank.data.loaders import EventLog
 from seqrank.dataset import prepare
 from seqrank.features import FIRST_ID, N_CONTEXT
-from seqrank.models.layers import Block, Dropout
+from seqrank.models.layers import Dropout
 from seqrank.models.pinnerformer import N_TIME_FEATURES, PinnerFormer, sampled_softmax_loss, time_features
 from seqrank.models.transact import (INPUT_NAMES, TransActRanker, time_window_mask,
                                      weighted_multitask_bce)
@@ -36,9 +36,9 @@ def _restore_torch_global_state():
 
 
 def small_transact_cfg(**kw) -> TransActConfig:
-    # the paper's form (no raw-mean feature, no output gate): every test here then sees what TransAct itself computes
+    # the paper's form (no raw-mean feature): every test here then sees what TransAct itself computes
     base = dict(action_dim=4, item_dim=6, n_layers=2, n_heads=2, d_ff=12, dropout=0.1, top_k_rows=3,
-                cross_layers=2, cross_rank=4, mlp=[16, 8], seq_len=7, sequence_mean=False, output_gate_init=None)
+                cross_layers=2, cross_rank=4, mlp=[16, 8], seq_len=7, sequence_mean=False)
     return TransActConfig(**{**base, **kw})
 
 
@@ -66,10 +66,7 @@ def ranker_inputs(lengths, S: int, n_cand: int, seed: int = 0, pad_item: int = 0
 
 # ------------------------------------------------------------------------------------------------------- masks
 
-@pytest.mark.parametrize("encoder,extra", [("transact", {}), ("avg_pool", {}),
-                                           ("transact", {"sequence_mean": True, "mean_pool_row": True}),
-                                           ("transact", {"sequence_mean": True, "output_gate_init": 0.5}),
-                                           ("transact", {"output_dim": 5})])
+@pytest.mark.parametrize("encoder,extra", [("transact", {}), ("avg_pool", {}), ("transact", {"sequence_mean": True})])
 def test_padded_positions_never_change_the_output(encoder, extra):
     model = make_ranker(encoder, **extra)
     S = 7
@@ -213,123 +210,11 @@ def test_first_layer_qkv_precompute_equals_plain_projection():
         pooled = h.masked_fill(~valid, -1e4).amax(2, keepdim=True)
         K = enc.k
         rows = torch.cat([h, h.new_zeros(B, N, K, h.shape[-1])], dim=2)[:, :, :K]
-        if getattr(enc, "mean_pool", False):  # optional mean row after the max-pool row
-            pooled = torch.cat([pooled, h.sum(2, keepdim=True) / valid.sum(2, keepdim=True).clamp(min=1)], dim=2)
         ref = torch.cat([rows, pooled], dim=2).flatten(2)
     assert out.shape == (B, N, enc.out_dim) and enc.out_dim % x.shape[-1] == 0
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     # rows past a short sequence are zero (sequence 3 has one action; K = 3)
     assert (out[2].reshape(N, enc.out_dim // x.shape[-1], -1)[:, 1:K] == 0).all()
-
-
-@pytest.mark.parametrize("logit_scale", [1.0, 8.0])
-def test_factorized_first_layer_equals_direct_attention(logit_scale):
-    """Inference computes layer 0 without per-candidate attention (TransActEncoder.first_layer_factorized); it must
-    equal the direct form on full, short, one-action and empty histories, also with attention logits scaled up."""
-    model = make_ranker("transact", n_heads=1)
-    enc = model.encoder
-    with torch.no_grad():
-        enc.layers[0].attn.qkv.weight.mul_(logit_scale)
-    item, action, mask, user, ctx, cand = ranker_inputs([7, 3, 1, 0], 7, 9, seed=4)
-    calls = []
-    handle = enc.layers[0].attn.register_forward_pre_hook(lambda module, args: calls.append(1))
-    try:
-        with torch.no_grad():
-            factorized = model(item, action, mask, user, ctx, cand)
-            assert not calls  # the direct attention of layer 0 was not run
-            enc.factorize_first_layer = False
-            direct = model(item, action, mask, user, ctx, cand)
-            assert calls
-    finally:
-        handle.remove()
-        enc.factorize_first_layer = True
-    torch.testing.assert_close(factorized, direct, rtol=0, atol=2e-6)
-    model.train()  # training keeps the direct form: attention dropout needs the explicit probabilities
-    calls.clear()
-    handle = enc.layers[0].attn.register_forward_pre_hook(lambda module, args: calls.append(1))
-    try:
-        model(item, action, mask, user, ctx, cand)
-    finally:
-        handle.remove()
-    assert calls
-
-
-@pytest.mark.parametrize("logit_scale", [1.0, 8.0])
-def test_merged_single_head_attention_equals_the_separate_projections(logit_scale):
-    """At inference one head's query-key and value-output products are merged (SelfAttention.merged_single_head):
-    the same scores as the four separate projections for TransAct's later layers (full, short, one-action and empty
-    histories) and for a causal PinnerFormer-style block; training keeps the separate projections."""
-    model = make_ranker("transact", n_heads=1, n_layers=3)
-    pf_block = Block(12, 1, 8, 0.1, norm_first=True).eval()
-    with torch.no_grad():
-        for attn in [layer.attn for layer in model.encoder.layers] + [pf_block.attn]:
-            attn.qkv.weight.mul_(logit_scale)
-    inputs = ranker_inputs([7, 3, 1, 0], 7, 9, seed=4)
-    seq = torch.randn(3, 6, 12, generator=torch.Generator().manual_seed(1))
-    seq_mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4, [True] + [False] * 5])
-    calls = []
-    hooks = [layer.attn.qkv.register_forward_hook(lambda *a: calls.append(1)) for layer in model.encoder.layers[1:]]
-    try:
-        with torch.no_grad():
-            merged, merged_pf = model(*inputs), pf_block(seq, seq_mask, causal=True)
-            assert not calls  # the later layers' qkv projection never ran
-            for attn in [layer.attn for layer in model.encoder.layers] + [pf_block.attn]:
-                attn.merge_single_head = False
-            separate, separate_pf = model(*inputs), pf_block(seq, seq_mask, causal=True)
-            assert calls
-        torch.testing.assert_close(merged, separate, rtol=0, atol=2e-6)
-        torch.testing.assert_close(merged_pf, separate_pf, rtol=0, atol=2e-5 * logit_scale)
-        for attn in [layer.attn for layer in model.encoder.layers]:
-            attn.merge_single_head = True
-        calls.clear()
-        model.train()
-        model(*inputs)
-        assert len(calls) == 2  # training: the separate projections in both later layers
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def test_merged_single_head_attention_is_as_precise_in_half_precision():
-    """A TensorRT fp16 engine runs the merged products (folded M and N) in half precision: their error against fp32
-    stays that of the separate projections (on runs/k2: 1.74e-3 for both, docs/performance.md)."""
-    import copy
-    model = make_ranker("transact", seed=6, n_heads=1, n_layers=2)
-    inputs = ranker_inputs([7, 4, 1], 7, 6, seed=5)
-    with torch.no_grad():
-        want = model(*inputs)
-        err = {}
-        for merge in (True, False):
-            half = copy.deepcopy(model).half()
-            for layer in half.encoder.layers:
-                layer.attn.merge_single_head = merge
-            item, action, mask, user, ctx, cand = inputs
-            got = half(item, action, mask, user.half(), ctx.half(), cand).float()
-            assert torch.isfinite(got).all()
-            err[merge] = (got - want).abs().max().item()
-    assert err[True] <= 2 * err[False] + 1e-4, err
-
-
-@pytest.mark.parametrize("extra", [{}, {"mean_pool_row": True}, {"n_heads": 2}], ids=["default", "mean-row", "2-heads"])
-def test_full_history_form_equals_the_masked_form_only_on_full_histories(extra):
-    """TransActRanker.full_history (the CPU graph's unmasked branch) drops every mask: on histories with no padding
-    it scores what the masked model scores, for both the factorized and the direct first layer; with padding it
-    would attend it, which is why the CPU graph takes it only when seq_mask is all True."""
-    model = make_ranker("transact", seed=5, **extra)
-    full = ranker_inputs([6, 6, 6], 6, 5, seed=2)
-    padded = ranker_inputs([6, 2, 4], 6, 5, seed=2)
-    for factorize in (True, False):
-        model.encoder.factorize_first_layer = factorize
-        with torch.no_grad():
-            want_full, want_padded = model(*full), model(*padded)
-            model.full_history = True
-            try:
-                got_full, got_padded = model(*full), model(*padded)
-            finally:
-                model.full_history = False
-        torch.testing.assert_close(got_full, want_full, rtol=0, atol=2e-6)
-        assert (got_padded[1:] - want_padded[1:]).abs().max() > 1e-4  # the short histories' padding now counts
-    model.encoder.factorize_first_layer = True
 
 
 def test_sequence_mean_feeds_transact_exactly_the_avg_pool_feature():
@@ -559,14 +444,13 @@ def test_pinnerformer_is_causal_newest_first():
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(B), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("positions", ["from_oldest", "from_newest"])
-def test_a_training_position_sees_what_a_request_right_after_it_would_see(positions):
+def test_a_training_position_sees_what_a_request_right_after_it_would_see():
     """Training queries PinnerFormer at every position; serving at position 0 of a request made later. The output at
     position i must equal the user embedding of the history that ends at action i (the sequence with the i newer
-    actions dropped): true with positions counted from the oldest action, false for the pre-session-10 count from the
-    newest (position i's input then says how many actions came after it)."""
+    actions dropped): positions are counted from the oldest action, so position i's input never says how many
+    actions came after it."""
     torch.manual_seed(0)
-    model = PinnerFormer(small_pf_cfg(positions=positions), N_ITEMS, N_ACTIONS).eval()
+    model = PinnerFormer(small_pf_cfg(), N_ITEMS, N_ACTIONS).eval()
     item, action, tfeat, mask = pf_history(torch.Generator().manual_seed(2))
     worst = 0.0
     with torch.no_grad():
@@ -576,10 +460,7 @@ def test_a_training_position_sees_what_a_request_right_after_it_would_see(positi
             shift = lambda t: torch.cat([t[:, i:], torch.zeros_like(t[:, :i])], dim=1)  # noqa: E731
             emb = model(shift(item), shift(action), shift(tfeat), shift(mask))
             worst = max(worst, float((emb - full[:, i]).abs().max()))
-    if positions == "from_oldest":
-        assert worst < 1e-5
-    else:
-        assert worst > 1e-3  # the skew the new default removes
+    assert worst < 1e-5
 
 
 # ------------------------------------------------------------------------------------------- training / determinism
@@ -782,8 +663,7 @@ def test_predict_has_no_time_mask_and_is_deterministic(tiny_ranker_inputs, tmp_p
 
 # ---------------------------------------------------------------------------------------------------- ONNX parity
 
-@pytest.mark.parametrize("extra", [{}, {"sequence_mean": True, "output_gate_init": 0.5}],
-                         ids=["paper", "shipped-default-form"])  # 0.5: a trained gate is open; 0 would hide TransAct
+@pytest.mark.parametrize("extra", [{}, {"sequence_mean": True}], ids=["paper", "shipped-default-form"])
 def test_onnx_export_parity(tmp_path, extra):
     from seqrank.export import PARITY_TOLERANCE, check_parity, export_ranker_onnx
     model = make_ranker("transact", seed=3, top_k_rows=4, **extra)
@@ -831,113 +711,6 @@ def test_user_tower_onnx_parity_and_its_check_catches_a_wrong_model(tmp_path, he
     torch.manual_seed(1)
     with pytest.raises(AssertionError, match="parity"):
         check_user_tower_parity(PinnerFormer(cfg, N_ITEMS, N_ACTIONS).eval(), path, 10)
-
-
-# ------------------------------------------------------------------------------------------------ lr schedule
-
-def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
-    from seqrank.train import lr_factor
-    total = 100
-    assert [lr_factor(s, total, 0.1, "cosine") for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
-    assert lr_factor(10, total, 0.1, "cosine") == pytest.approx(1.0)
-    assert lr_factor(55, total, 0.1, "cosine") == pytest.approx(0.5)     # half-way through the decay
-    assert lr_factor(total, total, 0.1, "cosine") == pytest.approx(0.0)
-    decay = [lr_factor(s, total, 0.1, "cosine") for s in range(10, total)]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
-    assert {lr_factor(s, total, 0.0, "constant") for s in range(total)} == {1.0}
-    with pytest.raises(ValueError, match="lr_decay"):
-        lr_factor(0, total, 0.0, "linear")
-
-
-def test_output_dim_puts_a_normalised_bottleneck_between_transact_and_dcn():
-    paper, compressed = make_ranker(), make_ranker(output_dim=5)
-    assert paper.compress is None
-    extra = paper.encoder.out_dim - 5
-    assert paper.cross.v[0].in_features - compressed.cross.v[0].in_features == extra
-    inputs = ranker_inputs([7, 3], 7, 4)
-    with torch.inference_mode():
-        encoded = compressed.encoder(torch.cat([compressed.action_emb(inputs[1]),
-                                                compressed.item_embedding(inputs[0])], -1),
-                                     inputs[2], inputs[2], compressed.item_embedding(inputs[5]))
-        z = compressed.compress(encoded)
-        assert z.shape[-1] == 5
-        torch.testing.assert_close(z.mean(-1), torch.zeros(z.shape[:-1]), atol=1e-5, rtol=0)  # LayerNorm'd
-        assert torch.isfinite(compressed(*inputs)).all()
-
-
-def test_output_gate_at_zero_starts_as_the_baseline_and_opens_with_training():
-    """output_gate_init=0: the ranker's first output ignores the sequence (it starts as its no-sequence baseline),
-    yet the gate gets a gradient, so training can let the sequence in; None (the paper) has no gate."""
-    assert make_ranker().output_gate is None
-    model = make_ranker(output_gate_init=0.0)
-    a = ranker_inputs([7, 3], 7, 4, seed=0)
-    b = ranker_inputs([5, 6], 7, 4, seed=1)
-    b = (b[0], b[1], b[2], a[3], a[4], a[5])  # other sequences, same user, context and candidates
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(*a), model(*b), atol=0, rtol=0)
-    model.train()
-    loss = model.logits(*a).sum()
-    loss.backward()
-    assert model.output_gate.grad is not None and model.output_gate.grad.abs() > 0
-    assert all(p.grad is None or not p.grad.any() for p in model.encoder.parameters())  # nothing flows through yet
-    model.eval()
-    with torch.no_grad():
-        model.output_gate.fill_(0.5)
-        assert not torch.equal(model(*a), model(*b))  # once open, the sequence changes the scores
-
-
-def test_a_run_saved_before_the_gate_existed_loads_as_it_was_trained(tmp_path):
-    """RunConfig.load_saved: a config.json snapshot without sequence_mean / output_gate_init (a run trained before
-    they existed) gets the values it was trained with, so its weights load; a newer snapshot keeps its own."""
-    import json
-
-    old = json.loads(RunConfig().to_json())
-    del old["transact"]["sequence_mean"], old["transact"]["output_gate_init"]
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    cfg = RunConfig.load_saved(tmp_path)
-    assert cfg.transact.sequence_mean is False and cfg.transact.output_gate_init is None
-    paper = make_ranker(sequence_mean=False, output_gate_init=None)
-    rebuilt = TransActRanker(replace(small_transact_cfg(), sequence_mean=cfg.transact.sequence_mean,
-                                     output_gate_init=cfg.transact.output_gate_init),
-                             paper.item_table.numpy(), N_ACTIONS, USER_DIM, N_CONTEXT, N_HEADS)
-    rebuilt.load_state_dict(paper.state_dict())  # strict: same parameters, no gate
-    gated = json.loads(RunConfig().to_json())
-    gated["transact"].update(sequence_mean=True, output_gate_init=0.0)  # a session 5-9 snapshot: as written
-    (tmp_path / "config.json").write_text(json.dumps(gated))
-    cfg = RunConfig.load_saved(tmp_path)
-    assert cfg.transact.output_gate_init == 0.0 and cfg.transact.sequence_mean is True
-
-
-def test_a_run_saved_before_session_10_embeds_users_as_it_was_trained(tmp_path):
-    """A config.json snapshot without PinnerFormer's `positions` (trained before session 10) counts positions from
-    the newest action, as its weights were trained; a newer snapshot keeps its own (from the oldest)."""
-    import json
-
-    old = json.loads(RunConfig().to_json())
-    for key in ("positions", "item_lr", "temperature_init"):
-        del old["pinnerformer"][key]
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    cfg = RunConfig.load_saved(tmp_path)
-    assert (cfg.pinnerformer.positions, cfg.pinnerformer.item_lr, cfg.pinnerformer.temperature_init) == \
-        ("from_newest", 3e-3, 0.07)
-    (tmp_path / "config.json").write_text(RunConfig().to_json())
-    assert RunConfig.load_saved(tmp_path).pinnerformer.positions == "from_oldest"
-
-
-def test_a_run_saved_before_session_11_trains_candidates_as_it_did(tmp_path):
-    """candidate_oov_rate follows the log by default since session 11 (None); a snapshot from before the field
-    existed retrains with it off, and a session-10 snapshot keeps the rate it wrote."""
-    import json
-
-    old = json.loads(RunConfig().to_json())
-    assert old["transact"]["candidate_oov_rate"] is None
-    del old["transact"]["candidate_oov_rate"]
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    assert RunConfig.load_saved(tmp_path).transact.candidate_oov_rate == 0.0
-    old["transact"]["candidate_oov_rate"] = 0.3
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    assert RunConfig.load_saved(tmp_path).transact.candidate_oov_rate == 0.3
 
 
 def test_dropout_drops_at_rate_p_scales_the_rest_and_follows_torch_seed():

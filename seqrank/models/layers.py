@@ -48,71 +48,43 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
         self.dropout = Dropout(dropout)
-        self.merge_single_head = True  # inference only (see merged_single_head); False = three projections
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, causal: bool = False,
                 qkv: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., L, d]; key_mask [..., L] bool (True = may be attended); qkv: precomputed projection of x.
         causal: sequences are newest first, so position i sees itself and the older positions j >= i."""
         lead, (L, d) = x.shape[:-2], x.shape[-2:]
-        h = self.n_heads
-        if qkv is None and h == 1 and self.merge_single_head and not self.training:
-            return self.merged_single_head(x, key_mask, causal)
-        out_bias = self.out.bias
-        if qkv is None and torch.onnx.is_in_onnx_export():
-            # Exported (the same scores up to rounding; ~1.07x and ~1.02x on the CPU ranker, docs/performance.md):
-            # three products instead of one and a Split, which is a view in PyTorch but a copy of the whole activation
-            # in ONNX Runtime; no key bias: it adds q_i.b_k to every score of row i, which the softmax cancels; the
-            # value bias after the output projection: each softmax row sums to 1, so it passes through unchanged.
-            w, b = self.qkv.weight.chunk(3), self.qkv.bias.chunk(3)
-            q, k, v = F.linear(x, w[0], b[0]), x @ w[1].T, x @ w[2].T
-            q, k, v = (t.reshape(-1, L, d) for t in (q, k, v))
-            out_bias = out_bias + self.out.weight @ b[2]
-        else:
-            qkv = self.qkv(x) if qkv is None else qkv.expand(*lead, L, 3 * d)
-            q, k, v = qkv.reshape(-1, L, 3 * d).split(d, dim=-1)               # each [M, L, d]
-        # flatten the leading dims; a head axis and explicit non-negative permutations only with several heads: a
-        # single head (TransAct's default) needs no transposes or copies of the [M, L, d] activations (ONNX/TensorRT
-        # friendly)
-        if h > 1:
-            q, k, v = (t.reshape(-1, L, h, d // h).permute(0, 2, 1, 3) for t in (q, k, v))  # each [M, h, L, dh]
-        scores = q @ k.transpose(-2, -1) / math.sqrt(d // h)                  # [M, (h,) L, L]
-        if key_mask is not None:
-            allowed = key_mask.expand(*lead, L).reshape(-1, *([1] * (scores.dim() - 2)), L)
-            scores = scores.masked_fill(~allowed, MASK_FILL)
-        if causal:
-            newer = torch.ones(L, L, dtype=torch.bool, device=x.device).tril(-1)
-            scores = scores.masked_fill(newer, MASK_FILL)
-        attn = self.dropout(scores.softmax(-1))
-        y = attn @ v
-        y = (y.permute(0, 2, 1, 3) if h > 1 else y).reshape(*lead, L, d)
-        return F.linear(y, self.out.weight, out_bias)
+        qkv = self.qkv(x) if qkv is None else qkv.expand(*lead, L, 3 * d)
+        q, k, v = qkv.reshape(-1, L, 3 * d).split(d, dim=-1)                   # each [M, L, d]
+        return self.out(attend(q, k, v, key_mask, causal, lead, self.n_heads, self.dropout))
 
-    def merged_single_head(self, x: torch.Tensor, key_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-        """One head at inference, exactly, with two [d, d] products per position instead of four. With
-        q = x Wq^T + bq and k = x Wk^T + bk, the score q_i.k_j = (x_i M + u).x_j + (terms constant in j, which the
-        softmax cancels), M = Wq^T Wk / sqrt(d), u = Wk^T bq / sqrt(d); and since each softmax row sums to 1 the
-        value and output projections compose: sum_j P_ij (x_j Wv^T + bv) Wo^T + bo = (P (x N))_i + c with
-        N = (Wo Wv)^T, c = Wo bv + bo. The key and output projections and the scaling pass are gone (~30 % fewer
-        FLOPs in TransAct's second layer at S = 100, d = 96); M, u, N and c depend on the weights only, so ONNX
-        Runtime and TensorRT fold them into constants when they load the graph. Only for one head: per head, M and
-        N would be [d, d] instead of [d, d/h], more work, not less. Training keeps the separate projections
-        (dropout acts on the probabilities; the parameters are the same either way)."""
-        lead, L, d = x.shape[:-2], x.shape[-2], self.out.in_features  # d an int, not a traced shape: foldable
-        wq, wk, wv = self.qkv.weight.chunk(3)
-        bq, _, bv = self.qkv.bias.chunk(3)
-        scale = d ** -0.5
-        m, u = (wq.T @ wk) * scale, (wk.T @ bq) * scale
-        n, c = (self.out.weight @ wv).T, self.out.weight @ bv + self.out.bias
-        xf = x.reshape(-1, L, d)
-        scores = F.linear(xf, m.T, u) @ xf.transpose(-2, -1)                 # [M, L, L]
-        if key_mask is not None:
-            scores = scores.masked_fill(~key_mask.expand(*lead, L).reshape(-1, 1, L), MASK_FILL)
-        if causal:
-            newer = torch.ones(L, L, dtype=torch.bool, device=x.device).tril(-1)
-            scores = scores.masked_fill(newer, MASK_FILL)
-        y = scores.softmax(-1) @ (xf @ n)
-        return y.reshape(*lead, L, d) + c
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, causal: bool,
+           lead: torch.Size, n_heads: int, dropout: nn.Module | None = None) -> torch.Tensor:
+    """Scaled dot-product attention of q, k, v [M, L, d] (M = the flattened leading dims ``lead``) -> [*lead, L, d].
+    A head axis and explicit permutations only with several heads: a single head (TransAct's default) needs no
+    transposes or copies of the [M, L, d] activations (ONNX/TensorRT friendly)."""
+    L, d = q.shape[-2:]
+    h = n_heads
+    if h > 1:
+        q, k, v = (t.reshape(-1, L, h, d // h).permute(0, 2, 1, 3) for t in (q, k, v))  # each [M, h, L, dh]
+    scores = mask_scores(q @ k.transpose(-2, -1) / math.sqrt(d // h), key_mask, causal, lead)  # [M, (h,) L, L]
+    attn = scores.softmax(-1)
+    y = (attn if dropout is None else dropout(attn)) @ v
+    return (y.permute(0, 2, 1, 3) if h > 1 else y).reshape(*lead, L, d)
+
+
+def mask_scores(scores: torch.Tensor, key_mask: torch.Tensor | None, causal: bool, lead: torch.Size) -> torch.Tensor:
+    """scores [M, (h,) L, L] with the hidden keys (key_mask [..., L] False) and, if causal, the newer positions
+    (j < i: sequences are newest first) at MASK_FILL."""
+    L = scores.shape[-1]
+    if key_mask is not None:
+        allowed = key_mask.expand(*lead, L).reshape(-1, *([1] * (scores.dim() - 2)), L)
+        scores = scores.masked_fill(~allowed, MASK_FILL)
+    if causal:
+        newer = torch.ones(L, L, dtype=torch.bool, device=scores.device).tril(-1)
+        scores = scores.masked_fill(newer, MASK_FILL)
+    return scores
 
 
 class Block(nn.Module):

@@ -42,8 +42,6 @@ class PinnerFormer(nn.Module):
         self.action_emb = nn.Embedding(n_actions, d, padding_idx=0)
         self.time_proj = nn.Linear(N_TIME_FEATURES, d)
         # learned positions, counted from the oldest action in the window (see encode)
-        if cfg.positions not in ("from_oldest", "from_newest"):
-            raise ValueError(f"positions must be from_oldest or from_newest, got {cfg.positions!r}")
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.d_ff, cfg.dropout, norm_first=True)
                                     for _ in range(cfg.n_layers))
@@ -61,12 +59,10 @@ class PinnerFormer(nn.Module):
         Position i's output summarises the actions at i and older: what the user looked like at that time, and
         exactly what a request made right after action i gets at position 0 (prefix invariance). Training queries
         every position, serving only position 0, so positions are counted from the oldest action: counted from the
-        newest (runs before session 10), position i's input said how many actions came after it, which the serving
-        output never sees, and position 0 got ~1/L of the training signal."""
+        newest, position i's input would say how many actions came after it, which the serving output never sees."""
         L = item.shape[1]
-        pos = torch.arange(L, device=item.device).unsqueeze(0)                       # [1,L], newest first
-        if self.cfg.positions == "from_oldest":
-            pos = (mask.sum(1, keepdim=True) - 1 - pos).clamp(0, self.cfg.max_len - 1)  # padding clamps to 0
+        newest_first = torch.arange(L, device=item.device).unsqueeze(0)               # [1,L]
+        pos = (mask.sum(1, keepdim=True) - 1 - newest_first).clamp(0, self.cfg.max_len - 1)  # padding clamps to 0
         x = self.item_emb(item) + self.action_emb(action) + self.time_proj(tfeat) + self.pos_emb(pos)
         # causal attention: a position only sees itself and older actions, never the padding after them
         attend = mask | ~mask.any(1, keepdim=True)

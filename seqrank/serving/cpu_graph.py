@@ -14,7 +14,7 @@ one.
 The masks (padding never attended, pooled or output) cost ~12 % of the CPU time at 1 x 100: a Where over every
 candidate's [S, S] scores, another before max-pooling, the multiplications by the row mask. After history trimming
 (serving/batching.py) a single user's run has no padding left unless the history is empty, and on a mask of all
-True those steps are identities, so an If node picks the ranker traced without them (TransActRanker.full_history):
+True those steps are identities, so an If node picks the ranker traced without them (models/inference.py, full_history):
 bitwise the same scores, 1.09-1.11x faster (docs/performance.md).
 """
 from __future__ import annotations
@@ -172,8 +172,8 @@ def _branch(graph, prefix: str, outer: set[str], shared: dict[str, str]):
 
 
 def add_full_history_branch(model, full) -> bool:
-    """Make ``model`` (the ranker graph) run ``full`` (the same ranker traced with TransActRanker.full_history: no
-    masking) whenever every position of seq_mask is a real action, through one If node: after history trimming
+    """Make ``model`` (the ranker graph) run ``full`` (the same ranker traced with ranker_for_serving's full_history:
+    no masking) whenever every position of seq_mask is a real action, through one If node: after history trimming
     (serving/batching.py) that is every single-user run with a non-empty history, and multi-user runs whose users
     all have a full history. The two graphs' equal initializers (the item table above all) are stored once, in the
     outer graph. In place; False (nothing changed) for a graph without a seq_mask input."""
