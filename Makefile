@@ -5,11 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo
 RESULTS_RUN ?= runs/kuairand
+MOVIELENS_RUN ?= runs/movielens
+RESULTS_SEEDS ?= 0,1,2,3,4
 EVENTS ?= data/kuairand/events.tsv.gz
 STORE ?= sqlite:///$(abspath $(RUN))/store.db
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo train export serve test test-fast bench results lint-deploy movielens clean
+.PHONY: install demo train export serve test test-fast bench results results-movielens lint-deploy movielens clean
 
 install: $(STAMP)   ## system packages (apt-get) + .venv with pinned packages; idempotent
 
@@ -38,9 +40,19 @@ movielens: install   ## fetch MovieLens 100K (not redistributable, so not in git
 train: install
 	$(BIN)/seqrank train --events $(EVENTS) --out $(RUN)
 
-results: install   ## the README's KuaiRand numbers: train, then evaluate over 3 seeds and 5 user folds (~25 min)
+# the results tables (README, docs/results.md) and plot from every evaluated run, KuaiRand and MovieLens
+RESULTS_TABLE = $(BIN)/python scripts/results_table.py --run KuaiRand=$(RESULTS_RUN) \
+	$$(test -f $(MOVIELENS_RUN)/metrics.json && echo --run MovieLens-100K=$(MOVIELENS_RUN))
+
+results: install   ## KuaiRand: train, evaluate over 5 seeds and 5 user folds, write the results tables (~40 min)
 	$(BIN)/seqrank train --events $(EVENTS) --out $(RESULTS_RUN)
-	$(BIN)/seqrank evaluate --run $(RESULTS_RUN) --seeds 0,1,2 --user-folds 5
+	$(BIN)/seqrank evaluate --run $(RESULTS_RUN) --seeds $(RESULTS_SEEDS) --user-folds 5
+	$(RESULTS_TABLE)
+
+results-movielens: movielens   ## the same on MovieLens 100K, a log never tuned on (~40 min)
+	$(BIN)/seqrank train --events data/external/movielens-100k/ratings.csv --out $(MOVIELENS_RUN)
+	$(BIN)/seqrank evaluate --run $(MOVIELENS_RUN) --seeds $(RESULTS_SEEDS) --user-folds 5
+	if test -f $(RESULTS_RUN)/metrics.json; then $(RESULTS_TABLE); fi
 
 export: install
 	$(BIN)/seqrank export --run $(RUN)

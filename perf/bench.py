@@ -304,7 +304,7 @@ REWRITES = {
 def rewrite_speedup(model, sess, tensors: dict, work: Path, seconds: float, name: str, rounds: int = 3) -> dict:
     """The served ranker (``sess``) against the same weights exported with the rewrite ``name`` (REWRITES) switched
     off, the same CPU graph on both sides, in alternating rounds on the same tensors: what it buys on this machine."""
-    from seqrank.export import export_cpu_graph, export_ranker_onnx
+    from seqrank.exporting import export_cpu_graph, export_ranker_onnx
     without_onnx = work / f"ranker_without_{name}.onnx"
     off = {REWRITES[name][1]: False}
     export_ranker_onnx(model, without_onnx, **off)
@@ -1419,7 +1419,7 @@ def main(argv=None) -> int:
         log(f"inputs: {json.dumps({k: v['requests'] for k, v in manifest['sets'].items()})}; store loaded in "
             f"{details['store']['seconds']} s")
 
-        from seqrank.export import load_ranker
+        from seqrank.exporting import load_ranker
         from seqrank.models.inference import ranker_for_serving
         model, cfg, vocab = load_ranker(run)
         pre = preprocessor(repo, store_url)

@@ -2,24 +2,24 @@
 
     .venv/bin/python perf/make_inputs.py --run runs/demo --out perf/results/inputs
 
-One request = one session of the shipped log, exactly as training defines it (seqrank.dataset.build_impressions: a
-gap of more than ``session_gap_s`` starts a new session, the request is made at the session's first action): the
-user, the session start as ``request_time_ms``, and the session's distinct items as candidates. Only sessions that
-start at or after the run's ``split_time_ms`` are used (the held-out period: what serving sees after training), and
-only sessions whose user has at least one action before the session start (perf_analyzer cannot send an empty
-BYTES tensor, and a cold start has no raw actions to carry). The candidate counts and the action-sequence lengths are
-therefore the log's own distributions.
+One request = one request of the shipped log, exactly as training defines it (seqrank.dataset.build_impressions: a
+user's impressions up to ``request_gap_s`` after the first one, made at that first impression's time): the user, the
+request time as ``request_time_ms``, and the request's distinct items as candidates. Only requests at or after the
+run's ``split_time_ms`` are used (the held-out period: what serving sees after training), and only requests whose
+user has at least one action before the request time (perf_analyzer cannot send an empty BYTES tensor, and a cold
+start has no raw actions to carry). The candidate counts and the action-sequence lengths are therefore the log's own
+distributions.
 
 Every set comes in two forms (same requests):
 
 * ``*_store.json``: ``user_id``, ``candidate_ids``, ``request_time_ms`` only; preprocess reads the user's sequence
   from the feature store (the store must hold the log: seqrank ingest).
-* ``*_actions.json``: the user's raw actions before the session start in the request (``action_item_ids``,
+* ``*_actions.json``: the user's raw actions before the request time in the request (``action_item_ids``,
   ``action_types``, ``action_times_ms``), the newest ``max_actions`` (default 256, the store's ``max_len``: the same
   actions the store path would read).
 
-Sets: ``log`` (up to ``--requests`` sessions sampled from the held-out period), ``fixed_1x100`` and ``fixed_1x16``
-(ONE request: the held-out session of the user with the longest history, its own items that the model knows first
+Sets: ``log`` (up to ``--requests`` requests sampled from the held-out period), ``fixed_1x100`` and ``fixed_1x16``
+(ONE request: the held-out request of the user with the longest history, its own items that the model knows first
 and then other vocabulary item ids, drawn with a fixed seed, until there are 100 distinct ones, resp. the first 16).
 
 The JSON is perf_analyzer's per-request form: ``{"data": [{"<input>": {"content": [...], "shape": [...]}}]}``, the
@@ -89,13 +89,13 @@ def build_requests(run: Path, events: str | None = None, n_requests: int = 256, 
     info, cfg = _run_info(run)
     if ev is None:
         ev = load_log(run, events)
-    gap_s = float(cfg.get("data", {}).get("session_gap_s", 1800.0))
+    gap_s = float(cfg["data"]["request_gap_s"])
     imp, _ = build_impressions(ev, list(info.get("heads", [])), gap_s)
     split = int(info.get("split_time_ms", 0))
     held_out = imp[imp.request_time >= split]
-    if held_out.empty:                                  # a log without a held-out period: use every session
+    if held_out.empty:                                  # a log without a held-out period: use every request
         held_out = imp
-    sessions = held_out.groupby("session", sort=True).agg(
+    requests = held_out.groupby("request", sort=True).agg(
         user_id=("user_id", "first"), request_time_ms=("request_time", "first"),
         items=("item_id", lambda s: list(dict.fromkeys(s))))
 
@@ -112,19 +112,19 @@ def build_requests(run: Path, events: str | None = None, n_requests: int = 256, 
         return list(zip(part.item_id.astype(str), part.action.astype(str), part.timestamp.astype(np.int64).tolist()))
 
     rows = []
-    for s in sessions.itertuples():
+    for s in requests.itertuples():
         acts = actions_before(str(s.user_id), int(s.request_time_ms))
         if acts:
             rows.append({"user_id": str(s.user_id), "request_time_ms": int(s.request_time_ms),
                          "candidate_ids": [str(i) for i in s.items], "actions": acts})
     if not rows:
-        raise SystemExit("no held-out session has a user with earlier actions; cannot build requests")
+        raise SystemExit("no held-out request has a user with earlier actions; cannot build requests")
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(rows), size=min(n_requests, len(rows)), replace=False)
     log_set = [rows[i] for i in sorted(pick)]
 
-    # the fixed request: the user with the longest history before a held-out session (S = 100 full when possible)
-    # Its candidates: the session's items the model knows, then other vocabulary items, all distinct. Items new in
+    # the fixed request: the user with the longest history before a held-out request (S = 100 full when possible)
+    # Its candidates: the request's items the model knows, then other vocabulary items, all distinct. Items new in
     # the held-out period would all be the one OOV row, which the CPU ranker scores once per request
     # (seqrank/serving/batching.py) but the bare ranker and the naive service score per column.
     best = max(rows, key=lambda r: (len(r["actions"]), len(r["candidate_ids"]), -r["request_time_ms"]))
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--run", type=Path, default=Path("runs/demo"), help="a trained, exported run")
     p.add_argument("--out", type=Path, default=Path("perf/results/inputs"))
     p.add_argument("--events", help="the action log (default: the run's, from run.json)")
-    p.add_argument("--requests", type=int, default=256, help="sessions in the log-drawn set")
+    p.add_argument("--requests", type=int, default=256, help="requests in the log-drawn set")
     p.add_argument("--max-actions", type=int, default=DEFAULT_MAX_ACTIONS)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

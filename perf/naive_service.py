@@ -10,7 +10,7 @@ Same request semantics as the ensemble (docs/serving-contract.md), as JSON:
 "actions": [[item_id, action, timestamp_ms], ...] (optional), "top_k": int (optional)}`` ->
 ``{"ranked_ids", "utility", "head_scores", "oov", "sequence_source"}``. Features are built in-process with
 ``seqrank.serving.preprocess.Preprocessor`` (the ensemble's preprocess code, the same tables and store); the model is
-``seqrank.export.load_ranker(run)`` as served (``seqrank.models.inference.ranker_for_serving``) in
+``seqrank.exporting.load_ranker(run)`` as served (``seqrank.models.inference.ranker_for_serving``) in
 ``torch.inference_mode`` with ``torch.set_num_threads(1)`` per worker (the usual setting for N workers on N cores),
 scoring exactly the request's candidates (no bucket padding) and its real history (no sequence padding, as the
 Triton CPU ranker: seqrank.serving.batching.trim_history_padding), unmasked where that history is full
@@ -34,7 +34,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from seqrank.export import load_ranker
+from seqrank.exporting import load_ranker
 from seqrank.models.inference import ranker_for_serving
 from seqrank.models.transact import INPUT_NAMES
 from seqrank.serving.batching import trim_history_padding

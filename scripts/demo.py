@@ -14,7 +14,7 @@ import numpy as np
 
 from seqrank.client import RankingClient
 from seqrank.data.loaders import load_events
-from seqrank.export import export_run
+from seqrank.exporting import export_run
 from seqrank.ingest import replay_log
 from seqrank.pipeline import train, write_embeddings
 from seqrank.serving.triton import ServerOptions, TritonServer
@@ -32,11 +32,12 @@ def load_store(log, store_url: str) -> None:
 
 
 def demo_requests(ev, split_time: int, n_users: int = 3):
-    """Real sessions from the test period: the user, the session start (request time), the items shown."""
+    """Users of the test period: the user, their first test-period impression's time (the request time), and up to
+    10 items they were shown in that period as the candidates."""
     test = ev[ev.timestamp >= split_time]
-    sessions = test.groupby("user_id").agg(start=("timestamp", "min"), items=("item_id", lambda s: list(dict.fromkeys(s))))
-    sessions = sessions[sessions["items"].map(len) >= 5].head(n_users)
-    return [(u, int(r.start), r["items"][:10]) for u, r in sessions.iterrows()]
+    shown = test.groupby("user_id").agg(start=("timestamp", "min"), items=("item_id", lambda s: list(dict.fromkeys(s))))
+    shown = shown[shown["items"].map(len) >= 5].head(n_users)
+    return [(u, int(r.start), r["items"][:10]) for u, r in shown.iterrows()]
 
 
 def main() -> int:

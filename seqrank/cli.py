@@ -10,7 +10,28 @@ def _csv(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: one clear line and exit status 1 for bad data, a bad config or an unreachable server (the
+    traceback only with --debug); 2 for bad arguments (argparse)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place errors become a message
+        if debug:
+            raise
+        print(f"seqrank: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str]) -> int:
+    from . import __version__
     parser = argparse.ArgumentParser(prog="seqrank", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"seqrank {__version__}")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="logging level for every command (default info)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="learn PinnerFormer and the TransAct ranker from an events file")
@@ -18,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--negative-actions", type=_csv, default=None, help="comma-separated negative actions, e.g. hate")
     p.add_argument("--config", default=None, help="JSON run config (see seqrank/config.py)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field, e.g. --set data.split=validation --set transact.epochs=4")
 
     p = sub.add_parser("evaluate", help="time-based evaluation; writes RUN/metrics.json")
     p.add_argument("--run", required=True)
@@ -60,22 +83,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="the user's recent actions as item:action:timestamp_ms,... (default: the feature store)")
     p.add_argument("--timeout", type=float, default=5.0)
 
-    p = sub.add_parser("embed", help="daily batch: write every user's PinnerFormer embedding into the store")
-    p.add_argument("--run", required=True)
-    p.add_argument("--store", required=True)
-    p.add_argument("--as-of-ms", type=int, default=None, help="default: the end of the run's data")
+    p = sub.add_parser("embed", help="daily batch: every user's PinnerFormer embedding from today's actions -> store")
+    p.add_argument("--run", required=True, help="the trained run (its PinnerFormer and vocabulary)")
+    p.add_argument("--store", default=None, help="feature store URL (default: $SEQRANK_STORE, which keeps a "
+                   "password out of the command line)")
+    p.add_argument("--events", default=None, help="embed the users of this events file instead of every user "
+                   "with actions in the store")
+    p.add_argument("--as-of-ms", type=int, default=None, help="only actions before it (default: the newest + 1)")
 
     sub.add_parser("ingest", help="load user actions into the feature store (see seqrank ingest --help)",
                    add_help=False)
 
     args, rest = parser.parse_known_args(argv)
+    import logging
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "ingest":
         from .ingest import main_ingest
         return main_ingest(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "export":
-        from .export import export_run
+        from .exporting import export_run
         export_run(args.run, args.repository)
     elif args.command == "serve":
         import os
@@ -99,10 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         return _rank(args)
     elif args.command == "embed":
         from .pipeline import write_embeddings
-        write_embeddings(args.run, args.store, args.as_of_ms)
+        import os
+        store = args.store or os.environ.get("SEQRANK_STORE")
+        if not store:
+            parser.error("embed needs --store or $SEQRANK_STORE")
+        write_embeddings(args.run, store, args.as_of_ms, args.events)
     elif args.command == "train":
         from .pipeline import train
-        train(args.events, args.out, args.config, args.negative_actions)
+        train(args.events, args.out, args.config, args.negative_actions, args.overrides)
     elif args.command == "evaluate":
         from .pipeline import evaluate
         evaluate(args.run, [int(x) for x in args.seeds.split(",")] if args.seeds else None, args.user_folds)

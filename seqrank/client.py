@@ -150,6 +150,11 @@ def _heads_from_config(config) -> list[str]:
 
 
 class RankingClient:
+    """A client of the served `seqrank` ensemble over gRPC (default, 127.0.0.1:8001) or HTTP (127.0.0.1:8000).
+    `rank(user_id, candidates, actions=None, request_time=None, top_k=None)` returns a RankResult: the candidates
+    ordered by utility with every head's probability; bad input raises ClientInputError before anything is sent,
+    and only transient server failures are retried (module docstring). Use it as a context manager."""
+
     def __init__(self, url: str | None = None, protocol: str = "grpc", timeout_s: float = 2.0,
                  retries: int = 3, backoff_s: float = 0.2, model: str = MODEL, max_backoff_s: float = 2.0):
         self.m = _module(protocol)

@@ -5,7 +5,7 @@ Examples and serving requests go through the same seqrank.features functions; th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -24,22 +24,26 @@ class Prepared:
     split_time: int                  # ms: train period < split_time <= test period
     users: np.ndarray                # sorted user ids (str)
     histories: dict[str, History]    # every user's full history (both periods), vocabulary indices
-    impressions: pd.DataFrame        # user_id, item_id, timestamp, request_time, session, is_test
+    impressions: pd.DataFrame        # user_id, item_id, timestamp, request, request_time, is_test
     labels: np.ndarray               # float32 [E, H] aligned with impressions
     pf_test_users: set[str]          # users held out from PinnerFormer training
     future_window_ms: int            # PinnerFormer's dense all-action window, resolved for this log
     unseen_item_share: float         # share of impressions whose item training never saw (unseen_item_share below)
-    embedding_end: int               # ms: PinnerFormer and the vocabulary learn from events before it (<= split_time)
-    ranker_start: int                # ms: the ranker trains on the training impressions at or after it
-    ranker_users: set[str] | None = None  # the users whose impressions the ranker trains on (None: every user)
+    selection_start: int | None      # ms: the training impressions from here choose the ranker's best epoch
 
     def ranker_train_rows(self) -> np.ndarray:
-        """The impressions the ranker trains on: the training period from ranker_start, of ranker_users."""
-        imp = self.impressions
-        keep = ~imp.is_test.to_numpy() & (imp.timestamp.to_numpy() >= self.ranker_start)
-        if self.ranker_users is not None:
-            keep &= imp.user_id.isin(self.ranker_users).to_numpy()
+        """The impressions the ranker learns from: the training period before the selection slice."""
+        keep = ~self.impressions.is_test.to_numpy()
+        if self.selection_start is not None:
+            keep &= self.impressions.timestamp.to_numpy() < self.selection_start
         return np.flatnonzero(keep)
+
+    def selection_rows(self) -> np.ndarray:
+        """The newest training impressions, held out to choose the ranker's best epoch (empty: selection off)."""
+        if self.selection_start is None:
+            return np.zeros(0, dtype=np.int64)
+        ts = self.impressions.timestamp.to_numpy()
+        return np.flatnonzero(~self.impressions.is_test.to_numpy() & (ts >= self.selection_start))
 
     def test_rows(self) -> np.ndarray:
         return np.flatnonzero(self.impressions.is_test.to_numpy())
@@ -78,74 +82,71 @@ def load_log(events: str, cfg: RunConfig, negative_actions=None) -> EventLog:
 
 
 def split_time_ms(events: pd.DataFrame, cfg: RunConfig) -> int:
-    """Train period < split time <= test period: the last test_fraction of the log's time span is the test period."""
-    t0, t1 = int(events.timestamp.min()), int(events.timestamp.max())
-    return int(t0 + (1.0 - cfg.data.test_fraction) * (t1 - t0))
+    """Train period < split time <= test period: the test period holds the last test_fraction of the events. A
+    quantile of the events, not of the time span: on a log whose activity is concentrated early, the last 20% of
+    the span can hold a handful of users (evaluate warns when an estimate rests on fewer than 100)."""
+    if not 0.0 < cfg.data.test_fraction < 1.0:
+        raise ValueError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
+    ts = np.sort(events.timestamp.to_numpy())
+    split = int(ts[min(len(ts) - 1, int(np.floor((1.0 - cfg.data.test_fraction) * len(ts))))])
+    return max(split, int(ts[0]) + 1)
 
 
-def embedding_period_ms(t0: int, split_time: int, cfg: RunConfig) -> tuple[int, int]:
-    """(embedding_end, ranker_start). With embedding_period p < 1, PinnerFormer (item table, user tower) and the
-    vocabulary learn from the first p of the training period and the ranker from the rest: a ranker example's item
-    embedding was then learned without the example's outcome, as at serving time, when every embedding predates the
-    request (a pretrained table learned on the ranker's own period encodes its labels: README, session 12).
-    p = 1: both learn from the whole training period."""
-    p = cfg.data.embedding_period
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"data.embedding_period must be in (0, 1], got {p}")
-    if p >= 1.0:
-        return split_time, t0
-    end = int(t0 + p * (split_time - t0))
-    return end, end
+def validation_events(events: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
+    """data.split "validation": the log without its test period, to be split again the same way. A choice (a
+    hyper-parameter, a variant) is made on the slice this makes, and the test split is looked at once per decision."""
+    if cfg.data.split == "test":
+        return events
+    if cfg.data.split != "validation":
+        raise ValueError(f'data.split must be "test" or "validation", got {cfg.data.split!r}')
+    return events[events.timestamp < split_time_ms(events, cfg)].reset_index(drop=True)
+
+
+def selection_start_ms(train_times: np.ndarray, cfg: RunConfig) -> int | None:
+    """The ranker's newest selection_fraction of training impressions (by time) pick its best epoch; None: off."""
+    f = cfg.data.selection_fraction
+    if not 0.0 <= f < 1.0:
+        raise ValueError(f"data.selection_fraction must be in [0, 1), got {f}")
+    if f == 0.0 or len(train_times) == 0:
+        return None
+    ts = np.sort(train_times)
+    return int(ts[int(np.floor((1.0 - f) * len(ts)))])
 
 
 def prepare(log: EventLog, cfg: RunConfig) -> Prepared:
-    ev = log.events
+    ev = validation_events(log.events, cfg)
+    log = replace(log, events=ev)
     t0, t1 = int(ev.timestamp.min()), int(ev.timestamp.max())
     split_time = split_time_ms(ev, cfg)
-    embedding_end, ranker_start = embedding_period_ms(t0, split_time, cfg)
     train_ev = ev[ev.timestamp < split_time]
     if train_ev.user_id.nunique() < 2 or (ev.timestamp >= split_time).sum() == 0:
         raise DataError("too few events on one side of the time split", file=log.source)
-    if (ev.timestamp < embedding_end).sum() == 0 or (train_ev.timestamp >= ranker_start).sum() == 0:
-        raise DataError(f"data.embedding_period {cfg.data.embedding_period} leaves no events for PinnerFormer or "
-                        "for the ranker", file=log.source)
     users = np.array(sorted(ev.user_id.unique()))
     rng = np.random.default_rng(cfg.seed)
     n_test = max(1, int(round(cfg.data.pinnerformer_test_users * len(users))))
     pf_test_users = set(rng.choice(users, size=n_test, replace=False).tolist())
-    ranker_users = held_out_ranker_users(cfg, pf_test_users, log.source)
-    # Items known to the models are those PinnerFormer learned: later items are out of vocabulary, as in production.
-    learned = ev.timestamp < embedding_end
-    if ranker_users is not None:
-        learned &= ~ev.user_id.isin(pf_test_users)
-    vocab = Vocabulary.build(ev.item_id[learned].to_numpy(), ev.action.unique(),
+    # Items known to the models are those of the training period: later items are out of vocabulary, as in production.
+    vocab = Vocabulary.build(train_ev.item_id.to_numpy(), ev.action.unique(),
                              log.negative_actions, log.exposure_action)
     histories = {u: index_history(vocab, g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
                  for u, g in ev.groupby("user_id", sort=True)}
-    impressions, labels = build_impressions(ev, vocab.heads, cfg.data.session_gap_s)
+    impressions, labels = build_impressions(ev, vocab.heads, cfg.data.request_gap_s)
     impressions["is_test"] = impressions.timestamp >= split_time
+    train_times = impressions.timestamp.to_numpy()[~impressions.is_test.to_numpy()]
     return Prepared(log, vocab, split_time, users, histories, impressions, labels, pf_test_users,
-                    future_window_ms(cfg, t1 - t0), unseen_item_share(train_ev, cfg), embedding_end, ranker_start,
-                    ranker_users)
+                    future_window_ms(cfg, t1 - t0), unseen_item_share(train_ev, cfg),
+                    selection_start_ms(train_times, cfg))
 
 
-def held_out_ranker_users(cfg: RunConfig, pf_test_users: set[str], source) -> set[str] | None:
-    """data.ranker_users "held_out": the ranker learns only from users PinnerFormer never trained on, so the item
-    table cannot encode a training example's own outcome (a table learned on the ranker's own impressions does:
-    README, session 12), at the cost of the ranker's share of users instead of the embedding period's share of time."""
-    if cfg.data.ranker_users == "all":
-        return None
-    if cfg.data.ranker_users != "held_out":
-        raise ValueError(f'data.ranker_users must be "all" or "held_out", got {cfg.data.ranker_users!r}')
-    if not 0.0 < cfg.data.pinnerformer_test_users < 1.0:
-        raise DataError("data.ranker_users held_out needs data.pinnerformer_test_users in (0, 1)", file=source)
-    return set(pf_test_users)
-
-
-def build_impressions(ev: pd.DataFrame, heads: list[str], session_gap_s: float):
+def build_impressions(ev: pd.DataFrame, heads: list[str], request_gap_s: float):
     """Rows sharing (user, item, timestamp) are one impression; its labels are the set of its actions.
-    A session (gap > session_gap_s starts a new one) is one ranking request made at the session's first action:
-    every impression of the session is ranked with the features available at that time."""
+
+    A ranking request is what a feed sends: one user's page of candidates at one moment. Offline, a request is a
+    user's impressions from its first one to request_gap_s after it (a page: 60 s by default); the next impression
+    starts the next request. Every impression is scored with its request's time, so its sequence holds every action
+    strictly before that moment, including the engagements of minutes ago in the same sitting, and never one of its
+    own request. The window is measured from the request's first impression, so a long sitting of closely spaced
+    impressions is many requests, not one request frozen at the sitting's start."""
     head_col = {h: i for i, h in enumerate(heads)}
     keys = ["user_id", "item_id", "timestamp"]
     imp = ev[keys].drop_duplicates().sort_values(["user_id", "timestamp", "item_id"]).reset_index(drop=True)
@@ -154,11 +155,21 @@ def build_impressions(ev: pd.DataFrame, heads: list[str], session_gap_s: float):
     has_head = ev.action.isin(head_col)
     rows = row_of.loc[pd.MultiIndex.from_frame(ev.loc[has_head, keys])].to_numpy()
     labels[rows, ev.loc[has_head, "action"].map(head_col).to_numpy()] = 1.0
-    gap = imp.groupby("user_id").timestamp.diff()
-    new_session = gap.isna() | (gap > session_gap_s * 1000)
-    imp["session"] = np.cumsum(new_session.to_numpy())
-    imp["request_time"] = imp.groupby("session").timestamp.transform("min")
+    imp["request"] = request_ids(imp.user_id.to_numpy(), imp.timestamp.to_numpy(), int(request_gap_s * 1000))
+    imp["request_time"] = imp.groupby("request").timestamp.transform("min")
     return imp, labels
+
+
+def request_ids(users: np.ndarray, ts: np.ndarray, window_ms: int) -> np.ndarray:
+    """Request number of each impression (rows sorted by user, then time): a request starts at a user's first
+    impression and at every impression more than window_ms after the start of the current request."""
+    out = np.empty(len(ts), dtype=np.int64)
+    request, start, user = -1, 0, None
+    for i, (u, t) in enumerate(zip(users.tolist(), ts.tolist())):
+        if u != user or t - start > window_ms:
+            request, start, user = request + 1, t, u
+        out[i] = request
+    return out
 
 
 def sequences_for(prep: Prepared, user_ids, request_times, max_len: int) -> SequenceBatch:

@@ -75,10 +75,10 @@ def lift(value: float, baseline: float) -> float:
 # than the models differ. Resampling whole users (all their impressions together, the same draw for every model and
 # seed) keeps the pairing and the within-user correlation that a per-impression bootstrap would ignore.
 
-def user_bootstrap_weights(users: np.ndarray, n_boot: int, seed: int = 0, chunk: int = 100):
-    """Yields [b, n] float32 weights, b <= chunk, n_boot rows in all: each row resamples the distinct users with
-    replacement and weighs every example by how often its user was drawn. Chunked so memory stays
-    chunk x n floats whatever n_boot is; the draws depend on `seed` only."""
+def user_bootstrap_counts(users: np.ndarray, n_boot: int, seed: int = 0, chunk: int = 100):
+    """Yields (counts [b, U] float32, inverse [n]) with b <= chunk, n_boot rows in all: each row resamples the U
+    distinct users with replacement (how often each was drawn); inverse maps each example to its user. Chunked so
+    memory stays chunk x n floats whatever n_boot is; the draws depend on `seed` only."""
     _, inverse = np.unique(users, return_inverse=True)
     n_users = int(inverse.max()) + 1 if len(inverse) else 0
     if n_users == 0:  # nothing to resample
@@ -86,8 +86,24 @@ def user_bootstrap_weights(users: np.ndarray, n_boot: int, seed: int = 0, chunk:
     rng = np.random.default_rng(seed)
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
-        counts = rng.multinomial(n_users, np.full(n_users, 1.0 / n_users), size=b).astype(np.float32)  # [b, U]
+        yield rng.multinomial(n_users, np.full(n_users, 1.0 / n_users), size=b).astype(np.float32), inverse
+
+
+def user_bootstrap_weights(users: np.ndarray, n_boot: int, seed: int = 0, chunk: int = 100):
+    """Yields [b, n] float32 example weights: user_bootstrap_counts with every example weighed by how often its user
+    was drawn."""
+    for counts, inverse in user_bootstrap_counts(users, n_boot, seed, chunk):
         yield counts[:, inverse]
+
+
+def seed_resampled_mean(per_seed: np.ndarray, rng) -> np.ndarray:
+    """[S, b] replicates of a statistic, one row per training seed (the same user draws in every row) -> [b]: the
+    mean over S seeds drawn with replacement, a fresh draw per replicate. So an interval covers which seeds were
+    trained as well as which users were tested; with one seed it is the user bootstrap alone."""
+    n_seeds, b = per_seed.shape
+    counts = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=b)  # [b, S]
+    with np.errstate(invalid="ignore"):
+        return (counts * per_seed.T).sum(1) / n_seeds
 
 
 def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -110,6 +126,24 @@ def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) ->
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
+def per_user_auc(labels: np.ndarray, scores: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(AUC of each distinct user's own impressions [U] (NaN for a user with one class only), impressions [U]),
+    users in np.unique order."""
+    _, inverse = np.unique(users, return_inverse=True)
+    rows = pd.Series(np.arange(len(inverse))).groupby(inverse).indices
+    aucs = np.array([auc(labels[idx], scores[idx]) for _, idx in sorted(rows.items())], dtype=np.float64)
+    return aucs, np.bincount(inverse).astype(np.float64)
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, users: np.ndarray) -> float:
+    """Group AUC: each user's AUC over their own impressions, averaged with their impression counts as weights,
+    over the users that have both a positive and a negative. It asks how well a user's own candidates are ordered,
+    which is what a ranker serves; pooled AUC also rewards telling users apart."""
+    aucs, n = per_user_auc(labels, scores, users)
+    ok = np.isfinite(aucs)
+    return float((aucs[ok] * n[ok]).sum() / n[ok].sum()) if ok.any() else float("nan")
+
+
 def _interval(samples: np.ndarray, point: float, level: float) -> dict:
     samples = samples[np.isfinite(samples)]
     if not len(samples) or not np.isfinite(point):
@@ -119,28 +153,70 @@ def _interval(samples: np.ndarray, point: float, level: float) -> dict:
             "share_at_or_below_0": float((samples <= 0).mean())}
 
 
+def _per_seed(scores) -> list[np.ndarray]:
+    return [scores] if isinstance(scores, np.ndarray) and scores.ndim == 1 else list(scores)
+
+
 def auc_difference_ci(labels: np.ndarray, scores_a: list[np.ndarray], scores_b: list[np.ndarray],
                       users: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
-    """Mean over seeds of AUC(a_s) - AUC(b_s) (one score vector per seed and model, paired by position), with the
-    percentile interval of the user bootstrap: how far the difference could move with other test users drawn
-    from the same population. Seed noise enters only through the averaging over the seeds given."""
+    """Mean over seeds of AUC(a_s) - AUC(b_s) (one score vector per training seed and model, paired by position),
+    with the percentile interval of a bootstrap over test users and training seeds together
+    (seed_resampled_mean)."""
+    scores_a, scores_b = _per_seed(scores_a), _per_seed(scores_b)
     if len(scores_a) != len(scores_b) or not scores_a:
         raise ValueError("scores_a and scores_b need one score vector per seed each, as many of both")
     if len(labels) == 0:
         return _interval(np.array([]), float("nan"), level)
     point = float(np.mean([auc(labels, a) - auc(labels, b) for a, b in zip(scores_a, scores_b)]))
-    samples = [np.mean([weighted_auc(labels, a, w) - weighted_auc(labels, b, w) for a, b in zip(scores_a, scores_b)],
-                       axis=0) for w in user_bootstrap_weights(users, n_boot, seed)]
+    rng = np.random.default_rng([seed, 1])
+    samples = [seed_resampled_mean(np.stack([weighted_auc(labels, a, w) - weighted_auc(labels, b, w)
+                                             for a, b in zip(scores_a, scores_b)]), rng)
+               for w in user_bootstrap_weights(users, n_boot, seed)]
     return _interval(np.concatenate(samples) if samples else np.array([]), point, level)
 
 
-def ratio_lift_ci(values_a: np.ndarray, values_b: np.ndarray, users: np.ndarray, n_boot: int = 1000,
+def gauc_difference_ci(labels: np.ndarray, scores_a: list[np.ndarray], scores_b: list[np.ndarray],
+                       users: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """auc_difference_ci for GAUC: the per-user AUCs are computed once per seed and model, and each replicate
+    re-weighs users by how often it drew them (and resamples the seeds)."""
+    scores_a, scores_b = _per_seed(scores_a), _per_seed(scores_b)
+    per_a = [per_user_auc(labels, a, users) for a in scores_a]
+    per_b = [per_user_auc(labels, b, users) for b in scores_b]
+    n = per_a[0][1]
+    ok = np.isfinite(per_a[0][0])  # which users have both classes depends on the labels only
+    if not ok.any():
+        return _interval(np.array([]), float("nan"), level)
+    point = float(np.mean([gauc(labels, a, users) - gauc(labels, b, users) for a, b in zip(scores_a, scores_b)]))
+    rng = np.random.default_rng([seed, 2])
+    samples = []
+    for counts, _ in user_bootstrap_counts(users, n_boot, seed):
+        w = counts[:, ok] * n[ok]                           # [b, U_ok]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d = np.stack([(w @ a[ok] - w @ b[ok]) / w.sum(1) for (a, _), (b, _) in zip(per_a, per_b)])
+        samples.append(seed_resampled_mean(d, rng))
+    return _interval(np.concatenate(samples), point, level)
+
+
+def ratio_lift_ci(values_a, values_b, users: np.ndarray, n_boot: int = 1000,
                   level: float = 0.95, seed: int = 0) -> dict:
-    """mean(a) / mean(b) - 1 over paired units (e.g. HIT@3 per user-day group) with its user-bootstrap interval."""
-    point = lift(float(np.mean(values_a)), float(np.mean(values_b))) if len(values_a) else float("nan")
+    """mean(a) / mean(b) - 1 over paired units (e.g. HIT@3 per user-day group), a and b each one array or a list
+    of one array per training seed (the means are then taken over the seeds too), with a bootstrap interval over
+    users and seeds."""
+    values_a, values_b = _per_seed(values_a), _per_seed(values_b)
+    point = (lift(float(np.mean(values_a)), float(np.mean(values_b))) if len(values_a[0]) else float("nan"))
+    rng = np.random.default_rng([seed, 3])
     samples = []
     for w in user_bootstrap_weights(users, n_boot, seed):
-        a, b = w @ values_a, w @ values_b
+        a = seed_resampled_mean(np.stack([w @ v for v in values_a]), rng)
+        b = seed_resampled_mean(np.stack([w @ v for v in values_b]), rng)
         with np.errstate(invalid="ignore", divide="ignore"):
             samples.append(np.where(b > 0, a / np.where(b > 0, b, 1.0) - 1.0, np.nan))
     return _interval(np.concatenate(samples) if samples else np.array([]), point, level)
+
+
+def complement_pairs(labels: np.ndarray, heads: list[str]) -> list[list[str]]:
+    """Pairs of heads whose labels are exact complements on every row (KuaiRand's like and hate): one fact counted
+    twice, so a comparison counts such a pair as one piece of evidence."""
+    y = np.asarray(labels) > 0
+    return [[heads[i], heads[j]] for i in range(len(heads)) for j in range(i + 1, len(heads))
+            if len(y) and (y[:, i] ^ y[:, j]).all()]

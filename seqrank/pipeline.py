@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import __version__
 from . import metrics as M
 from .config import RunConfig
 from .dataset import Prepared, load_log, prepare
 from .features import FIRST_ID, N_CONTEXT, OOV
 from .models.pinnerformer import PinnerFormer
-from .train import (RankerExamples, build_ranker, candidate_oov_rate, embed_users, item_table, predict,
+from .training import (RankerExamples, build_ranker, candidate_oov_rate, embed_users, item_table, predict,
                     seed_everything, train_pinnerformer, train_ranker)
 
 
@@ -36,7 +37,7 @@ class EmbeddingCache:
         keys = list(zip(users, np.asarray(as_of).tolist()))
         missing = sorted(set(keys) - self.cache.keys())
         if missing:
-            emb = embed_users(self.model, self.prep, [u for u, _ in missing], [t for _, t in missing])
+            emb = embed_users(self.model, self.prep.histories, [u for u, _ in missing], [t for _, t in missing])
             self.cache.update(zip(missing, emb))
         return np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, self.model.cfg.dim), np.float32)
 
@@ -59,18 +60,29 @@ def _fit_pinnerformer(run: Path, cfg: RunConfig, prep: Prepared, objective: str,
     return model
 
 
-def _fit_ranker(run, cfg, prep, table, train_ex, encoder: str, out: Path, tag: str = ""):
+def _fit_ranker(run, cfg, prep, table, examples: "RankerData", encoder: str, out: Path, tag: str = ""):
+    """The ranker at `out`, trained (on examples.train, best epoch on examples.selection) if it is not there yet."""
     r_cfg = replace(cfg.transact, sequence_encoder=encoder)
     if out.exists():
         model = build_ranker(r_cfg, prep, table, cfg.pinnerformer.dim)
         model.load_state_dict(load_file(out))
+        model.selected_epoch = int(load_metadata(out).get("selected_epoch", r_cfg.epochs))
         return model.eval()
     seed_everything(cfg.seed, cfg.threads)
-    model = train_ranker(prep, r_cfg, table, cfg.pinnerformer.dim, train_ex, cfg.seed,
-                         run / "checkpoints" / f"ranker_{encoder}{tag}.pt")
+    model = train_ranker(prep, r_cfg, table, cfg.pinnerformer.dim, examples.train, cfg.seed,
+                         run / "checkpoints" / f"ranker_{encoder}{tag}.pt", examples.selection)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), out)
+    save_file(model.state_dict(), out, metadata={"selected_epoch": str(model.selected_epoch)})
     return model
+
+
+@dataclass
+class RankerData:
+    """A run's ranker examples: what it learns from, the slice that picks its epoch, and the test (or, with
+    data.split validation, the validation) period it is scored on."""
+    train: RankerExamples
+    selection: RankerExamples
+    test: RankerExamples
 
 
 def load_run(run: Path) -> tuple[RunConfig, dict, Prepared]:
@@ -81,10 +93,13 @@ def load_run(run: Path) -> tuple[RunConfig, dict, Prepared]:
     return cfg, info, prep
 
 
-def train(events: str, out: str | Path, config: str | None = None, negative_actions=None) -> Path:
+def train(events: str, out: str | Path, config: str | None = None, negative_actions=None,
+          overrides: list[str] | None = None) -> Path:
+    """Learn PinnerFormer and the TransAct ranker from an events file into the run directory `out`. `config`: a
+    JSON run config; `overrides`: ["section.field=value", ...] applied on top (RunConfig.with_overrides)."""
     run = Path(out)
+    cfg = RunConfig.load(config).with_overrides(overrides or [])
     run.mkdir(parents=True, exist_ok=True)
-    cfg = RunConfig.load(config)
     if negative_actions:
         cfg.data.negative_actions = list(negative_actions)
     started = time.time()
@@ -92,144 +107,208 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
     prep = prepare(load_log(events, cfg), cfg)
     (run / "config.json").write_text(cfg.to_json())
     prep.vocab.save(run / "vocab")
-    info = {"events": str(Path(events).resolve()), "split_time_ms": prep.split_time,
+    info = {"seqrank_version": __version__, "events": str(Path(events).resolve()), "split": cfg.data.split,
+            "split_time_ms": prep.split_time, "selection_start_ms": prep.selection_start,
             "heads": prep.vocab.heads, "negative_heads": prep.vocab.negative_actions,
             "user_dim": cfg.pinnerformer.dim, "n_context": N_CONTEXT, "seq_len": cfg.transact.seq_len,
             "duplicates_dropped": prep.log.duplicates_dropped, "n_events": len(prep.log.events),
             "future_window_days": round(prep.future_window_ms / 86_400_000, 3),
-            "embedding_end_ms": prep.embedding_end, "ranker_start_ms": prep.ranker_start,
             "candidate_oov_rate": round(candidate_oov_rate(cfg.transact, prep), 4)}
     (run / "run.json").write_text(json.dumps(info, indent=2))
 
     pf = _fit_pinnerformer(run, cfg, prep, cfg.pinnerformer.objective, run / "pinnerformer.safetensors")
     table = item_table(pf)
     np.save(run / "item_table.npy", table)
-    embeddings = EmbeddingCache(pf, prep)
-    train_ex = RankerExamples(prep, prep.ranker_train_rows(), embeddings, cfg.transact.seq_len)
-    _fit_ranker(run, cfg, prep, table, train_ex, cfg.transact.sequence_encoder, run / "ranker.safetensors")
+    examples = ranker_data(cfg, prep, EmbeddingCache(pf, prep), test=False)
+    ranker = _fit_ranker(run, cfg, prep, table, examples, cfg.transact.sequence_encoder, run / "ranker.safetensors")
+    info["ranker_selected_epoch"] = ranker.selected_epoch
     # the daily batch as of the end of the data: what serving reads for each user's long-term embedding
     end = int(prep.log.events.timestamp.max()) + 1
     np.save(run / "users.npy", np.asarray(prep.users, dtype="S"))
-    np.save(run / "user_emb.npy", embed_users(pf, prep, prep.users, np.full(len(prep.users), end)))
+    np.save(run / "user_emb.npy", embed_users(pf, prep.histories, prep.users, np.full(len(prep.users), end)))
     info["train_seconds"] = round(time.time() - started, 1)
     (run / "run.json").write_text(json.dumps(info, indent=2))
     print(f"trained in {info['train_seconds']} s -> {run}")
     return run
 
 
+def ranker_data(cfg: RunConfig, prep: Prepared, embeddings, test: bool = True) -> RankerData:
+    n = cfg.transact.seq_len
+    return RankerData(RankerExamples(prep, prep.ranker_train_rows(), embeddings, n),
+                      RankerExamples(prep, prep.selection_rows(), embeddings, n),
+                      RankerExamples(prep, prep.test_rows() if test else prep.test_rows()[:0], embeddings, n))
+
+
 def load_ranker_examples(run: Path):
-    """A trained run's config, data, item table and ranker examples of both periods (its PinnerFormer's daily batch
-    as the user embedding): what evaluate and scripts/ranker_variants.py train and score rankers on."""
+    """A trained run's config, data, item table and ranker examples (its PinnerFormer's daily batch as the user
+    embedding): what evaluate trains and scores rankers on."""
     cfg, info, prep = load_run(run)
     embeddings = EmbeddingCache(_load_pinnerformer(run, cfg.pinnerformer, prep), prep)
-    train_ex = RankerExamples(prep, prep.ranker_train_rows(), embeddings, cfg.transact.seq_len)
-    test_ex = RankerExamples(prep, prep.test_rows(), embeddings, cfg.transact.seq_len)
-    return cfg, info, prep, np.load(run / "item_table.npy"), train_ex, test_ex
+    return cfg, info, prep, np.load(run / "item_table.npy"), ranker_data(cfg, prep, embeddings)
+
+
+RANKERS = ("transact", "no_sequence", "avg_pool")
+BASELINES = ("no_sequence", "avg_pool")
+MIN_USERS = 100  # an estimate resting on fewer test users is flagged (metrics.json "warnings")
+
+
+def ranker_path(run: Path, cfg: RunConfig, encoder: str, seed: int) -> Path:
+    if seed == cfg.seed:
+        return run / "ranker.safetensors" if encoder == cfg.transact.sequence_encoder \
+            else run / "baselines" / f"ranker_{encoder}.safetensors"
+    return run / "seeds" / f"ranker_{encoder}_seed{seed}.safetensors"
 
 
 def evaluate(run: str | Path, seeds: list[int] | None = None, user_folds: int = 1) -> dict:
-    """Time-split evaluation of the run (its seed). `seeds`: also train every ranker (TransAct and both baselines,
-    the same PinnerFormer) with these seeds and report each head's AUC per seed with mean and standard deviation:
-    on small logs a single seed can move an AUC by more than the differences between the models. `user_folds` K > 1:
-    PinnerFormer's dense vs next-action also over K folds of users, every user held out once (evaluate_user_models)."""
+    """Time-split evaluation of TransAct against its two baselines (the same ranker without the sequence, and with
+    the sequence averaged), each trained with every seed in `seeds` (default: the run's): per head pooled AUC, GAUC
+    and HIT@3, their mean and spread over seeds, and every comparison with a 95% interval over test users and
+    seeds together. `user_folds` K > 1: PinnerFormer's dense vs next-action also over K folds of users, every user
+    held out once (evaluate_user_models)."""
     run = Path(run)
-    cfg, info, prep, table, train_ex, test_ex = load_ranker_examples(run)
+    cfg, info, prep, table, data = load_ranker_examples(run)
+    test_ex = data.test
     heads, negative = prep.vocab.heads, prep.vocab.negative_actions
+    seeds = sorted(set(seeds or [cfg.seed]))
 
-    ranker_metrics, gate, test_probs, group_hits = {}, None, {}, {}
-    for encoder in ("transact", "no_sequence", "avg_pool"):
-        path = run / "ranker.safetensors" if encoder == cfg.transact.sequence_encoder \
-            else run / "baselines" / f"ranker_{encoder}.safetensors"
-        model = _fit_ranker(run, cfg, prep, table, train_ex, encoder, path)
-        probs = predict(model, test_ex)
-        util = M.utility(probs, heads, negative, cfg.utility_weights)
-        group_rows, group_hits[encoder] = M.hits_per_group(test_ex.user_day, test_ex.labels, util, k=3, seed=cfg.seed)
-        hits = group_hits[encoder].mean(axis=0)
-        test_probs[encoder] = {cfg.seed: probs}
-        ranker_metrics[encoder] = {h: {"auc": M.auc(test_ex.labels[:, j], probs[:, j]), "hit@3": float(hits[j])}
-                                   for j, h in enumerate(heads)}
-        if encoder == "transact" and model.output_gate is not None:
-            gate = gate_ablation(model, test_ex, probs, heads)
-    seed_metrics = {}
-    for seed in sorted(set(seeds or [])):
-        for encoder in ("transact", "no_sequence", "avg_pool"):
-            if seed == cfg.seed:
-                aucs = {h: ranker_metrics[encoder][h]["auc"] for h in heads}
-            else:
-                model = _fit_ranker(run, replace(cfg, seed=seed), prep, table, train_ex, encoder,
-                                    run / "seeds" / f"ranker_{encoder}_seed{seed}.safetensors", tag=f"_seed{seed}")
-                probs = test_probs[encoder][seed] = predict(model, test_ex)
-                aucs = {h: M.auc(test_ex.labels[:, j], probs[:, j]) for j, h in enumerate(heads)}
-            for h, value in aucs.items():
-                seed_metrics.setdefault(encoder, {}).setdefault(h, {"seeds": [], "auc": []})
-                seed_metrics[encoder][h]["seeds"].append(seed)
-                seed_metrics[encoder][h]["auc"].append(value)
-    for per_head in seed_metrics.values():
-        for entry in per_head.values():
-            entry["mean"] = float(np.mean(entry["auc"]))
-            entry["sd"] = float(np.std(entry["auc"], ddof=1)) if len(entry["auc"]) > 1 else None  # JSON has no NaN
+    probs, hits, epochs = {e: {} for e in RANKERS}, {e: {} for e in RANKERS}, {e: {} for e in RANKERS}
+    for seed in seeds:
+        for encoder in RANKERS:
+            path = ranker_path(run, cfg, encoder, seed)
+            model = _fit_ranker(run, replace(cfg, seed=seed), prep, table, data, encoder, path,
+                                tag="" if seed == cfg.seed else f"_seed{seed}")
+            epochs[encoder][seed] = model.selected_epoch
+            probs[encoder][seed] = p = predict(model, test_ex)
+            util = M.utility(p, heads, negative, cfg.utility_weights)
+            group_rows, hits[encoder][seed] = M.hits_per_group(test_ex.user_day, test_ex.labels, util, k=3,
+                                                               seed=cfg.seed)
+
+    per_seed = {e: {h: {"auc": [M.auc(test_ex.labels[:, j], probs[e][s][:, j]) for s in seeds],
+                        "gauc": [M.gauc(test_ex.labels[:, j], probs[e][s][:, j], test_ex.user) for s in seeds],
+                        "hit@3": [float(hits[e][s][:, j].mean()) for s in seeds]}
+                    for j, h in enumerate(heads)} for e in RANKERS}
+    ranker_metrics = {e: {h: {m: float(np.mean(v)) for m, v in per_seed[e][h].items()} for h in heads}
+                      for e in RANKERS}
+    seed_metrics = {"seeds": seeds, "selected_epoch": {e: [epochs[e][s] for s in seeds] for e in RANKERS},
+                    **{e: {h: {m: {"values": v, "mean": float(np.mean(v)), "sd": _sd(v)}
+                               for m, v in per_seed[e][h].items()} for h in heads} for e in RANKERS}}
     lifts = {base: {h: {"auc": ranker_metrics["transact"][h]["auc"] - ranker_metrics[base][h]["auc"],
-                        "hit@3_lift": M.lift(ranker_metrics["transact"][h]["hit@3"], ranker_metrics[base][h]["hit@3"])}
-                    for h in heads} for base in ("no_sequence", "avg_pool")}
+                        "gauc": ranker_metrics["transact"][h]["gauc"] - ranker_metrics[base][h]["gauc"],
+                        "hit@3_lift": M.lift(ranker_metrics["transact"][h]["hit@3"], ranker_metrics[base][h]["hit@3"]),
+                        "hit@3_lift_per_seed": _mean_sd([M.lift(a, b) for a, b in zip(
+                            per_seed["transact"][h]["hit@3"], per_seed[base][h]["hit@3"])])}
+                    for h in heads} for base in BASELINES}
 
-    uncertainty = comparison_uncertainty(test_ex, test_probs, group_rows, group_hits, heads)
+    uncertainty = comparison_uncertainty(test_ex, probs, group_rows, hits, heads, seeds)
     bounds = M.hit_at_k_bounds(test_ex.user_day, test_ex.labels, k=3)
     hit_bounds = {h: {**{name: float(v[j]) for name, v in bounds.items()},
                       # the largest lift any ranking could show over the no-sequence model on these groups
                       "reachable_lift_over_no_sequence": M.lift(float(bounds["fewest" if h in negative else "most"][j]),
                                                                 ranker_metrics["no_sequence"][h]["hit@3"])}
                   for j, h in enumerate(heads)}
-
+    positives = {h: int((test_ex.labels[:, j] > 0).sum()) for j, h in enumerate(heads)}
+    complements = M.complement_pairs(test_ex.labels, heads)
     user_metrics = evaluate_user_models(run, cfg, prep, user_folds)
+    data_info = {"events": info["events"], "split": cfg.data.split, "request_gap_s": cfg.data.request_gap_s,
+                 "test_impressions": len(test_ex), "test_users": int(len(np.unique(test_ex.user))),
+                 "test_requests": int(len(np.unique(test_ex.request))),
+                 **candidate_coverage(prep.impressions, prep.split_time),
+                 "train_impressions": len(data.train), "selection_impressions": len(data.selection),
+                 "test_positives": positives, "complement_heads": complements,
+                 "hit@3_groups": int((np.bincount(test_ex.user_day) >= 4).sum()),
+                 "hit@3_grouping": "user-day (impressions of one user and day, >= 4)"}
     result = {"ranker": ranker_metrics, "lifts_of_transact": lifts, "user_model": user_metrics,
-              "uncertainty": uncertainty, "hit@3_bounds": hit_bounds,
-              **({"ranker_seeds": seed_metrics} if seed_metrics else {}),
-              **({"transact_output_gate": gate} if gate else {}),
-              "data": {"events": info["events"], "test_impressions": len(test_ex),
-                       **candidate_coverage(prep.impressions, prep.embedding_end,
-                                            lambda items: prep.vocab.item_index(items) != OOV),
-                       "train_impressions": len(train_ex),
-                       "test_positives": {h: int((test_ex.labels[:, j] > 0).sum()) for j, h in enumerate(heads)},
-                       "hit@3_groups": int((np.bincount(test_ex.user_day) >= 4).sum()),
-                       "hit@3_grouping": "user-day (impressions of one user and day, >= 4)"}}
+              "uncertainty": uncertainty, "hit@3_bounds": hit_bounds, "ranker_seeds": seed_metrics,
+              "verdict": verdict(uncertainty, positives, complements, heads, negative),
+              "warnings": small_sample_warnings(test_ex, user_metrics, heads), "data": data_info}
     (run / "metrics.json").write_text(json.dumps(result, indent=2))
     print(format_table(result, heads))
-    if gate:
-        print(f"TransAct output gate {gate['value']:.4f}; with the gate closed the AUC moves by at most "
-              f"{gate['max_abs_auc_change']:.4f} (what the sequence encoder adds on top of the other features)")
-    if seed_metrics:
-        print(format_seed_table(seed_metrics, heads))
-    print(format_uncertainty_table(uncertainty, result["data"]["test_positives"], heads))
-    print("HIT@3 whatever the model (random order / an oracle for the head / the reachable lift over no-sequence): "
-          + ", ".join(f"{h} {b['random']:.3f}/{b['fewest' if h in negative else 'most']:.3f}/"
-                      f"{b['reachable_lift_over_no_sequence']:+.1%}" for h, b in hit_bounds.items()))
+    for w in result["warnings"]:
+        print(f"warning: {w}")
     return result
 
 
-def comparison_uncertainty(test_ex: RankerExamples, test_probs: dict, group_rows: np.ndarray, group_hits: dict,
-                           heads: list[str], n_boot: int = 1000) -> dict:
-    """TransAct against each baseline with 95% intervals from one paired bootstrap over test users: the AUC
-    difference averaged over every seed trained (all seeds resample the same users), also split by whether the
-    candidate is in the vocabulary (early fusion can only match a known item against the history), and the HIT@3
-    lift of the run's seed. An interval that straddles 0 means this test period cannot tell the two models apart."""
-    seeds = sorted(test_probs["transact"])
-    out = {"method": f"paired bootstrap over test users ({n_boot} resamples, 95% percentile interval); "
-                     "auc_difference: TransAct minus the baseline, mean over the seeds; hit@3_lift: the run's seed",
-           "seeds": seeds, "auc_difference": {}, "auc_difference_by_candidate": {}, "hit@3_lift": {}}
+def load_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
-    def auc_differences(base, rows):
-        return {h: M.auc_difference_ci(test_ex.labels[rows, j], [test_probs["transact"][s][rows, j] for s in seeds],
-                                       [test_probs[base][s][rows, j] for s in seeds], test_ex.user[rows], n_boot)
+
+def _sd(values) -> float | None:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None  # JSON has no NaN
+
+
+def _mean_sd(values) -> dict:
+    finite = [v for v in values if np.isfinite(v)]
+    return {"values": values, "mean": float(np.mean(finite)) if finite else None, "sd": _sd(finite)}
+
+
+def verdict(uncertainty: dict, positives: dict, complements: list, heads: list[str], negative: list[str],
+            min_positives: int = 100) -> dict:
+    """Per head and baseline: is TransAct above it at 95% (the interval's lower end > 0), by pooled AUC and by GAUC.
+    Heads with fewer than min_positives test positives, and one head of each complement pair (the same fact: the
+    negative one, e.g. KuaiRand's hate = 1 - like), are listed but not counted."""
+    duplicate = {}
+    for a, b in complements:
+        drop, keep = (a, b) if a in negative and b not in negative else (b, a)
+        duplicate[drop] = keep
+    out = {"counted_heads": [h for h in heads if positives[h] >= min_positives and h not in duplicate],
+           "min_positives": min_positives, "complement_of": duplicate}
+    for base in BASELINES:
+        out[base] = {h: {m: _above(uncertainty[key][base][h]) for m, key in (("auc", "auc_difference"),
+                                                                             ("gauc", "gauc_difference"))}
+                     for h in heads}
+    return out
+
+
+def _above(entry: dict) -> str:
+    if entry["ci"] is None:
+        return "n/a"
+    lo, hi = entry["ci"]
+    return "above" if lo > 0 else "below" if hi < 0 else "level"
+
+
+def small_sample_warnings(test_ex: RankerExamples, user_metrics: dict, heads: list[str]) -> list[str]:
+    """Where an estimate rests on fewer than MIN_USERS users."""
+    out = []
+    for j, h in enumerate(heads):
+        users = len(np.unique(test_ex.user[test_ex.labels[:, j] > 0]))
+        if users < MIN_USERS:
+            out.append(f"head {h}: its test positives come from {users} users (< {MIN_USERS}); its intervals are wide")
+    for name, m in (("held-out users", user_metrics), ("user folds", user_metrics.get("folds"))):
+        if m is not None and m["dense_all_action"]["users"] < MIN_USERS:
+            out.append(f"PinnerFormer Recall@10 over {name} rests on {m['dense_all_action']['users']} users "
+                       f"(< {MIN_USERS})")
+    return out
+
+
+def comparison_uncertainty(test_ex: RankerExamples, test_probs: dict, group_rows: np.ndarray, group_hits: dict,
+                           heads: list[str], seeds: list[int], n_boot: int = 1000) -> dict:
+    """TransAct against each baseline with 95% intervals from one paired bootstrap over test users and training
+    seeds together (metrics.seed_resampled_mean): the AUC and GAUC differences (mean over seeds), the AUC difference
+    split by whether the candidate is in the vocabulary (early fusion can only match a known item against the
+    history), and the HIT@3 lift. An interval that straddles 0 means this test period and these seeds cannot tell
+    the two models apart."""
+    out = {"method": f"paired bootstrap over test users and training seeds ({n_boot} resamples, 95% percentile "
+                     "interval); differences: TransAct minus the baseline, mean over the seeds",
+           "seeds": seeds, "auc_difference": {}, "gauc_difference": {}, "auc_difference_by_candidate": {},
+           "hit@3_lift": {}}
+
+    def differences(fn, base, rows):
+        return {h: fn(test_ex.labels[rows, j], [test_probs["transact"][s][rows, j] for s in seeds],
+                      [test_probs[base][s][rows, j] for s in seeds], test_ex.user[rows], n_boot)
                 for j, h in enumerate(heads)}
 
     known = test_ex.cand_item != OOV
     group_users = test_ex.user[group_rows]
-    for base in ("no_sequence", "avg_pool"):
-        out["auc_difference"][base] = auc_differences(base, slice(None))
-        out["auc_difference_by_candidate"][base] = {"in_vocabulary": auc_differences(base, known),
-                                                    "out_of_vocabulary": auc_differences(base, ~known)}
-        out["hit@3_lift"][base] = {h: M.ratio_lift_ci(group_hits["transact"][:, j], group_hits[base][:, j],
-                                                      group_users, n_boot) for j, h in enumerate(heads)}
+    for base in BASELINES:
+        out["auc_difference"][base] = differences(M.auc_difference_ci, base, slice(None))
+        out["gauc_difference"][base] = differences(M.gauc_difference_ci, base, slice(None))
+        out["auc_difference_by_candidate"][base] = {"in_vocabulary": differences(M.auc_difference_ci, base, known),
+                                                    "out_of_vocabulary": differences(M.auc_difference_ci, base, ~known)}
+        out["hit@3_lift"][base] = {h: M.ratio_lift_ci([group_hits["transact"][s][:, j] for s in seeds],
+                                                      [group_hits[base][s][:, j] for s in seeds], group_users, n_boot)
+                                   for j, h in enumerate(heads)}
     return out
 
 
@@ -282,7 +361,7 @@ def recall_of_held_out_users(run: Path, cfg: RunConfig, prep: Prepared, objectiv
         sel = (h.ts >= prep.split_time) & (h.ts < prep.split_time + prep.future_window_ms) & (h.item >= FIRST_ID)
         future.append(set(h.item[sel & ~np.isin(h.action, negative)].tolist()))
     model = _fit_pinnerformer(run, cfg, prep, objective, path, tag)
-    emb = embed_users(model, prep, users, np.full(len(users), prep.split_time))
+    emb = embed_users(model, prep.histories, users, np.full(len(users), prep.split_time))
     return M.recall_per_user(emb, item_table(model), future, k=10)
 
 
@@ -297,72 +376,52 @@ def dense_vs_next(per_user: dict) -> dict:
     return out
 
 
-def candidate_coverage(impressions, embedding_end: int, in_vocabulary=None) -> dict:
-    """How much the embedding period tells the models about the test candidates: the share of test impressions
-    whose item it saw and the vocabulary holds (the rest are one out-of-vocabulary row), and how often the median seen
-    one was shown in that period. Early fusion can only match a candidate against the history through what its
-    embedding learned. in_vocabulary(items) -> bool mask: the vocabulary (None: every item the period saw)."""
-    train_counts = impressions.loc[impressions.timestamp < embedding_end, "item_id"].value_counts()
-    if in_vocabulary is not None:
-        train_counts = train_counts[in_vocabulary(train_counts.index.to_numpy())]
+def candidate_coverage(impressions, train_end: int) -> dict:
+    """How much training tells the models about the test candidates: the share of test impressions whose item the
+    training period showed (the vocabulary; the rest are one out-of-vocabulary row), and how often the median seen one
+    was shown in it. Early fusion can only match a candidate against the history through what its embedding learned."""
+    train_counts = impressions.loc[impressions.timestamp < train_end, "item_id"].value_counts()
     test_items = impressions.loc[impressions.is_test, "item_id"]
     seen = test_items.map(train_counts).dropna()
     return {"test_candidates_seen_in_training": float(len(seen) / max(len(test_items), 1)),
             "train_impressions_of_seen_test_candidate_median": float(seen.median()) if len(seen) else 0.0}
 
 
-@torch.no_grad()
-def gate_ablation(model, test_ex: RankerExamples, probs: np.ndarray, heads: list[str]) -> dict:
-    """TransAct's contribution, measured: the test AUC with its output gate closed (0) against the trained gate. A
-    gate the training left near 0 means the ranker learned to do without the sequence encoder on this data."""
-    value = float(model.output_gate)
-    model.output_gate.fill_(0.0)
-    try:
-        closed = predict(model, test_ex)
-    finally:
-        model.output_gate.fill_(value)
-    auc_closed = {h: M.auc(test_ex.labels[:, j], closed[:, j]) for j, h in enumerate(heads)}
-    change = {h: M.auc(test_ex.labels[:, j], probs[:, j]) - auc_closed[h] for j, h in enumerate(heads)}
-    return {"value": value, "auc_with_gate_closed": auc_closed, "auc_change_from_gate": change,
-            "max_abs_auc_change": float(np.nanmax(np.abs(list(change.values())))),  # a head with no positive: NaN
-            "mean_abs_prob_change": float(np.abs(probs - closed).mean())}
-
-
-def format_seed_table(seed_metrics: dict, heads: list[str]) -> str:
-    encoders = ("transact", "no_sequence", "avg_pool")
-    seeds = seed_metrics["transact"][heads[0]]["seeds"]
-    lines = [f"AUC over seeds {seeds} (mean +- sd)", f"{'head':<14}" + "".join(f"{e:>20}" for e in encoders)]
-    for h in heads:
-        lines.append(f"{h:<14}" + "".join(f"{seed_metrics[e][h]['mean']:>13.4f} +-{seed_metrics[e][h]['sd'] or 0:.3f}"
-                                          for e in encoders))
-    return "\n".join(lines)
-
-
-def format_uncertainty_table(uncertainty: dict, positives: dict, heads: list[str]) -> str:
-    def cell(entry):
-        if entry["ci"] is None:
-            return f"{'n/a':>26}"
-        return f"{entry['value']:>+8.3f} [{entry['ci'][0]:+.3f},{entry['ci'][1]:+.3f}]"
-
-    d, by = uncertainty["auc_difference"], uncertainty["auc_difference_by_candidate"]["avg_pool"]
-    lines = [f"TransAct AUC minus baseline, mean over seeds {uncertainty['seeds']}, 95% user-bootstrap interval",
-             f"{'head':<14}{'test pos':>9}{'vs no_sequence':>26}{'vs avg_pool':>26}"
-             f"{'vs avg_pool, known cand.':>26}{'vs avg_pool, unknown':>26}"]
-    lines += [f"{h:<14}{positives[h]:>9}{cell(d['no_sequence'][h])}{cell(d['avg_pool'][h])}"
-              f"{cell(by['in_vocabulary'][h])}{cell(by['out_of_vocabulary'][h])}" for h in heads]
-    return "\n".join(lines)
+def _cell(entry: dict) -> str:
+    if entry["ci"] is None:
+        return f"{'n/a':>24}"
+    return f"{entry['value']:>+7.3f} [{entry['ci'][0]:+.3f},{entry['ci'][1]:+.3f}]"
 
 
 def format_table(result: dict, heads: list[str]) -> str:
-    r = result["ranker"]
-    lines = [f"{'head':<14}{'AUC transact':>13}{'no_seq':>9}{'avg_pool':>9}{'HIT@3 tr':>10}{'no_seq':>9}"
-             f"{'lift':>9}{'vs avg':>9}"]
+    """The printed summary: per head, each model's AUC / GAUC / HIT@3 (mean +- sd over seeds), then TransAct minus
+    each baseline with its 95% interval over users and seeds."""
+    seeds, sm, u = result["ranker_seeds"]["seeds"], result["ranker_seeds"], result["uncertainty"]
+    complement_of = result["verdict"]["complement_of"]
+    pos = result["data"]["test_positives"]
+    lines = [f"seeds {seeds}; mean +- sd over seeds; {result['data']['test_users']} test users, "
+             f"{result['data']['test_requests']} requests",
+             f"{'head':<14}{'pos':>6}" + "".join(f"{e + ' ' + m:>22}" for m in ("AUC", "GAUC") for e in RANKERS)]
     for h in heads:
-        t, n, a = r["transact"][h], r["no_sequence"][h], r["avg_pool"][h]
-        lines.append(f"{h:<14}{t['auc']:>13.4f}{n['auc']:>9.4f}{a['auc']:>9.4f}{t['hit@3']:>10.4f}"
-                     f"{n['hit@3']:>9.4f}{M.lift(t['hit@3'], n['hit@3']):>+9.1%}{M.lift(t['hit@3'], a['hit@3']):>+9.1%}")
-    u = result["user_model"]
-    for m in (u, u.get("folds")):
+        cells = "".join(f"{sm[e][h][m]['mean']:>15.4f} +-{sm[e][h][m]['sd'] or 0:.3f}"
+                        for m in ("auc", "gauc") for e in RANKERS)
+        note = f"  (= 1 - {complement_of[h]})" if h in complement_of else ""
+        lines.append(f"{h:<14}{pos[h]:>6}{cells}{note}")
+    lines.append(f"{'TransAct minus':<14}{'':>6}" + "".join(f"{b + ' ' + m:>24}" for b in BASELINES
+                                                            for m in ("AUC", "GAUC")))
+    for h in heads:
+        lines.append(f"{h:<14}{pos[h]:>6}" + "".join(_cell(u[k][b][h]) for b in BASELINES
+                                                    for k in ("auc_difference", "gauc_difference")))
+    lines.append(f"{'HIT@3':<14}" + "".join(f"{e:>20}" for e in RANKERS) + f"{'lift vs no_seq':>26}"
+                 + f"{'reachable':>11}")
+    for h in heads:
+        lift = u["hit@3_lift"]["no_sequence"][h]
+        lines.append(f"{h:<14}" + "".join(f"{sm[e][h]['hit@3']['mean']:>13.4f} +-{sm[e][h]['hit@3']['sd'] or 0:.3f}"
+                                          for e in RANKERS)
+                     + (f"{lift['value']:>+10.1%} [{lift['ci'][0]:+.1%},{lift['ci'][1]:+.1%}]" if lift["ci"]
+                        else f"{'n/a':>26}")
+                     + f"{result['hit@3_bounds'][h]['reachable_lift_over_no_sequence']:>+11.1%}")
+    for m in (result["user_model"], result["user_model"].get("folds")):
         if m is None:
             continue
         name = f" ({m['k']} user folds)" if "k" in m else ""
@@ -375,17 +434,49 @@ def format_table(result: dict, heads: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_embeddings(run: str | Path, store_url: str, as_of_ms: int | None = None) -> int:
-    """The daily batch job of the paper: every user's long-term embedding as of a time, into the feature store."""
+def write_embeddings(run: str | Path, store_url: str, as_of_ms: int | None = None, events: str | None = None,
+                     batch: int = 2048) -> int:
+    """The daily batch job of the paper: every user's long-term embedding as of a time, into the feature store. The
+    actions are today's, not the training log's: every user with actions in the store (new users included), or every
+    user of an events file (`events`). as_of_ms: only actions strictly before it count (default: the newest action
+    seen + 1). The run gives the model and its vocabulary; items it never saw are its out-of-vocabulary row."""
+    from .data.loaders import load_events
+    from .features import Vocabulary, index_history
     from .store import open_store
-    cfg, info, prep = load_run(Path(run))
-    model = _load_pinnerformer(Path(run), cfg.pinnerformer, prep)
-    as_of = int(prep.log.events.timestamp.max()) + 1 if as_of_ms is None else int(as_of_ms)
-    emb = embed_users(model, prep, prep.users, np.full(len(prep.users), as_of))
+    run = Path(run)
+    cfg = RunConfig.load_saved(run)
+    vocab = Vocabulary.load(run / "vocab")
+    model = PinnerFormer(cfg.pinnerformer, vocab.n_items, vocab.n_actions)
+    model.load_state_dict(load_file(run / "pinnerformer.safetensors"))
     store = open_store(store_url, timeout_s=5.0)
     try:
-        store.put_embeddings(list(prep.users), emb, as_of)
+        if events is not None:
+            ev = load_events(events, negative_actions=(), min_users=1).events  # labels play no part here
+            histories = {u: index_history(vocab, g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
+                         for u, g in ev.groupby("user_id", sort=True)}
+        else:
+            users = store.user_ids()
+            histories = {}
+            for s in range(0, len(users), batch):
+                for u, seq in zip(users[s:s + batch], store.get_sequences(users[s:s + batch])):
+                    histories[u] = index_history(vocab, seq.item_ids, seq.actions, seq.timestamps_ms)
+        users = sorted(histories)
+        newest = max((int(h.ts.max()) for h in histories.values() if len(h.ts)), default=0)
+        as_of = newest + 1 if as_of_ms is None else int(as_of_ms)
+        for s in range(0, len(users), batch):
+            part = users[s:s + batch]
+            store.put_embeddings(part, embed_users(model, histories, part, np.full(len(part), as_of)), as_of)
     finally:
         store.close()
-    print(f"wrote {len(prep.users)} user embeddings as of {as_of} to {store_url}")
-    return len(prep.users)
+    print(f"wrote {len(users)} user embeddings as of {as_of} to {redact(store_url)}")
+    return len(users)
+
+
+def redact(url: str) -> str:
+    """A store URL fit for a log: any password replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -17,7 +17,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from seqrank.config import TransActConfig
-from seqrank.export import export_ranker_onnx, render_config
+from seqrank.exporting import export_ranker_onnx, render_config
 from seqrank.serving.preprocess import CANDIDATE_BUCKETS
 from seqrank.features import N_CONTEXT
 from seqrank.models.transact import INPUT_NAMES, OUTPUT_NAMES, TransActRanker

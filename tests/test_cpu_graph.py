@@ -33,7 +33,7 @@ def _ops(path):
 
 def _cpu_graph(model, tmp_path) -> tuple[Path, int]:
     """As `seqrank export` writes it: the fused graph with the full-history branch."""
-    from seqrank.export import export_cpu_graph, export_ranker_onnx
+    from seqrank.exporting import export_cpu_graph, export_ranker_onnx
     portable = export_ranker_onnx(model, tmp_path / "model.onnx")
     fused, branch = export_cpu_graph(model, portable, tmp_path / CPU_ONNX)
     assert branch
@@ -43,7 +43,7 @@ def _cpu_graph(model, tmp_path) -> tuple[Path, int]:
 @pytest.mark.parametrize("extra", [{"n_heads": 1, "sequence_mean": True},
                                    {"n_heads": 2}], ids=["shipped-form-1-head", "paper-2-heads"])
 def test_fused_cpu_graph_scores_what_pytorch_scores(tmp_path, extra):
-    from seqrank.export import check_parity
+    from seqrank.exporting import check_parity
     model = make_ranker("transact", seed=3, top_k_rows=4, **extra)
     _, fused = _cpu_graph(model, tmp_path)
     assert fused == 2 * model.cfg.n_layers  # post-norm: two residual + LayerNorm pairs per layer
@@ -79,7 +79,7 @@ def test_no_copy_only_pass_over_the_per_candidate_sequence(tmp_path):
     [batch, candidates, seq, ...] tensor (each would stream the largest activation through memory for nothing)."""
     import sympy  # ONNX Runtime's symbolic shape inference writes dims as sympy expressions
 
-    from seqrank.export import export_ranker_onnx
+    from seqrank.exporting import export_ranker_onnx
     from seqrank.serving.cpu_graph import _shapes
     model = make_ranker("transact", seed=3, top_k_rows=4, n_heads=1, sequence_mean=True)
     for full_history in (False, True):
@@ -203,7 +203,7 @@ def test_the_branches_share_their_weights(tmp_path):
 
 
 def test_a_ranker_without_a_sequence_gets_no_branch(tmp_path):
-    from seqrank.export import export_ranker_onnx
+    from seqrank.exporting import export_ranker_onnx
     model = make_ranker("no_sequence", seed=6)
     portable = export_ranker_onnx(model, tmp_path / "model.onnx")
     full = export_ranker_onnx(model, tmp_path / "full.onnx", full_history=True)
@@ -211,5 +211,5 @@ def test_a_ranker_without_a_sequence_gets_no_branch(tmp_path):
     assert "seq_mask" not in {i.name for i in loaded.graph.input}  # unused, so the exporter dropped it
     assert add_full_history_branch(loaded, onnx.load(str(full))) is False
     assert "If" not in [n.op_type for n in loaded.graph.node]
-    from seqrank.export import export_cpu_graph
+    from seqrank.exporting import export_cpu_graph
     assert export_cpu_graph(model, portable, tmp_path / CPU_ONNX)[1] is False  # what export records

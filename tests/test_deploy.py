@@ -209,7 +209,7 @@ def test_dockerignore_keeps_what_the_image_copies_and_drops_the_rest():
                 if "__pycache__" not in sub.parts:
                     assert not dockerignore_excludes(str(sub.relative_to(ROOT))), sub
     for kept in ("build/model_repository/ranker/1/model.onnx", "build/model_repository/preprocess/1/tables/items.npy",
-                 "runs/demo/model_repository/seqrank/config.pbtxt", "pyproject.toml", "seqrank/export.py"):
+                 "runs/demo/model_repository/seqrank/config.pbtxt", "pyproject.toml", "seqrank/exporting.py"):
         assert not dockerignore_excludes(kept), kept
     for dropped in (".git/HEAD", ".venv/bin/python", "runs/demo/ranker.safetensors", "data/kuairand/events.tsv.gz",
                     "tests/test_deploy.py", "seqrank/__pycache__/export.cpython-311.pyc",
@@ -228,7 +228,7 @@ def exported_repo(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     from seqrank.config import RunConfig
-    from seqrank.export import export_run
+    from seqrank.exporting import export_run
     from seqrank.features import N_CONTEXT, Vocabulary
     from seqrank.models.pinnerformer import PinnerFormer
     from seqrank.models.transact import TransActRanker
@@ -943,7 +943,7 @@ def test_deployment_doc_flop_count_and_replicas_follow_from_the_model():
     from torch.utils.flop_counter import FlopCounterMode
 
     from seqrank.config import TransActConfig
-    from seqrank.export import example_inputs
+    from seqrank.exporting import example_inputs
     from seqrank.models.inference import ranker_for_serving
     from seqrank.models.transact import TransActRanker
 

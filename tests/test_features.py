@@ -2,7 +2,7 @@
 
 Everything here runs on hand-made timelines whose expected features are written out by hand: the leakage guarantee
 (nothing at or after the request time enters a feature), newest-first layout, padding, truncation, the
-impression/session construction and the vocabulary's OOV handling.
+impression/request construction and the vocabulary's OOV handling.
 """
 from __future__ import annotations
 
@@ -179,23 +179,24 @@ def test_features_from_the_stores_newest_actions_equal_those_from_the_whole_log(
 # ---------------------------------------------------------------------------------------------- build_impressions
 
 MIN = 60_000
-GAP_S = 1800.0
+GAP_S = 60.0
 
 
 def hand_events() -> pd.DataFrame:
     rows = [
-        # u1, session 1
+        # u1, request 1
         ("u1", "a", "click", 0),
         ("u1", "a", "like", 0),           # same (user, item, ts) as above: one impression, two labels
-        ("u1", "b", EXPOSURE, 1 * MIN),   # shown, not engaged: an impression with no positive label
-        ("u1", "c", "like", 1 * MIN + 30 * MIN),  # gap exactly 30 min: same session
-        # u1, session 2 (gap 30 min + 1 ms)
-        ("u1", "d", "hate", 31 * MIN + 30 * MIN + 1),
-        ("u1", "a", "click", 31 * MIN + 30 * MIN + 1),  # same ts, other item: another impression, same session
-        # u2, its own session though its time is between u1's
+        ("u1", "b", EXPOSURE, 1 * MIN),   # shown, not engaged; exactly 60 s after the request's start: same request
+        # u1, request 2
+        ("u1", "c", "like", 31 * MIN),
+        # u1, request 3
+        ("u1", "d", "hate", 61 * MIN + 1),
+        ("u1", "a", "click", 61 * MIN + 1),  # same ts, other item: another impression, same request
+        # u2, its own requests though its time is between u1's
         ("u2", "a", "hate", 5 * MIN),
         ("u2", "a", "click", 5 * MIN),
-        ("u2", "e", "like", 6 * MIN),
+        ("u2", "e", "like", 6 * MIN + 1),  # 60 s + 1 ms after u2's request: the next request
     ]
     return pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"]).astype({"timestamp": np.int64})
 
@@ -206,7 +207,7 @@ def test_build_impressions_by_hand():
     got = list(zip(imp.user_id, imp.item_id, imp.timestamp))
     assert got == [("u1", "a", 0), ("u1", "b", MIN), ("u1", "c", 31 * MIN),
                    ("u1", "a", 61 * MIN + 1), ("u1", "d", 61 * MIN + 1),
-                   ("u2", "a", 5 * MIN), ("u2", "e", 6 * MIN)]
+                   ("u2", "a", 5 * MIN), ("u2", "e", 6 * MIN + 1)]
     assert labels.dtype == np.float32 and labels.shape == (7, 3)
     assert labels.tolist() == [[1, 0, 1],   # click + like: one multi-hot impression
                                [0, 0, 0],   # exposure only
@@ -215,29 +216,59 @@ def test_build_impressions_by_hand():
                                [0, 1, 0],
                                [1, 1, 0],
                                [0, 0, 1]]
-    s = imp.session.to_numpy()
-    assert s[0] == s[1] == s[2]              # gaps of 1 min and exactly 30 min stay in one session
-    assert s[3] == s[4] != s[2]              # a gap of 30 min + 1 ms starts a new one
-    assert s[5] == s[6] and len({s[0], s[3], s[5]}) == 3  # sessions never span users
-    assert imp.request_time.tolist() == [0, 0, 0, 61 * MIN + 1, 61 * MIN + 1, 5 * MIN, 5 * MIN]
+    r = imp.request.to_numpy()
+    assert r[0] == r[1] != r[2]              # exactly 60 s after the request's first impression: the same request
+    assert r[3] == r[4] != r[2]
+    assert r[5] != r[6] and len(set(r)) == 5  # 60 s + 1 ms starts the next; requests never span users
+    assert imp.request_time.tolist() == [0, 0, 31 * MIN, 61 * MIN + 1, 61 * MIN + 1, 5 * MIN, 6 * MIN + 1]
     assert (imp.request_time <= imp.timestamp).all()
 
 
-def test_build_impressions_session_gap_is_configurable():
-    imp, _ = build_impressions(hand_events(), ["click", "hate", "like"], session_gap_s=30.0)
-    # with a 30 s gap every distinct timestamp of u1 starts its own request
-    assert imp.request_time.tolist() == [0, MIN, 31 * MIN, 61 * MIN + 1, 61 * MIN + 1, 5 * MIN, 6 * MIN]
-    assert imp.session.nunique() == 6
+def test_a_request_window_is_measured_from_its_first_impression():
+    """Impressions 40 s apart for 3 minutes: a gap rule would chain them into one request frozen at the start; a
+    request holds the impressions up to request_gap_s after its first one."""
+    ev = pd.DataFrame({"user_id": "u", "item_id": [f"i{k}" for k in range(5)], "action": "click",
+                       "timestamp": np.arange(5, dtype=np.int64) * 40_000})
+    imp, _ = build_impressions(ev, ["click"], 60.0)
+    assert imp.request_time.tolist() == [0, 0, 80_000, 80_000, 160_000]
+    imp, _ = build_impressions(ev, ["click"], 30.0)
+    assert imp.request_time.tolist() == imp.timestamp.tolist()
+
+
+def test_an_engagement_minutes_earlier_in_the_same_sitting_is_in_the_sequence():
+    """The real-time claim: an impression 5 minutes after a like in the same sitting (no 30-minute break) is
+    scored with that like in its sequence, and with nothing at or after its own request time (the impression
+    shown 20 s after it in the same request, and its own click, are not there)."""
+    rows = [("u", "old", "click", 0),                         # yesterday
+            ("u", "a", "like", 86_400_000),                   # today, t0
+            ("u", "b", "click", 86_400_000 + 5 * MIN),        # 5 minutes later, same sitting
+            ("u", "c", "click", 86_400_000 + 5 * MIN + 20_000),  # same page as b
+            ("v", "a", "click", 0), ("v", "b", "click", 86_400_000 + 7 * MIN)]
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"]).astype({"timestamp": np.int64})
+    log = EventLog(events=ev, source="hand", fmt="canonical", duplicates_dropped=0, negative_actions=(),
+                   exposure_action=None)
+    cfg = RunConfig()
+    prep = prepare(log, cfg)
+    imp = prep.impressions
+    b, c = (int(np.flatnonzero((imp.user_id == "u") & (imp.item_id == x))[0]) for x in ("b", "c"))
+    seq = sequences_for(prep, imp.user_id.to_numpy()[[b, c]], imp.request_time.to_numpy()[[b, c]], 10)
+    a_item = prep.vocab.item_index(["a"])[0]
+    for row in range(2):
+        k = int(seq.seq_mask[row].sum())
+        assert k == 2 and seq.seq_item[row, 0] == a_item              # the like of 5 minutes ago, newest first
+        assert seq.seq_ts[row, 0] == 86_400_000
+        assert (seq.seq_ts[row, :k] < 86_400_000 + 5 * MIN).all()   # nothing of its own request
+    assert imp.request_time.iloc[c] == imp.timestamp.iloc[b]          # c is on b's page
 
 
 def tiny_log(seed: int = 0, n_users: int = 6) -> EventLog:
-    """A random canonical event log: sessions of impressions, each with 1-3 actions or only an exposure."""
+    """A random canonical event log: sittings of impressions, each with 1-3 actions or only an exposure."""
     rng = np.random.default_rng(seed)
     rows = []
     for u in range(n_users):
         t = int(rng.integers(0, 3 * HOUR_MS))
-        for _ in range(int(rng.integers(6, 12))):            # sessions
-            for _ in range(int(rng.integers(1, 6))):          # impressions of the session
+        for _ in range(int(rng.integers(6, 12))):            # sittings
+            for _ in range(int(rng.integers(1, 6))):          # impressions of the sitting
                 item = f"i{int(rng.integers(0, 25))}"
                 kinds = rng.choice(["click", "like", "hate", EXPOSURE], size=int(rng.integers(1, 4)), replace=False)
                 for a in kinds:
@@ -262,9 +293,10 @@ def test_every_prepared_example_sees_only_the_past(seed):
     assert EXPOSURE not in prep.vocab.actions and prep.vocab.heads == ["click", "hate", "like"]
     imp = prep.impressions
     assert len(imp) == len(ev[["user_id", "item_id", "timestamp"]].drop_duplicates())
-    # every impression belongs to a session whose request time is its first timestamp
-    assert (imp.groupby("session").timestamp.min() == imp.groupby("session").request_time.first()).all()
-    assert (imp.groupby("session").user_id.nunique() == 1).all()
+    # every impression belongs to a request whose time is its first timestamp, within request_gap_s of it
+    assert (imp.groupby("request").timestamp.min() == imp.groupby("request").request_time.first()).all()
+    assert (imp.groupby("request").user_id.nunique() == 1).all()
+    assert ((imp.timestamp - imp.request_time) <= cfg.data.request_gap_s * 1000).all()
     S = 5
     seq = sequences_for(prep, imp.user_id.to_numpy(), imp.request_time.to_numpy(), S)
     req = imp.request_time.to_numpy()
@@ -295,99 +327,65 @@ def test_every_prepared_example_sees_only_the_past(seed):
     assert np.isfinite(seq.context).all()
 
 
-def test_embedding_period_keeps_the_rankers_examples_after_everything_the_embeddings_learned_by_hand():
-    """data.embedding_period < 1: PinnerFormer and the vocabulary learn from the first part of the training period,
-    the ranker from the rest, so no ranker example's item embedding was learned from its own outcome."""
-    from dataclasses import replace
-    from seqrank.train import candidate_oov_rate, positive_events
-    H = HOUR_MS
-    rows = [("u1", "a", "click", 0), ("u1", "b", "like", 10 * H), ("u2", "c", "click", 20 * H),  # before 52 h
-            ("u2", "c", "hate", 20 * H),                                    # never a PinnerFormer positive
-            ("u1", "a", "like", 85 * H), ("u2", "x", "click", 90 * H), ("u1", "y", "click", 95 * H),
-            ("u2", "b", "click", 100 * H),                                  # the training period ends at 104 h
-            ("u1", "z", "click", 130 * H)]
-    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"])
-    log = EventLog(events=ev, source="hand", fmt="canonical", duplicates_dropped=0,
-                   negative_actions=("hate",), exposure_action=None)
-    whole = prepare(log, RunConfig())
-    assert whole.embedding_end == whole.split_time == 104 * H and whole.ranker_start == 0
-    assert len(whole.ranker_train_rows()) == 7
-    cfg = RunConfig()
-    cfg.data = replace(cfg.data, embedding_period=0.5)
-    prep = prepare(log, cfg)
-    assert prep.split_time == 104 * H and prep.embedding_end == prep.ranker_start == 52 * H
-    imp = prep.impressions
-    assert sorted(imp.item_id[prep.ranker_train_rows()]) == ["a", "b", "x", "y"]   # 52 h <= t < 104 h
-    assert imp.item_id[prep.test_rows()].tolist() == ["z"]
-    assert (prep.vocab.item_index(["a", "b", "c"]) >= FIRST_ID).all()
-    assert (prep.vocab.item_index(["x", "y", "z"]) == OOV).all()               # first seen after 52 h
-    pos = positive_events(prep, ["u1", "u2"], prep.embedding_end)              # what PinnerFormer trains on
-    assert all((ts < 52 * H).all() for ts, _ in pos.values()) and sum(len(ts) for ts, _ in pos.values()) == 3
-    # x and y are already out of the vocabulary: half the ranker's candidates, the log's own share (0.5)
-    assert prep.unseen_item_share == pytest.approx(0.5) and candidate_oov_rate(cfg.transact, prep) == 0.0
-    for bad in (0.0, 1.5):
-        cfg.data = replace(cfg.data, embedding_period=bad)
-        with pytest.raises(ValueError, match="embedding_period"):
-            prepare(log, cfg)
+def _hand_log(rows) -> EventLog:
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"]).astype({"timestamp": np.int64})
+    return EventLog(events=ev, source="hand", fmt="canonical", duplicates_dropped=0, negative_actions=("hate",),
+                    exposure_action=None)
 
 
-def test_held_out_ranker_users_keep_the_rankers_examples_away_from_what_the_embeddings_learned_by_hand():
-    """data.ranker_users "held_out": the ranker trains only on the users PinnerFormer is not trained on, and the
-    vocabulary holds only the items PinnerFormer learned, so no training example's embeddings saw its outcome."""
-    from dataclasses import replace
+def test_the_test_period_is_the_last_share_of_the_events_not_of_the_time_span():
+    """Activity concentrated early with a long sparse tail: 90 events in the first 10 h, 10 over the next 90 h. The
+    last 20% of the span would hold 2 events; the last 20% of the events are 20."""
     H = HOUR_MS
-    rows = [("u1", "a", "click", 0), ("u2", "b", "click", 1 * H), ("u3", "c", "click", 2 * H),
-            ("u4", "d", "click", 3 * H), ("u1", "s", "click", 5 * H), ("u2", "s", "like", 6 * H),
-            ("u3", "s", "click", 7 * H), ("u4", "s", "click", 8 * H),   # s: every user's, in the vocabulary
-            ("u1", "z", "click", 100 * H)]                              # the test period starts at 80 h
-    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"])
-    log = EventLog(events=ev, source="hand", fmt="canonical", duplicates_dropped=0,
-                   negative_actions=(), exposure_action=None)
-    cfg = RunConfig()
-    cfg.data = replace(cfg.data, pinnerformer_test_users=0.5)
-    every = prepare(log, cfg)
-    assert len(every.ranker_train_rows()) == 8 and every.ranker_users is None
-    cfg.data = replace(cfg.data, ranker_users="held_out")
-    prep = prepare(log, cfg)
-    held = prep.pf_test_users
-    assert held == every.pf_test_users and len(held) == 2 and prep.ranker_users == held
-    imp = prep.impressions
-    assert set(imp.user_id[prep.ranker_train_rows()]) == held and len(prep.ranker_train_rows()) == 4
-    assert imp.user_id[prep.test_rows()].tolist() == ["u1"]        # evaluated on every user
-    first_items = dict(zip(["u1", "u2", "u3", "u4"], "abcd"))
-    learned = sorted(first_items[u] for u in ("u1", "u2", "u3", "u4") if u not in held)
-    unlearned = sorted(first_items[u] for u in held)
-    assert (prep.vocab.item_index(learned + ["s"]) >= FIRST_ID).all()
-    assert (prep.vocab.item_index(unlearned + ["z"]) == OOV).all()  # only the ranker's users saw them
-    for bad, error in (({"ranker_users": "some"}, "ranker_users"),
-                       ({"ranker_users": "held_out", "pinnerformer_test_users": 0.0}, "pinnerformer_test_users")):
-        cfg.data = replace(RunConfig().data, **bad)
-        with pytest.raises(ValueError, match=error):
-            prepare(log, cfg)
+    times = list(np.linspace(0, 10 * H, 90, dtype=np.int64)) + list(np.linspace(11 * H, 100 * H, 10, dtype=np.int64))
+    log = _hand_log([(f"u{k % 7}", f"i{k % 11}", "click", int(t)) for k, t in enumerate(times)])
+    prep = prepare(log, RunConfig())
+    assert prep.impressions.is_test.sum() == 20
+    assert prep.split_time == sorted(times)[80]
+
+
+def test_the_validation_split_never_reads_the_test_period_and_selection_holds_out_the_newest_training_rows():
+    H = HOUR_MS
+    log = _hand_log([(f"u{k % 5}", f"i{k}", "click", k * H) for k in range(100)])
+    test = prepare(log, RunConfig())
+    assert test.split_time == 80 * H and test.impressions.is_test.sum() == 20
+    rows, sel = test.ranker_train_rows(), test.selection_rows()
+    assert len(rows) == 72 and len(sel) == 8 and not set(rows) & set(sel)   # the newest 10% of 80 training rows
+    assert test.impressions.timestamp.iloc[rows].max() < test.impressions.timestamp.iloc[sel].min()
+    cfg = RunConfig.from_dict({"data": {"split": "validation"}})
+    val = prepare(log, cfg)
+    assert val.impressions.timestamp.max() < test.split_time            # the test period is gone
+    assert val.split_time == 64 * H and val.impressions.is_test.sum() == 16
+    assert (val.vocab.item_index([f"i{k}" for k in range(64, 100)]) == OOV).all()
+    none = prepare(log, RunConfig.from_dict({"data": {"selection_fraction": 0.0}}))
+    assert len(none.selection_rows()) == 0 and len(none.ranker_train_rows()) == 80
+    for bad, field in (({"split": "train"}, "data.split"), ({"test_fraction": 1.0}, "data.test_fraction"),
+                       ({"selection_fraction": 1.0}, "data.selection_fraction")):
+        with pytest.raises(ValueError, match=field):
+            prepare(log, RunConfig.from_dict({"data": bad}))
 
 
 def test_unseen_item_share_is_estimated_inside_the_training_period_by_hand():
     """The ranker's default candidate_oov_rate: of the training period's last test_fraction (20%), the share of
     impressions (not action rows) whose item nothing before it showed; the test period is never read."""
     from seqrank.dataset import unseen_item_share
-    from seqrank.train import candidate_oov_rate
+    from seqrank.training import candidate_oov_rate
     H = HOUR_MS
-    rows = [("u1", "a", "click", 0), ("u1", "b", "like", 10 * H), ("u2", "c", "click", 20 * H),  # before 80 h
+    rows = [("u1", "a", "click", 0), ("u1", "b", "like", 10 * H), ("u2", "c", "click", 20 * H),
             ("u1", "a", "like", 85 * H), ("u1", "a", EXPOSURE, 85 * H),   # one impression of a seen item
-            ("u2", "x", "click", 90 * H), ("u2", "x", "hate", 90 * H),    # one impression of an unseen item
-            ("u1", "y", "click", 95 * H),                                  # unseen
-            ("u2", "b", "click", 100 * H),                                 # seen; the training period ends here
-            ("u1", "z", "click", 130 * H)]                                 # the test period: all new, never counted
+            ("u2", "x", "click", 90 * H), ("u2", "x", "hate", 90 * H),    # the inner split (row 6 of 8): unseen
+            ("u1", "a", "click", 95 * H),                                  # seen; the training period ends here
+            ("u2", "b", "click", 100 * H), ("u1", "z", "click", 130 * H)]  # the test period (last 20% of the rows)
     ev = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"])
     cfg = RunConfig()
-    train_ev = ev[ev.timestamp < 104 * H]  # prepare's split of 0..130 h at 80 % is 104 h
-    assert unseen_item_share(train_ev, cfg) == pytest.approx(2 / 4)  # inner split at 80 h: a, x, y, b -> x, y new
-    seen_only = train_ev[train_ev.item_id.isin(["a", "b"])]  # a, b before 80 h; a, b after: nothing new
+    train_ev = ev[ev.timestamp < 100 * H]
+    assert unseen_item_share(train_ev, cfg) == pytest.approx(1 / 2)  # after 90 h: x new, a seen
+    seen_only = train_ev[train_ev.item_id.isin(["a", "b"])]          # a, b, a, a, a: nothing new after the split
     assert unseen_item_share(seen_only, cfg) == 0.0
     log = EventLog(events=ev, source="hand", fmt="canonical", duplicates_dropped=0,
                    negative_actions=("hate",), exposure_action=EXPOSURE)
     prep = prepare(log, cfg)
-    assert prep.split_time == 104 * H and prep.unseen_item_share == pytest.approx(0.5)
+    assert prep.split_time == 100 * H and prep.unseen_item_share == pytest.approx(0.5)
     assert cfg.transact.candidate_oov_rate is None  # the default follows the log ...
     assert candidate_oov_rate(cfg.transact, prep) == pytest.approx(0.5)
     from dataclasses import replace

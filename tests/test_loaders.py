@@ -514,11 +514,11 @@ def test_movielens_fetcher_writes_the_real_100k_ratings(tmp_path):
 
 
 def test_log_timing_counts_bursts_by_hand():
-    """scripts/log_timing.py: one action per impression (a click and a like on the same item at the same time are
+    """research/log_timing.py: one action per impression (a click and a like on the same item at the same time are
     one), gaps between a user's consecutive actions, users whose history spans under a day."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("log_timing",
-                                                  Path(__file__).resolve().parents[1] / "scripts" / "log_timing.py")
+                                                  Path(__file__).resolve().parents[1] / "research" / "log_timing.py")
     timing = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(timing)
     day = 86_400_000

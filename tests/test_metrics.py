@@ -109,3 +109,48 @@ def test_recall_per_user_by_hand():
     got = M.recall_per_user(users, table, future, k=2)
     assert got.tolist() == [0.5, 0.0]  # user 0 retrieves 2 and 4; user 1 retrieves 3 and 4
     assert got.mean() == 0.25  # the Recall@10 evaluate reports is this mean
+
+
+def test_gauc_by_hand_weighs_each_users_own_auc_by_their_impressions():
+    # user a: 4 impressions, ordered perfectly (AUC 1); user b: 2 impressions, reversed (AUC 0); user c: one class
+    users = np.array(["a"] * 4 + ["b"] * 2 + ["c"] * 3)
+    labels = np.array([1, 1, 0, 0, 1, 0, 1, 1, 1])
+    scores = np.array([0.9, 0.8, 0.2, 0.1, 0.1, 0.9, 0.5, 0.5, 0.5])
+    assert M.gauc(labels, scores, users) == pytest.approx((4 * 1.0 + 2 * 0.0) / 6)
+    aucs, n = M.per_user_auc(labels, scores, users)
+    assert aucs[:2].tolist() == [1.0, 0.0] and np.isnan(aucs[2]) and n.tolist() == [4, 2, 3]
+    # a score that only tells users apart (every impression of a gets 1, of b 0) has pooled AUC above 0.5 and GAUC 0.5
+    users2, labels2 = np.array(["a"] * 4 + ["b"] * 4), np.array([1, 1, 1, 0, 1, 0, 0, 0])
+    apart = np.where(users2 == "a", 1.0, 0.0)
+    assert M.auc(labels2, apart) == pytest.approx(0.75) and M.gauc(labels2, apart, users2) == 0.5
+
+
+def test_intervals_resample_training_seeds_as_well_as_users():
+    """Two seeds of model a: one far better than b, one level with it. A user bootstrap alone on their mean gives a
+    narrow interval; resampling the seeds too must widen it to cover both seeds' differences."""
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(300), 10)
+    labels = rng.random(3000) < 0.3
+    noise = rng.normal(size=3000)
+    b = noise + 0.5 * labels
+    good, level = noise + 2.0 * labels, noise + 0.5 * labels + 0.01 * rng.normal(size=3000)
+    d = M.auc_difference_ci(labels, [good, level], [b, b], users, n_boot=400)
+    good_alone = M.auc_difference_ci(labels, [good], [b], users, n_boot=400)
+    assert d["ci"][0] < 0.05 and d["ci"][1] > 0.9 * good_alone["value"]   # spans from "level" to "much better"
+    g = M.gauc_difference_ci(labels, [good, level], [b, b], users, n_boot=400)
+    assert g["value"] == pytest.approx(np.mean([M.gauc(labels, x, users) - M.gauc(labels, b, users)
+                                                for x in (good, level)]))
+    assert g["ci"][0] < 0.05 and g["ci"][1] > 0.1
+    one_seed = M.gauc_difference_ci(labels, [good], [b], users, n_boot=400)
+    assert one_seed["ci"][0] > 0.1                                          # one seed: only users vary
+    lift = M.ratio_lift_ci([2.0 * np.ones(300), np.ones(300)], [np.ones(300), np.ones(300)], np.arange(300), 400)
+    assert lift["value"] == pytest.approx(0.5) and lift["ci"][0] == pytest.approx(0.0) and lift["ci"][1] == 1.0
+    counts = np.random.default_rng(1)
+    per_seed = np.array([[1.0] * 50, [3.0] * 50])
+    assert set(np.round(M.seed_resampled_mean(per_seed, counts), 6)) <= {1.0, 2.0, 3.0}
+
+
+def test_complement_pairs_finds_heads_that_are_one_fact():
+    labels = np.array([[1, 0, 1], [0, 1, 1], [1, 0, 0]])
+    assert M.complement_pairs(labels, ["like", "hate", "click"]) == [["like", "hate"]]
+    assert M.complement_pairs(labels[:, [0, 2]], ["like", "click"]) == []

@@ -27,7 +27,7 @@ N_ITEMS, N_ACTIONS, USER_DIM, N_HEADS, TABLE_DIM = 40, 6, 6, 3, 5
 
 @pytest.fixture(scope="module", autouse=True)
 def _restore_torch_global_state():
-    """seqrank.train.seed_everything switches torch to deterministic algorithms and sets the thread count for the
+    """seqrank.training.seed_everything switches torch to deterministic algorithms and sets the thread count for the
     process; put both back so the rest of the session is unaffected."""
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     yield
@@ -495,7 +495,7 @@ TINY_CFG = {"seed": 0, "threads": 2,
 
 @pytest.fixture(scope="module")
 def tiny():
-    from seqrank.train import seed_everything
+    from seqrank.training import seed_everything
     cfg = RunConfig.from_dict(TINY_CFG)
     seed_everything(cfg.seed, cfg.threads)
     prep = prepare(synthetic_log(), cfg)
@@ -517,7 +517,7 @@ def _differs(a, b) -> bool:
 
 
 def test_pinnerformer_training_is_deterministic(tiny, tmp_path):
-    from seqrank.train import seed_everything, train_pinnerformer
+    from seqrank.training import seed_everything, train_pinnerformer
     cfg, prep = tiny
     runs = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
@@ -534,7 +534,7 @@ def test_pinnerformer_training_is_deterministic(tiny, tmp_path):
 
 
 def test_pinnerformer_seed_argument_alone_makes_training_deterministic(tiny, tmp_path):
-    from seqrank.train import train_pinnerformer
+    from seqrank.training import train_pinnerformer
     cfg, prep = tiny
     a = _state(train_pinnerformer(prep, cfg.pinnerformer, 0, tmp_path / "a.pt"))
     b = _state(train_pinnerformer(prep, cfg.pinnerformer, 0, tmp_path / "b.pt"))
@@ -544,7 +544,7 @@ def test_pinnerformer_seed_argument_alone_makes_training_deterministic(tiny, tmp
 @pytest.fixture(scope="module")
 def tiny_ranker_inputs(tiny, tmp_path_factory):
     from seqrank.pipeline import EmbeddingCache
-    from seqrank.train import RankerExamples, item_table, seed_everything, train_pinnerformer
+    from seqrank.training import RankerExamples, item_table, seed_everything, train_pinnerformer
     cfg, prep = tiny
     seed_everything(cfg.seed, cfg.threads)
     pf = train_pinnerformer(prep, cfg.pinnerformer, cfg.seed, tmp_path_factory.mktemp("pf") / "pf.pt")
@@ -555,35 +555,12 @@ def tiny_ranker_inputs(tiny, tmp_path_factory):
     return cfg, prep, table, train_ex, test_ex
 
 
-def test_an_embedding_period_trains_pinnerformer_before_the_rankers_examples(tmp_path):
-    """data.embedding_period 0.5: the ranker's examples all come after everything PinnerFormer trained on, items
-    first seen after it are out of the vocabulary for both, and both models still train and score."""
-    from seqrank.features import OOV
-    from seqrank.pipeline import EmbeddingCache
-    from seqrank.train import RankerExamples, item_table, predict, seed_everything, train_pinnerformer, train_ranker
-    cfg = RunConfig.from_dict({**TINY_CFG, "data": {"embedding_period": 0.5}})
-    seed_everything(cfg.seed, cfg.threads)
-    prep = prepare(synthetic_log(), cfg)
-    imp = prep.impressions
-    assert imp.timestamp.min() < prep.embedding_end == prep.ranker_start < prep.split_time
-    rows = prep.ranker_train_rows()
-    assert (imp.timestamp.to_numpy()[rows] >= prep.embedding_end).all() and not imp.is_test.to_numpy()[rows].any()
-    later = set(imp.item_id[imp.timestamp >= prep.embedding_end]) - set(imp.item_id[imp.timestamp < prep.embedding_end])
-    assert later and (prep.vocab.item_index(sorted(later)) == OOV).all()
-    pf = train_pinnerformer(prep, cfg.pinnerformer, cfg.seed, tmp_path / "pf.pt")
-    train_ex = RankerExamples(prep, rows, EmbeddingCache(pf, prep), cfg.transact.seq_len)
-    model = train_ranker(prep, cfg.transact, item_table(pf), cfg.pinnerformer.dim, train_ex, cfg.seed,
-                         tmp_path / "ranker.pt")
-    probs = predict(model, RankerExamples(prep, prep.test_rows(), EmbeddingCache(pf, prep), cfg.transact.seq_len))
-    assert np.isfinite(probs).all() and len(np.unique(probs[:, 0].round(6))) > 1
-
-
 def test_candidate_oov_rate_hides_the_candidate_in_training_only(tiny_ranker_inputs, tmp_path):
     """candidate_oov_rate = 1: training never sees a candidate's id (the same weights whatever the ids are); 0 (the
     session-10 default): it does. Inference is untouched: the trained model still tells candidates apart."""
     import copy
 
-    from seqrank.train import predict, seed_everything, train_ranker
+    from seqrank.training import predict, seed_everything, train_ranker
     cfg, prep, table, train_ex, test_ex = tiny_ranker_inputs
     shuffled = copy.copy(train_ex)
     shuffled.cand_item = np.random.default_rng(5).permutation(train_ex.cand_item)
@@ -602,7 +579,7 @@ def test_candidate_oov_rate_hides_the_candidate_in_training_only(tiny_ranker_inp
 
 @pytest.mark.parametrize("encoder", ["transact", "avg_pool"])
 def test_ranker_training_is_deterministic(tiny_ranker_inputs, tmp_path, encoder):
-    from seqrank.train import build_ranker, seed_everything, train_ranker
+    from seqrank.training import build_ranker, seed_everything, train_ranker
     cfg, prep, table, train_ex, _ = tiny_ranker_inputs
     assert len(train_ex) > 2 * cfg.transact.batch_size  # several batches per epoch
     r_cfg = replace(cfg.transact, sequence_encoder=encoder)
@@ -621,7 +598,7 @@ def test_ranker_training_is_deterministic(tiny_ranker_inputs, tmp_path, encoder)
 
 
 def test_ranker_resumed_training_equals_uninterrupted(tiny_ranker_inputs, tmp_path):
-    from seqrank.train import seed_everything, train_ranker
+    from seqrank.training import seed_everything, train_ranker
     cfg, prep, table, train_ex, _ = tiny_ranker_inputs
     two, one = replace(cfg.transact, epochs=2), replace(cfg.transact, epochs=1)
     seed_everything(0, cfg.threads)
@@ -636,7 +613,7 @@ def test_ranker_resumed_training_equals_uninterrupted(tiny_ranker_inputs, tmp_pa
 
 
 def test_predict_has_no_time_mask_and_is_deterministic(tiny_ranker_inputs, tmp_path):
-    from seqrank.train import predict, seed_everything, train_ranker
+    from seqrank.training import predict, seed_everything, train_ranker
     cfg, prep, table, train_ex, test_ex = tiny_ranker_inputs
     seed_everything(0, cfg.threads)
     model = train_ranker(prep, cfg.transact, table, cfg.pinnerformer.dim, train_ex, 0, tmp_path / "r.pt")
@@ -665,7 +642,7 @@ def test_predict_has_no_time_mask_and_is_deterministic(tiny_ranker_inputs, tmp_p
 
 @pytest.mark.parametrize("extra", [{}, {"sequence_mean": True}], ids=["paper", "shipped-default-form"])
 def test_onnx_export_parity(tmp_path, extra):
-    from seqrank.export import PARITY_TOLERANCE, check_parity, export_ranker_onnx
+    from seqrank.exporting import PARITY_TOLERANCE, check_parity, export_ranker_onnx
     model = make_ranker("transact", seed=3, top_k_rows=4, **extra)
     S = 9
     path = export_ranker_onnx(model, tmp_path / "ranker" / "model.onnx")
@@ -692,7 +669,7 @@ def test_onnx_export_parity(tmp_path, extra):
 
 def test_onnx_parity_check_catches_a_wrong_model(tmp_path):
     """check_parity is a real check: a graph exported from different weights fails it."""
-    from seqrank.export import check_parity, export_ranker_onnx
+    from seqrank.exporting import check_parity, export_ranker_onnx
     path = export_ranker_onnx(make_ranker("transact", seed=3), tmp_path / "model.onnx")
     with pytest.raises(AssertionError, match="parity"):
         check_parity(make_ranker("transact", seed=4), path, 9)
@@ -702,7 +679,7 @@ def test_onnx_parity_check_catches_a_wrong_model(tmp_path):
 def test_user_tower_onnx_parity_and_its_check_catches_a_wrong_model(tmp_path, heads):
     """The exported PinnerFormer user tower (causal attention, exported projections) scores what PyTorch scores on
     full, short, one-action and empty histories, and the check fails a graph exported from other weights."""
-    from seqrank.export import check_user_tower_parity, export_user_tower_onnx
+    from seqrank.exporting import check_user_tower_parity, export_user_tower_onnx
     cfg = small_pf_cfg(max_len=16, n_heads=heads)
     torch.manual_seed(0)
     model = PinnerFormer(cfg, N_ITEMS, N_ACTIONS).eval()

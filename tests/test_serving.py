@@ -10,15 +10,15 @@ import torch
 
 from seqrank.client import RankingClient
 from seqrank.dataset import sequences_for
-from seqrank.export import load_ranker
+from seqrank.exporting import load_ranker
 from seqrank.pipeline import load_run
 
 
 from conftest import ENSEMBLE_MODELS as MODELS, rss_by_process
 
 
-def _sessions(small_run, n=12):
-    """Held-out requests: test-period sessions (user, session start, the items shown)."""
+def _requests(small_run, n=12):
+    """Held-out requests: per test-period user, the first test impression's time and the items shown in the period."""
     info = json.loads((small_run["run"] / "run.json").read_text())
     ev = small_run["events"]
     test = ev[ev.timestamp >= info["split_time_ms"]]
@@ -41,7 +41,7 @@ def test_ensemble_and_composing_models_are_ready(server):
 
 def test_grpc_and_http_give_identical_rankings(server, small_run):
     with RankingClient(server.grpc_url, "grpc", timeout_s=60) as g, RankingClient(server.http_url, "http") as h:
-        for user, start, items in _sessions(small_run, 5):
+        for user, start, items in _requests(small_run, 5):
             a, b = g.rank(user, items, request_time=start), h.rank(user, items, request_time=start)
             assert a.item_ids == b.item_ids
             assert sorted(a.item_ids) == sorted(items)
@@ -64,7 +64,7 @@ def test_train_serve_parity(server, small_run):
     run_emb = np.load(small_run["run"] / "user_emb.npy")
     checked = with_embedding = 0
     with RankingClient(server.grpc_url, "grpc", timeout_s=60) as client:
-        for user, start, items in _sessions(small_run):
+        for user, start, items in _requests(small_run):
             seq = sequences_for(prep, [user], [start], cfg.transact.seq_len)
             user_emb = np.zeros((1, run_emb.shape[1]), dtype=np.float32)
             if user in run_users:
@@ -90,9 +90,9 @@ def test_train_serve_parity(server, small_run):
 
 def test_concurrent_requests_with_different_candidate_counts_are_batched(server, small_run):
     import tritonclient.http as http
-    sessions = _sessions(small_run, 8)
-    pool_items = [i for _, _, items in sessions for i in items]
-    jobs = [(sessions[k % len(sessions)][0], sessions[k % len(sessions)][1], pool_items[: 1 + (k * 37) % 200])
+    requests = _requests(small_run, 8)
+    pool_items = [i for _, _, items in requests for i in items]
+    jobs = [(requests[k % len(requests)][0], requests[k % len(requests)][1], pool_items[: 1 + (k * 37) % 200])
             for k in range(48)]
     with RankingClient(server.grpc_url, "grpc", timeout_s=60) as c:
         expected = [c.rank(u, items, request_time=t) for u, t, items in jobs]
@@ -124,7 +124,7 @@ def test_ranker_stub_memory_is_reached_at_load_and_stays(server, small_run):
     def ranker_stubs():
         return {k: v for k, v in rss_by_process(server.group_pids()).items() if k.startswith("ranker stub")}
 
-    user, t, items = _sessions(small_run, 1)[0]
+    user, t, items = _requests(small_run, 1)[0]
     # 1,024 distinct items the model knows: the stub scores each distinct id once, so unknown ids (all the one OOV
     # row) would make this a small request
     vocab = [x.decode() for x in np.load(small_run["run"] / "vocab" / "items.npy").tolist()]
@@ -152,12 +152,12 @@ def test_ranker_stub_memory_is_reached_at_load_and_stays(server, small_run):
 
 def test_bad_and_good_requests_in_one_batch(server, small_run):
     """Valid requests batched with bad ones are answered correctly."""
-    sessions = _sessions(small_run, 4)
+    requests = _requests(small_run, 4)
     with RankingClient(server.grpc_url, "grpc", timeout_s=60) as c:
-        want = [c.rank(u, items, request_time=t).item_ids for u, t, items in sessions]
+        want = [c.rank(u, items, request_time=t).item_ids for u, t, items in requests]
 
     def good(k):
-        u, t, items = sessions[k]
+        u, t, items = requests[k]
         with RankingClient(server.grpc_url, "grpc", retries=0, timeout_s=60) as c:
             return c.rank(u, items, request_time=t).item_ids
 
@@ -196,7 +196,7 @@ def test_store_down_falls_back_to_no_sequence(small_run, start_server, tmp_path)
 
 def test_perf_analyzer_runs_against_the_ensemble(server, small_run, tmp_path):
     from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
-    user, start, items = _sessions(small_run, 1)[0]
+    user, start, items = _requests(small_run, 1)[0]
     data = {"data": [{"user_id": [user], "candidate_ids": {"content": items, "shape": [len(items)]},
                       "request_time_ms": [start]}]}
     path = tmp_path / "input.json"

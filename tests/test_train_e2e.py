@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from seqrank import __version__ as seqrank_version
 from seqrank.data.loaders import KUAIRAND_SAMPLE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +28,9 @@ SMALL_CONFIG = {
     "threads": 2,
     "pinnerformer": {"epochs": 1, "max_len": 32, "d_model": 16, "n_heads": 1, "n_layers": 1, "d_ff": 32,
                      "dim": 16, "random_negatives": 64, "positions_per_user": 8},
-    # with the optional output gate (not the default) beside the raw sequence mean: its reporting is tested end to end
-    "transact": {"epochs": 1, "seq_len": 20, "action_dim": 8, "item_dim": 8, "d_ff": 16, "n_layers": 1,
-                 "top_k_rows": 3, "mlp": [32, 16], "cross_rank": 8, "cross_layers": 1, "sequence_mean": True,
-                 "output_gate_init": 0.0},
+    # two epochs, so that the selection slice has an epoch to choose
+    "transact": {"epochs": 2, "seq_len": 20, "action_dim": 8, "item_dim": 8, "d_ff": 16, "n_layers": 1,
+                 "top_k_rows": 3, "mlp": [32, 16], "cross_rank": 8, "cross_layers": 1, "sequence_mean": True},
 }
 REQUIRED_HEADS = ("like", "hate", "click")
 RUN_FILES = ("config.json", "run.json", "vocab/items.npy", "vocab/vocab.json", "pinnerformer.safetensors",
@@ -80,6 +80,8 @@ def test_train_writes_the_run_directory(run):
         assert h in info["heads"]
     assert info["negative_heads"] == ["hate"]
     assert info["seq_len"] == 20 and info["user_dim"] == 16 and info["train_seconds"] > 0
+    assert info["seqrank_version"] == seqrank_version and info["ranker_selected_epoch"] in (1, 2)
+    assert info["split_time_ms"] > info["selection_start_ms"]
     # the rate of candidates trained as unseen items follows the log (about half of this log's later items are new)
     assert cfg["transact"]["candidate_oov_rate"] is None and 0.3 < info["candidate_oov_rate"] < 0.7
     vocab = json.loads((out / "vocab" / "vocab.json").read_text())
@@ -104,9 +106,9 @@ def test_evaluate_writes_metrics_of_the_required_shape(run):
     for encoder, per_head in metrics["ranker"].items():
         assert set(per_head) == set(heads)
         for h, m in per_head.items():
-            assert {"auc", "hit@3"} <= set(m), (encoder, h)
+            assert {"auc", "gauc", "hit@3"} <= set(m), (encoder, h)
             if h in REQUIRED_HEADS:
-                assert 0.0 < m["auc"] < 1.0, (encoder, h, m)
+                assert 0.0 < m["auc"] < 1.0 and 0.0 < m["gauc"] < 1.0, (encoder, h, m)
             else:  # a rare head may have no positive in the test period
                 assert math.isnan(m["auc"]) or 0.0 <= m["auc"] <= 1.0, (encoder, h, m)
             assert 0.0 <= m["hit@3"] <= 3.0, (encoder, h, m)
@@ -125,32 +127,32 @@ def test_evaluate_writes_metrics_of_the_required_shape(run):
     assert 0.0 < data["test_candidates_seen_in_training"] < 1.0  # this log: about half the test items are new
     assert data["train_impressions_of_seen_test_candidate_median"] >= 1.0
     assert set(metrics["lifts_of_transact"]) == {"no_sequence", "avg_pool"}
-    # every comparison carries its user-bootstrap interval, around the point it reports
+    assert data["request_gap_s"] == 60.0 and data["test_users"] > 0 and data["test_requests"] >= data["test_users"]
+    assert data["complement_heads"] == [["hate", "like"]]   # KuaiRand: every impression is liked or hated
+    verdict = metrics["verdict"]
+    assert "hate" not in verdict["counted_heads"] and verdict["complement_of"] == {"hate": "like"}
+    assert all(verdict[b][h][m] in ("above", "below", "level", "n/a") for b in ("no_sequence", "avg_pool")
+               for h in heads for m in ("auc", "gauc"))
+    # every comparison carries its bootstrap interval, around the point it reports
     assert set(data["test_positives"]) == set(heads) and data["test_positives"]["like"] > 0
     unc = metrics["uncertainty"]
     assert unc["seeds"] == [0]
     for base in ("no_sequence", "avg_pool"):
         for h in REQUIRED_HEADS:
-            d = unc["auc_difference"][base][h]
-            assert d["value"] == pytest.approx(metrics["lifts_of_transact"][base][h]["auc"], abs=1e-12)
-            assert d["ci"][0] <= d["value"] <= d["ci"][1] and 0 <= d["share_at_or_below_0"] <= 1
+            for m, key in (("auc", "auc_difference"), ("gauc", "gauc_difference")):
+                d = unc[key][base][h]
+                assert d["value"] == pytest.approx(metrics["lifts_of_transact"][base][h][m], abs=1e-12)
+                assert d["ci"][0] <= d["value"] <= d["ci"][1] and 0 <= d["share_at_or_below_0"] <= 1
             for part in ("in_vocabulary", "out_of_vocabulary"):  # the same comparison split by the candidate's coverage
                 d = unc["auc_difference_by_candidate"][base][part][h]
                 assert d["ci"] is None or d["ci"][0] <= d["value"] <= d["ci"][1], (part, h, d)
             lift = unc["hit@3_lift"][base][h]
             assert lift["ci"] is not None and lift["ci"][0] <= lift["value"] <= lift["ci"][1], (base, h, lift)
             assert lift["value"] == pytest.approx(metrics["lifts_of_transact"][base][h]["hit@3_lift"], abs=1e-6)
-    assert "95% user-bootstrap interval" in run["eval_stdout"]
+    assert "TransAct minus" in run["eval_stdout"]
     for h in REQUIRED_HEADS:  # the no-sequence model's HIT@3 lies between what any ranking could reach
         b, got = metrics["hit@3_bounds"][h], metrics["ranker"]["no_sequence"][h]["hit@3"]
         assert b["fewest"] - 1e-6 <= got <= b["most"] + 1e-6 and b["fewest"] <= b["random"] <= b["most"]
-    # a ranker with TransAct's output gate: its value and the test AUC with the gate closed are reported
-    gate = metrics["transact_output_gate"]
-    assert math.isfinite(gate["value"]) and set(gate["auc_with_gate_closed"]) == set(heads)
-    for h in REQUIRED_HEADS:
-        change = metrics["ranker"]["transact"][h]["auc"] - gate["auc_with_gate_closed"][h]
-        assert change == pytest.approx(gate["auc_change_from_gate"][h], abs=1e-12)
-    assert gate["mean_abs_prob_change"] >= 0 and "TransAct output gate" in run["eval_stdout"]
     # the printed table names every head
     for h in heads:
         assert h in run["eval_stdout"]
@@ -161,6 +163,8 @@ def test_evaluate_is_deterministic_and_reuses_trained_baselines(run):
     before = {name: digest(out / name) for name in EVAL_FILES if name.endswith(".safetensors")}
     checkpoints = {p.name: digest(p) for p in (out / "checkpoints").glob("*.pt")}
     assert len(checkpoints) == 5  # 3 rankers + 2 PinnerFormer objectives
+    selected = json.loads((out / "metrics.json").read_text())["ranker_seeds"]["selected_epoch"]
+    assert all(epochs[0] in (1, 2) for epochs in selected.values())
     first = json.loads((out / "metrics.json").read_text())
     seqrank("evaluate", "--run", str(out))
     second = json.loads((out / "metrics.json").read_text())
@@ -199,23 +203,28 @@ def test_evaluate_over_seeds_trains_each_ranker_per_seed_and_reports_the_spread(
     seeds_eval, _ = seqrank("evaluate", "--run", str(out), "--seeds", "0,1", "--user-folds", "3")
     metrics = json.loads((out / "metrics.json").read_text())
     first = json.loads((run["out"] / "metrics.json").read_text())
-    assert json.dumps(metrics["ranker"], sort_keys=True) == json.dumps(first["ranker"], sort_keys=True)
+    seeds = metrics["ranker_seeds"]
+    assert seeds["seeds"] == [0, 1] and all(len(v) == 2 for v in seeds["selected_epoch"].values())
     for encoder in ("transact", "no_sequence", "avg_pool"):
         assert (out / "seeds" / f"ranker_{encoder}_seed1.safetensors").is_file()
         assert (out / "checkpoints" / f"ranker_{encoder}_seed1.pt").is_file()  # never the seed-0 checkpoint
-        for head, entry in metrics["ranker_seeds"][encoder].items():
-            assert entry["seeds"] == [0, 1]
-            assert entry["auc"][0] == first["ranker"][encoder][head]["auc"]  # seed 0 is the run's own model
-            assert entry["mean"] == pytest.approx(np.mean(entry["auc"])) and entry["sd"] >= 0
+        for head, entry in seeds[encoder].items():
+            for m in ("auc", "gauc", "hit@3"):
+                values = entry[m]["values"]
+                assert values[0] == first["ranker"][encoder][head][m] or math.isnan(values[0])  # seed 0: the run's
+                assert entry[m]["mean"] == pytest.approx(np.mean(values)) or math.isnan(entry[m]["mean"])
+                # metrics.json's ranker section is the mean over the seeds
+                assert metrics["ranker"][encoder][head][m] == pytest.approx(np.mean(values)) or math.isnan(values[0])
     # seed 1 is a different model: its AUCs are not all equal to seed 0's
-    assert any(e["auc"][0] != e["auc"][1] for e in metrics["ranker_seeds"]["transact"].values())
-    assert "AUC over seeds [0, 1]" in seeds_eval.stdout
-    # the interval is for the difference averaged over both seeds
+    assert any(e["auc"]["values"][0] != e["auc"]["values"][1] for e in seeds["transact"].values())
+    assert "seeds [0, 1]" in seeds_eval.stdout
+    # the interval is for the difference averaged over both seeds; HIT@3 lifts are given per seed
     assert metrics["uncertainty"]["seeds"] == [0, 1]
     for h in ("like", "hate"):
-        mean_diff = np.mean([metrics["ranker_seeds"]["transact"][h]["auc"][i]
-                             - metrics["ranker_seeds"]["avg_pool"][h]["auc"][i] for i in (0, 1)])
+        mean_diff = np.mean([seeds["transact"][h]["auc"]["values"][i] - seeds["avg_pool"][h]["auc"]["values"][i]
+                             for i in (0, 1)])
         assert metrics["uncertainty"]["auc_difference"]["avg_pool"][h]["value"] == pytest.approx(mean_diff, abs=1e-12)
+        assert len(metrics["lifts_of_transact"]["no_sequence"][h]["hit@3_lift_per_seed"]["values"]) == 2
     # --user-folds 3: the run's own held-out users keep their numbers; two more folds of users, each scored by its own
     # pair of PinnerFormers, put every user in the dense vs next-action comparison
     user, folds = metrics["user_model"], metrics["user_model"]["folds"]
@@ -258,16 +267,13 @@ def test_user_folds_hold_out_every_user_exactly_once():
             held_out_user_folds(prep, bad, seed=0)
 
 
-def test_candidate_coverage_counts_test_items_seen_in_the_embedding_period():
+def test_candidate_coverage_counts_test_items_seen_in_training():
     import pandas as pd
     from seqrank.pipeline import candidate_coverage
     imp = pd.DataFrame({"item_id": ["a", "a", "b", "c", "a", "b", "d", "d"],
                         "timestamp": [1, 2, 3, 4, 10, 11, 12, 13],
                         "is_test": [False, False, False, False, True, True, True, True]})
-    cov = candidate_coverage(imp, embedding_end=10)
+    cov = candidate_coverage(imp, train_end=10)
     assert cov["test_candidates_seen_in_training"] == 0.5               # a and b seen; d (twice) never
-    assert candidate_coverage(imp, embedding_end=3)["test_candidates_seen_in_training"] == 0.25  # only a, once
+    assert candidate_coverage(imp, train_end=3)["test_candidates_seen_in_training"] == 0.25  # only a, once
     assert cov["train_impressions_of_seen_test_candidate_median"] == 1.5  # a: 2, b: 1
-    # a vocabulary without b (data.ranker_users held_out: only what PinnerFormer learned) covers only a
-    cov = candidate_coverage(imp, embedding_end=10, in_vocabulary=lambda items: items != "b")
-    assert cov["test_candidates_seen_in_training"] == 0.25 and cov["train_impressions_of_seen_test_candidate_median"] == 2

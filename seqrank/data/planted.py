@@ -1,13 +1,14 @@
 """An event log whose like/hate labels depend on the order of the user's actions and on nothing else: the positive
-control for the sequence models (scripts/planted_signal.py writes it; README, "A planted sequence signal").
+control for the sequence models (research/planted_signal.py writes it; tests/test_planted.py learns from it).
 
 Every user has one current interest (a cluster of items) that survives from one session to the next with probability
 `keep` and otherwise jumps to another cluster. A session shows items from the current interest (liked) and from
 other clusters (hidden), with `noise` of the labels flipped. Every user likes and hides at the same rate and every
 item is liked as often as hidden, so per-user and per-item rates (what averaging the history carries) say little;
 what predicts a label is whether the candidate's cluster is the one the user liked in the latest sessions.
-Sessions start >= 2 hours apart (the pipeline's session gap is 30 minutes), so each is one ranking request whose
-history holds only the earlier sessions.
+Sessions start >= 2 hours apart and show one impression a minute, so with real-time requests (60 s) each impression
+is scored with the likes and hides of the session's earlier minutes: the current interest, which is what a sequence
+model must read.
 """
 from __future__ import annotations
 

@@ -192,6 +192,10 @@ class FeatureStore(ABC):
         """One round trip for the whole batch; unknown user -> empty sequence."""
 
     @abstractmethod
+    def user_ids(self) -> list[str]:
+        """Every user with a stored action sequence, sorted: whom the daily embedding job embeds."""
+
+    @abstractmethod
     def put_embeddings(self, user_ids: Sequence[str], embeddings: np.ndarray, as_of_ms: int) -> None:
         """float32 [n, D]; a user's stored embedding is replaced only by one with as_of_ms >= the stored one."""
 

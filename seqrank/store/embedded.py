@@ -230,6 +230,10 @@ class EmbeddedStore(FeatureStore):
         return out
 
     # embeddings --------------------------------------------------------------------------------
+    def user_ids(self) -> list[str]:
+        with self._connection(write=False) as conn:
+            return [row[0] for row in conn.execute("SELECT user_id FROM sequences ORDER BY user_id")]
+
     def put_embeddings(self, user_ids: Sequence[str], embeddings: np.ndarray, as_of_ms: int) -> None:
         user_ids = list(user_ids)
         emb = self._check_embeddings(user_ids, embeddings, as_of_ms)

@@ -261,6 +261,13 @@ class RedisStore(FeatureStore):
                 for r in replies]
 
     # embeddings --------------------------------------------------------------------------------
+    def user_ids(self) -> list[str]:
+        """SCAN over the sequence keys (on a cluster, of every primary), never KEYS: the server keeps serving."""
+        head = f"{self.prefix}seq:{{".encode()
+        with _unavailable("scan"):
+            keys = self._client("r").scan_iter(match=head + b"*", count=1000)
+            return sorted({k[len(head):-1].decode() for k in keys if k.endswith(b"}")})
+
     def put_embeddings(self, user_ids: Sequence[str], embeddings: np.ndarray, as_of_ms: int) -> None:
         user_ids = list(user_ids)
         emb = self._check_embeddings(user_ids, embeddings, as_of_ms)

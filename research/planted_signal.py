@@ -1,12 +1,12 @@
 """Write the planted-signal log (seqrank/data/planted.py): like/hate labels that depend on the order of the user's
 actions and on nothing else, the positive control for the sequence models.
 
-    python scripts/planted_signal.py --out runs/planted/events.csv
+    python research/planted_signal.py --out runs/planted/events.csv
     seqrank train --events runs/planted/events.csv --out runs/planted/run --negative-actions hate
     seqrank evaluate --run runs/planted/run
 
 Canonical columns (user_id,item_id,action,timestamp in ms); deterministic for a seed. Also writes the items' clusters
-next to it (item_clusters.csv) for diagnostics. README, "A planted sequence signal", has what it showed.
+next to it (item_clusters.csv) for diagnostics.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ for any events file the loaders read (one action per impression): the median gap
 actions, the share of gaps under a minute and of exactly zero, the share of users whose whole history spans under a
 day, and the share of actions on a user's first day.
 
-    python scripts/log_timing.py --events data/external/movielens-100k/ratings.csv
+    python research/log_timing.py --events data/external/movielens-100k/ratings.csv
 """
 from __future__ import annotations
 

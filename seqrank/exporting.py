@@ -165,6 +165,9 @@ def render_config(text: str, values: dict[str, int | str]) -> str:
 
 
 def export_run(run: Path, repository: Path | None = None, check: bool = True) -> Path:
+    """A trained run -> a Triton model repository (default RUN/model_repository): the ranker as ONNX (portable, and
+    the CPU graph beside it), the lookup tables for preprocess, every config.pbtxt filled in; with `check`, the ONNX
+    files are compared with PyTorch on several shapes and the export fails above the parity tolerance."""
     run = Path(run)
     repository = Path(repository) if repository else run / "model_repository"
     model, cfg, vocab = load_ranker(run)

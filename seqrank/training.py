@@ -5,8 +5,8 @@ weights_only=True) and resumable: re-running the same command continues from the
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .config import PinnerFormerConfig, TransActConfig
 from .dataset import DAY_MS, Prepared, day_start, sequences_for
-from .features import FIRST_ID, N_CONTEXT, OOV
+from .features import FIRST_ID, N_CONTEXT, OOV, History, build_sequences
 from .models.pinnerformer import PinnerFormer, sampled_softmax_loss, time_features
 from .models.transact import TransActRanker, time_window_mask, weighted_multitask_bce
 
@@ -25,37 +25,65 @@ def seed_everything(seed: int, threads: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def lr_factor(step: int, total: int, warmup_fraction: float, decay: str) -> float:
-    """The learning-rate multiplier at ``step`` of ``total``: linear warm-up over the first warmup_fraction of the
-    steps, then constant or a cosine to 0. A function of the step alone, so a resumed run continues it exactly."""
-    if decay not in ("constant", "cosine"):
-        raise ValueError(f"lr_decay must be constant or cosine, got {decay!r}")
-    warmup = int(round(warmup_fraction * total))
-    if step < warmup:
-        return (step + 1) / warmup
-    if decay == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+class BestEpoch:
+    """Model selection on a held-out slice: after every epoch the model's loss on the slice is measured and the
+    weights of the best epoch so far are kept; training ends with those weights. Part of the checkpoint, so a
+    resumed run selects exactly as an uninterrupted one."""
+
+    def __init__(self, loss_of):
+        self.loss_of = loss_of            # model -> float (lower is better), in eval mode
+        self.losses: list[float] = []
+        self.best: dict | None = None
+
+    def update(self, model) -> None:
+        model.eval()
+        with torch.no_grad():
+            loss = float(self.loss_of(model))
+        model.train()
+        if not self.losses or loss < min(self.losses):
+            self.best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.losses.append(loss)
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses, "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses, self.best = list(state["losses"]), state["best"]
+
+    @property
+    def best_epoch(self) -> int:
+        return int(np.argmin(self.losses)) + 1
+
+    def restore(self, model) -> None:
+        if self.best is not None:
+            model.load_state_dict(self.best)
 
 
-def _checkpointed_epochs(model, optim, ckpt: Path, epochs: int, run_epoch, desc: str):
-    """Run epochs [start, epochs) where start is read from the checkpoint; save after each epoch."""
+def _checkpointed_epochs(model, optim, ckpt: Path, epochs: int, run_epoch, desc: str, selection=None):
+    """Run epochs [start, epochs) where start is read from the checkpoint; save after each epoch. `selection`
+    (BestEpoch): measured after each epoch, and the model ends with its best epoch's weights."""
     start = 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
         torch.set_rng_state(state["torch_rng"])  # dropout draws continue exactly where the finished epoch left them
+        if selection is not None:
+            selection.load_state_dict(state["selection"])
         start = int(state["epoch"])
     for epoch in tqdm(range(start, epochs), desc=desc, initial=start, total=epochs, unit="epoch"):
         model.train()
         run_epoch(epoch)
+        if selection is not None:
+            selection.update(model)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1,
-                    "torch_rng": torch.get_rng_state()}, tmp)
+                    "torch_rng": torch.get_rng_state(),
+                    **({"selection": selection.state_dict()} if selection is not None else {})}, tmp)
         tmp.replace(ckpt)
+    if selection is not None:
+        selection.restore(model)
     model.eval()
 
 
@@ -77,13 +105,13 @@ def train_pinnerformer(prep: Prepared, cfg: PinnerFormerConfig, seed: int, ckpt:
     model = PinnerFormer(cfg, prep.vocab.n_items, prep.vocab.n_actions)
     # The item table gets its own, larger step: its rows start at N(0, 1) (norm ~sqrt(d)) and move only when sampled,
     # so at the dense weights' lr (~1e-3 of that norm per step) they barely turn in a few hundred steps, and the towers
-    # sit at chance (user embeddings all alike) -- measured on a planted-signal log (scripts/planted_signal.py, README).
+    # sit at chance (user embeddings all alike) -- measured on a planted-signal log (tests/test_planted.py).
     table = [model.item_emb.weight]
     dense = [p for name, p in model.named_parameters() if name != "item_emb.weight"]
     optim = torch.optim.AdamW([{"params": dense}, {"params": table, "lr": cfg.item_lr}], lr=cfg.lr,
                               weight_decay=cfg.weight_decay)
     users = [u for u in prep.users if u not in prep.pf_test_users]
-    positives = positive_events(prep, users, prep.embedding_end)
+    positives = positive_events(prep, users, prep.split_time)
     users = [u for u in users if len(positives[u][0]) >= 2]
     counts = np.bincount(np.concatenate([positives[u][1] for u in users]), minlength=prep.vocab.n_items)
     log_q = torch.as_tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32)
@@ -95,8 +123,8 @@ def train_pinnerformer(prep: Prepared, cfg: PinnerFormerConfig, seed: int, ckpt:
         as_of = []
         for u in batch_users:
             ts = prep.histories[u].ts
-            n_train = int(np.searchsorted(ts, prep.embedding_end))
-            as_of.append(ts[rng.integers(1, n_train + 1) - 1] + 1 if n_train else prep.embedding_end)
+            n_train = int(np.searchsorted(ts, prep.split_time))
+            as_of.append(ts[rng.integers(1, n_train + 1) - 1] + 1 if n_train else prep.split_time)
         seq = sequences_for(prep, batch_users, as_of, cfg.max_len)
         rows, cols, targets = [], [], []
         for b, u in enumerate(batch_users):
@@ -150,13 +178,17 @@ def train_pinnerformer(prep: Prepared, cfg: PinnerFormerConfig, seed: int, ckpt:
 
 
 @torch.no_grad()
-def embed_users(model: PinnerFormer, prep: Prepared, user_ids, as_of_ms, batch: int = 512) -> np.ndarray:
-    """The daily batch job: each user's embedding from the actions strictly before `as_of` (zeros if none)."""
+def embed_users(model: PinnerFormer, histories: Mapping[str, History], user_ids, as_of_ms,
+                batch: int = 512) -> np.ndarray:
+    """The daily batch job: each user's embedding from their actions strictly before `as_of` (zeros if none).
+    histories: user -> History (a run's Prepared.histories, or actions read back from the feature store)."""
     model.eval()
     user_ids, as_of = list(user_ids), np.asarray(as_of_ms, dtype=np.int64)
+    empty = History.empty()
     out = np.zeros((len(user_ids), model.cfg.dim), dtype=np.float32)
     for s in range(0, len(user_ids), batch):
-        seq = sequences_for(prep, user_ids[s:s + batch], as_of[s:s + batch], model.cfg.max_len)
+        seq = build_sequences([histories.get(u, empty) for u in user_ids[s:s + batch]], as_of[s:s + batch],
+                              model.cfg.max_len)
         out[s:s + batch] = pinnerformer_embed(model, seq).numpy()
     return out
 
@@ -188,10 +220,10 @@ class RankerExamples:
         self.user_emb = user_emb_lookup(imp.user_id.to_numpy(), day_start(self.request_time))
         self.cand_item = prep.vocab.item_index(imp.item_id.to_numpy())
         self.labels = prep.labels[rows]
-        self.session = imp.session.to_numpy()
+        self.request = imp.request.to_numpy()
         self.user = imp.user_id.to_numpy()  # the unit of the evaluation's bootstrap (metrics.user_bootstrap_weights)
         # HIT@3 groups: a user's impressions of one day, each scored with the features of its own request
-        # (a 30-minute session of this log is mostly all-like or all-hate, which no ranking can reorder)
+        # (a sitting of this log is mostly all-like or all-hate, which no ranking can reorder)
         self.user_day = imp.groupby(["user_id", imp.timestamp // DAY_MS]).ngroup().to_numpy()
 
     def __len__(self):
@@ -232,24 +264,25 @@ def candidate_oov_rate(cfg: TransActConfig, prep: Prepared) -> float:
 
 
 def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_dim: int, train: RankerExamples,
-                 seed: int, ckpt: Path) -> TransActRanker:
+                 seed: int, ckpt: Path, selection: RankerExamples | None = None) -> TransActRanker:
+    """The ranker on `train`; with `selection` (later impressions of the training period), the epoch whose loss
+    on them is lowest is kept (BestEpoch)."""
     torch.manual_seed(seed)
     model = build_ranker(cfg, prep, table, user_dim)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                               weight_decay=cfg.weight_decay)
     negative_heads = torch.as_tensor([h in prep.vocab.negative_actions for h in prep.vocab.heads])
 
+    def loss(logits, labels):
+        return weighted_multitask_bce(logits, labels, negative_heads, cfg.negative_label_weight)
+
     lengths = train.seq.seq_mask.sum(1)
     oov_rate = candidate_oov_rate(cfg, prep)
-    per_epoch = -(-len(lengths) // cfg.batch_size)  # batches per epoch (length_bucketed_batches makes ~this many)
 
     def run_epoch(epoch):
         rng = np.random.default_rng([seed, epoch])
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        for i, idx in enumerate(length_bucketed_batches(lengths, cfg.batch_size, rng)):
-            for group in optim.param_groups:
-                group["lr"] = cfg.lr * lr_factor(epoch * per_epoch + i, cfg.epochs * per_epoch,
-                                                 cfg.warmup_fraction, cfg.lr_decay)
+        for idx in length_bucketed_batches(lengths, cfg.batch_size, rng):
             seq_item, seq_action, seq_mask, user_emb, context, cand = train.tensors(idx)
             L = seq_mask.shape[1]
             age = torch.as_tensor((train.request_time[idx, None] - train.seq.seq_ts[idx, :L]) / 1000.0)
@@ -257,15 +290,19 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
             if oov_rate > 0:  # training only: candidates as unseen items are at serving time
                 cand = torch.where(torch.rand(cand.shape, generator=gen) < oov_rate, OOV, cand)
             logits = model.logits(seq_item, seq_action, seq_mask, user_emb, context, cand, attn_mask=window)[:, 0]
-            loss = weighted_multitask_bce(logits, torch.as_tensor(train.labels[idx]), negative_heads,
-                                          cfg.negative_label_weight)
+            batch_loss = loss(logits, torch.as_tensor(train.labels[idx]))
             optim.zero_grad()
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            batch_loss.backward()
             optim.step()
 
-    _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch, f"ranker[{cfg.sequence_encoder}]")
+    def selection_loss(m):
+        logits = np.concatenate([m.logits(*selection.tensors(idx))[:, 0].numpy()
+                                 for idx in np.array_split(np.arange(len(selection)), -(-len(selection) // 1024))])
+        return loss(torch.as_tensor(logits), torch.as_tensor(selection.labels))
+
+    best = BestEpoch(selection_loss) if selection is not None and len(selection) else None
+    _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch, f"ranker[{cfg.sequence_encoder}]", best)
+    model.selected_epoch = best.best_epoch if best is not None else cfg.epochs
     return model
 
 
