@@ -31,7 +31,7 @@ $(CHECKOV)/.installed: requirements-checkov.txt
 	touch $@
 
 lint-deploy: $(CHECKOV)/.installed   ## checkov on the Dockerfile and deploy/ (kept findings are annotated with reasons)
-	$(CHECKOV)/bin/checkov --quiet --compact --skip-download --file Dockerfile --framework dockerfile
+	$(CHECKOV)/bin/checkov --quiet --compact --skip-download --file Dockerfile --file docker/jobs.Dockerfile --framework dockerfile
 	$(CHECKOV)/bin/checkov --quiet --compact --skip-download --directory deploy --framework kubernetes
 
 movielens: install   ## fetch MovieLens 100K (not redistributable, so not in git) -> data/external/movielens-100k
