@@ -42,7 +42,7 @@ EXIT_TIMEOUT_S=${SEQRANK_EXIT_TIMEOUT_S:-30}
 PYTHON=${SEQRANK_PYTHON:-python3}
 BUILD_TRT=${SEQRANK_BUILD_TRT:-/opt/seqrank/export/build_trt.py}
 TRITONSERVER=${SEQRANK_TRITONSERVER:-tritonserver}
-# The same groups as seqrank.serving.triton.RESTRICTED_APIS; "shared-memory" also closes the registration path used
+# The same groups as seqrank.server.triton.RESTRICTED_APIS; "shared-memory" also closes the registration path used
 # by the Aug-2025 Python-backend exploit chain (CVE-2025-23319/23320/23334) even where the server is patched.
 RESTRICTED_APIS="model-repository,model-config,shared-memory,statistics,trace,logging"
 

@@ -13,7 +13,7 @@ Candidates: $SEQRANK_CANARY_CANDIDATES (comma-separated) or evenly spaced ids fr
 vocabulary (preprocess/1/tables/items.npy) -- known ids, so `oov` must be all False -- or, when neither exists,
 synthetic ids (scored as out-of-vocabulary, which still exercises every model).
 
-The request, the checks and their messages are the supervisor's (`seqrank.serving.supervise.canary`: one
+The request, the checks and their messages are the supervisor's (`seqrank.server.supervise.canary`: one
 implementation for `seqrank serve --supervise`, this script and the tests): HTTP 200; every output present;
 ranked_ids a permutation of the candidates; head_scores finite in [0, 1] with one row per candidate; utility finite
 and sorted best first; oov all False for known ids; sequence_source "request". Exit status 0 = healthy,
@@ -27,9 +27,9 @@ import os
 import sys
 from pathlib import Path
 
-from seqrank.serving.supervise import MODEL, canary
-from seqrank.serving.supervise import CanaryError as Unhealthy
-from seqrank.serving.supervise import check_response  # noqa: F401 - re-exported for callers of this script
+from seqrank.server.supervise import MODEL, canary
+from seqrank.server.supervise import CanaryError as Unhealthy
+from seqrank.server.supervise import check_response  # noqa: F401 - re-exported for callers of this script
 
 DEFAULT_REPOSITORY = "/opt/seqrank/model_repository"
 

@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=6.0)
     args = ap.parse_args()
-    from seqrank.serving.triton import ServerOptions, TritonServer
+    from seqrank.server.triton import ServerOptions, TritonServer
     work = Path(tempfile.mkdtemp(prefix="seqrank-backend-floor-"))
     models = [write_model(work / "repo", int(k)) for k in args.outputs.split(",")]
     data = work / "x.json"

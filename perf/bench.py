@@ -130,7 +130,7 @@ def machine_description() -> dict:
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                 if line.startswith("MemTotal")), None) if Path("/proc/meminfo").exists() else None
-    from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
+    from seqrank.server.triton import perf_analyzer_binary, perf_analyzer_env
     from redis_server import RedisServer
     redis_bin = RedisServer.find_binary()
     return {
@@ -604,7 +604,7 @@ def ranker_variant_copy(src: Path, dst: Path, params: dict[str, int], instances:
 
 
 def start_triton(repo: Path, store_url: str | None, log_path: Path):
-    from seqrank.serving.triton import ServerOptions, TritonServer
+    from seqrank.server.triton import ServerOptions, TritonServer
     env = {"SEQRANK_STORE": store_url} if store_url else {}
     server = TritonServer(ServerOptions(model_repository=repo, http_port=0, grpc_port=0, metrics_port=0,
                                         model_config_name="cpu", env=env), log_path=log_path)
@@ -687,7 +687,7 @@ def _fallback_delta(before: float | None, after: float | None) -> float | None:
 def pa_point(server, model: str, data: Path, out_csv: Path, st: Settings, concurrency: int | None = None,
              rate: float | None = None, logs: Path | None = None) -> dict:
     """One perf_analyzer measurement (3 windows of st.pa_window_ms, merged); returns a point record."""
-    from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
+    from seqrank.server.triton import perf_analyzer_binary, perf_analyzer_env
     window = st.pa_window_ms if rate is None else max(st.pa_window_ms, 1500)  # Poisson at a few req/s needs time
     cmd = [str(perf_analyzer_binary()), "-m", model, "-i", "grpc", "-u", server.grpc_url, "--input-data", str(data),
            "-b", "1", "-p", str(window), "-s", "1000", "-r", "3", "-f", str(out_csv)]
@@ -778,7 +778,7 @@ def background_load(server, model: str, data: Path, concurrency: int, seconds: f
     ``seconds`` + 3 s each (no stability check), i.e. ~3 x (``seconds`` + 3) s: the load under which a profile or a
     CPU sample of ``seconds`` is taken. ``keep_output``: its report (the rate over all three windows, not over the
     sample) can be read from stdout (text) when it exits."""
-    from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
+    from seqrank.server.triton import perf_analyzer_binary, perf_analyzer_env
     out = subprocess.PIPE if keep_output else subprocess.DEVNULL
     return subprocess.Popen([str(perf_analyzer_binary()), "-m", model, "-i", "grpc", "-u", server.grpc_url,
                              "--input-data", str(data), "-b", "1", "--concurrency-range", str(concurrency),

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # tritonserver (or, with --perf-analyzer as the first argument, perf_analyzer) from the pip wheels, started with the
-# environment seqrank.serving.triton builds (LD_LIBRARY_PATH with the wheel libraries, the venv's bin first on PATH so
+# environment seqrank.server.triton builds (LD_LIBRARY_PATH with the wheel libraries, the venv's bin first on PATH so
 # the Python backend stub imports the venv's packages). For model_analyzer's triton_server_path / perf_analyzer_path
 # (perf/model_analyzer.yaml; perf/perf_analyzer_wrapper.sh calls this with --perf-analyzer).
 #
 # tritonserver also gets --backend-directory (the Python backend with the Python 3.11 stub, built once by
-# seqrank.serving.triton.backend_directory) unless the caller passes one.
+# seqrank.server.triton.backend_directory) unless the caller passes one.
 # SEQRANK_PYTHON overrides the interpreter (default: the repository's .venv).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,7 +20,7 @@ setup="$(cd "$root" && "$py" - "$mode" <<'PY'
 import shlex
 import sys
 
-from seqrank.serving import triton as t
+from seqrank.server import triton as t
 
 mode = sys.argv[1]
 env = t.server_env() if mode == "server" else t.perf_analyzer_env()

@@ -17,7 +17,7 @@ from seqrank.data.loaders import load_events
 from seqrank.exporting import export_run
 from seqrank.ingest import replay_log
 from seqrank.pipeline import train, write_embeddings
-from seqrank.serving.triton import ServerOptions, TritonServer
+from seqrank.server.triton import ServerOptions, TritonServer
 from seqrank.store import open_store
 
 

@@ -109,7 +109,7 @@ def _main(argv: list[str]) -> int:
     elif args.command == "serve":
         import os
         from pathlib import Path
-        from .serving.triton import ServerOptions, serve_forever
+        from .server.triton import ServerOptions, serve_forever
         key = os.environ.get(args.admin_key_env) if args.admin_key_env else None
         if args.admin_key_env and not key:  # asked for a restriction: never start open by accident
             parser.error(f"environment variable {args.admin_key_env} is empty or unset")
@@ -118,7 +118,7 @@ def _main(argv: list[str]) -> int:
                                 env={"SEQRANK_STORE": args.store} if args.store else {},
                                 bind_address=args.bind_address)
         if args.supervise:
-            from .serving.supervise import supervise
+            from .server.supervise import supervise
             return supervise(options, interval_s=args.canary_interval,
                              failures_before_restart=args.failures_before_restart,
                              canary_timeout_s=args.canary_timeout,

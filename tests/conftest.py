@@ -28,7 +28,7 @@ def start_server(tmp_path_factory):
     repository and options is returned instead of a new one (startup costs seconds); a test that must own its server
     (to stop or kill it) passes ``reuse=False``. Every server is stopped at the end of the session.
     """
-    from seqrank.serving.triton import ServerOptions, TritonServer
+    from seqrank.server.triton import ServerOptions, TritonServer
 
     started: dict[tuple, TritonServer] = {}
     owned: list[TritonServer] = []

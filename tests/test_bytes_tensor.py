@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from seqrank.serving.bytes_tensor import deserialize_bytes_tensor, install
-from seqrank.serving.triton import backend_directory
+from seqrank.server.triton import backend_directory
 
 CASES = {
     "empty tensor": [],

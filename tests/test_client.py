@@ -11,7 +11,7 @@ import time
 import pytest
 
 from seqrank.client import AsyncRankingClient, ClientInputError, RankingClient, backoff_delay, is_unavailable
-from seqrank.serving.triton import free_port
+from seqrank.server.triton import free_port
 
 
 @pytest.mark.parametrize("kwargs,message", [

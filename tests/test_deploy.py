@@ -400,7 +400,7 @@ def test_entrypoint_without_admin_key_locks_the_admin_apis_with_a_random_key(exp
 
 
 def test_canary_takes_evenly_spaced_ids_from_the_item_vocabulary(tmp_path):
-    from seqrank.serving.supervise import canary_inputs
+    from seqrank.server.supervise import canary_inputs
 
     tables = tmp_path / "repo" / "preprocess" / "1" / "tables"
     tables.mkdir(parents=True)
@@ -418,7 +418,7 @@ def test_canary_takes_evenly_spaced_ids_from_the_item_vocabulary(tmp_path):
 
 
 def test_healthcheck_takes_known_candidates_from_the_exported_repository(exported_repo, monkeypatch):
-    from seqrank.serving.supervise import canary_inputs, canary_request
+    from seqrank.server.supervise import canary_inputs, canary_request
 
     candidates, known, action = canary_inputs(str(exported_repo), 8)
     assert known and len(candidates) == 8 and all(c.startswith("item") for c in candidates)
@@ -469,7 +469,7 @@ def test_healthcheck_accepts_a_good_answer_and_names_what_is_wrong_otherwise():
 
 
 def test_healthcheck_exits_1_when_nothing_answers(tmp_path, capsys):
-    from seqrank.serving.triton import free_port
+    from seqrank.server.triton import free_port
 
     rc = healthcheck.main(["--url", f"127.0.0.1:{free_port()}", "--repository", str(tmp_path), "--timeout", "2"])
     assert rc == 1 and "UNHEALTHY" in capsys.readouterr().err
@@ -505,7 +505,7 @@ class EntrypointServer:
     """docker/entrypoint.sh exec-ing the nvidia-pytriton tritonserver, in its own process group."""
 
     def __init__(self, repo: Path, tmp: Path, **env: str):
-        from seqrank.serving.triton import backend_directory, free_ports, server_env, tritonserver_binary
+        from seqrank.server.triton import backend_directory, free_ports, server_env, tritonserver_binary
 
         tmp.mkdir(parents=True, exist_ok=True)
         self.http, grpc, metrics = free_ports(3)

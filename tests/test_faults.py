@@ -28,8 +28,8 @@ from pathlib import Path
 from conftest import ENSEMBLE_MODELS, REPO_ROOT
 from redis_server import RedisServer
 from seqrank.client import RankingClient
-from seqrank.serving.supervise import canary
-from seqrank.serving.triton import _pdeathsig_preexec, free_ports
+from seqrank.server.supervise import canary
+from seqrank.server.triton import _pdeathsig_preexec, free_ports
 
 THREADS = 4
 RECOVERY_LIMIT_S = 60.0

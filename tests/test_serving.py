@@ -195,7 +195,7 @@ def test_store_down_falls_back_to_no_sequence(small_run, start_server, tmp_path)
 
 
 def test_perf_analyzer_runs_against_the_ensemble(server, small_run, tmp_path):
-    from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
+    from seqrank.server.triton import perf_analyzer_binary, perf_analyzer_env
     user, start, items = _requests(small_run, 1)[0]
     data = {"data": [{"user_id": [user], "candidate_ids": {"content": items, "shape": [len(items)]},
                       "request_time_ms": [start]}]}

@@ -30,8 +30,8 @@ import time
 import numpy as np
 
 from conftest import ENSEMBLE_MODELS, rss_by_process
-from seqrank.serving.supervise import canary
-from seqrank.serving.triton import perf_analyzer_binary, perf_analyzer_env
+from seqrank.server.supervise import canary
+from seqrank.server.triton import perf_analyzer_binary, perf_analyzer_env
 
 SOAK_S = float(os.environ.get("SEQRANK_SOAK_SECONDS", "60"))
 WINDOW_S = 10.0

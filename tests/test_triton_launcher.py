@@ -1,4 +1,4 @@
-"""The real tritonserver (nvidia-pytriton wheel) as a managed subprocess: seqrank.serving.triton."""
+"""The real tritonserver (nvidia-pytriton wheel) as a managed subprocess: seqrank.server.triton."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from seqrank.serving.triton import (
+from seqrank.server.triton import (
     RESTRICTED_KEY_HEADER,
     RESTRICTED_KEY_HEADER_GRPC,
     ServerOptions,
@@ -305,7 +305,7 @@ def test_server_follows_a_sigkilled_launcher(toy_repository):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     code = (
         "import sys, time\n"
-        "from seqrank.serving.triton import ServerOptions, TritonServer\n"
+        "from seqrank.server.triton import ServerOptions, TritonServer\n"
         "s = TritonServer(ServerOptions(sys.argv[1], http_port=0, grpc_port=0, metrics_port=0)).start()\n"
         "print(s.pid, flush=True)\n"
         "time.sleep(600)\n"
@@ -343,7 +343,7 @@ def test_stale_shared_memory_of_dead_launches_is_removed(start_server, toy_repos
 def test_serve_forever_stops_cleanly_on_signal(sig, toy_repository, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     cmd = [
-        sys.executable, "-m", "seqrank.serving.triton", "--model-repository", str(toy_repository),
+        sys.executable, "-m", "seqrank.server.triton", "--model-repository", str(toy_repository),
         "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--log-file", str(tmp_path / "server.log"),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -383,7 +383,7 @@ def test_serve_forever_stops_on_signal_during_startup(tmp_path):
     _slow_copy_of_toy_repository(repo)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "seqrank.serving.triton", "--model-repository", str(repo), "--http-port", "0",
+    cmd = [sys.executable, "-m", "seqrank.server.triton", "--model-repository", str(repo), "--http-port", "0",
            "--grpc-port", "0", "--metrics-port", "0", "--log-file", str(log)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:

@@ -18,7 +18,7 @@ also gets SIGTERM when the Python process dies without running atexit (``PR_SET_
 Readiness means ``/v2/health/ready`` answers 200 *and* the answering server reports this launch's ``--id`` (so a
 stale server on the same port is never mistaken for the new one); requested ports are checked to be free first.
 
-Command line: ``python -m seqrank.serving.triton --model-repository model_repository`` (see ``--help``).
+Command line: ``python -m seqrank.server.triton --model-repository model_repository`` (see ``--help``).
 """
 
 from __future__ import annotations
@@ -791,7 +791,7 @@ def serve_forever(options: ServerOptions, log_path: Path | None = None, timeout_
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m seqrank.serving.triton",
+        prog="python -m seqrank.server.triton",
         description="Run tritonserver (from the nvidia-pytriton wheel) in the foreground until SIGINT/SIGTERM. "
         "Arguments after '--' go to tritonserver unchanged.",
     )
