@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="seqrank", description=__doc__)
     parser.add_argument("--version", action="version", version=f"seqrank {__version__}")
@@ -43,23 +43,23 @@ def _main(argv: list[str]) -> int:
                    help="override one config field, e.g. --set data.split=validation --set transact.epochs=4")
 
     p = sub.add_parser("evaluate", help="time-based evaluation; writes RUN/metrics.json")
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", required=True, help="a trained run directory (seqrank train --out)")
     p.add_argument("--seeds", default=None, help="e.g. 0,1,2: also train every ranker with these seeds and report "
                    "each head's AUC mean +- sd (seed variance)")
     p.add_argument("--user-folds", type=int, default=1, help="K > 1: also cross-validate PinnerFormer over K folds "
                    "of users, so dense vs next-action is measured on every user (trains 2 (K - 1) more PinnerFormers)")
 
     p = sub.add_parser("export", help="ONNX + parity check + lookup tables -> a Triton model repository")
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", required=True, help="a trained run directory")
     p.add_argument("--repository", default=None, help="output model repository (default RUN/model_repository)")
 
     p = sub.add_parser("serve", help="run the real tritonserver on a model repository (Ctrl-C stops it)")
-    p.add_argument("--repository", required=True)
+    p.add_argument("--repository", required=True, help="an exported model repository (seqrank export)")
     p.add_argument("--store", default=None, help="feature store URL for preprocess (sqlite:///... or redis://...)")
     p.add_argument("--gpu", action="store_true", help="load config.pbtxt (GPU) instead of configs/cpu.pbtxt")
     for name, port in (("http", 8000), ("grpc", 8001), ("metrics", 8002)):
-        p.add_argument(f"--{name}-port", type=int, default=port)
-    p.add_argument("--bind-address", default="127.0.0.1")
+        p.add_argument(f"--{name}-port", type=int, default=port, help=f"{name} port (default {port}; 0: a free one)")
+    p.add_argument("--bind-address", default="127.0.0.1", help="address the server listens on (default 127.0.0.1)")
     p.add_argument("--admin-key-env", default=None,
                    help="environment variable with the key that unlocks the restricted admin APIs")
     p.add_argument("--supervise", action="store_true",
@@ -73,15 +73,15 @@ def _main(argv: list[str]) -> int:
                    help="with --supervise: JSON-lines file of incidents and restarts (default: a temporary file)")
 
     p = sub.add_parser("rank", help="rank candidates for a user through the served ensemble")
-    p.add_argument("--user-id", required=True)
-    p.add_argument("--candidates", required=True, type=_csv)
-    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    p.add_argument("--url", default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--request-time-ms", type=int, default=None)
+    p.add_argument("--user-id", required=True, help="the user to rank for")
+    p.add_argument("--candidates", required=True, type=_csv, help="comma-separated candidate item ids (1 to 1024)")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default grpc")
+    p.add_argument("--url", default=None, help="server address (default 127.0.0.1:8001 gRPC, :8000 HTTP)")
+    p.add_argument("--top-k", type=int, default=None, help="return only the best K candidates")
+    p.add_argument("--request-time-ms", type=int, default=None, help="only actions before it count (default: now)")
     p.add_argument("--actions", default=None,
                    help="the user's recent actions as item:action:timestamp_ms,... (default: the feature store)")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per attempt (default 5)")
 
     p = sub.add_parser("embed", help="daily batch: every user's PinnerFormer embedding from today's actions -> store")
     p.add_argument("--run", required=True, help="the trained run (its PinnerFormer and vocabulary)")
@@ -94,6 +94,11 @@ def _main(argv: list[str]) -> int:
     sub.add_parser("ingest", help="load user actions into the feature store (see seqrank ingest --help)",
                    add_help=False)
 
+    return parser
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     import logging
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -172,16 +173,15 @@ def evaluate(run: str | Path, seeds: list[int] | None = None, user_folds: int = 
     seeds = sorted(set(seeds or [cfg.seed]))
 
     probs, hits, epochs = {e: {} for e in RANKERS}, {e: {} for e in RANKERS}, {e: {} for e in RANKERS}
-    for seed in seeds:
-        for encoder in RANKERS:
-            path = ranker_path(run, cfg, encoder, seed)
-            model = _fit_ranker(run, replace(cfg, seed=seed), prep, table, data, encoder, path,
-                                tag="" if seed == cfg.seed else f"_seed{seed}")
-            epochs[encoder][seed] = model.selected_epoch
-            probs[encoder][seed] = p = predict(model, test_ex)
-            util = M.utility(p, heads, negative, cfg.utility_weights)
-            group_rows, hits[encoder][seed] = M.hits_per_group(test_ex.user_day, test_ex.labels, util, k=3,
-                                                               seed=cfg.seed)
+    for seed, encoder in tqdm([(s, e) for s in seeds for e in RANKERS], desc="rankers (seed, model)", unit="model"):
+        path = ranker_path(run, cfg, encoder, seed)
+        model = _fit_ranker(run, replace(cfg, seed=seed), prep, table, data, encoder, path,
+                            tag="" if seed == cfg.seed else f"_seed{seed}")
+        epochs[encoder][seed] = model.selected_epoch
+        probs[encoder][seed] = p = predict(model, test_ex)
+        util = M.utility(p, heads, negative, cfg.utility_weights)
+        group_rows, hits[encoder][seed] = M.hits_per_group(test_ex.user_day, test_ex.labels, util, k=3,
+                                                           seed=cfg.seed)
 
     per_seed = {e: {h: {"auc": [M.auc(test_ex.labels[:, j], probs[e][s][:, j]) for s in seeds],
                         "gauc": [M.gauc(test_ex.labels[:, j], probs[e][s][:, j], test_ex.user) for s in seeds],
@@ -319,7 +319,7 @@ def evaluate_user_models(run: Path, cfg: RunConfig, prep: Prepared, user_folds: 
     of them: the users PinnerFormer trained on are split into K - 1 more held-out folds, each with its own pair of
     PinnerFormers trained like the run's (same config and seed) on everyone else (`folds` in the result)."""
     per_user = {objective: [] for objective in USER_OBJECTIVES}
-    for k, held_out in enumerate(held_out_user_folds(prep, user_folds, cfg.seed)):
+    for k, held_out in enumerate(tqdm(held_out_user_folds(prep, user_folds, cfg.seed), desc="user folds")):
         fold_prep = replace(prep, pf_test_users=held_out)
         for objective in USER_OBJECTIVES:
             path = (run / "user_folds" / f"pinnerformer_{objective}_fold{k}.safetensors" if k else
@@ -463,7 +463,7 @@ def write_embeddings(run: str | Path, store_url: str, as_of_ms: int | None = Non
         users = sorted(histories)
         newest = max((int(h.ts.max()) for h in histories.values() if len(h.ts)), default=0)
         as_of = newest + 1 if as_of_ms is None else int(as_of_ms)
-        for s in range(0, len(users), batch):
+        for s in tqdm(range(0, len(users), batch), desc="embed", unit="batch"):
             part = users[s:s + batch]
             store.put_embeddings(part, embed_users(model, histories, part, np.full(len(part), as_of)), as_of)
     finally:

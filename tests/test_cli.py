@@ -74,3 +74,14 @@ def test_the_python_api():
     assert seqrank.train is train_fn
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         seqrank.nope  # noqa: B018
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from seqrank.cli import build_parser
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [f"{name} {opt.option_strings[0]}" for name, sub in [("seqrank", parser), *commands.items()]
+               for opt in sub._actions if opt.option_strings and not opt.help and opt.dest != "help"]
+    assert not missing, f"options without help: {missing}"
