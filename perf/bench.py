@@ -574,7 +574,7 @@ def untuned_copy(src: Path, dst: Path) -> list[str]:
 
 # Diagnostic layouts of the CPU ranker on the same cores (not part of the metrics; they explain the shipped
 # one, configs/cpu.pbtxt: one instance per core, each splitting a batch's candidates over run_threads = 2
-# single-threaded runs; perf/ab_layouts.py compares more layouts):
+# single-threaded runs; research/ab_layouts.py compares more layouts):
 # name -> (label, parameters, instances; None = one per core)
 RANKER_LAYOUTS = {
     "tuned_inst2": ("one single-threaded ranker instance per core (the naive service's layout)",

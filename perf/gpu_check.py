@@ -11,8 +11,8 @@ candidates padded to the preprocess bucket):
   * the factorized first layer (what `seqrank export` ships) vs the direct form, on the same weights;
   * achieved TFLOP/s from the analytic FLOPs (perf/bench.py ranker_flops, checked against torch's counter).
 
-    python perf/gpu_check.py --run runs/k2 --out "$OUT/gpu"      # on the GPU machine
-    python perf/gpu_check.py --run runs/k2 --out /tmp/g --device cpu --seconds 0.2   # smoke test anywhere
+    python perf/gpu_check.py --run runs/demo --out "$OUT/gpu"      # on the GPU machine
+    python perf/gpu_check.py --run runs/demo --out /tmp/g --device cpu --seconds 0.2   # smoke test anywhere
 
 Writes OUT/gpu_check.json (every point, the GPU's name, versions) and OUT/gpu_check.md (a table). Trained weights are
 loaded when safetensors is importable; otherwise the same architecture with random weights is timed (the FLOPs and

@@ -137,9 +137,9 @@ def test_gpu_check_script_runs_and_writes_its_table(small_run, tmp_path):
 
 
 def test_layout_copies_override_the_cpu_configs(tmp_path):
-    """perf/ab_layouts.py: each layout is the shipped repository with the CPU ranker's parameters, its instance count
+    """research/ab_layouts.py: each layout is the shipped repository with the CPU ranker's parameters, its instance count
     and every CPU model's queue delay overridden -- and nothing else changed."""
-    sys.path.insert(0, str(ROOT / "perf"))
+    sys.path.insert(0, str(ROOT / "research"))
     import ab_layouts
 
     src = ROOT / "model_repository"
@@ -206,12 +206,12 @@ def test_fixed_requests_are_distinct_items_the_model_knows(bench_results):
 
 
 def test_backend_floor_models_return_their_input_as_each_output(tmp_path, start_server):
-    """perf/backend_floor.py: the trivial models it measures load in the real server and answer with `outputs`
+    """research/backend_floor.py: the trivial models it measures load in the real server and answer with `outputs`
     copies of the input (so the 1-vs-8-output comparison compares what it says)."""
     import numpy as np
     import tritonclient.http as http
 
-    sys.path.insert(0, str(ROOT / "perf"))
+    sys.path.insert(0, str(ROOT / "research"))
     import backend_floor
 
     names = {k: backend_floor.write_model(tmp_path / "repo", k) for k in (1, 8)}

@@ -1,6 +1,6 @@
 """Interleaved A/B of CPU ranker layouts through the real server: the evidence behind configs/cpu.pbtxt.
 
-    .venv/bin/python perf/ab_layouts.py --run runs/k2 --out perf/results/layout_ab    # ~10 minutes on 2 cores
+    .venv/bin/python research/ab_layouts.py --run runs/demo --out /tmp/layout_ab    # ~10 minutes on 2 cores
 
 Each layout is a copy of RUN/model_repository with the CPU ranker's parameters, instance count and the queue delay
 of every CPU model overridden (layout M also the preprocess/postprocess instance counts; `--layouts C0,M` runs only
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))  # bench, make_inputs
 import bench  # noqa: E402
 import make_inputs  # noqa: E402
 

@@ -1,9 +1,9 @@
 """The Python backend's own cost per request, measured with trivial models: one INT64 [1, 100] input returned as 1 or
 as 8 outputs (the preprocess step returns 8 tensors per request). CPU per process at a fixed concurrency, alternating
-rounds (perf/cpu_split.py's `split`). The evidence for "what packing the preprocess outputs into fewer tensors could
+rounds (research/cpu_split.py's `split`). The evidence for "what packing the preprocess outputs into fewer tensors could
 save" in docs/performance.md.
 
-    .venv/bin/python perf/backend_floor.py            # ~1 minute on 2 cores
+    .venv/bin/python research/backend_floor.py            # ~1 minute on 2 cores
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))  # bench, make_inputs (via cpu_split)
 from cpu_split import alternating_splits  # noqa: E402
 
 MODEL = '''import triton_python_backend_utils as pb_utils

@@ -2,7 +2,7 @@
 tritonserver, perf_analyzer) and the machine's idle share, for the ranker model alone and for the ensemble, in
 alternating rounds. The evidence behind "what bounds ensemble_vs_bare" in docs/performance.md.
 
-    .venv/bin/python perf/cpu_split.py --run runs/k2          # ~2 minutes on 2 cores
+    .venv/bin/python research/cpu_split.py --run runs/demo          # ~2 minutes on 2 cores
 
 Requests: the bench's fixed 1 x 100 (or, with --candidates 16, 1 x 16) with its actions in the request (no store
 needed), and for the ranker alone the tensors preprocess builds for it. Prints one JSON line per measurement.
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))  # bench, make_inputs
 import bench  # noqa: E402
 import make_inputs  # noqa: E402
 
