@@ -1,76 +1,90 @@
-"""One config per model, as dataclasses; a run's full config is saved as config.json next to its weights."""
+"""One config per model, as dataclasses; a run's full config is saved as config.json next to its weights.
+
+They are pydantic dataclasses: every field is checked for its type and range when a config is built or a field is
+set (a bad `--set` or config.json fails naming the field), and they stay plain dataclasses for the code that uses
+them (dataclasses.replace, asdict)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, field, fields
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
+
+Positive = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]          # strictly inside (0, 1)
+Rate = Annotated[float, Field(ge=0, lt=1)]              # 0 allowed (off)
+STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-@dataclass
+@dataclass(config=STRICT)
 class DataConfig:
     negative_actions: list[str] | None = None  # None: the loader's default for the format (e.g. KuaiRand: hate)
-    test_fraction: float = 0.2        # the test period holds the last 20% of the events (a quantile of their times)
-    split: str = "test"               # "validation": drop the test period and split what precedes it the same way,
+    test_fraction: Fraction = 0.2        # the test period holds the last 20% of the events (a quantile of their times)
+    split: Literal["test", "validation"] = "test"               # "validation": drop the test period and split what precedes it the same way,
                                       # so every choice is made on a later slice of the training period
-    selection_fraction: float = 0.1   # the ranker's newest 10% of training impressions choose its best epoch
-    request_gap_s: float = 60.0       # a request: a user's impressions up to 60 s after its first (dataset.py)
-    pinnerformer_test_users: float = 0.2  # fraction of users held out from PinnerFormer training (disjoint eval users)
-    sampled_negatives_per_positive: float = 1.0  # only for data without negatives or exposures (OTTO, clicks-only)
+    selection_fraction: Rate = 0.1   # the ranker's newest 10% of training impressions choose its best epoch
+    request_gap_s: Annotated[float, Field(ge=0)] = 60.0       # a request: a user's impressions up to 60 s after its first (dataset.py)
+    pinnerformer_test_users: Rate = 0.2  # fraction of users held out from PinnerFormer training (disjoint eval users)
+    sampled_negatives_per_positive: Annotated[float, Field(ge=0)] = 1.0  # only for data without negatives or exposures (OTTO, clicks-only)
 
 
-@dataclass
+@dataclass(config=STRICT)
 class PinnerFormerConfig:
-    max_len: int = 128          # M: last actions fed to the user tower (paper: 256)
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    d_ff: int = 128
-    dim: int = 64               # D: user/item embedding size (paper: 256)
-    dropout: float = 0.1
-    objective: str = "dense_all_action"   # or "next_action" (SASRec-style), for comparison
-    future_window_days: float | None = None  # None: the log's test horizon, at most the paper's 28 days (dataset.py)
-    positions_per_user: int = 32          # random positions per sequence that each predict one future positive
-    random_negatives: int = 512
-    batch_users: int = 32
-    epochs: int = 40
-    lr: float = 3e-3
-    item_lr: float = 0.3        # the item embedding table's own learning rate (training.py: why it is 100x lr)
-    temperature_init: float = 0.2   # the learned softmax temperature starts here
-    weight_decay: float = 1e-4
+    max_len: Positive = 128          # M: last actions fed to the user tower (paper: 256)
+    d_model: Positive = 64
+    n_layers: Positive = 2
+    n_heads: Positive = 2
+    d_ff: Positive = 128
+    dim: Positive = 64               # D: user/item embedding size (paper: 256)
+    dropout: Rate = 0.1
+    objective: Literal["dense_all_action", "next_action"] = "dense_all_action"   # or "next_action" (SASRec-style), for comparison
+    future_window_days: PositiveFloat | None = None  # None: the log's test horizon, at most the paper's 28 days (dataset.py)
+    positions_per_user: Positive = 32          # random positions per sequence that each predict one future positive
+    random_negatives: Positive = 512
+    batch_users: Positive = 32
+    epochs: Positive = 40
+    lr: PositiveFloat = 3e-3
+    item_lr: PositiveFloat = 0.3        # the item embedding table's own learning rate (training.py: why it is 100x lr)
+    temperature_init: PositiveFloat = 0.2   # the learned softmax temperature starts here
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
 
 
-@dataclass
+@dataclass(config=STRICT)
 class TransActConfig:
-    seq_len: int = 100          # S: last 100 actions, newest first
-    action_dim: int = 32        # action-type embedding
-    item_dim: int = 32          # item embedding (projected from the PinnerFormer item table)
-    n_layers: int = 2
-    n_heads: int = 1
-    d_ff: int = 32
-    dropout: float = 0.1
-    top_k_rows: int = 3         # K newest rows of the encoder output, + a max-pool row (paper: 10; docs/results.md)
+    seq_len: Positive = 100          # S: last 100 actions, newest first
+    action_dim: Positive = 32        # action-type embedding
+    item_dim: Positive = 32          # item embedding (projected from the PinnerFormer item table)
+    n_layers: Positive = 2
+    n_heads: Positive = 1
+    d_ff: Positive = 32
+    dropout: Rate = 0.1
+    top_k_rows: Positive = 3         # K newest rows of the encoder output, + a max-pool row (paper: 10; docs/results.md)
     sequence_mean: bool = True  # beyond the paper: also feed the mean of the raw action rows (what avg_pool sees)
-    sequence_encoder: str = "transact"    # "transact" | "no_sequence" | "avg_pool" (baselines from the same code)
-    time_window_max_h: float = 0.1667     # training-only random time-window mask, T ~ U[0, W], W = 10 min (paper:
+    sequence_encoder: Literal["transact", "no_sequence", "avg_pool"] = "transact"    # "transact" | "no_sequence" | "avg_pool" (baselines from the same code)
+    time_window_max_h: Annotated[float, Field(ge=0)] = 0.1667     # training-only random time-window mask, T ~ U[0, W], W = 10 min (paper:
                                           # 24 h), chosen on the validation split over 0 / 10 min / 1 h / 24 h
                                           # (docs/results.md)
-    cross_layers: int = 2       # DCN v2
-    cross_rank: int = 64        # low-rank cross matrices
-    mlp: list[int] = field(default_factory=lambda: [256, 128])
-    negative_label_weight: float = 3.0    # weight on positive heads for an impression that carries a negative action
-    candidate_oov_rate: float | None = None  # training only: this share of candidates is shown as the out-of-vocabulary
+    cross_layers: Annotated[int, Field(ge=0)] = 2       # DCN v2
+    cross_rank: Positive = 64        # low-rank cross matrices
+    mlp: list[Positive] = field(default_factory=lambda: [256, 128])
+    negative_label_weight: PositiveFloat = 3.0    # weight on positive heads for an impression that carries a negative action
+    candidate_oov_rate: Annotated[float, Field(ge=0, le=1)] | None = None  # training only: this share of candidates is shown as the out-of-vocabulary
                                           # item, as items never seen in training are at serving time; None = the
                                           # log's own share of them (dataset.unseen_item_share); 0 = off
-    batch_size: int = 256
-    epochs: int = 3
-    lr: float = 2e-3
-    weight_decay: float = 1e-5
+    batch_size: Positive = 256
+    epochs: Positive = 3
+    lr: PositiveFloat = 2e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-5
 
 
-@dataclass
+@dataclass(config=STRICT)
 class RunConfig:
-    seed: int = 0
-    threads: int = 2
+    seed: Annotated[int, Field(ge=0)] = 0
+    threads: Positive = 2
     data: DataConfig = field(default_factory=DataConfig)
     pinnerformer: PinnerFormerConfig = field(default_factory=PinnerFormerConfig)
     transact: TransActConfig = field(default_factory=TransActConfig)
@@ -81,17 +95,23 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "RunConfig":
-        def build(kind, values):
+        """A config from its JSON form; a missing field takes its default. An unknown field or a value of the wrong
+        type or range raises ValueError naming it as section.field."""
+        def build(kind, values, section):
             known = {f.name for f in fields(kind)}
             unknown = set(values) - known
             if unknown:
-                raise ValueError(f"unknown {kind.__name__} keys: {sorted(unknown)}")
-            return kind(**values)
+                raise ValueError(f"unknown config fields: {sorted(f'{section}{k}' for k in unknown)}")
+            try:
+                return kind(**values)
+            except ValidationError as e:
+                raise ValueError("; ".join(f"{section}{'.'.join(map(str, err['loc']))}: {err['msg']} "
+                                           f"(got {err['input']!r})" for err in e.errors())) from None
 
         raw = dict(raw)
         sub = {"data": DataConfig, "pinnerformer": PinnerFormerConfig, "transact": TransActConfig}
-        parts = {k: build(v, raw.pop(k, {})) for k, v in sub.items()}
-        return build(cls, {**raw, **parts})
+        parts = {k: build(v, raw.pop(k, {}), f"{k}.") for k, v in sub.items()}
+        return build(cls, {**raw, **parts}, "")
 
     @classmethod
     def load_saved(cls, run: str | Path) -> "RunConfig":

@@ -48,7 +48,11 @@ def test_set_overrides_typed_fields_and_refuses_unknown_ones():
     assert cfg.transact.mlp == [64, 32] and cfg.data.negative_actions is None
     assert RunConfig().transact.epochs != 5                      # a copy: the defaults are untouched
     for bad, message in (("nosuch.field=1", "no config section"), ("data.nope=1", "no config field"),
-                         ("data.split", "expected section.field=value")):
+                         ("data.split", "expected section.field=value"),
+                         ("transact.epochs=0", "transact.epochs: Input should be greater than 0"),
+                         ("data.split=train", "data.split: Input should be 'test' or 'validation'"),
+                         ("transact.mlp=[64, -1]", r"transact.mlp.1: Input should be greater than 0"),
+                         ("threads=two", "threads: Input should be a valid integer")):
         with pytest.raises(ValueError, match=message):
             RunConfig().with_overrides([bad])
 
