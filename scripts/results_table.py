@@ -63,7 +63,7 @@ def full_table(name: str, m: dict, info: dict) -> str:
     lines = [f"### {name}", "",
              f"{d['test_users']} test users, {d['test_requests']} requests, {d['test_impressions']} impressions; "
              f"seeds {', '.join(map(str, seeds))}; best epoch per seed (TransAct): "
-             f"{sm['selected_epoch']['transact']}; training both models {info['train_seconds']:.0f} s on 2 cores.", "",
+             f"{sm['selected_epoch']['transact']}; {training(info)}.", "",
              "| head | test pos. | AUC TransAct | no sequence | avg-pool | TransAct − no seq. | TransAct − avg-pool |"
              " GAUC TransAct | GAUC − no seq. | GAUC − avg-pool |",
              "|---|---:|---|---|---|---|---|---|---|---|"]
@@ -107,6 +107,12 @@ def seed_spread_line(m: dict) -> str:
             + (f"; above 1.5x on {', '.join(over)}." if over else " (within 1.5x on every head)."))
 
 
+def training(info: dict) -> str:
+    if info.get("pinnerformer_reused"):
+        return f"{info['train_seconds']:.0f} s (ranker; PinnerFormer reused)"
+    return f"{info['train_seconds']:.0f} s (both models)"
+
+
 def user_model_line(m: dict) -> str:
     out = []
     for part in (m["user_model"], m["user_model"].get("folds")):
@@ -135,7 +141,7 @@ def short_table(runs: list[tuple[str, dict, dict]], command: str) -> str:
         ci = um.get("dense_vs_next_ratio_ci")
         lines.append(f"| {name} | {n} | {count('no_sequence')} | {count('avg_pool')} | "
                      f"{um['dense_vs_next_ratio']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-                     + f" | {info['train_seconds']:.0f} s |")
+                     + f" | {training(info)} |")
     lines += ["", f"Reproduce: `{command}`. Per head, with intervals, HIT@3 and what bounds each miss: "
               "[docs/results.md](docs/results.md)."]
     return "\n".join(lines)

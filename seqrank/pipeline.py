@@ -117,6 +117,7 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
             "candidate_oov_rate": round(candidate_oov_rate(cfg.transact, prep), 4)}
     (run / "run.json").write_text(json.dumps(info, indent=2))
 
+    info["pinnerformer_reused"] = (run / "pinnerformer.safetensors").exists()  # train_seconds then omits it
     pf = _fit_pinnerformer(run, cfg, prep, cfg.pinnerformer.objective, run / "pinnerformer.safetensors")
     table = item_table(pf)
     np.save(run / "item_table.npy", table)
