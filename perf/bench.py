@@ -1228,8 +1228,9 @@ def report_md(summary: dict, points: dict, extra: dict) -> str:
         out.append(f"| {k} | {_fmt(summary[k], 3)} | {tgt} | {met} |")
     out += ["", f"freshness_store: {summary['freshness_store']}", ""]
     out += ["## Method", "",
-            "- **Same requests everywhere** (perf/make_inputs.py): held-out sessions of the shipped log; the fixed "
-            "1 x 100 request is the user with the longest history (S = 100 real actions) with its session's items the "
+            "- **Same requests everywhere** (perf/make_inputs.py): held-out requests of the shipped log (a user's "
+            "impressions within 60 s); the fixed 1 x 100 request is the user with the longest history (S = 100 real "
+            "actions) with its request's items the "
             "model knows, then other vocabulary items, 100 distinct candidates (1 x 16 = its first 16). The ensemble "
             "and the naive "
             "service read the sequence from the same SQLite store; bare runs the exact tensors preprocess builds for "

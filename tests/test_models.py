@@ -557,7 +557,7 @@ def tiny_ranker_inputs(tiny, tmp_path_factory):
 
 def test_candidate_oov_rate_hides_the_candidate_in_training_only(tiny_ranker_inputs, tmp_path):
     """candidate_oov_rate = 1: training never sees a candidate's id (the same weights whatever the ids are); 0 (the
-    session-10 default): it does. Inference is untouched: the trained model still tells candidates apart."""
+    value before it followed the log): it does. Inference is untouched: the trained model still tells candidates apart."""
     import copy
 
     from seqrank.training import predict, seed_everything, train_ranker
