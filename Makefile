@@ -69,5 +69,11 @@ test: install lint-deploy   ## everything that runs here (real tritonserver, rea
 bench: install   ## side-by-side serving benchmark -> perf/results/
 	$(BIN)/python perf/bench.py --run $(RUN)
 
+# on a lent GPU machine (torch with CUDA only, no venv): `make gpu-check OUT=$OUT/gpu`; GPU_CHECK_ARGS adds options
+.PHONY: gpu-check
+gpu-check:   ## one-shot GPU check of the served ranker (<= 6 min) -> $(OUT)/results.json, default build/gpu_check
+	@echo "gpu-check: results -> $(or $(OUT),build/gpu_check)/results.json and results.md (rewritten after every point)"
+	$$(command -v python || command -v python3) perf/gpu_check.py --out $(or $(OUT),build/gpu_check) $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf runs build
