@@ -23,7 +23,9 @@ Exit status: 0 ok; 1 build failed; 2 bad arguments; 3 the TensorRT Python module
 Triton and TensorRT containers, not in the CPU install); 4 no NVIDIA GPU visible.
 
 Pure functions (profile_shapes, trtexec_command, plan_config, cache_key, read_repository_settings) need neither
-TensorRT nor a GPU, so the tests check them anywhere.
+TensorRT nor a GPU, so the tests check them anywhere. Configs are read and written as Triton's ModelConfig protobuf
+(seqrank.triton_config), and the ranker's constants come from the seqrank package: the image installs it with the
+serving requirements (deploy/requirements-serving.txt).
 """
 from __future__ import annotations
 
@@ -38,11 +40,10 @@ import sys
 import time
 from pathlib import Path
 
-INPUT_NAMES = ("seq_item", "seq_action", "seq_mask", "user_emb", "context", "cand_item")
-SEQUENCE_INPUTS = ("seq_item", "seq_action", "seq_mask")
-OUTPUT_NAMES = ("probs",)
-# = seqrank.serving.preprocess.CANDIDATE_BUCKETS (this script runs without the package; the tests check the copy)
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
+from seqrank import triton_config
+from seqrank.serving.batching import SEQUENCE_INPUTS
+from seqrank.serving.preprocess import CANDIDATE_BUCKETS
+
 DEFAULT_MAX_BATCH = 64
 # opt batch per profile = OPT_CANDIDATES_PER_BATCH // bucket (clamped to [1, max_batch]): TensorRT tunes kernels for
 # about this many (request, candidate) pairs per execution, which is what the dynamic batcher forms under load
@@ -74,7 +75,8 @@ def opt_batch(bucket: int, max_batch: int, opt_candidates: int = OPT_CANDIDATES_
 
 def profile_shapes(buckets, max_batch: int, seq_len: int, user_dim: int, n_context: int,
                    opt_candidates: int = OPT_CANDIDATES_PER_BATCH) -> list[Profile]:
-    """One optimization profile per candidate bucket: {input name: (min, opt, max)} with full shapes incl. batch.
+    """One optimization profile per candidate bucket: {input name: (min, opt, max)} with full shapes incl. batch,
+    one entry per ranker input (in the ONNX file's order).
 
     Batch: 1 .. max_batch (opt: opt_batch(bucket)); candidates: (previous bucket, bucket] (opt = max = bucket, the
     shape preprocess actually sends); sequence inputs fixed at seq_len; user_emb/context static."""
@@ -93,7 +95,7 @@ def profile_shapes(buckets, max_batch: int, seq_len: int, user_dim: int, n_conte
         p["user_emb"] = ((1, user_dim), (ob, user_dim), (max_batch, user_dim))
         p["context"] = ((1, n_context), (ob, n_context), (max_batch, n_context))
         p["cand_item"] = ((1, lower + 1), (ob, bucket), (max_batch, bucket))
-        profiles.append({name: p[name] for name in INPUT_NAMES})
+        profiles.append(p)
         lower = bucket
     return profiles
 
@@ -120,122 +122,33 @@ def trtexec_command(onnx: str | Path, plan: str | Path, profiles: list[Profile],
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Reading a rendered model repository (plain text: the image has no protobuf package; the tests compare these readers
-# with tritonclient's model_config_pb2)
+# Settings from a rendered model repository, and the tensorrt_plan ranker config (seqrank.triton_config)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _strip_comments(text: str) -> str:
-    out = []
-    for line in text.splitlines():
-        in_string, cut = False, len(line)
-        for i, ch in enumerate(line):
-            if ch == '"' and (i == 0 or line[i - 1] != "\\"):
-                in_string = not in_string
-            elif ch == "#" and not in_string:
-                cut = i
-                break
-        out.append(line[:cut])
-    return "\n".join(out)
-
-
-def config_parameter(text: str, key: str) -> str | None:
-    m = re.search(r'key:\s*"' + re.escape(key) + r'"\s*,?\s*value:\s*\{\s*string_value:\s*"([^"]*)"',
-                  _strip_comments(text))
-    return m.group(1) if m else None
-
-
-def config_max_batch(text: str) -> int:
-    m = re.search(r"^\s*max_batch_size\s*:\s*(\d+)", _strip_comments(text), flags=re.M)
-    if not m:
-        raise ValueError("max_batch_size not found in the config")
-    return int(m.group(1))
-
-
-def config_input_dims(text: str, name: str) -> list[int]:
-    m = re.search(r'name:\s*"' + re.escape(name) + r'"[^{}]*?dims:\s*\[([^\]]*)\]', _strip_comments(text))
-    if not m:
-        raise ValueError(f"input {name!r} with dims not found in the config")
-    return [int(x) for x in m.group(1).replace(",", " ").split()]
-
-
-def config_preferred_batch_sizes(text: str) -> list[int]:
-    m = re.search(r"preferred_batch_size\s*:\s*\[([^\]]*)\]", _strip_comments(text))
-    return [int(x) for x in m.group(1).replace(",", " ").split()] if m else []
+def ranker_settings(config: triton_config.ModelConfig, source: str | Path = "<config>") -> dict:
+    """Max batch, user/context dims and preferred batch sizes of a ranker config."""
+    dims = {t.name: list(t.dims) for t in config.input}
+    missing = [name for name in ("user_emb", "context") if not dims.get(name)]
+    if missing:
+        raise triton_config.ConfigError(f"{source}: no input {' or '.join(missing)} with dims")
+    return {"max_batch": config.max_batch_size, "user_dim": dims["user_emb"][-1], "n_context": dims["context"][-1],
+            "preferred_batch_sizes": list(config.dynamic_batching.preferred_batch_size)}
 
 
 def read_repository_settings(repository: str | Path, ranker_config: str | Path | None = None) -> dict:
     """seq_len and candidate buckets from preprocess/config.pbtxt (the parameters preprocess pads with), max batch,
     user/context dims and preferred batch sizes from the ranker config (default ranker/config.pbtxt)."""
     repository = Path(repository)
-    pre = (repository / "preprocess" / "config.pbtxt").read_text()
-    ranker = Path(ranker_config or repository / "ranker" / "config.pbtxt").read_text()
-    seq_len = config_parameter(pre, "seq_len")
-    buckets = config_parameter(pre, "candidate_buckets")
+    pre_path = repository / "preprocess" / "config.pbtxt"
+    pre = triton_config.load(pre_path)
+    seq_len = triton_config.parameter(pre, "seq_len")
+    buckets = triton_config.parameter(pre, "candidate_buckets")
     if seq_len is None or buckets is None:
-        raise ValueError(f"{repository}/preprocess/config.pbtxt lacks the seq_len / candidate_buckets parameters")
-    return {
-        "seq_len": int(seq_len),
-        "buckets": [int(b) for b in buckets.split(",") if b.strip()],
-        "max_batch": config_max_batch(ranker),
-        "user_dim": config_input_dims(ranker, "user_emb")[-1],
-        "n_context": config_input_dims(ranker, "context")[-1],
-        "preferred_batch_sizes": config_preferred_batch_sizes(ranker),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The tensorrt_plan ranker config
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _remove_top_level_block(text: str, key: str) -> str:
-    """Remove `key { ... }` / `key: { ... }` / `key [ ... ]` at nesting depth 0 (comments and strings respected)."""
-    i, depth, n = 0, 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "#":
-            i = text.find("\n", i)
-            i = n if i < 0 else i
-            continue
-        if ch == '"':
-            j = i + 1
-            while j < n and (text[j] != '"' or text[j - 1] == "\\"):
-                j += 1
-            i = j + 1
-            continue
-        if ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-        elif depth == 0 and text.startswith(key, i) and (i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_")):
-            m = re.match(re.escape(key) + r"\s*:?\s*([{\[])", text[i:])
-            if m:
-                start, j, d = i, i + m.end(), 1
-                while j < n and d:
-                    c = text[j]
-                    if c == "#":
-                        j = text.find("\n", j)
-                        j = n if j < 0 else j
-                        continue
-                    if c == '"':
-                        k = j + 1
-                        while k < n and (text[k] != '"' or text[k - 1] == "\\"):
-                            k += 1
-                        j = k + 1
-                        continue
-                    d += 1 if c in "{[" else -1 if c in "}]" else 0
-                    j += 1
-                end = j
-                while end < n and text[end] in " \t":
-                    end += 1
-                if end < n and text[end] == "\n":
-                    end += 1
-                text = text[:start] + text[end:]
-                n = len(text)
-                continue
-        i += 1
-    return text
+        raise ValueError(f"{pre_path} lacks the seq_len / candidate_buckets parameters")
+    ranker_path = Path(ranker_config or repository / "ranker" / "config.pbtxt")
+    return {"seq_len": int(seq_len), "buckets": [int(b) for b in buckets.split(",") if b.strip()],
+            **ranker_settings(triton_config.load(ranker_path), ranker_path)}
 
 
 def plan_config(config_text: str, buckets, seq_len: int, user_dim: int, n_context: int, cuda_graphs: bool = True,
@@ -246,44 +159,37 @@ def plan_config(config_text: str, buckets, seq_len: int, user_dim: int, n_contex
     and CUDA graphs (TensorRT backend only) captured for each (preferred batch size, bucket) shape.
     Inputs, outputs, batching, instance counts and warmup stay as they were."""
     buckets = [int(b) for b in buckets]
-    text = _remove_top_level_block(config_text, "optimization")
-    kept = []
-    for line in text.splitlines():
-        if re.match(r"\s*(backend|platform|default_model_filename)\s*:", line):
-            continue
-        kept.append(line)
-    text = "\n".join(kept)
-    if re.search(r"\bKIND_CPU\b", _strip_comments(text)):
+    config = triton_config.parse(config_text, source or "<config>")
+    kinds = {group.kind for group in config.instance_group}
+    if triton_config.KIND_CPU in kinds:
         raise ValueError("a TensorRT plan runs on the GPU: the config has a KIND_CPU instance group")
-    if not re.search(r"\bKIND_GPU\b", _strip_comments(text)):
+    if triton_config.KIND_GPU not in kinds:
         raise ValueError("no KIND_GPU instance group in the config")
-    profiles = ", ".join(f'"{i}"' for i in range(len(buckets)))
-    text = re.sub(r"\bkind\s*:\s*KIND_GPU\b", f"kind: KIND_GPU, profile: [ {profiles} ]", text)
-    name_line = re.search(r'^\s*name\s*:\s*"[^"]*"\s*$', text, flags=re.M)
-    if not name_line:
-        raise ValueError("the config has no name line")
-    insert = '\nplatform: "tensorrt_plan"\ndefault_model_filename: "model.plan"'
-    text = text[: name_line.end()] + insert + text[name_line.end():]
-    max_batch = config_max_batch(text)
+    config.ClearField("backend")
+    config.platform = "tensorrt_plan"
+    config.default_model_filename = "model.plan"
+    for group in config.instance_group:
+        del group.profile[:]
+        group.profile.extend(str(i) for i in range(len(buckets)))
     sizes = graph_batch_sizes if graph_batch_sizes is not None else (
-        config_preferred_batch_sizes(text) or list(DEFAULT_GRAPH_BATCH_SIZES))
-    sizes = sorted({int(s) for s in sizes if 1 <= int(s) <= max_batch})
-    block = ["optimization {"]
+        list(config.dynamic_batching.preferred_batch_size) or list(DEFAULT_GRAPH_BATCH_SIZES))
+    sizes = sorted({int(s) for s in sizes if 1 <= int(s) <= config.max_batch_size})
+    config.ClearField("optimization")
+    optimization = config.optimization
     if cuda_graphs:
-        specs = []
+        optimization.cuda.graphs = True
+        static = {**{name: seq_len for name in SEQUENCE_INPUTS}, "user_emb": user_dim, "context": n_context}
         for bucket in buckets:
-            for b in sizes:
-                inputs = [f'input {{ key: "{n}" value: {{ dim: [ {seq_len} ] }} }}' for n in SEQUENCE_INPUTS]
-                inputs += [f'input {{ key: "user_emb" value: {{ dim: [ {user_dim} ] }} }}',
-                           f'input {{ key: "context" value: {{ dim: [ {n_context} ] }} }}',
-                           f'input {{ key: "cand_item" value: {{ dim: [ {bucket} ] }} }}']
-                specs.append(f"      {{ batch_size: {b} " + " ".join(inputs) + " }")
-        block += ["  cuda {", "    graphs: true", "    graph_spec ["] + [",\n".join(specs)] + ["    ]", "  }"]
-    block += ["  input_pinned_memory { enable: true }", "  output_pinned_memory { enable: true }", "}"]
+            for batch in sizes:
+                spec = optimization.cuda.graph_spec.add(batch_size=batch)
+                for name, dim in {**static, "cand_item": bucket}.items():
+                    spec.input[name].dim.append(dim)
+    optimization.input_pinned_memory.enable = True
+    optimization.output_pinned_memory.enable = True
     header = ("# Generated by export/build_trt.py" + (f" from {source}" if source else "")
               + ": the TensorRT engine built on this GPU (one optimization profile per candidate bucket"
               + (", CUDA graphs per preferred batch size x bucket" if cuda_graphs else "") + ").\n")
-    return header + text.rstrip() + "\n" + "\n".join(block) + "\n"
+    return header + triton_config.dump(config)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -367,8 +273,8 @@ def build_engine(trt, onnx: Path, plan: Path, profiles: list[Profile], fp16: boo
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx}:\n{errors}")
     names = [network.get_input(i).name for i in range(network.num_inputs)]
-    if sorted(names) != sorted(INPUT_NAMES):
-        raise RuntimeError(f"ONNX inputs {names} are not the ranker's {list(INPUT_NAMES)}")
+    if sorted(names) != sorted(profiles[0]):
+        raise RuntimeError(f"ONNX inputs {names} are not the ranker's {list(profiles[0])}")
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         static = profiles[0][tensor.name][0]
@@ -489,14 +395,14 @@ def _settings(args, parser) -> dict:
         except (OSError, ValueError) as err:
             parser.error(f"cannot read settings from {args.repository}: {err}")
     elif args.config:
-        text = args.config.read_text()
-        base = {"max_batch": config_max_batch(text), "user_dim": config_input_dims(text, "user_emb")[-1],
-                "n_context": config_input_dims(text, "context")[-1],
-                "preferred_batch_sizes": config_preferred_batch_sizes(text)}
+        try:
+            base = ranker_settings(triton_config.load(args.config), args.config)
+        except (OSError, ValueError) as err:
+            parser.error(f"cannot read settings from {args.config}: {err}")
     overrides = {"seq_len": args.seq_len, "max_batch": args.max_batch, "user_dim": args.user_dim,
                  "n_context": args.n_context,
                  "buckets": [int(b) for b in args.buckets.split(",")] if args.buckets else None}
-    settings = {"buckets": list(DEFAULT_BUCKETS), "max_batch": DEFAULT_MAX_BATCH, **base,
+    settings = {"buckets": list(CANDIDATE_BUCKETS), "max_batch": DEFAULT_MAX_BATCH, **base,
                 **{k: v for k, v in overrides.items() if v is not None}}
     missing = [k for k in ("seq_len", "user_dim", "n_context") if k not in settings]
     if missing:

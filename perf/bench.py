@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import shutil
 import signal
@@ -55,6 +54,7 @@ for p in (ROOT, PERF, ROOT / "tests"):
 
 import make_inputs  # noqa: E402  (perf/make_inputs.py)
 from loadgen import closed_loop  # noqa: E402  (perf/loadgen.py)
+from seqrank import triton_config  # noqa: E402
 from seqrank.serving.batching import real_widths, trim_history_padding  # noqa: E402
 from seqrank.serving.cpu_graph import cpu_graph_path, write_cpu_graph  # noqa: E402
 
@@ -180,8 +180,8 @@ def preprocessor(repo: Path, store_url: str | None):
     """The ensemble's preprocess step, in-process, with the repository's own parameters."""
     from seqrank.serving.preprocess import Preprocessor
     from seqrank.store import open_store
-    text = (repo / "preprocess" / "config.pbtxt").read_text()
-    params = dict(re.findall(r'key:\s*"(\w+)",\s*value:\s*{\s*string_value:\s*"([^"]*)"', text))
+    config = triton_config.load(repo / "preprocess" / "config.pbtxt")
+    params = {key: value.string_value for key, value in config.parameters.items()}
     return Preprocessor(repo / "preprocess" / "1" / "tables", seq_len=int(params["seq_len"]),
                         buckets=[int(b) for b in params["candidate_buckets"].split(",")],
                         max_candidates=int(params["max_candidates"]),
@@ -536,40 +536,18 @@ def ort_op_profile(onnx: Path, tensors: dict, workdir: Path, runs: int = 20) -> 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-INSTANCE_COUNT = re.compile(r"(instance_group\s*\[\s*{\s*count:\s*)\d+")
-
-
-def with_instance_count(text: str, count: int) -> str:
-    """A model config's text with its (first) instance_group count set to ``count``; unchanged if it has none."""
-    return INSTANCE_COUNT.sub(rf"\g<1>{count}", text, count=1)
-
-
 def untuned_copy(src: Path, dst: Path) -> list[str]:
-    """Copy the repository; remove every dynamic_batching block, one instance per model."""
+    """Copy the repository; remove every dynamic_batching block, one instance per model (seqrank.triton_config)."""
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-    changed = []
-    for cfg in sorted(dst.rglob("*.pbtxt")):
-        text = cfg.read_text()
-        out, pos = [], 0
-        for m in re.finditer(r"^[ \t]*dynamic_batching\s*{", text, flags=re.M):
-            if m.start() < pos:
-                continue
-            depth, j = 0, m.end() - 1
-            while j < len(text):
-                depth += {"{": 1, "}": -1}.get(text[j], 0)
-                j += 1
-                if depth == 0:
-                    break
-            out.append(text[pos:m.start()])
-            pos = j
-        new = "".join(out) + text[pos:]
-        new = with_instance_count(new, 1)
-        if new != text:
-            cfg.write_text(new)
-            changed.append(str(cfg.relative_to(dst)))
-    return changed
+
+    def untuned(cfg) -> None:
+        if cfg.WhichOneof("scheduling_choice") == "dynamic_batching":
+            cfg.ClearField("dynamic_batching")
+        if cfg.instance_group:
+            cfg.instance_group[0].count = 1
+    return [str(cfg.relative_to(dst)) for cfg in sorted(dst.rglob("*.pbtxt")) if triton_config.edit(cfg, untuned)]
 
 
 # Diagnostic layouts of the CPU ranker on the same cores (not part of the issue's metrics; they explain the shipped
@@ -591,16 +569,13 @@ def ranker_variant_copy(src: Path, dst: Path, params: dict[str, int], instances:
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
     cfg = dst / "ranker" / "configs" / "cpu.pbtxt"
-    text = cfg.read_text()
-    new = text
-    for key, value in params.items():
-        new, n = re.subn(rf'(key:\s*"{key}",\s*value:\s*{{\s*string_value:\s*")\d+(")', rf"\g<1>{value}\2", new)
-        if n != 1:
-            raise ValueError(f"{cfg}: parameter {key} not found once")
-    if instances is not None:
-        new = with_instance_count(new, instances)
-    cfg.write_text(new)
-    return [str(cfg.relative_to(dst))] if new != text else []
+
+    def variant(config) -> None:
+        for key, value in params.items():
+            triton_config.set_parameter(config, key, value, cfg)
+        if instances is not None:
+            triton_config.set_instance_count(config, instances, cfg)
+    return [str(cfg.relative_to(dst))] if triton_config.edit(cfg, variant) else []
 
 
 def start_triton(repo: Path, store_url: str | None, log_path: Path):

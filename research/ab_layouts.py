@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))  # bench, make_inputs
 import bench  # noqa: E402
 import make_inputs  # noqa: E402
+from seqrank import triton_config  # noqa: E402
 
 # name -> (ranker parameters, ranker instances, max_queue_delay_microseconds of every CPU model or None = as exported,
 #          preprocess/postprocess instances or None = as exported)
@@ -39,15 +39,13 @@ def layout_copy(src: Path, dst: Path, params: dict, instances: int, delay: int |
                 cpu_instances: int | None = None) -> None:
     bench.ranker_variant_copy(src, dst, params, instances)
     for model, before in DELAYS_BEFORE.items():
-        cfg = dst / model / ("configs/cpu.pbtxt" if model == "ranker" else "config.pbtxt")
-        value = before if delay is None else delay
-        text = re.sub(r"max_queue_delay_microseconds:\s*\d+", f"max_queue_delay_microseconds: {value}",
-                      cfg.read_text())
-        if model != "ranker" and cpu_instances is not None:
-            if not bench.INSTANCE_COUNT.search(text):
-                raise ValueError(f"{cfg}: no instance_group count")
-            text = bench.with_instance_count(text, cpu_instances)
-        cfg.write_text(text)
+        path = dst / model / ("configs/cpu.pbtxt" if model == "ranker" else "config.pbtxt")
+
+        def layout(config, model=model, before=before, path=path) -> None:
+            config.dynamic_batching.max_queue_delay_microseconds = before if delay is None else delay
+            if model != "ranker" and cpu_instances is not None:
+                triton_config.set_instance_count(config, cpu_instances, path)
+        triton_config.edit(path, layout)
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ TensorRT engines are built on the target GPU from the ONNX file (export/build_tr
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 import warnings
@@ -15,11 +14,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from . import triton_config
 from .config import RunConfig
 from .features import FIRST_ID, N_CONTEXT, Vocabulary
 from .models.inference import ranker_for_serving, user_tower_for_serving
 from .models.pinnerformer import N_TIME_FEATURES, PinnerFormer
 from .models.transact import INPUT_NAMES, OUTPUT_NAMES, TransActRanker
+from .serving.batching import SEQUENCE_INPUTS
 from .serving.cpu_graph import CPU_ONNX, write_cpu_graph
 from .serving.preprocess import CANDIDATE_BUCKETS
 
@@ -150,18 +151,22 @@ def check_parity(model: TransActRanker, onnx_path: Path, seq_len: int) -> list[d
     return report
 
 
-def render_config(text: str, values: dict[str, int | str]) -> str:
-    """Fill the run-specific numbers into a template config. A template line ending in `# @name` has its last
-    number (or quoted string) replaced by values[name]; the template stays a valid config on its own."""
-    def sub(match):
-        line, name = match.group(1), match.group(2)
-        value = values[name]
-        if isinstance(value, str):
-            line = re.sub(r'"[^"]*"(?!.*")', json.dumps(value), line)
-        else:
-            line = re.sub(r"-?\d+(?!.*\d)", str(value), line)
-        return f"{line}# @{name}"
-    return re.sub(r"^(.*?)# @(\w+)$", sub, text, flags=re.M)
+# The run's numbers a template declares, by name (seqrank.triton_config.fill): tensor dims and parameters.
+RUN_PARAMETERS = ("heads", "utility_weights", "candidate_buckets", "max_candidates", "seq_len", "n_items", "n_actions")
+
+
+def render_config(text: str, values: dict[str, int | str], source: str | Path = "<config>") -> str:
+    """A template config with a run's ``values`` filled in through Triton's ModelConfig protobuf, wherever the
+    template declares them: the dims of seq_item/seq_action/seq_mask ([seq_len]), user_emb ([user_dim]), context
+    ([n_context]) and probs/head_scores ([-1, n_heads]) as inputs, outputs or warmup inputs (a dim the template
+    declares -1 stays -1), and the RUN_PARAMETERS by key. Returns the printed config; a template that does not
+    parse raises triton_config.ConfigError naming ``source``."""
+    dims = {name: [values["seq_len"]] for name in SEQUENCE_INPUTS}
+    dims |= {"user_emb": [values["user_dim"]], "context": [values["n_context"]],
+             "probs": [-1, values["n_heads"]], "head_scores": [-1, values["n_heads"]]}
+    parameters = {key: values[key] for key in RUN_PARAMETERS}
+    config = triton_config.parse(text, source)
+    return triton_config.dump(triton_config.fill(config, dims, parameters, source))
 
 
 def export_run(run: Path, repository: Path | None = None, check: bool = True) -> Path:
@@ -198,7 +203,7 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True) ->
               "max_candidates": CANDIDATE_BUCKETS[-1],
               "n_items": int(model.item_table.shape[0]), "n_actions": int(model.action_emb.num_embeddings)}
     for config in repository.rglob("*.pbtxt"):
-        config.write_text(render_config(config.read_text(), values))
+        config.write_text(render_config(config.read_text(), values, config))
     summary = {"repository": str(repository), "onnx": str(onnx_path), "parity": parity,
                "cpu_onnx": {"path": str(cpu_path), "fused_skip_layernorm": fused,
                             "full_history_branch": branch, "parity": cpu_parity},

@@ -142,21 +142,55 @@ def test_layout_copies_override_the_cpu_configs(tmp_path):
     sys.path.insert(0, str(ROOT / "research"))
     import ab_layouts
 
+    from seqrank import triton_config
+
     src = ROOT / "model_repository"
     ab_layouts.layout_copy(src, tmp_path / "a", {"intra_op_threads": 1, "run_threads": 1}, 3, None)
-    ranker = (tmp_path / "a" / "ranker" / "configs" / "cpu.pbtxt").read_text()
-    assert 'key: "run_threads", value: { string_value: "1" }' in ranker
-    assert "count: 3" in ranker and "max_queue_delay_microseconds: 1000" in ranker
-    assert "max_queue_delay_microseconds: 200" in (tmp_path / "a" / "preprocess" / "config.pbtxt").read_text()
+    ranker = triton_config.load(tmp_path / "a" / "ranker" / "configs" / "cpu.pbtxt")
+    assert ranker.parameters["run_threads"].string_value == "1"
+    assert ranker.instance_group[0].count == 3 and ranker.dynamic_batching.max_queue_delay_microseconds == 1000
+    assert triton_config.load(tmp_path / "a" / "preprocess" / "config.pbtxt").dynamic_batching \
+        .max_queue_delay_microseconds == 200
     ab_layouts.layout_copy(src, tmp_path / "c0", {"intra_op_threads": 1, "run_threads": 2}, 2, 0)
     for cfg in ("ranker/configs/cpu.pbtxt", "preprocess/config.pbtxt", "postprocess/config.pbtxt"):
         assert (tmp_path / "c0" / cfg).read_text() == (src / cfg).read_text()  # C0 is what the repository ships
     assert (tmp_path / "c0" / "ranker" / "config.pbtxt").read_text() == (src / "ranker" / "config.pbtxt").read_text()
     ab_layouts.layout_copy(src, tmp_path / "m", {"intra_op_threads": 1, "run_threads": 2}, 2, 0, 2)
     for model in ("preprocess", "postprocess"):
-        text = (tmp_path / "m" / model / "config.pbtxt").read_text()
-        assert "instance_group [ { count: 2, kind: KIND_CPU } ]" in text
-        assert text.replace("count: 2,", "count: 1,") == (src / model / "config.pbtxt").read_text()
+        cfg, shipped = (triton_config.load(repo / model / "config.pbtxt") for repo in (tmp_path / "m", src))
+        assert cfg.instance_group[0].count == 2 and cfg.instance_group[0].kind == triton_config.KIND_CPU
+        cfg.instance_group[0].count = shipped.instance_group[0].count
+        assert cfg == shipped  # nothing else changed
+
+
+def test_untuned_and_ranker_variant_copies_edit_the_configs_as_protobuf(tmp_path):
+    """perf/bench.py: the untuned copy has no dynamic batching and one instance per model; a ranker variant sets the
+    CPU ranker's parameters and instances; configs an edit leaves alone keep their text; a missing key names the file."""
+    sys.path.insert(0, str(ROOT / "perf"))
+    import bench
+    from seqrank import triton_config
+
+    src = ROOT / "model_repository"
+    changed = bench.untuned_copy(src, tmp_path / "untuned")
+    assert "seqrank/config.pbtxt" not in changed  # the ensemble has neither batching nor instances
+    for path in sorted((tmp_path / "untuned").rglob("*.pbtxt")):
+        cfg, shipped = triton_config.load(path), triton_config.load(src / path.relative_to(tmp_path / "untuned"))
+        assert not cfg.HasField("dynamic_batching") and all(g.count == 1 for g in cfg.instance_group[:1])
+        assert (str(path.relative_to(tmp_path / "untuned")) in changed) == (cfg != shipped)
+    assert "ranker/configs/cpu.pbtxt" in changed and "preprocess/config.pbtxt" in changed
+
+    files = bench.ranker_variant_copy(src, tmp_path / "v", {"intra_op_threads": 2, "run_threads": 1}, 1)
+    assert files == ["ranker/configs/cpu.pbtxt"]
+    cfg = triton_config.load(tmp_path / "v" / "ranker" / "configs" / "cpu.pbtxt")
+    shipped = triton_config.load(src / "ranker" / "configs" / "cpu.pbtxt")
+    assert [cfg.parameters[k].string_value for k in ("intra_op_threads", "run_threads")] == ["2", "1"]
+    assert cfg.instance_group[0].count == 1
+    for key in ("intra_op_threads", "run_threads"):
+        cfg.parameters[key].string_value = shipped.parameters[key].string_value
+    cfg.instance_group[0].count = shipped.instance_group[0].count
+    assert cfg == shipped
+    with pytest.raises(ValueError, match=r"configs/cpu\.pbtxt.*no_such_knob"):
+        bench.ranker_variant_copy(src, tmp_path / "bad", {"no_such_knob": 1})
 
 
 def test_model_analyzer_summary_reads_its_csv_and_configs(tmp_path):

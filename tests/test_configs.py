@@ -1,6 +1,7 @@
 """Triton model configs: every template config parses as Triton's ModelConfig protobuf; the ranker variants agree;
-the H200 config; a repository rendered from the template agrees with an exported ONNX file; export/build_trt.py's
-optimization profiles and tensorrt_plan config; the TensorRT build itself where TensorRT is installed."""
+the H200 config; the renderer edits through the protobuf (seqrank.triton_config), whatever the template's layout; a
+repository rendered from the template agrees with an exported ONNX file; export/build_trt.py's optimization profiles
+and tensorrt_plan config; the TensorRT build itself where TensorRT is installed."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,10 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from seqrank import triton_config
 from seqrank.config import TransActConfig
 from seqrank.exporting import export_ranker_onnx, render_config
+from seqrank.serving import preprocess
 from seqrank.serving.preprocess import CANDIDATE_BUCKETS
 from seqrank.features import N_CONTEXT
 from seqrank.models.transact import INPUT_NAMES, OUTPUT_NAMES, TransActRanker
@@ -135,20 +138,96 @@ def test_no_warmup_on_the_ensemble_and_ranker_inputs_come_from_preprocess():
         assert len(pre_out[source][1]) == len(ranker_in[name][1]), name
 
 
-def test_build_trt_text_readers_agree_with_the_protobuf():
-    for path in (TEMPLATE / "ranker" / v for v in RANKER_VARIANTS):
-        text, cfg = path.read_text(), parse(path)
-        assert build_trt.config_max_batch(text) == cfg.max_batch_size
-        assert build_trt.config_preferred_batch_sizes(text) == list(cfg.dynamic_batching.preferred_batch_size)
-        for t in cfg.input:
-            assert build_trt.config_input_dims(text, t.name) == list(t.dims)
-    pre_text = (TEMPLATE / "preprocess" / "config.pbtxt").read_text()
-    pre = parse(pre_text)
-    for key in ("seq_len", "candidate_buckets", "max_candidates"):
-        assert build_trt.config_parameter(pre_text, key) == pre.parameters[key].string_value
+def test_build_trt_reads_the_repository_settings_and_imports_the_buckets():
     settings = build_trt.read_repository_settings(TEMPLATE)
-    assert settings["buckets"] == list(CANDIDATE_BUCKETS)
-    assert tuple(build_trt.DEFAULT_BUCKETS) == tuple(CANDIDATE_BUCKETS)
+    pre, ranker = parse(TEMPLATE / "preprocess" / "config.pbtxt"), parse(TEMPLATE / "ranker" / "config.pbtxt")
+    assert settings == {"seq_len": int(pre.parameters["seq_len"].string_value), "buckets": list(CANDIDATE_BUCKETS),
+                        "max_batch": ranker.max_batch_size, "user_dim": tensors(ranker, "input")["user_emb"][1][-1],
+                        "n_context": tensors(ranker, "input")["context"][1][-1],
+                        "preferred_batch_sizes": list(ranker.dynamic_batching.preferred_batch_size)}
+    assert build_trt.CANDIDATE_BUCKETS is preprocess.CANDIDATE_BUCKETS  # imported from seqrank, not a copy
+    h200 = build_trt.read_repository_settings(TEMPLATE, TEMPLATE / "ranker" / "configs" / "h200.pbtxt")
+    assert h200["max_batch"] == parse(TEMPLATE / "ranker" / "configs" / "h200.pbtxt").max_batch_size
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The renderer: Triton's ModelConfig protobuf, never the template's text
+# ---------------------------------------------------------------------------------------------------------------------
+
+RUN_VALUES = {"user_dim": 32, "n_context": N_CONTEXT, "n_heads": 3, "seq_len": 20, "heads": "a,b,c",
+              "utility_weights": "1,-1,1", "candidate_buckets": "16,32", "max_candidates": 32, "n_items": 50,
+              "n_actions": 10}
+
+# The same model as a template could be written: one parameter spread over several lines, fields in another order,
+# dims as a repeated scalar instead of a list, a warmup input, and comments where a line-based editor would look.
+SPREAD_TEMPLATE = """
+max_batch_size: 8
+output { dims: -1 dims: 8  # probs
+         data_type: TYPE_FP32 name: "probs" }
+input [ { dims: [ 100 ], name: "seq_item", data_type: TYPE_INT64 },
+        { name: "seq_mask"
+          data_type: TYPE_BOOL
+          dims: [ -1 ] } ]
+input { data_type: TYPE_FP32
+        dims: 64 name: "user_emb" }
+parameters {
+  value {
+    string_value:
+      "100"
+  }
+  key: "seq_len"
+}
+parameters [ { key: "heads" value: { string_value: "x" } }, { key: "max_actions", value { string_value: "7" } } ]
+model_warmup { name: "w" batch_size: 1
+  inputs { value: { dims: [ 100 ] data_type: TYPE_INT64 zero_data: true } key: "seq_item" } }
+name: "spread"  # name comes last
+backend: "python"
+"""
+
+
+def test_render_config_edits_the_protobuf_whatever_the_template_layout():
+    cfg = parse(render_config(SPREAD_TEMPLATE, RUN_VALUES, "spread.pbtxt"))
+    assert tensors(cfg, "output") == {"probs": ("TYPE_FP32", [-1, 3])}
+    assert tensors(cfg, "input") == {"seq_item": ("TYPE_INT64", [20]), "seq_mask": ("TYPE_BOOL", [-1]),
+                                     "user_emb": ("TYPE_FP32", [32])}  # a -1 the template declares stays -1
+    assert {k: v.string_value for k, v in cfg.parameters.items()} == {"seq_len": "20", "heads": "a,b,c",
+                                                                       "max_actions": "7"}
+    assert list(cfg.model_warmup[0].inputs["seq_item"].dims) == [20]
+    # nothing else moved: the rendered config is the template's message with exactly these fields changed
+    expected = parse(SPREAD_TEMPLATE)
+    expected.output[0].dims[:] = [-1, 3]
+    expected.input[0].dims[:] = [20]
+    expected.input[2].dims[:] = [32]
+    expected.parameters["seq_len"].string_value = "20"
+    expected.parameters["heads"].string_value = "a,b,c"
+    expected.model_warmup[0].inputs["seq_item"].dims[:] = [20]
+    assert cfg == expected
+
+
+@pytest.mark.parametrize("path", template_configs(), ids=lambda p: str(p.relative_to(TEMPLATE)))
+def test_render_config_is_the_same_message_for_every_template_layout(path):
+    """Each template, rendered as written and rendered after a round trip through the protobuf printer (one field a
+    line, other order of maps, no comments), gives the same config."""
+    as_written = render_config(path.read_text(), RUN_VALUES, path)
+    reprinted = render_config(triton_config.dump(parse(path)), RUN_VALUES, path)
+    assert parse(as_written) == parse(reprinted)
+    assert render_config(as_written, RUN_VALUES, path) == as_written  # rendering is idempotent
+
+
+@pytest.mark.parametrize("broken", ['name: "x"\nmax_batch_size: eight\n', 'name: "x"\nno_such_field: 1\n',
+                                    'name: "x"\ninput [ { name: "a" ]\n'])
+def test_an_unparsable_config_raises_naming_the_file(broken, tmp_path):
+    with pytest.raises(triton_config.ConfigError, match=r"broken\.pbtxt"):
+        render_config(broken, RUN_VALUES, "model_repository/broken.pbtxt")
+    path = tmp_path / "broken.pbtxt"
+    path.write_text(broken)
+    with pytest.raises(triton_config.ConfigError, match=re.escape(str(path))):
+        triton_config.load(path)
+
+
+def test_a_template_dim_of_another_rank_is_an_error_naming_the_file():
+    with pytest.raises(triton_config.ConfigError, match=r"odd\.pbtxt.*probs"):
+        render_config('name: "x" output { name: "probs" data_type: TYPE_FP32 dims: [ 8 ] }', RUN_VALUES, "odd.pbtxt")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -158,7 +237,7 @@ def test_build_trt_text_readers_agree_with_the_protobuf():
 CASES = {
     # the shapes of the issue: TransActConfig defaults, D=64, C=4, 8 heads
     "d64_h8": dict(user_dim=64, n_heads=8, seq_len=100),
-    # different numbers, so a template line that forgot its `# @name` marker cannot pass by coincidence
+    # different numbers, so a dim or parameter the renderer missed cannot pass by coincidence
     "d32_h3": dict(user_dim=32, n_heads=3, seq_len=20),
 }
 
@@ -179,7 +258,7 @@ def exported(request, tmp_path_factory):
               "candidate_buckets": ",".join(map(str, CANDIDATE_BUCKETS)), "max_candidates": CANDIDATE_BUCKETS[-1],
                   "n_items": 50, "n_actions": 10}
     for config in repo.rglob("*.pbtxt"):
-        config.write_text(render_config(config.read_text(), values))
+        config.write_text(render_config(config.read_text(), values, config))
     return {"repo": repo, "onnx": onnx_path, "model": onnx.load(str(onnx_path)), **case}
 
 
@@ -225,6 +304,15 @@ def test_rendered_pipeline_dims_agree_with_the_exported_model(exported):
     assert pre_out["seq_item"][1] == pre_out["seq_action"][1] == pre_out["seq_mask"][1] == [S]
     assert pre_out["user_emb"][1] == [D] and pre_out["context"][1] == [N_CONTEXT]
     assert pre.parameters["seq_len"].string_value == str(S)
+    assert pre.parameters["candidate_buckets"].string_value == ",".join(map(str, CANDIDATE_BUCKETS))
+    assert pre.parameters["max_candidates"].string_value == str(CANDIDATE_BUCKETS[-1])
+    cpu = parse(repo / "ranker" / "configs" / "cpu.pbtxt")
+    assert [cpu.parameters[k].string_value for k in ("seq_len", "n_items", "n_actions")] == [str(S), "50", "10"]
+    heads = ",".join(f"head{i}" for i in range(H))
+    post = parse(repo / "postprocess" / "config.pbtxt")
+    assert post.parameters["heads"].string_value == heads
+    assert post.parameters["utility_weights"].string_value == ",".join("1" for _ in range(H))
+    assert parse(repo / "seqrank" / "config.pbtxt").parameters["heads"].string_value == heads
     assert tensors(parse(repo / "postprocess" / "config.pbtxt"), "input")["probs"][1] == [-1, H]
     assert tensors(parse(repo / "seqrank" / "config.pbtxt"), "output")["head_scores"][1] == [-1, H]
     h200 = parse(repo / "ranker" / "configs" / "h200.pbtxt")

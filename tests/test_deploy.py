@@ -166,7 +166,7 @@ def test_dockerfile_installs_pinned_requirements_and_seqrank_without_deps():
 
 def test_serving_requirements_are_the_project_pins():
     serving = _pins(DEPLOY / "requirements-serving.txt")
-    assert set(serving) == {"numpy", "onnxruntime", "redis"}
+    assert set(serving) == {"numpy", "onnxruntime", "redis", "tritonclient", "protobuf"}
     project = {**_pins(ROOT / "requirements.lock"), **_pins(ROOT / "requirements.txt")}
     for name, version in serving.items():
         assert project.get(name) == version, f"{name}=={version} differs from the project pin {project.get(name)}"

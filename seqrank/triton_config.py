@@ -1,0 +1,97 @@
+"""Triton model configs (config.pbtxt) as Triton's own ModelConfig protobuf: parse, edit the message, print.
+
+Every program that changes a config goes through here -- `seqrank export` filling a run's numbers into the
+templates in model_repository/, export/build_trt.py deriving the tensorrt_plan config, the bench's and research's
+config variants -- so a config is never edited as text. A printed config is valid protobuf text format, which is
+what Triton reads; it loses the template's comments (the templates in git keep theirs).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+ModelConfig = model_config_pb2.ModelConfig
+KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
+KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
+class ConfigError(ValueError):
+    """A config that does not parse as a ModelConfig, or lacks what an edit needs; the message names the file."""
+
+
+def parse(text: str, source: str | Path = "<config>") -> ModelConfig:
+    try:
+        return text_format.Parse(text, ModelConfig())
+    except text_format.ParseError as err:
+        raise ConfigError(f"{source}: not a Triton model config: {err}") from err
+
+
+def load(path: str | Path) -> ModelConfig:
+    return parse(Path(path).read_text(), path)
+
+
+def dump(config: ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def save(config: ModelConfig, path: str | Path) -> None:
+    Path(path).write_text(dump(config))
+
+
+def edit(path: str | Path, change: Callable[[ModelConfig], None]) -> bool:
+    """Apply ``change`` to the config at ``path`` and write it back, printed, only if the message changed (an
+    unchanged file keeps its text and comments). Returns whether it changed."""
+    before = load(path)
+    after = ModelConfig()
+    after.CopyFrom(before)
+    change(after)
+    if after == before:
+        return False
+    save(after, path)
+    return True
+
+
+def parameter(config: ModelConfig, key: str) -> str | None:
+    """The string value of parameter ``key``, or None where the config has none."""
+    return config.parameters[key].string_value if key in config.parameters else None
+
+
+def set_parameter(config: ModelConfig, key: str, value, source: str | Path = "<config>") -> None:
+    """Set an existing parameter (a missing key is an error: an edit never adds a setting the model does not read)."""
+    if key not in config.parameters:
+        raise ConfigError(f"{source}: no parameter {key!r}")
+    config.parameters[key].string_value = str(value)
+
+
+def set_instance_count(config: ModelConfig, count: int, source: str | Path = "<config>") -> None:
+    """Set the (first) instance group's count."""
+    if not config.instance_group:
+        raise ConfigError(f"{source}: no instance_group")
+    config.instance_group[0].count = int(count)
+
+
+def fill(config: ModelConfig, dims: Mapping[str, Sequence[int]], parameters: Mapping[str, object],
+         source: str | Path = "<config>") -> ModelConfig:
+    """Fill numbers by name wherever the config declares them: the dims of every input, output and model_warmup
+    input named in ``dims`` (a dim the config declares -1 stays -1: variable there) and the parameters named in
+    ``parameters`` (as strings). Names the config does not declare are left out; a rank that differs is an error."""
+    def shaped(name: str, declared) -> None:
+        want = dims.get(name)
+        if want is None:
+            return
+        if len(declared) != len(want):
+            raise ConfigError(f"{source}: tensor {name!r} has dims {list(declared)}, expected rank {len(want)}")
+        declared[:] = [d if d == -1 else int(w) for d, w in zip(declared, want)]
+
+    for tensor in [*config.input, *config.output]:
+        shaped(tensor.name, tensor.dims)
+    for sample in config.model_warmup:
+        for name, value in sample.inputs.items():
+            shaped(name, value.dims)
+    for key, value in parameters.items():
+        if key in config.parameters:
+            config.parameters[key].string_value = str(value)
+    return config
