@@ -95,7 +95,7 @@ class NaiveRanker:
         with torch.inference_mode():
             probs = model(*(torch.from_numpy(feeds[name]) for name in INPUT_NAMES))
         probs = probs[0].numpy()  # only the real candidates are scored (no bucket padding)
-        utility = probs @ self.weights
+        utility = (probs * self.weights).sum(axis=1)  # row-wise: equal rows, equal utilities (postprocess)
         k = n if body.get("top_k") is None else max(1, min(int(body["top_k"]), n))
         order = np.argsort(-utility, kind="stable")[:k]
         ids = [req.candidates[i].decode() if isinstance(req.candidates[i], bytes) else str(req.candidates[i])

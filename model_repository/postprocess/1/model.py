@@ -53,7 +53,9 @@ class TritonPythonModel:
             if k < 1:
                 raise ValueError(f"top_k: must be >= 1, got {k}")
             k = min(k, n)
-        utility = probs @ self.weights
+        # a row-wise sum, not a BLAS product: equal rows (e.g. every out-of-vocabulary candidate, scored once by
+        # the ranker) get bitwise-equal utilities whatever their position, so ties keep the request's order
+        utility = (probs * self.weights).sum(axis=1)
         order = np.argsort(-utility, kind="stable")[:k]
         return [
             pb_utils.Tensor("ranked_ids", ids[order][None].astype(object)),
