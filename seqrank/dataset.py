@@ -85,8 +85,6 @@ def split_time_ms(events: pd.DataFrame, cfg: RunConfig) -> int:
     """Train period < split time <= test period: the test period holds the last test_fraction of the events. A
     quantile of the events, not of the time span: on a log whose activity is concentrated early, the last 20% of
     the span can hold a handful of users (evaluate warns when an estimate rests on fewer than 100)."""
-    if not 0.0 < cfg.data.test_fraction < 1.0:
-        raise ValueError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
     ts = np.sort(events.timestamp.to_numpy())
     split = int(ts[min(len(ts) - 1, int(np.floor((1.0 - cfg.data.test_fraction) * len(ts))))])
     return max(split, int(ts[0]) + 1)
@@ -97,16 +95,12 @@ def validation_events(events: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
     hyper-parameter, a variant) is made on the slice this makes, and the test split is looked at once per decision."""
     if cfg.data.split == "test":
         return events
-    if cfg.data.split != "validation":
-        raise ValueError(f'data.split must be "test" or "validation", got {cfg.data.split!r}')
     return events[events.timestamp < split_time_ms(events, cfg)].reset_index(drop=True)
 
 
 def selection_start_ms(train_times: np.ndarray, cfg: RunConfig) -> int | None:
     """The ranker's newest selection_fraction of training impressions (by time) pick its best epoch; None: off."""
-    f = cfg.data.selection_fraction
-    if not 0.0 <= f < 1.0:
-        raise ValueError(f"data.selection_fraction must be in [0, 1), got {f}")
+    f = cfg.data.selection_fraction  # in [0, 1): the config checks it
     if f == 0.0 or len(train_times) == 0:
         return None
     ts = np.sort(train_times)

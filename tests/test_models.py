@@ -710,3 +710,21 @@ def test_dropout_drops_at_rate_p_scales_the_rest_and_follows_torch_seed():
     assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
     with pytest.raises(ValueError, match="dropout"):
         Dropout(1.0)
+
+
+def test_best_epoch_keeps_the_weights_of_the_lowest_selection_loss_and_survives_a_resume():
+    """BestEpoch after epochs whose selection losses are 3, 1, 2: the model ends with epoch 2's weights (not the
+    last), and a BestEpoch restored from its state_dict (a resumed run) selects the same."""
+    from seqrank.training import BestEpoch
+    model = torch.nn.Linear(1, 1, bias=False)
+    losses = iter([3.0, 1.0, 2.0])
+    best = BestEpoch(lambda m: next(losses))
+    for epoch in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(float(epoch))
+        best.update(model)
+    assert best.best_epoch == 2 and model.weight.item() == 3.0
+    resumed = BestEpoch(lambda m: 0.0)
+    resumed.load_state_dict(best.state_dict())
+    resumed.restore(model)
+    assert model.weight.item() == 2.0 and resumed.best_epoch == 2
