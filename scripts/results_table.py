@@ -184,7 +184,8 @@ def replace_block(path: Path, text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, metavar="NAME=RUN")
-    parser.add_argument("--command", default="make results", help="the command named under the README table")
+    parser.add_argument("--command", default="make results` and `make results-movielens",
+                        help="the command(s) named under the README table")
     args = parser.parse_args()
     runs = []
     for spec in args.run:
