@@ -2,7 +2,7 @@
 
 Each takes a trained paper-form model and gives a module with the same inputs and outputs that computes the same
 function (up to rounding) in fewer operations. The modules share the trained parameters (no copy of the weights);
-they are for inference only: no dropout, no time-window mask. Export traces them (export.py, serving/cpu_graph.py);
+they are for inference only: no dropout, no time-window mask. Export traces them (exporting.py, serving/cpu_graph.py);
 tests/test_inference_rewrites.py checks each against the paper form.
 
     ranker_for_serving(model)           TransAct ranker as exported:
