@@ -6,7 +6,7 @@ different candidate counts share one execution. seqrank.serving.batching scores 
 bucket padding is dropped: a 1 x 100 request costs 100 candidate rows, not 128) in runs of at most max_rows_per_run
 candidate rows (pieces of equal width packed together, never padded to a wider request), which fixes the memory
 peak; initialize runs the largest shapes once, so ONNX Runtime's arena reaches that peak at load and the stub's
-memory stays flat under any mix of batches (docs/robustness.md, soak). With run_threads > 1 the runs
+memory stays flat under any mix of batches (docs/operations.md, soak). With run_threads > 1 the runs
 go to that many threads, each a single-threaded ONNX Runtime call, and one request's candidates are split over them
 (candidate parallelism: lower latency at low load than intra-op threads, the same throughput at saturation). Each
 thread has its own session, so each arena sees one run at a time and its warm-up peak holds (a shared session's
