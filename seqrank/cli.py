@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="environment variable with the key that unlocks the restricted admin APIs")
     p.add_argument("--supervise", action="store_true",
                    help="run a canary ranking every --canary-interval seconds and restart the server (same ports) "
-                        "when it dies, a Python stub dies or the canary keeps failing (docs/robustness.md)")
+                        "when it dies, a Python stub dies or the canary keeps failing (docs/operations.md)")
     p.add_argument("--canary-interval", type=float, default=1.0, metavar="S", help="with --supervise (default 1)")
     p.add_argument("--canary-timeout", type=float, default=5.0, metavar="S", help="with --supervise (default 5)")
     p.add_argument("--failures-before-restart", type=int, default=2, metavar="N",

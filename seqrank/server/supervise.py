@@ -20,7 +20,7 @@ model; a killed server just closes its sockets, and clients see UNAVAILABLE, whi
 backoff until the new server answers. The only requests that fail are those that got Triton's INTERNAL answer from
 the broken model before the restart (for a killed stub usually none: the stub watch restarts within ~0.2 s, before
 Triton's ~1 s stub health check answers); nothing sent after the restart began fails, as long as the client's retries
-cover the restart (a few seconds). Measured figures: docs/robustness.md.
+cover the restart (a few seconds). Measured figures: docs/operations.md.
 
 Each incident is one JSON line in the events file (``event: "incident"``): ``reason``, ``detail``, ``detected_at``,
 ``restarted_at`` (the new server is ready), ``recovered_at`` (its first successful canary), ``seconds``
