@@ -75,6 +75,12 @@ def full_table(name: str, m: dict, info: dict) -> str:
                      f"{diff(u['auc_difference']['no_sequence'][h])} | {diff(u['auc_difference']['avg_pool'][h])} | "
                      f"{mean_sd(sm['transact'][h]['gauc'])} | {diff(u['gauc_difference']['no_sequence'][h])} | "
                      f"{diff(u['gauc_difference']['avg_pool'][h])} |")
+    known = u.get("gauc_difference_by_candidate")
+    if known:
+        cells = "; ".join(f"{h} vs no seq. {diff(known['no_sequence']['in_vocabulary'][h])}, vs avg-pool "
+                          f"{diff(known['avg_pool']['in_vocabulary'][h])}" for h in m["verdict"]["counted_heads"])
+        lines += ["", f"GAUC of TransAct minus each baseline on the candidates in the vocabulary only "
+                      f"({d['test_candidates_seen_in_training']:.0%} of test impressions): {cells}."]
     lines += ["", verdict_line(m), "",
               "| head | HIT@3 TransAct | no sequence | avg-pool | lift vs no seq. (per seed) | 95% (users × seeds) |"
               " reachable lift |", "|---|---|---|---|---|---|---|"]

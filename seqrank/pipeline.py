@@ -285,14 +285,14 @@ def small_sample_warnings(test_ex: RankerExamples, user_metrics: dict, heads: li
 def comparison_uncertainty(test_ex: RankerExamples, test_probs: dict, group_rows: np.ndarray, group_hits: dict,
                            heads: list[str], seeds: list[int], n_boot: int = 1000) -> dict:
     """TransAct against each baseline with 95% intervals from one paired bootstrap over test users and training
-    seeds together (metrics.seed_resampled_mean): the AUC and GAUC differences (mean over seeds), the AUC difference
-    split by whether the candidate is in the vocabulary (early fusion can only match a known item against the
-    history), and the HIT@3 lift. An interval that straddles 0 means this test period and these seeds cannot tell
+    seeds together (metrics.seed_resampled_mean): the AUC and GAUC differences (mean over seeds), both also on the
+    candidates in the vocabulary alone and the AUC on the others (early fusion can only match a known item against
+    the history), and the HIT@3 lift. An interval that straddles 0 means this test period and these seeds cannot tell
     the two models apart."""
     out = {"method": f"paired bootstrap over test users and training seeds ({n_boot} resamples, 95% percentile "
                      "interval); differences: TransAct minus the baseline, mean over the seeds",
            "seeds": seeds, "auc_difference": {}, "gauc_difference": {}, "auc_difference_by_candidate": {},
-           "hit@3_lift": {}}
+           "gauc_difference_by_candidate": {}, "hit@3_lift": {}}
 
     def differences(fn, base, rows):
         return {h: fn(test_ex.labels[rows, j], [test_probs["transact"][s][rows, j] for s in seeds],
@@ -306,6 +306,7 @@ def comparison_uncertainty(test_ex: RankerExamples, test_probs: dict, group_rows
         out["gauc_difference"][base] = differences(M.gauc_difference_ci, base, slice(None))
         out["auc_difference_by_candidate"][base] = {"in_vocabulary": differences(M.auc_difference_ci, base, known),
                                                     "out_of_vocabulary": differences(M.auc_difference_ci, base, ~known)}
+        out["gauc_difference_by_candidate"][base] = {"in_vocabulary": differences(M.gauc_difference_ci, base, known)}
         out["hit@3_lift"][base] = {h: M.ratio_lift_ci([group_hits["transact"][s][:, j] for s in seeds],
                                                       [group_hits[base][s][:, j] for s in seeds], group_users, n_boot)
                                    for j, h in enumerate(heads)}

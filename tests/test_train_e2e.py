@@ -146,6 +146,8 @@ def test_evaluate_writes_metrics_of_the_required_shape(run):
             for part in ("in_vocabulary", "out_of_vocabulary"):  # the same comparison split by the candidate's coverage
                 d = unc["auc_difference_by_candidate"][base][part][h]
                 assert d["ci"] is None or d["ci"][0] <= d["value"] <= d["ci"][1], (part, h, d)
+            d = unc["gauc_difference_by_candidate"][base]["in_vocabulary"][h]
+            assert d["ci"] is None or d["ci"][0] <= d["value"] <= d["ci"][1], (h, d)
             lift = unc["hit@3_lift"][base][h]
             assert lift["ci"] is not None and lift["ci"][0] <= lift["value"] <= lift["ci"][1], (base, h, lift)
             assert lift["value"] == pytest.approx(metrics["lifts_of_transact"][base][h]["hit@3_lift"], abs=1e-6)
