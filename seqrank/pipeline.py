@@ -442,13 +442,12 @@ def write_embeddings(run: str | Path, store_url: str, as_of_ms: int | None = Non
     user of an events file (`events`). as_of_ms: only actions strictly before it count (default: the newest action
     seen + 1). The run gives the model and its vocabulary; items it never saw are its out-of-vocabulary row."""
     from .data.loaders import load_events
+    from .exporting import load_user_tower
     from .features import Vocabulary, index_history
     from .store import open_store
     run = Path(run)
-    cfg = RunConfig.load_saved(run)
     vocab = Vocabulary.load(run / "vocab")
-    model = PinnerFormer(cfg.pinnerformer, vocab.n_items, vocab.n_actions)
-    model.load_state_dict(load_file(run / "pinnerformer.safetensors"))
+    model = load_user_tower(run, RunConfig.load_saved(run), vocab)
     store = open_store(store_url, timeout_s=5.0)
     try:
         if events is not None:

@@ -9,11 +9,10 @@ import uuid
 import numpy as np
 import pandas as pd
 import pytest
-from safetensors.torch import load_file
 
 from seqrank.config import RunConfig
+from seqrank.exporting import load_user_tower
 from seqrank.features import Vocabulary, index_history
-from seqrank.models.pinnerformer import PinnerFormer
 from seqrank.pipeline import redact, train, write_embeddings
 from seqrank.store import Action, open_store
 from seqrank.training import embed_users
@@ -45,10 +44,8 @@ def tiny_run(tmp_path_factory):
 
 def expected(run, actions, as_of):
     """The embedding computed by hand from the same raw actions through the model and vocabulary of the run."""
-    cfg = RunConfig.load_saved(run)
     vocab = Vocabulary.load(run / "vocab")
-    model = PinnerFormer(cfg.pinnerformer, vocab.n_items, vocab.n_actions)
-    model.load_state_dict(load_file(run / "pinnerformer.safetensors"))
+    model = load_user_tower(run, RunConfig.load_saved(run), vocab)
     item, action, ts = zip(*actions)
     return embed_users(model, {"x": index_history(vocab, item, action, ts)}, ["x"], [as_of])[0]
 
