@@ -462,6 +462,9 @@ def main(argv=None) -> dict:
                                     torch.cuda.synchronize()
                                 ref = r.out_host.clone()
                                 del r
+                            if cuda:  # the point's own peak: bounds the activation memory of a batch
+                                torch.cuda.reset_peak_memory_stats()
+                                base_bytes = torch.cuda.memory_allocated()
                             t = time.perf_counter()
                             runner = Runner(models[dname], host, DTYPES[dname], mode, device, n_heads)
                             if mode == "cuda_graph":
@@ -489,6 +492,9 @@ def main(argv=None) -> dict:
                                 point["tflops_per_s"] = total / (mean_ms / 1e3) / 1e12
                             if cuda:
                                 torch.cuda.synchronize()
+                                peak = torch.cuda.max_memory_allocated() - base_bytes
+                                point.update(peak_memory_mib=peak / 2 ** 20,
+                                             peak_bytes_per_candidate=peak / (batch * n_cand))
                             point["parity"] = parity(runner.out_host.clone(), ref, meta["utility_weights"])
                         except Exception as exc:  # noqa: BLE001 - a point the device cannot run is reported
                             point["error"] = f"{type(exc).__name__}: {exc}"[:500]

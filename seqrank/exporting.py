@@ -20,6 +20,7 @@ from .features import FIRST_ID, N_CONTEXT, Vocabulary
 from .models.inference import ranker_for_serving, user_tower_for_serving
 from .models.pinnerformer import N_TIME_FEATURES, PinnerFormer
 from .models.transact import INPUT_NAMES, OUTPUT_NAMES, TransActRanker
+from .sizing import write_gpu_pod_configs
 from .serving.batching import SEQUENCE_INPUTS
 from .serving.cpu_graph import CPU_ONNX, write_cpu_graph
 from .serving.preprocess import CANDIDATE_BUCKETS
@@ -204,6 +205,7 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True) ->
               "n_items": int(model.item_table.shape[0]), "n_actions": int(model.action_emb.num_embeddings)}
     for config in repository.rglob("*.pbtxt"):
         config.write_text(render_config(config.read_text(), values, config))
+    write_gpu_pod_configs(repository)
     summary = {"repository": str(repository), "onnx": str(onnx_path), "parity": parity,
                "cpu_onnx": {"path": str(cpu_path), "fused_skip_layernorm": fused,
                             "full_history_branch": branch, "parity": cpu_parity},

@@ -413,10 +413,16 @@ def test_plan_config_is_a_valid_tensorrt_config_for_the_onnx_tensors(exported, v
     assert cfg.optimization.cuda.graphs == graphs
     if graphs:
         specs = cfg.optimization.cuda.graph_spec
-        preferred = list(base.dynamic_batching.preferred_batch_size)
-        assert len(specs) == len(CANDIDATE_BUCKETS) * len(preferred)
+        sizes = sorted(set(base.dynamic_batching.preferred_batch_size) | {base.max_batch_size})
+        assert len(specs) == len(CANDIDATE_BUCKETS) * len(sizes)
+        for bucket in CANDIDATE_BUCKETS:  # every batch size 1..max_batch_size has exactly one graph per bucket
+            ranges = [(s.graph_lower_bound.batch_size, s.batch_size) for s in specs if s.input["cand_item"].dim == [bucket]]
+            covered = [b for lo, hi in ranges for b in range(lo, hi + 1)]
+            assert covered == list(range(1, base.max_batch_size + 1)), (bucket, ranges)
         for spec in specs:
-            assert spec.batch_size in preferred
+            assert spec.batch_size in sizes
+            assert {k: list(v.dim) for k, v in spec.graph_lower_bound.input.items()} == \
+                {k: list(v.dim) for k, v in spec.input.items()}
             assert set(spec.input) == set(INPUT_NAMES)
             assert list(spec.input["cand_item"].dim) in [[b] for b in CANDIDATE_BUCKETS]
             assert list(spec.input["seq_mask"].dim) == [exported["seq_len"]]
@@ -471,3 +477,23 @@ def test_tensorrt_engine_build(exported, tmp_path):
     rc = build_trt.main(["--onnx", str(exported["onnx"]), "--repository", str(exported["repo"]),
                          "--output", str(plan), "--fp16", "--workspace", "1024"])
     assert rc == 0 and plan.stat().st_size > 0
+
+
+def test_gpu_pod_configs_size_the_cpu_steps_from_their_measured_cost(tmp_path):
+    from seqrank import sizing
+    repo = tmp_path / "model_repository"
+    shutil.copytree(TEMPLATE, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    counts = sizing.write_gpu_pod_configs(repo)
+    rate = sizing.pod_requests_per_s()
+    # the pod's cores cover the three CPU consumers at that rate, and each step has enough busy cores for it
+    assert rate * (sizing.PREPROCESS_CPU_MS + sizing.POSTPROCESS_CPU_MS + sizing.SERVER_CPU_MS) / 1000 \
+        == pytest.approx(sizing.POD_CPUS)
+    assert counts["preprocess"] >= rate * sizing.PREPROCESS_CPU_MS / 1000 > counts["preprocess"] - 1
+    assert counts["postprocess"] >= rate * sizing.POSTPROCESS_CPU_MS / 1000 > counts["postprocess"] - 1
+    assert counts == {"preprocess": 9, "postprocess": 2}  # 16 CPUs / 2.85 ms = 5,614 requests/s
+    for step, count in counts.items():
+        gpu, base = parse(repo / step / "configs" / "h200.pbtxt"), parse(repo / step / "config.pbtxt")
+        assert [(g.count, g.kind) for g in gpu.instance_group] == [(count, mc.ModelInstanceGroup.KIND_CPU)]
+        del gpu.instance_group[:], base.instance_group[:]
+        assert gpu == base  # only the instance count differs from the CPU pod's config
+    assert sizing.cpu_step_instances(pod_cpus=2) == {"preprocess": 2, "postprocess": 1}
