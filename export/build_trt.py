@@ -3,7 +3,8 @@
 
 Engines are specific to the GPU model and the TensorRT version, so they are never committed or baked into the image:
 the container entrypoint (docker/entrypoint.sh) runs this script on first start and caches the plan on a volume,
-keyed by GPU name + TensorRT version + the ONNX file's sha256 (+ a hash of the build settings).
+keyed by GPU name + TensorRT version + the sha256 of the ONNX file and its external data (+ a hash of the build
+settings).
 
 One optimization profile per candidate bucket (seqrank.serving.preprocess.CANDIDATE_BUCKETS; preprocess pads N up
 to a bucket): profile i accepts batch 1..max_batch and candidates (bucket[i-1], bucket[i]]; the sequence length is
@@ -41,6 +42,7 @@ import time
 from pathlib import Path
 
 from seqrank import triton_config
+from seqrank.onnx_files import external_data_path
 from seqrank.serving.batching import SEQUENCE_INPUTS
 from seqrank.serving.preprocess import CANDIDATE_BUCKETS
 
@@ -202,11 +204,16 @@ def plan_config(config_text: str, buckets, seq_len: int, user_dim: int, n_contex
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: str | Path) -> str:
+def onnx_files_sha256(path: str | Path) -> str:
+    """sha256 of the ONNX file and, where export wrote one, its external data file (seqrank/onnx_files.py): a large
+    item table lives there, and a graph republished with new rows must not reuse the engine built with the old
+    ones. Without a data file it is the ONNX file's own sha256."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    data = external_data_path(path)
+    for part in (Path(path), data) if data.is_file() else (Path(path),):
+        with open(part, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -330,7 +337,7 @@ def _build_cached(trt, args, profiles: list[Profile], onnx: Path) -> Path:
     if not name:
         log("no NVIDIA GPU visible (nvidia-smi and /proc/driver/nvidia found none)")
         raise SystemExit(EXIT_NO_GPU)
-    sha = file_sha256(onnx)
+    sha = onnx_files_sha256(onnx)
     settings = build_settings(profiles, args.fp16, args.workspace)
     cache_dir = Path(args.cache_dir)
     key_dir = cache_dir / cache_key(name, trt.__version__, sha, settings)

@@ -20,6 +20,7 @@ from .features import FIRST_ID, N_CONTEXT, Vocabulary
 from .models.inference import ranker_for_serving, user_tower_for_serving
 from .models.pinnerformer import N_TIME_FEATURES, PinnerFormer
 from .models.transact import INPUT_NAMES, OUTPUT_NAMES, TransActRanker
+from .onnx_files import EXTERNAL_DATA_THRESHOLD, save_onnx
 from .sizing import write_gpu_pod_configs
 from .serving.batching import SEQUENCE_INPUTS
 from .serving.cpu_graph import CPU_ONNX, write_cpu_graph
@@ -63,43 +64,54 @@ def example_inputs(model: TransActRanker, batch: int, seq_len: int, n_cand: int,
     return seq_item, seq_action, mask, user_emb, context, cand
 
 
-def export_ranker_onnx(model: TransActRanker, path: Path, **rewrites: bool) -> Path:
+def _trace_onnx(module: torch.nn.Module, inputs: tuple, path: Path, external_data_threshold: int,
+                **export_args) -> Path:
+    """torch.onnx.export of ``module`` on ``inputs``, written by save_onnx (its large weights, the item table, in
+    external data beside ``path``). Traced into a scratch directory first: past 2 GB torch writes every weight to a
+    file of its own, named after the weight, next to the graph."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = Path(tmp) / "model.onnx"
+        torch.onnx.export(module, inputs, str(traced), opset_version=OPSET, dynamo=False, **export_args)
+        return save_onnx(onnx.load(str(traced)), path, external_data_threshold)
+
+
+def export_ranker_onnx(model: TransActRanker, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                       **rewrites: bool) -> Path:
     """Trace the trained (paper-form) ``model`` as served: models/inference.py's ranker_for_serving, whose options
     ``rewrites`` switch each rewrite (all on by default); full_history=True traces the form without masking, valid
-    only where every sequence position is a real action (the CPU graph runs it for such runs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    only where every sequence position is a real action (the CPU graph runs it for such runs). Weights of at least
+    ``external_data_threshold`` bytes go to external data beside ``path`` (seqrank/onnx_files.py)."""
     dyn = {"seq_item": {0: "batch", 1: "seq"}, "seq_action": {0: "batch", 1: "seq"}, "seq_mask": {0: "batch", 1: "seq"},
            "user_emb": {0: "batch"}, "context": {0: "batch"}, "cand_item": {0: "batch", 1: "candidates"},
            "probs": {0: "batch", 1: "candidates"}}
-    served = ranker_for_serving(model, **rewrites)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(served, example_inputs(model, 2, 12, 3), str(path), input_names=INPUT_NAMES,
-                          output_names=OUTPUT_NAMES, dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
-    return path
+    return _trace_onnx(ranker_for_serving(model, **rewrites), example_inputs(model, 2, 12, 3), path,
+                       external_data_threshold, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, dynamic_axes=dyn)
 
 
-def export_cpu_graph(model: TransActRanker, portable: Path, dst: Path, **rewrites: bool) -> tuple[int, bool]:
+def export_cpu_graph(model: TransActRanker, portable: Path, dst: Path,
+                     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, **rewrites: bool) -> tuple[int, bool]:
     """The CPU ranker's graph from the portable export of ``model`` (with the same ``rewrites``): ONNX Runtime's
     fused residual + LayerNorm and, for TransAct, a branch traced without masking for runs where every history
     position is a real action (serving/cpu_graph.py). Returns (fused pairs, whether the branch was added)."""
     with tempfile.TemporaryDirectory() as tmp:
-        full = (export_ranker_onnx(model, Path(tmp) / "model_full_history.onnx", **rewrites, full_history=True)
+        full = (export_ranker_onnx(model, Path(tmp) / "model_full_history.onnx", external_data_threshold,
+                                   **rewrites, full_history=True)
                 if model.cfg.sequence_encoder == "transact" else None)
-        return write_cpu_graph(portable, dst, full), full is not None
+        return write_cpu_graph(portable, dst, full, external_data_threshold), full is not None
 
 
-def export_user_tower_onnx(model: PinnerFormer, path: Path) -> Path:
+def export_user_tower_onnx(model: PinnerFormer, path: Path,
+                           external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """PinnerFormer user tower for on-demand embeddings (inputs built by the same feature path), traced as served
-    (models/inference.py's user_tower_for_serving)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    (models/inference.py's user_tower_for_serving); its item embedding table follows the ranker's external-data
+    rule."""
     dyn = {n: {0: "batch", 1: "seq"} for n in USER_TOWER_INPUTS} | {"user_emb": {0: "batch"}}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(user_tower_for_serving(model), user_tower_inputs(model, [12, 3]), str(path),
-                          input_names=USER_TOWER_INPUTS, output_names=["user_emb"], dynamic_axes=dyn,
-                          opset_version=OPSET, dynamo=False)
-    return path
+    return _trace_onnx(user_tower_for_serving(model), user_tower_inputs(model, [12, 3]), path, external_data_threshold,
+                       input_names=USER_TOWER_INPUTS, output_names=["user_emb"], dynamic_axes=dyn)
 
 
 def user_tower_inputs(model: PinnerFormer, lengths: list[int], seq_len: int = 12, seed: int = 0) -> tuple:
@@ -170,23 +182,26 @@ def render_config(text: str, values: dict[str, int | str], source: str | Path = 
     return triton_config.dump(triton_config.fill(config, dims, parameters, source))
 
 
-def export_run(run: Path, repository: Path | None = None, check: bool = True) -> Path:
+def export_run(run: Path, repository: Path | None = None, check: bool = True,
+               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """A trained run -> a Triton model repository (default RUN/model_repository): the ranker as ONNX (portable, and
     the CPU graph beside it), the lookup tables for preprocess, every config.pbtxt filled in; with `check`, the ONNX
-    files are compared with PyTorch on several shapes and the export fails above the parity tolerance."""
+    files are compared with PyTorch on several shapes and the export fails above the parity tolerance. Weights of at
+    least ``external_data_threshold`` bytes (a large item table) go to ONNX external data beside each graph
+    (seqrank/onnx_files.py)."""
     run = Path(run)
     repository = Path(repository) if repository else run / "model_repository"
     model, cfg, vocab = load_ranker(run)
     if repository.exists():
         shutil.rmtree(repository)
     shutil.copytree(TEMPLATE, repository, ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "tables"))
-    onnx_path = export_ranker_onnx(model, repository / "ranker" / "1" / "model.onnx")
+    onnx_path = export_ranker_onnx(model, repository / "ranker" / "1" / "model.onnx", external_data_threshold)
     parity = check_parity(model, onnx_path, cfg.transact.seq_len) if check else []
     cpu_path = onnx_path.parent / CPU_ONNX
-    fused, branch = export_cpu_graph(model, onnx_path, cpu_path)
+    fused, branch = export_cpu_graph(model, onnx_path, cpu_path, external_data_threshold)
     cpu_parity = check_parity(model, cpu_path, cfg.transact.seq_len) if check else []
     tower = load_user_tower(run, cfg, vocab)
-    tower_path = export_user_tower_onnx(tower, run / "export" / "user_tower.onnx")
+    tower_path = export_user_tower_onnx(tower, run / "export" / "user_tower.onnx", external_data_threshold)
     tower_parity = check_user_tower_parity(tower, tower_path, cfg.pinnerformer.max_len) if check else None
 
     tables = repository / "preprocess" / "1" / "tables"

@@ -452,6 +452,21 @@ def test_cache_key_separates_gpu_tensorrt_onnx_and_settings():
     assert key not in others and len(others) == 4
 
 
+def test_engine_cache_key_covers_the_external_data(tmp_path):
+    """A graph republished with new item rows in its external data (same model.onnx bytes) gets a new engine."""
+    import hashlib
+
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"graph")
+    alone = build_trt.onnx_files_sha256(graph)
+    assert alone == hashlib.sha256(b"graph").hexdigest()  # no data file: the keys cached before stay valid
+    data = tmp_path / "model.onnx.data"
+    data.write_bytes(b"old rows")
+    old = build_trt.onnx_files_sha256(graph)
+    data.write_bytes(b"new rows")
+    assert len({alone, old, build_trt.onnx_files_sha256(graph)}) == 3
+
+
 def test_cli_print_trtexec_and_missing_tensorrt(exported, capsys):
     argv = ["--onnx", str(exported["onnx"]), "--repository", str(exported["repo"]), "--output", "x.plan", "--fp16"]
     assert build_trt.main(argv + ["--print-trtexec"]) == 0

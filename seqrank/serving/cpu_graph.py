@@ -19,12 +19,34 @@ bitwise the same scores, 1.09-1.11x faster (docs/performance.md).
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
+from ..onnx_files import EXTERNAL_DATA_THRESHOLD, save_onnx
+
 CPU_ONNX = "model_cpu.onnx"  # beside model.onnx in the ranker's version directory
 CONTRIB = "com.microsoft"
+SHAPE_VALUE_ELEMENTS = 1024  # initializers this small keep their values for shape inference (shapes, axes)
 # onnx is imported where it is used: the ranker stub only needs cpu_graph_path
+
+
+def _without_weights(model):
+    """A copy of ``model`` whose initializers above SHAPE_VALUE_ELEMENTS keep their type and dims but not their
+    data: shape inference reads the values of shape and axes tensors only, and copying the item table would cost
+    its size again (inference copies the model it is given)."""
+    import onnx
+    light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions)
+    g, graph = model.graph, light.graph
+    graph.name = g.name
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(g, field))
+    for init in g.initializer:
+        if math.prod(init.dims) <= SHAPE_VALUE_ELEMENTS:
+            graph.initializer.add().CopyFrom(init)
+        else:
+            graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+    return light
 
 
 def _shapes(model) -> dict[str, list]:
@@ -32,7 +54,7 @@ def _shapes(model) -> dict[str, list]:
     the same only where the graph proves it: the export's dynamic axes propagate as `batch`, `candidates`, `seq`)."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     try:
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False)
+        inferred = SymbolicShapeInference.infer_shapes(_without_weights(model), auto_merge=False)
     except Exception:  # a graph it cannot follow: nothing is proven, so nothing is fused (export prints the count)
         return {}
     out = {i.name: list(i.dims) for i in inferred.graph.initializer}
@@ -131,14 +153,15 @@ def _linear_bias(nodes, producer, consumers, shapes, name, other, d, graph_outpu
 
 
 def _content_key(init) -> bytes:
-    """An initializer's identity without its name: two exports of one model name equal weights differently."""
+    """An initializer's identity without its name: two exports of one model name equal weights differently. Field by
+    field, the data as it is: serializing a copy of the whole tensor would cost an item table's size twice more."""
     import hashlib
-
-    import onnx
-    unnamed = onnx.TensorProto()
-    unnamed.CopyFrom(init)
-    unnamed.name = ""
-    return hashlib.sha256(unnamed.SerializeToString()).digest()
+    digest = hashlib.sha256()
+    for field, value in init.ListFields():
+        if field.name != "name":
+            digest.update(field.name.encode())
+            digest.update(value if field.name == "raw_data" else repr(value).encode())
+    return digest.digest()
 
 
 def _branch(graph, prefix: str, outer: set[str], shared: dict[str, str]):
@@ -187,13 +210,6 @@ def add_full_history_branch(model, full) -> bool:
     common = sorted(set(keys[0].values()) & set(keys[1].values()))
     outer_name = {key: f"shared/{i}" for i, key in enumerate(common)}
     shared = [{name: outer_name[key] for name, key in k.items() if key in outer_name} for k in keys]
-    inits = {}
-    for init in g.initializer:
-        name = shared[0].get(init.name)
-        if name is not None and name not in inits:
-            inits[name] = onnx.TensorProto()
-            inits[name].CopyFrom(init)
-            inits[name].name = name
     masked_branch = _branch(g, "masked/", outer, shared[0])
     full_branch = _branch(full.graph, "full/", outer, shared[1])
     outputs = [o.name for o in g.output]
@@ -206,8 +222,14 @@ def add_full_history_branch(model, full) -> bool:
     ]
     del g.node[:]
     g.node.extend(nodes)
-    del g.initializer[:]
-    g.initializer.extend(inits.values())
+    kept = set()  # the outer graph keeps one of each shared initializer, renamed in place: no copy of the table
+    for i in reversed(range(len(g.initializer))):
+        name = shared[0].get(g.initializer[i].name)
+        if name is None or name in kept:
+            del g.initializer[i]
+        else:
+            g.initializer[i].name = name
+            kept.add(name)
     del g.value_info[:]
     for op in full.opset_import:
         if all(o.domain != op.domain for o in model.opset_import):
@@ -215,10 +237,12 @@ def add_full_history_branch(model, full) -> bool:
     return True
 
 
-def write_cpu_graph(src: Path, dst: Path, full_history_src: Path | None = None) -> int:
+def write_cpu_graph(src: Path, dst: Path, full_history_src: Path | None = None,
+                    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> int:
     """model.onnx -> the CPU graph; returns the number of fused pairs (0: dst is a plain copy of src).
     ``full_history_src``: the ranker exported without masking, run when seq_mask is all True
-    (add_full_history_branch)."""
+    (add_full_history_branch). Either source may keep weights in external data (onnx.load reads it from the
+    source's directory); dst gets its own, under the same rule (seqrank/onnx_files.py)."""
     import onnx
     model = onnx.load(str(src))
     fused = fuse_skip_layernorm(model)
@@ -226,7 +250,8 @@ def write_cpu_graph(src: Path, dst: Path, full_history_src: Path | None = None) 
         full = onnx.load(str(full_history_src))
         fuse_skip_layernorm(full)
         add_full_history_branch(model, full)
-    onnx.save(model, str(dst))
+        del full  # its copy of the item table, before save_onnx copies the kept one
+    save_onnx(model, dst, external_data_threshold)
     return fused
 
 
