@@ -2,10 +2,11 @@
 
     python scripts/measure_prepare.py DIR                       # the streaming pass over the whole log (scan_events)
     python scripts/measure_prepare.py DIR --part 0 --parts 16   # that pass, then one partition's examples
-    python scripts/measure_prepare.py DIR --part 0 --parts 1    # everything in memory, with prepare()'s code
+    python scripts/measure_prepare.py FILE                      # the in-memory path: load_log + prepare
 
-One JSON line: the step's seconds and the process's peak RSS (ru_maxrss) after the imports, the pass, and the
-partition. Run each in a fresh process: the peak never goes down.
+One JSON line: each step's seconds and the process's peak RSS (ru_maxrss) after the imports and after each step.
+Run each in a fresh process: the peak never goes down. The negative action is hate (the generated log's and the
+shipped sample's), so a canonical export of a generated log needs no sampled negatives.
 """
 from __future__ import annotations
 
@@ -21,17 +22,32 @@ def peak_mb() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", help="an events dataset (seqrank convert, scripts/generate_log.py)")
+    parser.add_argument("path", help="an events dataset (seqrank convert, scripts/generate_log.py) or events file")
     parser.add_argument("--part", type=int, default=None, help="also prepare this partition")
     parser.add_argument("--parts", type=int, default=None, help="of this many (it must divide the buckets)")
     args = parser.parse_args()
     if (args.part is None) != (args.parts is None):
         parser.error("--part and --parts go together")
     from seqrank.config import RunConfig
-    from seqrank.data.parquet_events import open_events_dataset
+    from seqrank.data.parquet_events import is_events_dataset, open_events_dataset
+    from seqrank.dataset import load_log, prepare
     from seqrank.streamed import prepare_partition, scan_events
     out = {"peak_rss_mb_imports": round(peak_mb())}
-    ds, cfg = open_events_dataset(args.dataset), RunConfig()
+    cfg = RunConfig.from_dict({"data": {"negative_actions": ["hate"]}})
+    if not is_events_dataset(args.path):
+        if args.part is not None:
+            parser.error("--part needs a dataset directory")
+        started = time.perf_counter()
+        log = load_log(args.path, cfg)
+        out.update(events=len(log.events), load_s=round(time.perf_counter() - started, 1),
+                   peak_rss_mb_load=round(peak_mb()))
+        started = time.perf_counter()
+        prep = prepare(log, cfg)
+        out.update(impressions=len(prep.impressions), prepare_s=round(time.perf_counter() - started, 1),
+                   peak_rss_mb_prepare=round(peak_mb()))
+        print(json.dumps(out))
+        return
+    ds = open_events_dataset(args.path)
     out.update(events=ds.meta["n_events"], users=ds.meta["n_users"])
     started = time.perf_counter()
     facts = scan_events(ds, cfg)

@@ -181,7 +181,9 @@ class EventsDataset:
         8 bytes per event."""
         out = np.empty(int(self.meta["n_events"]), dtype=np.int64)
         at = 0
-        for batch in self.arrow.to_batches(columns=["timestamp"], batch_size=batch_rows):
+        # little read-ahead: the pass holds this array and a few batches, not the scanner's default queue
+        for batch in self.arrow.to_batches(columns=["timestamp"], batch_size=batch_rows, batch_readahead=2,
+                                           fragment_readahead=1):
             n = batch.num_rows
             out[at:at + n] = batch.column(0).to_numpy()
             at += n
