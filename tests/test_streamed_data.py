@@ -7,6 +7,7 @@ the partition arithmetic, the generator of large logs, and `seqrank convert` / `
 """
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from seqrank.dataset import load_log, prepare
 from seqrank.streamed import prepare_events, prepare_partition, scan_events
 
 ROOT = Path(__file__).resolve().parents[1]
+OTTO = ROOT / "tests" / "fixtures" / "loaders" / "otto_20sessions.jsonl"
+KUAIRAND_LOG = ROOT / "tests" / "fixtures" / "loaders" / "kuairand_log_standard_tiny.csv"
 N_BUCKETS = 8
 CHUNK_ROWS = 5_000   # the sample's 41,828 rows in 9 chunks: duplicates and users span chunk boundaries
 IMPRESSION_COLUMNS = ["user_id", "item_id", "timestamp", "request_time", "is_test"]
@@ -153,13 +156,30 @@ def test_a_bad_row_in_any_chunk_names_its_row_and_column_and_leaves_nothing(tmp_
     assert not out.exists() and not (tmp_path / "dataset.tmp").exists()
 
 
-def test_the_same_rows_read_whole_load_or_fail_alike(tmp_path):
-    """Chunks change nothing for a good file: seconds in every chunk stay seconds."""
-    path = tmp_path / "seconds.csv"
-    path.write_text(HEADER + good_rows(40, t0=1_649_581_149))
-    ds = convert_events(path, tmp_path / "dataset", 4, None, 10)
-    pd.testing.assert_frame_equal(ds.read(range(4)), load_events(path).events)
-    assert ds.read(range(4)).timestamp.min() == 1_649_581_149_000
+def write_parquet(path: Path) -> Path:
+    frame = pd.read_csv(io.StringIO(HEADER + good_rows(40)), dtype={"user_id": str, "item_id": str})
+    frame.to_parquet(path, row_group_size=7)
+    return path
+
+
+@pytest.mark.parametrize("name, make", [
+    ("seconds.csv", lambda p: p.write_text(HEADER + good_rows(40, t0=1_649_581_149))),  # seconds stay seconds
+    ("events.parquet", write_parquet),
+    ("records.jsonl", lambda p: p.write_text("".join(json.dumps(
+        {"user_id": f"u{i % 3}", "item_id": f"i{i}", "action": "like", "timestamp": 1_649_581_149 + i}) + "\n"
+        for i in range(40)))),
+    ("otto.jsonl", lambda p: p.write_bytes(OTTO.read_bytes())),
+    ("u.data", lambda p: p.write_text("".join(f"{i % 4}\t{i}\t{1 + i % 5}\t{881250949 + i}\n" for i in range(40)))),
+    ("log_standard_tiny.csv", lambda p: p.write_bytes(KUAIRAND_LOG.read_bytes())),
+])
+def test_a_good_file_converted_in_chunks_is_the_file_read_whole(tmp_path, name, make):
+    path = tmp_path / name
+    make(path)
+    whole = load_events(path)
+    ds = convert_events(path, tmp_path / "dataset", 4, None, 3)   # 3 rows (OTTO: events) a chunk
+    pd.testing.assert_frame_equal(ds.read(range(4)), whole.events)
+    assert (ds.meta["fmt"], ds.meta["exposure_action"]) == (whole.fmt, whole.exposure_action)
+    assert ds.meta["duplicates_dropped"] == whole.duplicates_dropped
 
 
 def test_an_existing_output_is_refused_and_a_directory_must_be_a_dataset(tmp_path, dataset):

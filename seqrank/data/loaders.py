@@ -318,8 +318,6 @@ def _read_parquet(path: Path, file: str, chunk_rows: int | None = None) -> Itera
             table.columns = [str(c).strip() for c in table.columns]
             yield _numbered(table, first_row, file)
             first_row += len(table)
-    except DataError:
-        raise
     except Exception as exc:  # pyarrow raises a variety of errors for corrupt files
         raise DataError(f"cannot read as Parquet ({exc})", file=file) from None
 
