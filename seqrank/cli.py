@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the dataset directory to write (new or empty)")
     p.add_argument("--buckets", type=int, default=64, help="user hash buckets; a worker count must divide it "
                    "(default 64)")
+    p.add_argument("--chunk-rows", type=int, default=250_000, help="source rows read at a time: memory grows "
+                   "with it, about 450 bytes a row (default 250000)")
 
     p = sub.add_parser("train", help="learn PinnerFormer and the TransAct ranker from an events file")
     p.add_argument("--events", required=True, help="events file (canonical CSV/TSV/Parquet, KuaiRand, OTTO jsonl, "
@@ -148,7 +150,7 @@ def _main(argv: list[str]) -> int:
         write_embeddings(args.run, store, args.as_of_ms, args.events)
     elif args.command == "convert":
         from .data.parquet_events import convert_events
-        ds = convert_events(args.events, args.out, args.buckets)
+        ds = convert_events(args.events, args.out, args.buckets, chunk_rows=args.chunk_rows)
         print(f"{ds.meta['n_events']} events of {ds.meta['n_users']} users ({ds.meta['duplicates_dropped']} "
               f"duplicate rows dropped) -> {ds.directory} ({ds.n_buckets} buckets)")
     elif args.command == "train":

@@ -229,7 +229,8 @@ def test_seqrank_convert_then_train_on_the_directory(tmp_path):
     generate(tmp_path / "generated", events=3000)
     open_events_dataset(tmp_path / "generated").read(range(4)).to_csv(source, index=False)
     cli = [sys.executable, "-m", "seqrank.cli"]
-    done = subprocess.run(cli + ["convert", "--events", str(source), "--out", str(tmp_path / "ds"), "--buckets", "2"],
+    done = subprocess.run(cli + ["convert", "--events", str(source), "--out", str(tmp_path / "ds"), "--buckets", "2",
+                                 "--chunk-rows", "500"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "duplicate rows dropped" in done.stdout and (tmp_path / "ds" / MANIFEST).is_file()

@@ -287,8 +287,10 @@ def _read_delimited(path: Path, compression: str | None, file: str, header_line:
         tables = pd.read_csv(source, **kwargs)
         for table in ([tables] if chunk_rows is None else tables):
             table.columns = [str(c).strip() for c in table.columns]
+            n = len(table)
             yield _numbered(table, first_row, file)
-            first_row += len(table)
+            del table  # not held while the next chunk is read
+            first_row += n
     except pd.errors.EmptyDataError:
         raise DataError("empty file (no data rows)", file=file) from None
     except pd.errors.ParserError as exc:
@@ -316,8 +318,10 @@ def _read_parquet(path: Path, file: str, chunk_rows: int | None = None) -> Itera
         for table in tables:
             table = table.reset_index(drop=True)
             table.columns = [str(c).strip() for c in table.columns]
+            n = len(table)
             yield _numbered(table, first_row, file)
-            first_row += len(table)
+            del table  # not held while the next chunk is read
+            first_row += n
     except Exception as exc:  # pyarrow raises a variety of errors for corrupt files
         raise DataError(f"cannot read as Parquet ({exc})", file=file) from None
 
@@ -713,6 +717,7 @@ def read_event_chunks(path, fmt: str | None = None, chunk_rows: int | None = Non
             frame = _convert_canonical(raw)
         time_unit = time_unit or raw.decided_time_unit
         yield EventChunk(frame, detected, exposure)
+        del raw, frame  # not held while the next chunk is read
     if n_rows == 0:
         raise DataError(no_rows, file=file)
 

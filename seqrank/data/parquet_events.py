@@ -16,7 +16,6 @@ each bucket on its own de-duplicated and sorted, so memory holds one chunk, then
 """
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ MANIFEST = "_seqrank_events.json"   # '_' prefix: pyarrow.dataset skips it when 
 LAYOUT_VERSION = 1
 DEFAULT_BUCKETS = 64                # a worker count that divides it can split the log evenly (1, 2, 4, ..., 64)
 ROW_GROUP_ROWS = 1 << 17            # rows per row group: the unit a streaming pass reads
-CHUNK_ROWS = 1_000_000              # source rows per chunk while converting
+CHUNK_ROWS = 250_000                # source rows per chunk while converting (~170 MB of pandas objects)
 # SipHash-2-4 of the UTF-8 user id with this key (pandas.util.hash_array): the same bucket on every machine and run
 USER_HASH_KEY = "seqrank-user-key"
 SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("action", pa.string()),
@@ -124,27 +123,32 @@ def convert_events(events, out, n_buckets: int = DEFAULT_BUCKETS, fmt: str | Non
     writer = EventsDatasetWriter(out, n_buckets, str(events), first.fmt, first.exposure_action)
     spool = writer.tmp / ".spool"
     spool.mkdir()
+    spool_writers: dict[int, pq.ParquetWriter] = {}
+
+    def to_spool(frame: pd.DataFrame) -> None:
+        buckets = user_buckets(frame["user_id"].to_numpy(), n_buckets)
+        order = np.argsort(buckets, kind="stable")   # keeps file order inside a bucket: "keep first" holds
+        bounds = np.searchsorted(buckets[order], np.arange(n_buckets + 1))
+        for b in np.flatnonzero(np.diff(bounds)):
+            if b not in spool_writers:
+                spool_writers[b] = pq.ParquetWriter(spool / f"{b}.parquet", SPOOL_SCHEMA)
+            part = frame.iloc[order[bounds[b]:bounds[b + 1]]]
+            spool_writers[b].write_table(pa.Table.from_pandas(part, schema=SPOOL_SCHEMA, preserve_index=False))
+
     try:
-        spool_writers: dict[int, pq.ParquetWriter] = {}
-        for chunk in itertools.chain([first], chunks):
-            frame = chunk.frame
-            buckets = user_buckets(frame["user_id"].to_numpy(), n_buckets)
-            order = np.argsort(buckets, kind="stable")   # keeps file order inside a bucket: "keep first" holds
-            bounds = np.searchsorted(buckets[order], np.arange(n_buckets + 1))
-            for b in np.flatnonzero(np.diff(bounds)):
-                part = frame.iloc[order[bounds[b]:bounds[b + 1]]]
-                if b not in spool_writers:
-                    spool_writers[b] = pq.ParquetWriter(spool / f"{b}.parquet", SPOOL_SCHEMA)
-                spool_writers[b].write_table(pa.Table.from_pandas(part, schema=SPOOL_SCHEMA, preserve_index=False))
+        to_spool(first.frame)
+        del first  # one chunk in memory at a time: not this one while the next is read
+        for chunk in chunks:
+            to_spool(chunk.frame)
+            del chunk
         for w in spool_writers.values():
             w.close()
         dropped = 0
         for b in sorted(spool_writers):
-            rows = pq.read_table(spool / f"{b}.parquet").to_pandas()
-            bucket_events, n_dropped = drop_duplicates_and_sort(rows)
-            del rows
+            bucket_events, n_dropped = drop_duplicates_and_sort(pq.read_table(spool / f"{b}.parquet").to_pandas())
             dropped += n_dropped
             writer.write_bucket(int(b), bucket_events)
+            del bucket_events
             (spool / f"{b}.parquet").unlink()
         spool.rmdir()
         return writer.close(dropped)
