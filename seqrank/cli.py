@@ -1,4 +1,4 @@
-"""The `seqrank` command line: train, evaluate, export, serve, rank, ingest, embed."""
+"""The `seqrank` command line: convert, train, evaluate, export, serve, rank, ingest, embed."""
 from __future__ import annotations
 
 import argparse
@@ -34,8 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("convert", help="an events file -> a Parquet dataset bucketed by user, for logs larger "
+                       "than memory (docs/training-at-scale.md)")
+    p.add_argument("--events", required=True, help="events file (any format train reads)")
+    p.add_argument("--out", required=True, help="the dataset directory to write (new or empty)")
+    p.add_argument("--buckets", type=int, default=64, help="user hash buckets; a worker count must divide it "
+                   "(default 64)")
+    p.add_argument("--chunk-rows", type=int, default=250_000, help="source rows read at a time: memory grows "
+                   "with it, about 450 bytes a row (default 250000)")
+
     p = sub.add_parser("train", help="learn PinnerFormer and the TransAct ranker from an events file")
-    p.add_argument("--events", required=True, help="events file (canonical CSV/TSV/Parquet, KuaiRand, OTTO jsonl, MovieLens)")
+    p.add_argument("--events", required=True, help="events file (canonical CSV/TSV/Parquet, KuaiRand, OTTO jsonl, "
+                   "MovieLens) or a dataset directory written by seqrank convert")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--negative-actions", type=_csv, default=None, help="comma-separated negative actions, e.g. hate")
     p.add_argument("--config", default=None, help="JSON run config (see seqrank/config.py)")
@@ -138,6 +148,11 @@ def _main(argv: list[str]) -> int:
         if not store:
             parser.error("embed needs --store or $SEQRANK_STORE")
         write_embeddings(args.run, store, args.as_of_ms, args.events)
+    elif args.command == "convert":
+        from .data.parquet_events import convert_events
+        ds = convert_events(args.events, args.out, args.buckets, chunk_rows=args.chunk_rows)
+        print(f"{ds.meta['n_events']} events of {ds.meta['n_users']} users ({ds.meta['duplicates_dropped']} "
+              f"duplicate rows dropped) -> {ds.directory} ({ds.n_buckets} buckets)")
     elif args.command == "train":
         from .pipeline import train
         train(args.events, args.out, args.config, args.negative_actions, args.overrides)

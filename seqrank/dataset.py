@@ -5,6 +5,7 @@ Examples and serving requests go through the same seqrank.features functions; th
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -12,7 +13,7 @@ import pandas as pd
 
 from .config import RunConfig
 from .data.loaders import DataError, EventLog, add_sampled_negatives, load_events
-from .features import History, SequenceBatch, Vocabulary, build_sequences, index_history
+from .features import History, SequenceBatch, Vocabulary, as_bytes_array, build_sequences, index_history
 
 DAY_MS = 86_400_000
 
@@ -62,40 +63,35 @@ def future_window_ms(cfg: RunConfig, span_ms: int) -> int:
     return int(days * DAY_MS)
 
 
-def unseen_item_share(train_ev: pd.DataFrame, cfg: RunConfig) -> float:
-    """How many of the impressions a ranker will score show an item it never saw in training, estimated inside the
-    training period alone (its last test_fraction against the items of what came before), so the test period is
-    never looked at. The ranker's default candidate_oov_rate: KuaiRand 0.51 (the test period's own share: 0.48),
-    MovieLens 100K 0.015 (0.008)."""
-    inner_split = split_time_ms(train_ev, cfg)
-    seen = train_ev.item_id[train_ev.timestamp < inner_split].unique()
-    later = train_ev.loc[train_ev.timestamp >= inner_split, ["user_id", "item_id", "timestamp"]].drop_duplicates()
-    return float((~later.item_id.isin(seen)).mean()) if len(later) else 0.0
+MIN_USERS = 5  # a log with fewer users is refused (the split and the held-out PinnerFormer users need more)
 
 
 def load_log(events: str, cfg: RunConfig, negative_actions=None) -> EventLog:
-    log = load_events(events, negative_actions=negative_actions or cfg.data.negative_actions, min_users=5)
+    log = load_events(events, negative_actions=negative_actions or cfg.data.negative_actions, min_users=MIN_USERS)
     if not log.negative_actions and log.exposure_action is None:
         # Without hides or logged exposures every impression is positive: sample shown-but-not-engaged items.
         log = add_sampled_negatives(log, cfg.data.sampled_negatives_per_positive, seed=cfg.seed)
     return log
 
 
-def split_time_ms(events: pd.DataFrame, cfg: RunConfig) -> int:
-    """Train period < split time <= test period: the test period holds the last test_fraction of the events. A
-    quantile of the events, not of the time span: on a log whose activity is concentrated early, the last 20% of
-    the span can hold a handful of users (evaluate warns when an estimate rests on fewer than 100)."""
-    ts = np.sort(events.timestamp.to_numpy())
+def split_time_ms(ts_sorted: np.ndarray, cfg: RunConfig) -> int:
+    """Train period < split time <= test period: the test period holds the last test_fraction of the events (their
+    times, sorted ascending). A quantile of the events, not of the time span: on a log whose activity is concentrated
+    early, the last 20% of the span can hold a handful of users (evaluate warns when an estimate rests on fewer than
+    100)."""
+    ts = ts_sorted
     split = int(ts[min(len(ts) - 1, int(np.floor((1.0 - cfg.data.test_fraction) * len(ts))))])
     return max(split, int(ts[0]) + 1)
 
 
-def validation_events(events: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
-    """data.split "validation": the log without its test period, to be split again the same way. A choice (a
-    hyper-parameter, a variant) is made on the slice this makes, and the test split is looked at once per decision."""
+def validation_period(ts_sorted: np.ndarray, cfg: RunConfig) -> tuple[np.ndarray, int | None]:
+    """data.split "validation": the log without its test period (the times before the cutoff, and the cutoff), to be
+    split again the same way. A choice (a hyper-parameter, a variant) is made on the slice this makes, and the test
+    split is looked at once per decision. data.split "test": every time, no cutoff."""
     if cfg.data.split == "test":
-        return events
-    return events[events.timestamp < split_time_ms(events, cfg)].reset_index(drop=True)
+        return ts_sorted, None
+    cutoff = split_time_ms(ts_sorted, cfg)
+    return ts_sorted[:int(np.searchsorted(ts_sorted, cutoff))], cutoff
 
 
 def selection_start_ms(train_times: np.ndarray, cfg: RunConfig) -> int | None:
@@ -107,29 +103,112 @@ def selection_start_ms(train_times: np.ndarray, cfg: RunConfig) -> int | None:
     return int(ts[int(np.floor((1.0 - f) * len(ts)))])
 
 
-def prepare(log: EventLog, cfg: RunConfig) -> Prepared:
-    ev = validation_events(log.events, cfg)
-    log = replace(log, events=ev)
-    t0, t1 = int(ev.timestamp.min()), int(ev.timestamp.max())
-    split_time = split_time_ms(ev, cfg)
-    train_ev = ev[ev.timestamp < split_time]
-    if train_ev.user_id.nunique() < 2 or (ev.timestamp >= split_time).sum() == 0:
-        raise DataError("too few events on one side of the time split", file=log.source)
-    users = np.array(sorted(ev.user_id.unique()))
+def _item_bytes(item_ids) -> np.ndarray:
+    """Distinct item ids as a sorted bytes array (the vocabulary's form)."""
+    return np.unique(np.asarray(as_bytes_array(pd.unique(np.asarray(item_ids, dtype=object))), dtype="S"))
+
+
+class UnseenItems:
+    """unseen_item_share, accumulated over frames of disjoint users (the whole log, or one bucket at a time): how
+    many of the impressions a ranker will score show an item it never saw in training, estimated inside the training
+    period alone (its last test_fraction, from inner_split, against the items of what came before), so the test
+    period is never looked at. The ranker's default candidate_oov_rate: KuaiRand 0.51 (the test period's own share:
+    0.48), MovieLens 100K 0.015 (0.008)."""
+
+    def __init__(self, inner_split: int):
+        self.inner_split = inner_split
+        self.seen = np.zeros(0, dtype="S1")
+        self.later: list[tuple[np.ndarray, np.ndarray]] = []  # (items, impressions) of the later training period
+
+    def add(self, train_ev: pd.DataFrame) -> None:
+        early = train_ev.timestamp.to_numpy() < self.inner_split
+        self.seen = np.union1d(self.seen, _item_bytes(train_ev.item_id[early]))
+        later = train_ev.loc[~early, ["user_id", "item_id", "timestamp"]].drop_duplicates()
+        if len(later):
+            self.later.append(np.unique(np.asarray(as_bytes_array(later.item_id.to_numpy()), dtype="S"),
+                                        return_counts=True))
+
+    def share(self) -> float:
+        if not self.later:
+            return 0.0
+        items = np.concatenate([i for i, _ in self.later])
+        counts = np.concatenate([c for _, c in self.later])
+        return float(counts[~np.isin(items, self.seen)].sum() / counts.sum())
+
+
+def unseen_item_share(train_ev: pd.DataFrame, cfg: RunConfig) -> float:
+    """UnseenItems on a training period held in memory."""
+    unseen = UnseenItems(split_time_ms(np.sort(train_ev.timestamp.to_numpy()), cfg))
+    unseen.add(train_ev)
+    return unseen.share()
+
+
+@dataclass
+class LogFacts:
+    """What every user's examples share, computed over the whole log: by prepare() in memory, or by a streaming pass
+    over a dataset larger than memory (seqrank.streamed.scan_events) -- the same function (log_facts) either way."""
+    cutoff: int | None               # data.split validation: only the events before it are used
+    split_time: int
+    users: np.ndarray                # every user, sorted
+    pf_test_users: set[str]
+    vocab: Vocabulary
+    future_window_ms: int
+    unseen_item_share: float
+    selection_start: int | None
+
+
+def log_facts(ts_sorted: np.ndarray, frames, negative_actions, exposure_action, cutoff: int | None,
+              cfg: RunConfig, source: str) -> LogFacts:
+    """The facts of a log from the sorted times of its events (before the cutoff: validation_period) and those events
+    as canonical frames that each hold all events of their users (one frame, or one per bucket). Memory: the times
+    (8 bytes per event), one frame, the distinct users and items, and the time of every training impression."""
+    ts = ts_sorted
+    split_time = split_time_ms(ts, cfg)
+    n_train = int(np.searchsorted(ts, split_time))
+    if n_train == 0 or n_train == len(ts):
+        raise DataError("too few events on one side of the time split", file=source)
+    unseen = UnseenItems(split_time_ms(ts[:n_train], cfg))
+    users, actions, train_items, train_times, train_users = [], set(), np.zeros(0, dtype="S1"), [], 0
+    for ev in frames:
+        train_ev = ev[ev.timestamp.to_numpy() < split_time]
+        users.append(pd.unique(ev.user_id))
+        actions.update(pd.unique(ev.action).tolist())
+        train_users += train_ev.user_id.nunique()
+        train_items = np.union1d(train_items, _item_bytes(train_ev.item_id))
+        train_times.append(train_ev[["user_id", "item_id", "timestamp"]].drop_duplicates().timestamp.to_numpy())
+        unseen.add(train_ev)
+    if train_users < 2:
+        raise DataError("too few events on one side of the time split", file=source)
+    users = np.array(sorted(itertools.chain.from_iterable(users)))
     rng = np.random.default_rng(cfg.seed)
     n_test = max(1, int(round(cfg.data.pinnerformer_test_users * len(users))))
     pf_test_users = set(rng.choice(users, size=n_test, replace=False).tolist())
     # Items known to the models are those of the training period: later items are out of vocabulary, as in production.
-    vocab = Vocabulary.build(train_ev.item_id.to_numpy(), ev.action.unique(),
-                             log.negative_actions, log.exposure_action)
-    histories = {u: index_history(vocab, g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
+    vocab = Vocabulary.build(train_items, sorted(actions), negative_actions, exposure_action)
+    return LogFacts(cutoff, split_time, users, pf_test_users, vocab, future_window_ms(cfg, int(ts[-1] - ts[0])),
+                    unseen.share(), selection_start_ms(np.concatenate(train_times), cfg))
+
+
+def prepare(log: EventLog, cfg: RunConfig) -> Prepared:
+    """Every user's timeline and ranker examples, the whole log in memory."""
+    ts, cutoff = validation_period(np.sort(log.events.timestamp.to_numpy()), cfg)
+    ev = log.events if cutoff is None else log.events[log.events.timestamp < cutoff].reset_index(drop=True)
+    facts = log_facts(ts, [ev], log.negative_actions, log.exposure_action, cutoff, cfg, log.source)
+    return build_examples(replace(log, events=ev), facts, cfg)
+
+
+def build_examples(log: EventLog, facts: LogFacts, cfg: RunConfig) -> Prepared:
+    """The timelines and ranker examples of the users of log.events (every user, or one partition's), with the
+    facts of the whole log."""
+    ev = log.events
+    histories = {u: index_history(facts.vocab, g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
                  for u, g in ev.groupby("user_id", sort=True)}
-    impressions, labels = build_impressions(ev, vocab.heads, cfg.data.request_gap_s)
-    impressions["is_test"] = impressions.timestamp >= split_time
-    train_times = impressions.timestamp.to_numpy()[~impressions.is_test.to_numpy()]
-    return Prepared(log, vocab, split_time, users, histories, impressions, labels, pf_test_users,
-                    future_window_ms(cfg, t1 - t0), unseen_item_share(train_ev, cfg),
-                    selection_start_ms(train_times, cfg))
+    users = np.array(sorted(histories))
+    impressions, labels = build_impressions(ev, facts.vocab.heads, cfg.data.request_gap_s)
+    impressions["is_test"] = impressions.timestamp >= facts.split_time
+    return Prepared(log, facts.vocab, facts.split_time, users, histories, impressions, labels,
+                    facts.pf_test_users & set(histories), facts.future_window_ms, facts.unseen_item_share,
+                    facts.selection_start)
 
 
 def build_impressions(ev: pd.DataFrame, heads: list[str], request_gap_s: float):

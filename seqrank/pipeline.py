@@ -20,9 +20,10 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from . import metrics as M
 from .config import RunConfig
-from .dataset import Prepared, load_log, prepare
+from .dataset import Prepared
 from .features import FIRST_ID, N_CONTEXT, OOV
 from .models.pinnerformer import PinnerFormer
+from .streamed import prepare_events
 from .training import (RankerExamples, build_ranker, candidate_oov_rate, embed_users, item_table, predict,
                     seed_everything, train_pinnerformer, train_ranker)
 
@@ -89,13 +90,14 @@ def load_run(run: Path) -> tuple[RunConfig, dict, Prepared]:
     run = Path(run)
     cfg = RunConfig.load_saved(run)
     info = json.loads((run / "run.json").read_text())
-    prep = prepare(load_log(info["events"], cfg), cfg)
+    prep = prepare_events(info["events"], cfg)
     return cfg, info, prep
 
 
 def train(events: str, out: str | Path, config: str | None = None, negative_actions=None,
           overrides: list[str] | None = None) -> Path:
-    """Learn PinnerFormer and the TransAct ranker from an events file into the run directory `out`. `config`: a
+    """Learn PinnerFormer and the TransAct ranker from an events file or dataset directory (seqrank convert) into the
+    run directory `out`. `config`: a
     JSON run config; `overrides`: ["section.field=value", ...] applied on top (RunConfig.with_overrides)."""
     run = Path(out)
     cfg = RunConfig.load(config).with_overrides(overrides or [])
@@ -104,7 +106,7 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
         cfg.data.negative_actions = list(negative_actions)
     started = time.time()
     seed_everything(cfg.seed, cfg.threads)
-    prep = prepare(load_log(events, cfg), cfg)
+    prep = prepare_events(events, cfg)
     (run / "config.json").write_text(cfg.to_json())
     prep.vocab.save(run / "vocab")
     info = {"seqrank_version": __version__, "events": str(Path(events).resolve()), "split": cfg.data.split,

@@ -45,7 +45,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -238,6 +238,10 @@ class _Raw:
     table: pd.DataFrame
     rows: np.ndarray  # 1-based row / line numbers, aligned with table
     file: str
+    # Read in chunks, a file's time column is decided once: the unit the first chunk with numbers decided (_times
+    # records it in decided_time_unit) is handed to the later chunks as time_unit.
+    time_unit: str | None = None
+    decided_time_unit: str | None = None
 
     def fail(self, mask: np.ndarray, column: str, describe) -> None:
         """Raise a DataError for the first row where ``mask`` is true (``describe(position) -> message``)."""
@@ -246,9 +250,15 @@ class _Raw:
             raise DataError(describe(pos), file=self.file, row=int(self.rows[pos]), column=column)
 
 
+def _numbered(table: pd.DataFrame, first_row: int, file: str) -> _Raw:
+    """A table of consecutive data rows, the first of them data row ``first_row`` (1-based)."""
+    return _Raw(table, np.arange(first_row, first_row + len(table), dtype=np.int64), file)
+
+
 def _read_delimited(path: Path, compression: str | None, file: str, header_line: str,
-                    headerless_names: Sequence[str] | None, text_columns: Sequence[str] = ()) -> _Raw:
-    """Read CSV / TSV (or '::'-separated) text.
+                    headerless_names: Sequence[str] | None, text_columns: Sequence[str] = (),
+                    chunk_rows: int | None = None) -> Iterator[_Raw]:
+    """Read CSV / TSV (or '::'-separated) text: one table, or tables of ``chunk_rows`` rows.
 
     Columns whose lower-cased name is in ``text_columns`` (ids) are read as strings so "007" stays "007"; the
     others are left to pandas' fast type inference (a column with an unparseable or empty value comes back as
@@ -265,15 +275,22 @@ def _read_delimited(path: Path, compression: str | None, file: str, header_line:
         sep = "\t" if "\t" in header_line else ("," if "," in header_line else (";" if ";" in header_line else ","))
         source, comp = path, compression
     kwargs = dict(sep=sep, na_filter=False, encoding="utf-8-sig", compression=comp, engine="c",
-                  skip_blank_lines=True)
+                  skip_blank_lines=True, chunksize=chunk_rows)
     if headerless_names is not None:
         kwargs.update(header=None, names=list(headerless_names),
                       dtype={n: str for n in headerless_names if n.lower() in text_columns})
     else:
         header = next(csv.reader([header_line], delimiter=sep))
         kwargs["dtype"] = {h: str for h in header if h.strip().lower() in text_columns}
+    first_row = 1
     try:
-        table = pd.read_csv(source, **kwargs)
+        tables = pd.read_csv(source, **kwargs)
+        for table in ([tables] if chunk_rows is None else tables):
+            table.columns = [str(c).strip() for c in table.columns]
+            n = len(table)
+            yield _numbered(table, first_row, file)
+            del table  # not held while the next chunk is read
+            first_row += n
     except pd.errors.EmptyDataError:
         raise DataError("empty file (no data rows)", file=file) from None
     except pd.errors.ParserError as exc:
@@ -284,22 +301,35 @@ def _read_delimited(path: Path, compression: str | None, file: str, header_line:
         raise DataError(f"malformed row ({str(exc).strip().splitlines()[-1]})", file=file, row=row) from None
     except UnicodeDecodeError:
         raise DataError("is not UTF-8 text (unsupported or corrupt file)", file=file) from None
-    table.columns = [str(c).strip() for c in table.columns]
-    return _Raw(table, np.arange(1, len(table) + 1, dtype=np.int64), file)
 
 
-def _read_parquet(path: Path, file: str) -> _Raw:
+def _read_parquet(path: Path, file: str, chunk_rows: int | None = None) -> Iterator[_Raw]:
+    """A Parquet file: one table, or tables of ``chunk_rows`` rows (read a row group at a time)."""
     try:
-        table = pd.read_parquet(path)
+        if chunk_rows is None:
+            tables = [pd.read_parquet(path)]
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            parquet = pq.ParquetFile(path)
+            tables = (pa.Table.from_batches([b], schema=parquet.schema_arrow).to_pandas()
+                      for b in parquet.iter_batches(batch_size=chunk_rows))
+        first_row = 1
+        for table in tables:
+            table = table.reset_index(drop=True)
+            table.columns = [str(c).strip() for c in table.columns]
+            n = len(table)
+            yield _numbered(table, first_row, file)
+            del table  # not held while the next chunk is read
+            first_row += n
     except Exception as exc:  # pyarrow raises a variety of errors for corrupt files
         raise DataError(f"cannot read as Parquet ({exc})", file=file) from None
-    table = table.reset_index(drop=True)
-    table.columns = [str(c).strip() for c in table.columns]
-    return _Raw(table, np.arange(1, len(table) + 1, dtype=np.int64), file)
 
 
-def _read_json_lines(path: Path, compression: str | None, file: str, fmt: str | None) -> tuple[_Raw, str]:
-    """JSON lines: OTTO sessions (flattened to session, aid, ts, type) or flat records. Returns (raw, fmt)."""
+def _read_json_lines(path: Path, compression: str | None, file: str, fmt: str | None,
+                     chunk_rows: int | None = None) -> Iterator[tuple[_Raw, str]]:
+    """JSON lines: OTTO sessions (flattened to session, aid, ts, type) or flat records, as (raw, fmt): one table,
+    or a table per ``chunk_rows`` lines (OTTO: per ``chunk_rows`` events, whole sessions)."""
     sessions: list = []
     aids: list = []
     tss: list = []
@@ -308,6 +338,30 @@ def _read_json_lines(path: Path, compression: str | None, file: str, fmt: str | 
     records: list = []
     record_lines: list = []
     mode = None if fmt is None else ("otto" if fmt == "otto" else "records")
+    detected = None
+    columns: dict = {}  # records: every key seen so far, so a chunk without a key reports its rows as missing values
+
+    def table() -> tuple[_Raw, str]:
+        nonlocal detected
+        if mode == "otto":
+            frame = pd.DataFrame({"session": pd.Series(sessions, dtype=object),
+                                  "aid": pd.Series(aids, dtype=object), "ts": pd.Series(tss, dtype=object),
+                                  "type": pd.Series(types, dtype=object)})
+            raw = _Raw(frame, np.asarray(lines, dtype=np.int64), file)
+            for column in (sessions, aids, tss, types, lines):
+                column.clear()
+            return raw, "otto"
+        frame = pd.DataFrame.from_records(records)
+        columns.update(dict.fromkeys(frame.columns))
+        frame = frame.reindex(columns=list(columns))
+        detected = detected or fmt or _detect_from_columns(frame.columns)
+        if detected is None:
+            raise DataError(_cannot_detect(frame.columns), file=file)
+        raw = _Raw(frame, np.asarray(record_lines, dtype=np.int64), file)
+        records.clear()
+        record_lines.clear()
+        return raw, detected
+
     try:
         with _open_text(path, compression) as fh:
             for lineno, line in enumerate(fh, 1):
@@ -324,6 +378,8 @@ def _read_json_lines(path: Path, compression: str | None, file: str, fmt: str | 
                 if mode == "records":
                     records.append(obj)
                     record_lines.append(lineno)
+                    if chunk_rows is not None and len(records) >= chunk_rows:
+                        yield table()
                     continue
                 if "session" not in obj:
                     raise DataError("missing key 'session'", file=file, row=lineno, column="session")
@@ -340,19 +396,14 @@ def _read_json_lines(path: Path, compression: str | None, file: str, fmt: str | 
                     types.append(ev.get("type"))
                 sessions.extend([session] * len(events))
                 lines.extend([lineno] * len(events))
+                if chunk_rows is not None and len(lines) >= chunk_rows:
+                    yield table()
     except UnicodeDecodeError:
         raise DataError("is not UTF-8 text (unsupported or corrupt file)", file=file) from None
     if mode is None:
         raise DataError("empty file (no data rows)", file=file)
-    if mode == "otto":
-        table = pd.DataFrame({"session": pd.Series(sessions, dtype=object), "aid": pd.Series(aids, dtype=object),
-                              "ts": pd.Series(tss, dtype=object), "type": pd.Series(types, dtype=object)})
-        return _Raw(table, np.asarray(lines, dtype=np.int64), file), "otto"
-    table = pd.DataFrame.from_records(records)
-    detected = fmt or _detect_from_columns(table.columns)
-    if detected is None:
-        raise DataError(_cannot_detect(table.columns), file=file)
-    return _Raw(table, np.asarray(record_lines, dtype=np.int64), file), detected
+    if chunk_rows is None or lines or records:
+        yield table()
 
 
 def _cannot_detect(columns) -> str:
@@ -466,9 +517,16 @@ def _times(raw: _Raw, column: str, unit: str | None = None) -> np.ndarray:
     is_num = ~is_iso
     raw.fail(is_num & ~np.isfinite(numbers), column, lambda p: f"cannot parse {_short(s.iloc[p])} as a time")
     raw.fail(is_num & (numbers < 0), column, lambda p: f"negative time {_short(s.iloc[p])}")
+    if unit is None and raw.time_unit is not None:  # a later chunk of a file: its earlier rows decided
+        unit = raw.time_unit
+        if unit == "s":  # read whole, the file would be milliseconds; read in chunks, that is too late to decide
+            raw.fail(is_num & (numbers >= _SECONDS_BELOW), column,
+                     lambda p: f"{_short(s.iloc[p])} is a time in milliseconds, but the earlier rows hold seconds "
+                               f"(all below {_SECONDS_BELOW:.0e})")
     if unit is None:
         num_values = numbers[is_num]
         unit = "s" if num_values.size and bool(np.all(num_values < _SECONDS_BELOW)) else "ms"
+        raw.decided_time_unit = unit if num_values.size else None
     scale = 1000.0 if unit == "s" else 1.0
     if not is_iso.any() and unit == "ms" and pd.api.types.is_integer_dtype(s.dtype):
         ms = s.to_numpy(dtype=np.int64)  # exact, no float round trip
@@ -564,17 +622,24 @@ _DEFAULT_NEGATIVES = {"canonical": (), "kuairand": ("hate",), "otto": (), "movie
 # public API
 
 
-def load_events(path, fmt: str | None = None, negative_actions: Sequence[str] | None = None,
-                min_users: int = 2) -> EventLog:
-    """Load a raw event log into canonical form.
+@dataclass
+class EventChunk:
+    """Validated canonical rows of (a part of) a file: user_id, item_id, action, timestamp and _row (the 1-based
+    source row), in file order, exact duplicates not yet dropped."""
 
-    Args:
-        path: the file (CSV/TSV/Parquet/JSON lines, optionally gzip/bz2/xz compressed).
-        fmt: "canonical", "kuairand", "otto" or "movielens"; ``None`` detects it from the extension and header.
-        negative_actions: actions that are negative feedback. ``None`` uses the format's default (kuairand:
-            ("hate",), movielens: ("dislike",), otherwise none) restricted to actions present in the data; an
-            explicit list overrides it and each name must occur in the data.
-        min_users: the fewest distinct users the log must have (a split needs at least two).
+    frame: pd.DataFrame
+    fmt: str
+    exposure_action: str | None
+
+
+def read_event_chunks(path, fmt: str | None = None, chunk_rows: int | None = None) -> Iterator[EventChunk]:
+    """Read and validate a raw event log (every format of :func:`load_events`) as canonical chunks.
+
+    ``chunk_rows`` None: the whole file in one chunk (what load_events reads). Otherwise about ``chunk_rows``
+    source rows at a time (OTTO: events; whole sessions), so a file larger than memory is read in bounded memory.
+    The checks and errors are those of load_events, with one difference in chunks: a time column's unit (seconds
+    when every number is below 1e11) is decided by the first chunk with numbers, and a later row in milliseconds
+    after rows in seconds is a DataError naming it (read whole, the file would silently be milliseconds).
 
     Raises:
         DataError: for any problem with the file or its contents (names file, row and column).
@@ -594,22 +659,28 @@ def load_events(path, fmt: str | None = None, negative_actions: Sequence[str] | 
     base = _base_name(p)
     with open(p, "rb") as fh:
         is_parquet = fh.read(4) == b"PAR1"
-    exposure: str | None = None
+    no_rows = "no data rows"
+
+    def detect_parquet(raws: Iterator[_Raw]) -> Iterator[tuple[_Raw, str]]:
+        detected = None
+        for raw in raws:
+            detected = detected or fmt or _detect_from_columns(raw.table.columns)
+            if detected is None:
+                raise DataError(_cannot_detect(raw.table.columns), file=file)
+            if detected == "otto":
+                raise DataError("OTTO data must be JSON lines, not Parquet", file=file)
+            yield raw, detected
 
     if is_parquet or base.endswith((".parquet", ".pq")):
-        raw = _read_parquet(p, file)
-        detected = fmt or _detect_from_columns(raw.table.columns)
-        if detected is None:
-            raise DataError(_cannot_detect(raw.table.columns), file=file)
-        if detected == "otto":
-            raise DataError("OTTO data must be JSON lines, not Parquet", file=file)
+        raws = detect_parquet(_read_parquet(p, file, chunk_rows))
     else:
         first = _first_line(p, compression, file)
         if first is None:
             raise DataError("empty file (no data rows)", file=file)
         looks_json = first.lstrip().startswith("{") or base.endswith((".jsonl", ".json", ".ndjson"))
+        no_rows = "header only, no data rows" if not looks_json else "no data rows"
         if fmt == "otto" or (fmt is None and looks_json) or (fmt is not None and first.lstrip().startswith("{")):
-            raw, detected = _read_json_lines(p, compression, file, fmt)
+            raws = _read_json_lines(p, compression, file, fmt, chunk_rows)
         else:
             sep = "\t" if "\t" in first else ("," if "," in first else (";" if ";" in first else ","))
             fields = [f.strip() for f in (first.split("::") if "::" in first else first.split(sep))]
@@ -617,57 +688,103 @@ def load_events(path, fmt: str | None = None, negative_actions: Sequence[str] | 
             headerless = (fmt in (None, "movielens") and len(fields) == 4 and all(_is_number(f) for f in fields))
             if headerless:
                 detected = "movielens"
-                raw = _read_delimited(p, compression, file, first, _MOVIELENS_HEADERLESS,
-                                      text_columns=_TEXT_COLUMNS)
+                text = _read_delimited(p, compression, file, first, _MOVIELENS_HEADERLESS,
+                                       text_columns=_TEXT_COLUMNS, chunk_rows=chunk_rows)
             else:
                 header = [h.strip() for h in next(csv.reader([first], delimiter=sep))]
                 detected = fmt or _detect_from_columns(header)
                 if detected is None:
                     raise DataError(_cannot_detect(header), file=file)
-                raw = _read_delimited(p, compression, file, first, None, text_columns=_TEXT_COLUMNS)
-        if len(raw.table) == 0:
-            raise DataError("header only, no data rows" if not looks_json else "no data rows", file=file)
+                text = _read_delimited(p, compression, file, first, None, text_columns=_TEXT_COLUMNS,
+                                       chunk_rows=chunk_rows)
+            raws = ((raw, detected) for raw in text)
 
-    if len(raw.table) == 0:
-        raise DataError("no data rows", file=file)
-    if detected == "kuairand":
-        frame, exposure = _convert_kuairand(raw)
-    elif detected == "otto":
-        frame = _convert_otto(raw)
-    elif detected == "movielens":
-        frame = _convert_movielens(raw)
-    else:
-        frame = _convert_canonical(raw)
-    return _finish(frame, file, detected, exposure, negative_actions, min_users)
+    time_unit = None
+    n_rows = 0
+    for raw, detected in raws:
+        if len(raw.table) == 0:
+            continue
+        n_rows += len(raw.table)
+        raw.time_unit = time_unit
+        exposure = None
+        if detected == "kuairand":
+            frame, exposure = _convert_kuairand(raw)
+        elif detected == "otto":
+            frame = _convert_otto(raw)
+        elif detected == "movielens":
+            frame = _convert_movielens(raw)
+        else:
+            frame = _convert_canonical(raw)
+        time_unit = time_unit or raw.decided_time_unit
+        yield EventChunk(frame, detected, exposure)
+        del raw, frame  # not held while the next chunk is read
+    if n_rows == 0:
+        raise DataError(no_rows, file=file)
+
+
+def load_events(path, fmt: str | None = None, negative_actions: Sequence[str] | None = None,
+                min_users: int = 2) -> EventLog:
+    """Load a raw event log into canonical form.
+
+    Args:
+        path: the file (CSV/TSV/Parquet/JSON lines, optionally gzip/bz2/xz compressed).
+        fmt: "canonical", "kuairand", "otto" or "movielens"; ``None`` detects it from the extension and header.
+        negative_actions: actions that are negative feedback. ``None`` uses the format's default (kuairand:
+            ("hate",), movielens: ("dislike",), otherwise none) restricted to actions present in the data; an
+            explicit list overrides it and each name must occur in the data.
+        min_users: the fewest distinct users the log must have (a split needs at least two).
+
+    Raises:
+        DataError: for any problem with the file or its contents (names file, row and column).
+    """
+    (chunk,) = read_event_chunks(path, fmt)
+    file = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    return _finish(chunk.frame, file, chunk.fmt, chunk.exposure_action, negative_actions, min_users)
+
+
+def drop_duplicates_and_sort(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Canonical rows (and the _row column, if there) -> (events without exact duplicate rows, sorted by user, time,
+    item, action, with the index reset; the number of rows dropped)."""
+    before = len(frame)
+    frame = frame.drop_duplicates(subset=list(EVENT_COLUMNS), keep="first")
+    events = frame.sort_values(_SORT_KEYS, kind="mergesort").drop(columns="_row", errors="ignore")
+    events = events.reset_index(drop=True)
+    events["timestamp"] = events["timestamp"].astype(np.int64)
+    return events, before - len(frame)
+
+
+def resolve_negative_actions(present: set[str], fmt: str, exposure: str | None,
+                             negative_actions: Sequence[str] | None, file: str) -> tuple[str, ...]:
+    """The negative-feedback actions of a log whose actions are ``present``: ``None`` -> the format's default
+    restricted to present actions; an explicit list -> checked (each must occur; never the exposure action)."""
+    if negative_actions is None:
+        return tuple(a for a in _DEFAULT_NEGATIVES[fmt] if a in present)
+    if isinstance(negative_actions, str):
+        negative_actions = (negative_actions,)
+    negatives = tuple(dict.fromkeys(str(a) for a in negative_actions))
+    for a in negatives:
+        if a not in present:
+            raise DataError(f"negative action {a!r} never occurs in the data "
+                            f"(actions: {', '.join(sorted(present))})", file=file, column="action")
+    if exposure is not None and exposure in negatives:
+        raise DataError(f"{exposure!r} is the exposure action and cannot also be negative feedback",
+                        file=file, column="action")
+    return negatives
+
+
+def require_users(n_users: int, min_users: int, file: str) -> None:
+    """A split needs users on both sides: fail, naming user_id, for a log with fewer than ``min_users``."""
+    if n_users < min_users:
+        raise DataError(f"needs at least {min_users} users to split, found {n_users}", file=file,
+                        column="user_id")
 
 
 def _finish(frame: pd.DataFrame, file: str, fmt: str, exposure: str | None,
             negative_actions: Sequence[str] | None, min_users: int) -> EventLog:
-    before = len(frame)
-    frame = frame.drop_duplicates(subset=list(EVENT_COLUMNS), keep="first")
-    dropped = before - len(frame)
-    events = frame.sort_values(_SORT_KEYS, kind="mergesort").drop(columns="_row").reset_index(drop=True)
-    events["timestamp"] = events["timestamp"].astype(np.int64)
-
-    present = set(pd.unique(events["action"]).tolist())
-    if negative_actions is None:
-        negatives = tuple(a for a in _DEFAULT_NEGATIVES[fmt] if a in present)
-    else:
-        if isinstance(negative_actions, str):
-            negative_actions = (negative_actions,)
-        negatives = tuple(dict.fromkeys(str(a) for a in negative_actions))
-        for a in negatives:
-            if a not in present:
-                raise DataError(f"negative action {a!r} never occurs in the data "
-                                f"(actions: {', '.join(sorted(present))})", file=file, column="action")
-        if exposure is not None and exposure in negatives:
-            raise DataError(f"{exposure!r} is the exposure action and cannot also be negative feedback",
-                            file=file, column="action")
-
-    n_users = int(events["user_id"].nunique())
-    if n_users < min_users:
-        raise DataError(f"needs at least {min_users} users to split, found {n_users}", file=file,
-                        column="user_id")
+    events, dropped = drop_duplicates_and_sort(frame)
+    negatives = resolve_negative_actions(set(pd.unique(events["action"]).tolist()), fmt, exposure,
+                                         negative_actions, file)
+    require_users(int(events["user_id"].nunique()), min_users, file)
     return EventLog(events=events, source=file, fmt=fmt, duplicates_dropped=int(dropped),
                     negative_actions=negatives, exposure_action=exposure)
 
