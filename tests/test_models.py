@@ -728,3 +728,51 @@ def test_best_epoch_keeps_the_weights_of_the_lowest_selection_loss_and_survives_
     resumed.load_state_dict(best.state_dict())
     resumed.restore(model)
     assert model.weight.item() == 2.0 and resumed.best_epoch == 2
+
+
+def test_next_action_loss_by_hand():
+    """TransAct V2's auxiliary task: each engaged impression's sequence must pick its own item among the batch's
+    engaged items (in-batch softmax over the unique items); unengaged, negative-only and OOV impressions are no
+    targets."""
+    from seqrank.features import OOV
+    from seqrank.training import next_action_loss
+    torch.manual_seed(0)
+    cfg = TransActConfig(seq_len=6, next_action_loss_weight=0.5, dropout=0.0)
+    model = TransActRanker(cfg, np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32), 6, 4, N_CONTEXT,
+                           3).eval()
+    seq_item = torch.randint(2, 12, (5, 6))
+    seq_action = torch.randint(2, 6, (5, 6))
+    seq_mask = torch.ones(5, 6, dtype=torch.bool)
+    cand = torch.tensor([7, 9, 7, 4, OOV])
+    negative = torch.tensor([False, False, True])
+    labels = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=torch.float32)
+    # targets: rows 0, 1, 2 (row 3 only hated, row 4 is OOV); items {7, 9}; row 2 shares row 0's item
+    loss = next_action_loss(model, seq_item, seq_action, seq_mask, None, cand, labels, negative)
+    items = torch.tensor([7, 9])
+    scores = model.next_action_scores(seq_item[:3], seq_action[:3], seq_mask[:3], items)
+    expected = torch.nn.functional.cross_entropy(scores, torch.tensor([0, 1, 0]))
+    assert torch.allclose(loss, expected)
+    loss.backward()  # it trains the sequence encoder and its projection, not only a side head
+    assert model.next_action.weight.grad.abs().sum() > 0
+    assert model.encoder.layers[0].attn.qkv.weight.grad.abs().sum() > 0
+    # fewer than two targets: no loss
+    assert float(next_action_loss(model, seq_item, seq_action, seq_mask, None, cand,
+                                  labels * torch.tensor([0.0, 0.0, 1.0]), negative)) == 0.0
+
+
+def test_next_action_loss_changes_training_only_when_weighted(tiny_ranker_inputs, tmp_path):
+    """With weight 0 the ranker has no next-action projection (serving unchanged); with a weight it trains another
+    encoder, and the served forward ignores the projection."""
+    from seqrank.training import predict, seed_everything, train_ranker
+    cfg, prep, table, train_ex, test_ex = tiny_ranker_inputs
+    states, probs = {}, {}
+    for weight in (0.0, 0.1):
+        seed_everything(0, cfg.threads)
+        model = train_ranker(prep, replace(cfg.transact, next_action_loss_weight=weight), table,
+                             cfg.pinnerformer.dim, train_ex, 0, tmp_path / f"{weight}.pt")
+        states[weight], probs[weight] = _state(model), predict(model, test_ex)
+    assert not any(k.startswith("next_action") for k in states[0.0])
+    assert any(k.startswith("next_action") for k in states[0.1])
+    shared = {k: v for k, v in states[0.1].items() if not k.startswith("next_action")}
+    assert _differs(states[0.0], shared)
+    assert np.isfinite(probs[0.1]).all() and not np.allclose(probs[0.0], probs[0.1])

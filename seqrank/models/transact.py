@@ -7,7 +7,8 @@ r"""TransAct ranker (Xia et al., KDD 2023) inside the multi-task DCN v2 ranker o
                        first K rows + max-pool row -> flatten ((K + 1) x 96)
     [TransAct | raw sequence mean | PinnerFormer user emb | candidate emb | context] -> DCN v2 -> MLP -> one sigmoid
     per action. Beyond the paper, chosen on the validation split (config.py): the raw sequence mean (what the
-    avg_pool baseline sees) and K = 3.
+    avg_pool baseline sees) and K = 3. Optional, training only (transact.next_action_loss_weight, TransAct V2): the
+    next-action task, the sequence encoded with a zero candidate -> the item the impression engaged with.
 
 Request-level de-duplication: user-side inputs are [B, ...] (one row per request) and are broadcast over the
 request's N candidates inside the model, so they cross the wire and the host-to-device copy once per request.
@@ -115,6 +116,8 @@ class TransActRanker(nn.Module):
         if kind == "transact":
             self.encoder = TransActEncoder(cfg)
             seq_dim += self.encoder.out_dim
+            if cfg.next_action_loss_weight > 0:  # training only: the sequence alone -> the next engaged item
+                self.next_action = nn.Linear(self.encoder.out_dim, cfg.item_dim)
         dim = seq_dim + user_dim + cfg.item_dim + n_context
         self.cross = CrossNetworkV2(dim, cfg.cross_layers, cfg.cross_rank)
         mlp, prev = [], dim
@@ -127,6 +130,24 @@ class TransActRanker(nn.Module):
     def item_embedding(self, idx):
         return self.item_proj(self.item_table[idx])
 
+    def sequence_rows(self, seq_item, seq_action):
+        return torch.cat([self.action_emb(seq_action), self.item_embedding(seq_item)], dim=-1)  # [B,S,ds]
+
+    def attention_keys(self, seq_mask, attn_mask=None):
+        """Never a fully masked row: an empty history attends to position 0, and its output is zeroed."""
+        keys = seq_mask if attn_mask is None else attn_mask
+        first = torch.arange(seq_mask.shape[1], device=seq_mask.device) == 0
+        return keys | (first.unsqueeze(0) & ~keys.any(dim=1, keepdim=True))
+
+    def next_action_scores(self, seq_item, seq_action, seq_mask, items, attn_mask=None):
+        """TransAct V2's next-action task: the sequence encoded with a zero candidate, projected into the item
+        space, scores `items` [M] (cosine / 0.1) -> [B,M]."""
+        seq = self.sequence_rows(seq_item, seq_action)
+        null = seq.new_zeros(seq.shape[0], 1, self.cfg.item_dim)
+        user = self.encoder(seq, self.attention_keys(seq_mask, attn_mask), seq_mask, null)[:, 0]
+        u = nn.functional.normalize(self.next_action(user), dim=-1)
+        return u @ nn.functional.normalize(self.item_embedding(items), dim=-1).T / 0.1
+
     def logits(self, seq_item, seq_action, seq_mask, user_emb, context, cand_item, attn_mask=None):
         """attn_mask (training only): the time-window mask; masked actions are hidden from attention but keep
         their own rows, as in TransAct. Serving never passes it (it is not an ONNX input)."""
@@ -135,13 +156,9 @@ class TransActRanker(nn.Module):
         parts = []
         kind = self.cfg.sequence_encoder
         if kind != "no_sequence":
-            seq = torch.cat([self.action_emb(seq_action), self.item_embedding(seq_item)], dim=-1)  # [B,S,ds]
+            seq = self.sequence_rows(seq_item, seq_action)
             if kind == "transact":
-                # Never a fully masked row: an empty history attends to position 0, and its output is zeroed.
-                keys = seq_mask if attn_mask is None else attn_mask
-                first = torch.arange(seq_mask.shape[1], device=seq_mask.device) == 0
-                keys = keys | (first.unsqueeze(0) & ~keys.any(dim=1, keepdim=True))
-                parts.append(self.encoder(seq, keys, seq_mask, cand))
+                parts.append(self.encoder(seq, self.attention_keys(seq_mask, attn_mask), seq_mask, cand))
             if self.sequence_mean:  # once per request (padding excluded), broadcast over the candidates
                 m = seq_mask.unsqueeze(-1).to(seq.dtype)
                 avg = (seq * m).sum(1) / m.sum(1).clamp(min=1.0)
