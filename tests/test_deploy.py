@@ -372,6 +372,8 @@ def test_entrypoint_cpu_configuration_never_builds_an_engine(exported_repo, tmp_
     ({"SEQRANK_TRT": "require"}, "SEQRANK_TRT=require but no TensorRT engine"),
     ({"SEQRANK_TRT": "maybe"}, "SEQRANK_TRT must be"),
     ({"SEQRANK_MODEL_CONTROL": "poll"}, "SEQRANK_MODEL_CONTROL must be"),
+    ({"SEQRANK_WATCH_INTERVAL_S": "30"}, "SEQRANK_WATCH_INTERVAL_S needs SEQRANK_MODEL_CONTROL=explicit"),
+    ({"SEQRANK_WATCH_INTERVAL_S": "often"}, "must be integers"),
     ({"SEQRANK_ADMIN_KEY": "has space"}, "SEQRANK_ADMIN_KEY may only contain"),
     ({"SEQRANK_EXIT_TIMEOUT_S": "soon"}, "must be integers"),
 ])
@@ -589,8 +591,8 @@ class EntrypointServer:
 def entrypoint_server(exported_repo, tmp_path):
     servers = []
 
-    def start(**env):
-        server = EntrypointServer(exported_repo, tmp_path / f"server{len(servers)}", **env)
+    def start(repo: Path | None = None, **env):
+        server = EntrypointServer(repo or exported_repo, tmp_path / f"server{len(servers)}", **env)
         servers.append(server)
         server.wait_ready()
         return server
@@ -664,6 +666,56 @@ def test_explicit_model_control_rollout_drops_no_request(exported_repo, entrypoi
     with urllib.request.urlopen(request, timeout=30) as response:
         stats = json.loads(response.read())["model_stats"]
     assert [s["version"] for s in stats] == ["2"] and stats[0]["inference_count"] > 0
+
+
+def test_the_release_watcher_loads_a_refreshed_version_with_zero_failed_requests(exported_repo, entrypoint_server,
+                                                                                 tmp_path):
+    """docs/operations.md "Item refresh": the repository is shared with `seqrank refresh`; the entrypoint's watcher
+    (SEQRANK_WATCH_INTERVAL_S) loads the new release, ranker first, while canary requests run the whole time."""
+    from seqrank.refresh import refresh
+
+    shared = tmp_path / "shared"
+    repo, run = shared / "model_repository", shared / "run"
+    shutil.copytree(exported_repo, repo)
+    shutil.copytree(exported_repo.parent / "run", run)
+    server = entrypoint_server(repo, SEQRANK_MODEL_CONTROL="explicit", SEQRANK_WATCH_INTERVAL_S="1")
+    assert "refreshed releases every 1s" in server.log_path.read_text()
+    new = ["item003", "fresh-item"]
+    with pytest.raises(healthcheck.Unhealthy, match="came back out-of-vocabulary"):
+        healthcheck.canary(server.url, 30, repo, candidates=new)  # unknown before the release
+    results: list[str] = []
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                healthcheck.probe(server.url, "seqrank", repo, 8, 30)
+                results.append("ok")
+            except healthcheck.Unhealthy as err:
+                results.append(f"failed: {err}")
+
+    threads = [threading.Thread(target=traffic) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        t0 = 1_700_000_000_000
+        actions = {f"u{k}": (np.array(["fresh-item", f"item{k:03d}", "fresh-item"]), np.array(["like", "click", "like"]),
+                             np.array([t0 + k, t0 + 1000 + k, t0 + 2000 + k])) for k in range(4)}
+        assert refresh(run, repo, actions, max_steps=2)["version"] == 2
+        deadline = time.monotonic() + 180
+        while server.status("/v2/models/preprocess/versions/2/ready") != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert server.status("/v2/models/preprocess/versions/2/ready") == 200, server.log()
+    assert server.status("/v2/models/ranker/versions/2/ready") == 200
+    assert "release 2 loaded: ranker, then preprocess" in server.log_path.read_text()
+    failures = [r for r in results if r != "ok"]
+    assert len(results) >= 5 and not failures, f"{len(failures)} of {len(results)} failed: {failures[:3]}"
+    healthcheck.canary(server.url, 30, repo, candidates=new)  # the new item is in the vocabulary now
 
 
 # ---------------------------------------------------------------------------------------------------------------------

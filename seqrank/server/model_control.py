@@ -68,3 +68,48 @@ def load_in_order(server: str, models: Sequence[tuple[str, int]], admin_key: str
             if time.monotonic() >= deadline:
                 raise LoadError(f"{model}: version {version} is not ready on {server} after {timeout_s:g} s")
             time.sleep(0.1)
+
+
+def wait_live(server: str, timeout_s: float) -> None:
+    """Wait until the server answers ``/v2/health/live`` (it may still be starting)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if _request(f"http://{server}/v2/health/live", timeout_s=2.0)[0] == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise LoadError(f"{server} is not live after {timeout_s:g} s")
+        time.sleep(0.5)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m seqrank.server.model_control --server HOST:PORT MODEL:VERSION ...``: load in that order (the
+    admin key from $SEQRANK_ADMIN_KEY, never the command line). docker/entrypoint.sh's release watcher runs it."""
+    import argparse
+    import os
+    import sys
+    parser = argparse.ArgumentParser(prog="python -m seqrank.server.model_control", description=main.__doc__)
+    parser.add_argument("--server", required=True, help="HTTP host:port of the tritonserver")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per step (default 600)")
+    parser.add_argument("models", nargs="+", metavar="MODEL:VERSION")
+    args = parser.parse_args(argv)
+    models = []
+    for spec in args.models:
+        name, _, version = spec.rpartition(":")
+        if not name or not version.isdigit():
+            parser.error(f"expected MODEL:VERSION, got {spec!r}")
+        models.append((name, int(version)))
+    try:
+        wait_live(args.server, args.timeout)
+        load_in_order(args.server, models, os.environ.get("SEQRANK_ADMIN_KEY") or None, args.timeout)
+    except LoadError as err:
+        print(f"seqrank.server.model_control: {err}", file=sys.stderr)
+        return 1
+    print(f"loaded {', '.join(args.models)} on {args.server}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
