@@ -1468,22 +1468,68 @@ def test_a_refresh_cronjob_exists_exactly_when_seqrank_refresh_does():
         assert re.search(r"`seqrank refresh`[^\n]*not yet", DOCS.read_text())
 
 
+def test_refresh_cronjob_grows_the_repository_the_serving_pods_watch():
+    """docs/operations.md "Item refresh": seqrank-refresh runs after seqrank-embed, reads the store as the read-only
+    user, writes new versions into the shared repository; the Triton pods mount that volume read-only as
+    SEQRANK_REPOSITORY and load new releases themselves (explicit model control, the entrypoint's watcher)."""
+    cron, embed = find("CronJob", "seqrank-refresh"), find("CronJob", "seqrank-embed")
+    spec = cron["spec"]
+    minute, hour, *days = spec["schedule"].split()
+    e_minute, e_hour, *_ = embed["spec"]["schedule"].split()
+    assert days == ["*", "*", "*"] and (int(hour), int(minute)) > (int(e_hour), int(e_minute)), "daily, after embed"
+    assert spec["timeZone"] == "Etc/UTC" and spec["concurrencyPolicy"] == "Forbid"
+    job = spec["jobTemplate"]["spec"]
+    assert job["backoffLimit"] >= 1 and 3600 <= job["activeDeadlineSeconds"] < 24 * 3600
+    pod = pod_spec(cron)
+    (container,) = pod["containers"]
+    args, env = container["args"], {e["name"]: e for e in container["env"]}
+    assert args[:1] == ["refresh"] and args[args.index("--events") + 1] == "store"
+    parser_help = subprocess.run([tool("seqrank") or "seqrank", "refresh", "--help"], capture_output=True, text=True,
+                                 timeout=60).stdout
+    for flag in (a for a in args if a.startswith("--")):
+        assert flag in parser_help, f"seqrank refresh has no {flag}"
+    assert "--server" not in args, "the pods load new releases themselves: the job needs no route to Triton"
+    assert float(args[args.index("--max-seconds") + 1]) * 2 < job["activeDeadlineSeconds"]
+    assert store_user(container) == ("seqrank-reader", "reader-password")
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    repository = args[args.index("--repository") + 1]
+    models = next(p for p in mounts if repository.startswith(p + "/"))
+    claim = volumes[mounts[models]["name"]]["persistentVolumeClaim"]["claimName"]
+    assert find("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert not mounts[models].get("readOnly") and not mounts["/runs"].get("readOnly")  # writes RUN/refresh/<N>
+    (seed,) = pod["initContainers"]
+    assert "seqrank export" in seed["args"][0] and repository in seed["args"][0] and "mv" in seed["args"][0]
+    # the serving pods: that volume, read-only, as their repository; explicit model control with the watcher on
+    deployment = find("Deployment", "seqrank-triton")
+    triton, tpod = _container(), deployment["spec"]["template"]["spec"]
+    tenv = {e["name"]: e.get("value") for e in triton["env"]}
+    assert tenv["SEQRANK_REPOSITORY"] == repository
+    assert tenv["SEQRANK_MODEL_CONTROL"] == "explicit" and int(tenv["SEQRANK_WATCH_INTERVAL_S"]) > 0
+    tmount = next(m for m in triton["volumeMounts"] if repository.startswith(m["mountPath"] + "/"))
+    tvolume = next(v for v in tpod["volumes"] if v["name"] == tmount["name"])
+    assert tmount["readOnly"] is True and tvolume["persistentVolumeClaim"] == {"claimName": claim, "readOnly": True}
+    alerts = {r["alert"]: r for r in _rules() if "alert" in r}
+    assert 'cronjob="seqrank-refresh"' in alerts["SeqrankRefreshStale"]["expr"]
+    assert 'job_name=~"seqrank-refresh-.*"' in alerts["SeqrankRefreshJobFailed"]["expr"]
+
+
 def _selects(selector: dict, labels: dict) -> bool:
     return selector.items() <= labels.items()
 
 
 def test_network_policies_let_only_the_gateway_reach_inference_and_only_store_clients_reach_redis():
     pods = {d["metadata"]["name"]: pod_labels(d) for d in workloads()}
-    assert set(pods) == {"seqrank-triton", "seqrank-redis", "seqrank-ingest", "seqrank-embed"}
+    assert set(pods) == {"seqrank-triton", "seqrank-redis", "seqrank-ingest", "seqrank-embed", "seqrank-refresh"}
     gateway = {**GATEWAY, "app.kubernetes.io/name": "some-gateway"}
-    # Redis: exactly the serving pods, ingest and the embed job (and no gateway)
+    # Redis: exactly the serving pods, ingest, the embed and the refresh jobs (and no gateway)
     redis_policy = find("NetworkPolicy", "seqrank-redis")
     assert _selects(redis_policy["spec"]["podSelector"]["matchLabels"], pods["seqrank-redis"])
     (rule,) = redis_policy["spec"]["ingress"]
     selectors = [f["podSelector"]["matchLabels"] for f in rule["from"]]
     assert all(f.keys() == {"podSelector"} for f in rule["from"])
     admitted = {name for name, labels in pods.items() if any(_selects(s, labels) for s in selectors)}
-    assert admitted == {"seqrank-triton", "seqrank-ingest", "seqrank-embed"}
+    assert admitted == {"seqrank-triton", "seqrank-ingest", "seqrank-embed", "seqrank-refresh"}
     assert not any(_selects(s, gateway) for s in selectors)
     assert [p["port"] for p in rule["ports"]] == [6379]
     # inference: the gateway only, none of our own workloads
@@ -1501,7 +1547,8 @@ def test_network_policies_let_only_the_gateway_reach_inference_and_only_store_cl
              if (name := d["metadata"]["name"]) != "seqrank-redis"}
     assert users == {"seqrank-triton": ("seqrank-reader", "reader-password"),
                      "seqrank-ingest": ("seqrank-writer", "writer-password"),
-                     "seqrank-embed": ("seqrank-writer", "writer-password")}
+                     "seqrank-embed": ("seqrank-writer", "writer-password"),
+                     "seqrank-refresh": ("seqrank-reader", "reader-password")}
 
 
 def test_prometheus_alerts_on_store_fallbacks_and_on_stale_embeddings():
