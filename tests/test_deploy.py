@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -602,6 +603,32 @@ def entrypoint_server(exported_repo, tmp_path):
         server.stop()
 
 
+@contextmanager
+def canary_traffic(server: EntrypointServer, repo: Path, threads: int = 2):
+    """Canary rankings (docker/healthcheck.py, no retries) from `threads` threads until the block ends; yields the
+    list of outcomes: "ok" or "failed: <why>"."""
+    results: list[str] = []
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                healthcheck.probe(server.url, "seqrank", repo, 8, 30)
+                results.append("ok")
+            except healthcheck.Unhealthy as err:
+                results.append(f"failed: {err}")
+
+    workers = [threading.Thread(target=traffic) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(timeout=60)
+
+
 def test_canary_passes_on_the_real_server_and_fails_on_a_dead_stub_that_health_misses(exported_repo,
                                                                                        entrypoint_server):
     server = entrypoint_server()
@@ -626,21 +653,7 @@ def test_explicit_model_control_rollout_drops_no_request(exported_repo, entrypoi
     server = entrypoint_server(SEQRANK_MODEL_CONTROL="explicit")
     ranker = server.workdir / "model_repository" / "ranker"
     config = ranker / "configs" / "cpu.pbtxt"  # the config this server uses for the ranker
-    results: list[str] = []
-    stop = threading.Event()
-
-    def traffic():
-        while not stop.is_set():
-            try:
-                healthcheck.probe(server.url, "seqrank", exported_repo, 8, 30)
-                results.append("ok")
-            except healthcheck.Unhealthy as err:
-                results.append(f"failed: {err}")
-
-    threads = [threading.Thread(target=traffic) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    with canary_traffic(server, exported_repo) as results:
         time.sleep(1)
         (ranker / "2").mkdir()
         for name in ("model.onnx", "model_cpu.onnx", "model_cpu.py"):
@@ -656,10 +669,6 @@ def test_explicit_model_control_rollout_drops_no_request(exported_repo, entrypoi
         assert server.status("/v2/models/ranker/versions/1/ready") != 200
         assert server.status("/v2/models/ranker/versions/2/ready") == 200
         time.sleep(1.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
     failures = [r for r in results if r != "ok"]
     assert len(results) >= 5 and not failures, f"{len(failures)} of {len(results)} failed: {failures[:3]}"
     request = urllib.request.Request(f"http://{server.url}/v2/models/ranker/stats", headers={"admin-key": ADMIN_KEY})
@@ -683,21 +692,7 @@ def test_the_release_watcher_loads_a_refreshed_version_with_zero_failed_requests
     new = ["item003", "fresh-item"]
     with pytest.raises(healthcheck.Unhealthy, match="came back out-of-vocabulary"):
         healthcheck.canary(server.url, 30, repo, candidates=new)  # unknown before the release
-    results: list[str] = []
-    stop = threading.Event()
-
-    def traffic():
-        while not stop.is_set():
-            try:
-                healthcheck.probe(server.url, "seqrank", repo, 8, 30)
-                results.append("ok")
-            except healthcheck.Unhealthy as err:
-                results.append(f"failed: {err}")
-
-    threads = [threading.Thread(target=traffic) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    with canary_traffic(server, repo) as results:
         t0 = 1_700_000_000_000
         actions = {f"u{k}": (np.array(["fresh-item", f"item{k:03d}", "fresh-item"]), np.array(["like", "click", "like"]),
                              np.array([t0 + k, t0 + 1000 + k, t0 + 2000 + k])) for k in range(4)}
@@ -706,10 +701,6 @@ def test_the_release_watcher_loads_a_refreshed_version_with_zero_failed_requests
         while server.status("/v2/models/preprocess/versions/2/ready") != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(1.0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
     assert server.status("/v2/models/preprocess/versions/2/ready") == 200, server.log()
     assert server.status("/v2/models/ranker/versions/2/ready") == 200
     assert "release 2 loaded: ranker, then preprocess" in server.log_path.read_text()
@@ -1482,7 +1473,7 @@ def test_refresh_cronjob_grows_the_repository_the_serving_pods_watch():
     assert job["backoffLimit"] >= 1 and 3600 <= job["activeDeadlineSeconds"] < 24 * 3600
     pod = pod_spec(cron)
     (container,) = pod["containers"]
-    args, env = container["args"], {e["name"]: e for e in container["env"]}
+    args = container["args"]
     assert args[:1] == ["refresh"] and args[args.index("--events") + 1] == "store"
     parser_help = subprocess.run([tool("seqrank") or "seqrank", "refresh", "--help"], capture_output=True, text=True,
                                  timeout=60).stdout

@@ -11,7 +11,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -19,12 +18,17 @@ import pytest
 import torch
 
 from seqrank.client import RankingClient
-from seqrank.features import Vocabulary
-from seqrank.refresh import version_numbers
-from seqrank.server.model_control import version_ready
+from seqrank.config import RunConfig
+from seqrank.exporting import export_run, load_user_tower
+from seqrank.features import OOV, Vocabulary, index_history
+from seqrank.refresh import Budget, RefreshError, item_state_dir, refresh, rollback, version_numbers
+from seqrank.server.model_control import LoadError, load_in_order, version_ready
 from seqrank.store import Action, open_store
+from seqrank.training import embed_users
 
 from conftest import ENSEMBLE_MODELS
+from run_fixture import DAY_MS as DAY
+from test_faults import Load
 
 NEW_ITEM, UNKNOWN_ITEM, NEW_USER = "refresh-new-item", "never-in-any-log", "refresh-new-user"
 
@@ -34,41 +38,6 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert result.returncode == 0, result.stdout + result.stderr
     return result
-
-
-class Traffic:
-    """Client threads ranking without pause; every failed request is kept (no client retries: one failure counts)."""
-
-    def __init__(self, url: str, requests: list[tuple], threads: int = 2):
-        self.url, self.requests = url, requests
-        self.results: list[str] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(threads)]
-
-    def _run(self, k: int) -> None:
-        with RankingClient(self.url, "grpc", timeout_s=30, retries=0) as client:
-            i = k
-            while not self.stop.is_set():
-                user, candidates = self.requests[i % len(self.requests)]
-                i += 1
-                try:
-                    client.rank(user, candidates)
-                    self.results.append("ok")
-                except Exception as err:  # noqa: BLE001 - any failure is the finding
-                    self.results.append(f"{type(err).__name__}: {err}")
-
-    def __enter__(self) -> "Traffic":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
-
-    def failures(self) -> list[str]:
-        return [r for r in self.results if r != "ok"]
 
 
 def _wait(predicate, timeout_s: float) -> bool:
@@ -117,7 +86,8 @@ def test_refresh_reaches_a_running_server_with_zero_failed_requests(refreshed_co
         assert _scores(before, NEW_ITEM) == _scores(before, UNKNOWN_ITEM)  # both the OOV row, bitwise
         assert before.sequence_source == "store" and before.embedding_source == "none"
 
-        traffic = Traffic(server.grpc_url, [(NEW_USER, candidates), (users[0], candidates), (users[1], known)])
+        traffic = Load(server.grpc_url, [(NEW_USER, candidates), (users[0], candidates), (users[1], known)],
+                       threads=2, retries=0)  # no retries: one failed request counts
         with traffic:
             time.sleep(1.0)
             _cli("embed", "--run", str(run), env={"SEQRANK_STORE": store_url})
@@ -126,8 +96,8 @@ def test_refresh_reaches_a_running_server_with_zero_failed_requests(refreshed_co
             assert "-> version 2 of" in out.stdout, out.stdout
             time.sleep(1.5)
         failures = traffic.failures()
-        assert len(traffic.results) >= 10 and not failures, \
-            f"{len(failures)} of {len(traffic.results)} requests failed: {failures[:3]}\n{server.log_text()[-3000:]}"
+        assert traffic.ok_count() >= 10 and not failures, \
+            f"{len(failures)} requests failed, {traffic.ok_count()} ok: {failures[:3]}\n{server.log_text()[-3000:]}"
         assert version_ready(server.http_url, "ranker", 2) and version_ready(server.http_url, "preprocess", 2)
         assert not version_ready(server.http_url, "ranker", 1)  # version_policy latest 1: the old one is unloaded
         vocab = Vocabulary.load(repo / "preprocess" / "2" / "tables")
@@ -141,11 +111,11 @@ def test_refresh_reaches_a_running_server_with_zero_failed_requests(refreshed_co
         assert after.embedding_source == "store"  # written by `seqrank embed` for the user first seen today
 
         # Rollback: preprocess goes back to the old vocabulary first, then the ranker to the smaller table.
-        with Traffic(server.grpc_url, [(NEW_USER, candidates), (users[0], known)]) as rollback:
+        with Load(server.grpc_url, [(NEW_USER, candidates), (users[0], known)], threads=2, retries=0) as rollback:
             time.sleep(0.5)
             _cli("refresh", "--rollback", "--run", str(run), "--repository", str(repo), "--server", server.http_url)
             time.sleep(1.0)
-        assert len(rollback.results) >= 5 and not rollback.failures(), rollback.failures()[:3]
+        assert rollback.ok_count() >= 5 and not rollback.failures(), rollback.failures()[:3]
         assert version_numbers(repo / "preprocess") == version_numbers(repo / "ranker") == [1]
         assert not (run / "refresh" / "2").exists()
         assert _wait(lambda: not version_ready(server.http_url, "ranker", 2), 30)
@@ -157,19 +127,14 @@ def test_refresh_reaches_a_running_server_with_zero_failed_requests(refreshed_co
 # Without a server: what the refresh learns and writes (a tiny trained run)
 # ----------------------------------------------------------------------------------------------------------------------
 
-from seqrank.config import RunConfig  # noqa: E402
-from seqrank.exporting import export_run, load_user_tower  # noqa: E402
-from seqrank.features import OOV, index_history  # noqa: E402
-from seqrank.refresh import Budget, RefreshError, item_state_dir, refresh, rollback  # noqa: E402
-from seqrank.training import embed_users  # noqa: E402
-
-from test_embed_job import DAY, tiny_run  # noqa: E402,F401 (fixture)
-
 
 @pytest.fixture(scope="module")
-def tiny_exported(tiny_run):  # noqa: F811
-    export_run(tiny_run, tiny_run.parent / "model_repository")
-    return tiny_run, tiny_run.parent / "model_repository"
+def tiny_exported(tiny_run, tmp_path_factory):
+    """The tiny run with its exported repository (copied: the session's run stays as trained)."""
+    root = tmp_path_factory.mktemp("tiny-exported")
+    shutil.copytree(tiny_run, root / "run")
+    export_run(root / "run", root / "model_repository")
+    return root / "run", root / "model_repository"
 
 
 @pytest.fixture
@@ -314,7 +279,6 @@ def test_refresh_command_line_errors_name_the_argument(tiny):
 
 
 def test_load_in_order_uses_the_admin_key_and_names_a_refused_model(start_server, toy_repository):
-    from seqrank.server.model_control import LoadError, load_in_order
     server = start_server(toy_repository, model_control_mode="explicit", restricted_api_key="k")
     with pytest.raises(LoadError, match="echo_double: .* refused the load \\(HTTP 403\\)"):
         load_in_order(server.http_url, [("echo_double", 1)])
