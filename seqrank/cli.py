@@ -167,23 +167,23 @@ def _main(argv: list[str]) -> int:
 
 def _refresh(parser, args) -> int:
     import os
-    from .pipeline import todays_actions
-    from .refresh import DEFAULT_MAX_SECONDS, DEFAULT_MAX_STEPS, refresh, rollback
     key = None
     if args.admin_key_env:
         key = os.environ.get(args.admin_key_env)
         if not key:
             parser.error(f"environment variable {args.admin_key_env} is empty or unset")
+    if args.events is None and not args.rollback:
+        parser.error("refresh needs --events FILE or --events store (or --rollback)")
+    url = args.store or os.environ.get("SEQRANK_STORE")
+    if args.events == "store" and not url:
+        parser.error("refresh --events store needs --store or $SEQRANK_STORE")
+    from .pipeline import todays_actions
+    from .refresh import DEFAULT_MAX_SECONDS, DEFAULT_MAX_STEPS, refresh, rollback
     if args.rollback:
         rollback(args.run, args.repository, args.servers, key)
         return 0
-    if args.events is None:
-        parser.error("refresh needs --events FILE or --events store (or --rollback)")
     if args.events == "store":
         from .store import open_store
-        url = args.store or os.environ.get("SEQRANK_STORE")
-        if not url:
-            parser.error("refresh --events store needs --store or $SEQRANK_STORE")
         with open_store(url, timeout_s=5.0) as store:
             actions = todays_actions(store=store)
     else:

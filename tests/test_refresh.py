@@ -21,6 +21,7 @@ from seqrank.client import RankingClient
 from seqrank.config import RunConfig
 from seqrank.exporting import export_run, load_user_tower
 from seqrank.features import OOV, Vocabulary, index_history
+from seqrank.pipeline import write_embeddings
 from seqrank.refresh import Budget, RefreshError, item_state_dir, refresh, rollback, version_numbers
 from seqrank.server.model_control import LoadError, load_in_order, version_ready
 from seqrank.store import Action, open_store
@@ -253,7 +254,7 @@ def test_embed_reads_the_refreshed_items(tiny, tmp_path):
     mine = [("new-a", "like", 20 * DAY), ("i3", "click", 20 * DAY + 1)]
     with open_store(url) as store:
         store.append([Action("fresh", *a) for a in mine])
-    _cli("embed", "--run", str(run), "--store", url, "--as-of-ms", str(20 * DAY + 2))
+    write_embeddings(run, url, as_of_ms=20 * DAY + 2)
     with open_store(url) as store:
         got = store.get_embeddings(["fresh"])[0][0]
     cfg, state = RunConfig.load_saved(run), run / "refresh" / "2"
@@ -270,11 +271,13 @@ def test_embed_reads_the_refreshed_items(tiny, tmp_path):
 def test_refresh_command_line_errors_name_the_argument(tiny):
     run, repo = tiny
     for args, message in ((["--repository", str(repo)], "needs --events"),
+                          (["--repository", str(repo), "--events", "store"], "needs --store or $SEQRANK_STORE"),
                           (["--repository", str(repo), "--events", "x.csv", "--server", "h:1", "--admin-key-env",
                             "SEQRANK_UNSET_KEY_VAR"], "SEQRANK_UNSET_KEY_VAR is empty or unset")):
         result = subprocess.run([sys.executable, "-m", "seqrank.cli", "refresh", "--run", str(run), *args],
                                 capture_output=True, text=True, timeout=120,
-                                env={k: v for k, v in os.environ.items() if k != "SEQRANK_UNSET_KEY_VAR"})
+                                env={k: v for k, v in os.environ.items()
+                                     if k not in ("SEQRANK_UNSET_KEY_VAR", "SEQRANK_STORE")})
         assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
