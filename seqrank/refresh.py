@@ -202,6 +202,49 @@ def window_of(cfg: RunConfig, info: dict) -> int:
     return int(float(days) * DAY_MS)
 
 
+@dataclass
+class Learned:
+    """What learn_new_items produced: the grown vocabulary, the user tower with the learned rows, the ranker's item
+    table grown to match, the ids added, and how the training went."""
+    vocab: Vocabulary
+    tower: PinnerFormer
+    table: np.ndarray
+    new_ids: np.ndarray
+    users: int
+    steps: int
+    epochs: int
+    seconds: float
+
+
+def learn_new_items(run: Path, base_dir: Path, actions: dict[str, tuple], max_steps: int = DEFAULT_MAX_STEPS,
+                    max_seconds: float = DEFAULT_MAX_SECONDS) -> Learned | None:
+    """Rows for the items of ``actions`` (user -> (item ids, action names, timestamps ms)) unknown to the item state
+    in ``base_dir`` (item_state_dir), learned on top of it; None when there is no item to learn."""
+    run = Path(run)
+    cfg = RunConfig.load_saved(run)
+    base = Vocabulary.load(Path(base_dir) / "vocab", mmap=False)
+    trained_rows = Vocabulary.load(run / "vocab").n_items  # the training vocabulary's rows: frozen
+    newest = max((int(np.max(ts)) for _, _, ts in actions.values() if len(ts)), default=None)
+    if newest is None:
+        return None
+    before = newest + 1  # every action counts
+    window_ms = window_of(cfg, json.loads((run / "run.json").read_text()))
+    new_ids = learnable_items(base, actions, trained_rows, before, window_ms)
+    if new_ids.size == 0:
+        return None
+    vocab, _ = base.append_items(new_ids)
+    histories = {u: index_history(vocab, *a) for u, a in actions.items()}
+    data = dense_targets(histories, vocab, _touching(histories, trained_rows), before, window_ms)
+    tower = grown_user_tower(load_user_tower(base_dir, cfg, base), vocab.n_items, trained_rows)
+    budget = Budget(max_steps, max_seconds)
+    epochs = learn_rows(tower, data, cfg.pinnerformer, cfg.seed, budget)
+    seconds = budget.elapsed
+    with torch.no_grad():
+        learned = tower.item_embeddings(torch.arange(trained_rows, vocab.n_items)).numpy()
+    table = np.concatenate([np.load(Path(base_dir) / "item_table.npy")[:trained_rows], learned]).astype(np.float32)
+    return Learned(vocab, tower, table, new_ids, len(data.users), budget.steps, epochs, seconds)
+
+
 def refresh(run: Path, repository: Path, actions: dict[str, tuple], max_steps: int = DEFAULT_MAX_STEPS,
             max_seconds: float = DEFAULT_MAX_SECONDS, servers: Sequence[str] = (),
             admin_key: str | None = None) -> dict:
@@ -212,45 +255,27 @@ def refresh(run: Path, repository: Path, actions: dict[str, tuple], max_steps: i
     started = time.monotonic()
     run, repository = Path(run), Path(repository)
     cfg = RunConfig.load_saved(run)
-    info = json.loads((run / "run.json").read_text())
     served = version_numbers(repository / "preprocess")
     if not served or not version_numbers(repository / "ranker"):
         raise RefreshError(f"{repository}: not an exported model repository (no preprocess/ or ranker/ versions)")
     base_version = served[-1]
     version = max(base_version, version_numbers(repository / "ranker")[-1]) + 1
     base_dir = item_state_dir(run, base_version)
-    base = Vocabulary.load(base_dir / "vocab", mmap=False)
-    served_vocab = Vocabulary.load(repository / "preprocess" / str(base_version) / "tables")
-    if served_vocab.n_items != base.n_items:
-        raise RefreshError(f"{repository}/preprocess/{base_version}: {served_vocab.n_items} item rows, but the run's "
-                           f"item state {base_dir} has {base.n_items}: the repository was not exported from {run}")
-    trained_rows = Vocabulary.load(run / "vocab").n_items  # the training vocabulary's rows: frozen
-    newest = max((int(np.max(ts)) for _, _, ts in actions.values() if len(ts)), default=None)
+    base_items = Vocabulary.load(base_dir / "vocab").n_items
+    served_items = Vocabulary.load(repository / "preprocess" / str(base_version) / "tables").n_items
+    if served_items != base_items:
+        raise RefreshError(f"{repository}/preprocess/{base_version}: {served_items} item rows, but the run's item "
+                           f"state {base_dir} has {base_items}: the repository was not exported from {run}")
     summary = {"run": str(run), "repository": str(repository), "base_version": base_version, "version": None,
                "users": len(actions), "new_items": 0}
-    if newest is None:
-        return summary
-    before = newest + 1  # every action counts
-    window_ms = window_of(cfg, info)
-    new_ids = learnable_items(base, actions, trained_rows, before, window_ms)
-    summary["new_items"] = int(new_ids.size)
-    if new_ids.size == 0:
+    learned = learn_new_items(run, base_dir, actions, max_steps, max_seconds)
+    if learned is None:
         _log.info("refresh: no new item to learn in %d users' actions; nothing published", len(actions))
         return summary
-
-    vocab, _ = base.append_items(new_ids)
-    histories = {u: index_history(vocab, *a) for u, a in actions.items()}
-    data = dense_targets(histories, vocab, _touching(histories, trained_rows), before, window_ms)
-    tower = grown_user_tower(load_user_tower(base_dir, cfg, base), vocab.n_items, trained_rows)
-    budget = Budget(max_steps, max_seconds)
-    epochs = learn_rows(tower, data, cfg.pinnerformer, cfg.seed, budget)
-    train_seconds = budget.elapsed
-    with torch.no_grad():
-        learned = tower.item_embeddings(torch.arange(trained_rows, vocab.n_items)).numpy()
-    table = np.concatenate([np.load(base_dir / "item_table.npy")[:trained_rows], learned]).astype(np.float32)
+    vocab = learned.vocab
 
     ranker, _, _ = load_ranker(run)
-    ranker.item_table = torch.as_tensor(table)
+    ranker.item_table = torch.as_tensor(learned.table)
     ranker_dir, preprocess_dir = repository / "ranker", repository / "preprocess"
     staged_ranker = _fresh_dir(ranker_dir / f".staging-{version}")
     _copy_code(ranker_dir / str(version_numbers(ranker_dir)[-1]), staged_ranker)
@@ -262,11 +287,12 @@ def refresh(run: Path, repository: Path, actions: dict[str, tuple], max_steps: i
         shutil.copy2(preprocess_dir / str(base_version) / "tables" / name, staged_pre / "tables" / name)
     staged_state = _fresh_dir(run / REFRESH_DIR / f".staging-{version}")
     vocab.save(staged_state / "vocab")
-    save_file(tower.state_dict(), staged_state / "pinnerformer.safetensors")
-    np.save(staged_state / "item_table.npy", table)
-    summary.update(version=version, n_items=vocab.n_items, trained_rows=trained_rows,
-                   learning_users=len(data.users), steps=budget.steps, epochs=epochs,
-                   train_seconds=round(train_seconds, 2), max_steps=max_steps, max_seconds=max_seconds,
+    save_file(learned.tower.state_dict(), staged_state / "pinnerformer.safetensors")
+    np.save(staged_state / "item_table.npy", learned.table)
+    summary.update(version=version, new_items=int(learned.new_ids.size), n_items=vocab.n_items,
+                   trained_rows=Vocabulary.load(run / "vocab").n_items, learning_users=learned.users,
+                   steps=learned.steps, epochs=learned.epochs, train_seconds=round(learned.seconds, 2),
+                   max_steps=max_steps, max_seconds=max_seconds,
                    parity_max_abs_diff=max(p["max_abs_diff"] for p in exported["parity"] + exported["cpu_parity"]))
     (staged_state / "refresh.json").write_text(json.dumps(summary, indent=2))
 
@@ -283,8 +309,8 @@ def refresh(run: Path, repository: Path, actions: dict[str, tuple], max_steps: i
         summary["loaded_on"] = list(servers)
     summary["seconds"] = round(time.monotonic() - started, 2)
     (run / REFRESH_DIR / str(version) / "refresh.json").write_text(json.dumps(summary, indent=2))
-    print(f"refresh: {summary['new_items']} new items learned from {len(data.users)} users in {budget.steps} steps "
-          f"({train_seconds:.1f} s) -> version {version} of {repository}"
+    print(f"refresh: {summary['new_items']} new items learned from {learned.users} users in {learned.steps} steps "
+          f"({learned.seconds:.1f} s) -> version {version} of {repository}"
           + (f", loaded on {', '.join(servers)}" if servers else ""))
     return summary
 
