@@ -112,6 +112,8 @@ ACTIVE=$RANKER/config.pbtxt
 if [[ -n $CONFIG_NAME && -f $RANKER/configs/$CONFIG_NAME.pbtxt ]]; then
   ACTIVE=$RANKER/configs/$CONFIG_NAME.pbtxt
 fi
+ENGINE_CONFIG=$WORKDIR/ranker-engine-config.pbtxt # what engines are built from: ACTIVE is replaced by a plan config
+cp "$ACTIVE" "$ENGINE_CONFIG"
 
 # --- 2. TensorRT engine for this GPU -----------------------------------------------------------------------------------
 trt_reason=""
@@ -131,7 +133,7 @@ build_engine() { # ranker/$1 -> $RANKER/$1/model.plan for this GPU; sets trt_rea
     trt_reason="ranker/$1 has no model.onnx"
     return 1
   fi
-  out=$("$PYTHON" "$BUILD_TRT" --onnx "$onnx" --repository "$SRC_REPO" --config "$ACTIVE" \
+  out=$("$PYTHON" "$BUILD_TRT" --onnx "$onnx" --repository "$SRC_REPO" --config "$ENGINE_CONFIG" \
     --cache-dir "$TRT_CACHE" --fp16 --workspace "$TRT_WORKSPACE_MIB") || rc=$?
   plan=$(printf '%s\n' "$out" | tail -n 1)
   if [[ $rc -eq 0 && -f $plan ]]; then

@@ -5,8 +5,8 @@ weights_only=True) and resumable: re-running the same command continues from the
 """
 from __future__ import annotations
 
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
