@@ -1,4 +1,4 @@
-"""The `seqrank` command line: convert, train, evaluate, export, serve, rank, ingest, embed."""
+"""The `seqrank` command line: convert, train, evaluate, export, serve, rank, ingest, embed, refresh."""
 from __future__ import annotations
 
 import argparse
@@ -101,6 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "with actions in the store")
     p.add_argument("--as-of-ms", type=int, default=None, help="only actions before it (default: the newest + 1)")
 
+    p = sub.add_parser("refresh", help="learn rows for items first seen after training and publish them as a new "
+                                       "model version (docs/operations.md)")
+    p.add_argument("--run", required=True, help="the trained run the repository was exported from")
+    p.add_argument("--events", default=None, help="an events file, or 'store' for every user's actions in the store")
+    p.add_argument("--store", default=None, help="with --events store: feature store URL (default: $SEQRANK_STORE)")
+    p.add_argument("--repository", required=True, help="the served model repository (new versions are added to it)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps at most (default 2000)")
+    p.add_argument("--max-seconds", type=float, default=None, help="training seconds at most (default 900)")
+    p.add_argument("--server", dest="servers", action="append", default=[], metavar="HOST:PORT",
+                   help="a running tritonserver (HTTP, model control mode explicit) that loads the new version, "
+                        "ranker first; repeat for several")
+    p.add_argument("--admin-key-env", default=None,
+                   help="with --server: environment variable holding the admin key of the repository API")
+    p.add_argument("--rollback", action="store_true",
+                   help="instead: take the newest refreshed version back (preprocess first, then the ranker)")
+
     sub.add_parser("ingest", help="load user actions into the feature store (see seqrank ingest --help)",
                    add_help=False)
 
@@ -153,12 +169,44 @@ def _main(argv: list[str]) -> int:
         ds = convert_events(args.events, args.out, args.buckets, chunk_rows=args.chunk_rows)
         print(f"{ds.meta['n_events']} events of {ds.meta['n_users']} users ({ds.meta['duplicates_dropped']} "
               f"duplicate rows dropped) -> {ds.directory} ({ds.n_buckets} buckets)")
+    elif args.command == "refresh":
+        return _refresh(parser, args)
     elif args.command == "train":
         from .pipeline import train
         train(args.events, args.out, args.config, args.negative_actions, args.overrides)
     elif args.command == "evaluate":
         from .pipeline import evaluate
         evaluate(args.run, [int(x) for x in args.seeds.split(",")] if args.seeds else None, args.user_folds)
+    return 0
+
+
+def _refresh(parser, args) -> int:
+    import os
+    key = None
+    if args.admin_key_env:
+        key = os.environ.get(args.admin_key_env)
+        if not key:
+            parser.error(f"environment variable {args.admin_key_env} is empty or unset")
+    if args.events is None and not args.rollback:
+        parser.error("refresh needs --events FILE or --events store (or --rollback)")
+    url = args.store or os.environ.get("SEQRANK_STORE")
+    if args.events == "store" and not url:
+        parser.error("refresh --events store needs --store or $SEQRANK_STORE")
+    from .pipeline import todays_actions
+    from .refresh import DEFAULT_MAX_SECONDS, DEFAULT_MAX_STEPS, refresh, rollback
+    if args.rollback:
+        rollback(args.run, args.repository, args.servers, key)
+        return 0
+    if args.events == "store":
+        from .store import open_store
+        with open_store(url, timeout_s=5.0) as store:
+            actions = todays_actions(store=store)
+    else:
+        actions = todays_actions(args.events)
+    refresh(args.run, args.repository, actions,
+            max_steps=DEFAULT_MAX_STEPS if args.max_steps is None else args.max_steps,
+            max_seconds=DEFAULT_MAX_SECONDS if args.max_seconds is None else args.max_seconds,
+            servers=args.servers, admin_key=key)
     return 0
 
 
@@ -173,7 +221,8 @@ def _rank(args) -> int:
     with RankingClient(args.url, protocol=args.protocol, timeout_s=args.timeout) as client:
         result = client.rank(args.user_id, args.candidates, actions, args.request_time_ms, args.top_k)
         heads = client.heads
-    print(f"user {args.user_id} ({args.protocol}, sequence from {result.sequence_source})")
+    print(f"user {args.user_id} ({args.protocol}, sequence from {result.sequence_source}, "
+          f"embedding from {result.embedding_source})")
     print(f"{'rank':>4} {'item':>12} {'utility':>8} " + " ".join(f"{h[:9]:>9}" for h in heads))
     for i, item in enumerate(result.items, 1):
         flag = " (oov)" if item.oov else ""

@@ -23,7 +23,7 @@ import numpy as np
 MODEL = "seqrank"
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 MAX_CANDIDATES = 1024
-OUTPUTS = ("ranked_ids", "head_scores", "utility", "oov", "sequence_source")
+OUTPUTS = ("ranked_ids", "head_scores", "utility", "oov", "sequence_source", "embedding_source")
 
 
 class ClientInputError(ValueError):
@@ -42,6 +42,7 @@ class RankedItem:
 class RankResult:
     items: list[RankedItem]
     sequence_source: str
+    embedding_source: str  # the user's long-term embedding: "store", "exported" or "none" (docs/serving-contract.md)
 
     @property
     def item_ids(self) -> list[str]:
@@ -114,11 +115,15 @@ def parse_result(response, heads: Sequence[str]) -> RankResult:
     scores = response.as_numpy("head_scores").reshape(len(ids), -1)
     utility = response.as_numpy("utility").reshape(-1)
     oov = response.as_numpy("oov").reshape(-1)
-    source = response.as_numpy("sequence_source").reshape(-1)[0]
     items = [RankedItem(i.decode() if isinstance(i, bytes) else str(i), float(u),
                         dict(zip(heads, map(float, s))), bool(o))
              for i, s, u, o in zip(ids, scores, utility, oov)]
-    return RankResult(items, source.decode() if isinstance(source, bytes) else str(source))
+    return RankResult(items, _one_string(response, "sequence_source"), _one_string(response, "embedding_source"))
+
+
+def _one_string(response, name: str) -> str:
+    value = response.as_numpy(name).reshape(-1)[0]
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 STUB_FAILURE = "is not healthy"  # python backend: the model instance's stub died or stopped answering

@@ -164,6 +164,21 @@ def check_parity(model: TransActRanker, onnx_path: Path, seq_len: int) -> list[d
     return report
 
 
+def write_ranker_version(model: TransActRanker, version_dir: Path, seq_len: int, check: bool = True,
+                         external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict:
+    """One ranker version directory: model.onnx (portable) and the CPU graph beside it (weights of at least
+    ``external_data_threshold`` bytes as external data); with `check`, both are compared with PyTorch on the parity
+    shapes (the export fails above the tolerance). Returns the paths, the parity reports and what the CPU graph
+    rewrite did."""
+    onnx_path = export_ranker_onnx(model, Path(version_dir) / "model.onnx", external_data_threshold)
+    parity = check_parity(model, onnx_path, seq_len) if check else []
+    cpu_path = onnx_path.parent / CPU_ONNX
+    fused, branch = export_cpu_graph(model, onnx_path, cpu_path, external_data_threshold)
+    cpu_parity = check_parity(model, cpu_path, seq_len) if check else []
+    return {"onnx": onnx_path, "cpu_onnx": cpu_path, "parity": parity, "cpu_parity": cpu_parity,
+            "fused_skip_layernorm": fused, "full_history_branch": branch}
+
+
 # The run's numbers a template declares, by name (seqrank.triton_config.fill): tensor dims and parameters.
 RUN_PARAMETERS = ("heads", "utility_weights", "candidate_buckets", "max_candidates", "seq_len", "n_items", "n_actions")
 
@@ -195,11 +210,10 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True,
     if repository.exists():
         shutil.rmtree(repository)
     shutil.copytree(TEMPLATE, repository, ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "tables"))
-    onnx_path = export_ranker_onnx(model, repository / "ranker" / "1" / "model.onnx", external_data_threshold)
-    parity = check_parity(model, onnx_path, cfg.transact.seq_len) if check else []
-    cpu_path = onnx_path.parent / CPU_ONNX
-    fused, branch = export_cpu_graph(model, onnx_path, cpu_path, external_data_threshold)
-    cpu_parity = check_parity(model, cpu_path, cfg.transact.seq_len) if check else []
+    ranker = write_ranker_version(model, repository / "ranker" / "1", cfg.transact.seq_len, check,
+                                  external_data_threshold)
+    onnx_path, cpu_path, parity, cpu_parity = ranker["onnx"], ranker["cpu_onnx"], ranker["parity"], ranker["cpu_parity"]
+    fused, branch = ranker["fused_skip_layernorm"], ranker["full_history_branch"]
     tower = load_user_tower(run, cfg, vocab)
     tower_path = export_user_tower_onnx(tower, run / "export" / "user_tower.onnx", external_data_threshold)
     tower_parity = check_user_tower_parity(tower, tower_path, cfg.pinnerformer.max_len) if check else None

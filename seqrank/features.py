@@ -7,7 +7,7 @@ Nothing at or after the request time ever enters a feature (that is the leakage 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import repeat
 from pathlib import Path
 from typing import Sequence
@@ -39,13 +39,18 @@ def byte_lengths(raw: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Vocabulary:
-    """Item and action vocabularies. Items are a sorted bytes array: memory-mappable and looked up vectorised."""
+    """Item and action vocabularies. Items are a sorted bytes array: memory-mappable and looked up vectorised.
+
+    A trained vocabulary's item row is its position + FIRST_ID. Items appended later (seqrank.refresh) take the next
+    rows while the array stays sorted for the lookup, so `rows` then holds each sorted item's row: the rows of the
+    items known before never change."""
 
     items: np.ndarray                 # dtype 'S<n>', sorted, unique
     actions: list[str]                # sequence action vocabulary (index = position + FIRST_ID)
     heads: list[str]                  # actions predicted by the ranker, one sigmoid head each
     negative_actions: list[str]       # heads where lower is better (hide / hate / dislike)
     exposure_action: str | None       # "shown, not engaged": a label context, never a sequence row
+    rows: np.ndarray | None = None    # int64 row of each sorted item; None: position + FIRST_ID (nothing appended)
 
     @classmethod
     def build(cls, item_ids: Sequence, actions: Sequence[str], negative_actions: Sequence[str],
@@ -74,8 +79,22 @@ class Vocabulary:
         pos = np.searchsorted(self.items, query)
         pos_c = np.minimum(pos, len(self.items) - 1)
         hit = self.items[pos_c] == query
-        out[np.flatnonzero(fits)[hit]] = pos_c[hit] + FIRST_ID
+        found = pos_c[hit]
+        out[np.flatnonzero(fits)[hit]] = found + FIRST_ID if self.rows is None else self.rows[found]
         return out
+
+    def append_items(self, item_ids) -> tuple["Vocabulary", np.ndarray]:
+        """This vocabulary with the unknown ones of ``item_ids`` appended as rows n_items, n_items + 1, ... (in id
+        order); every known item keeps its row. Returns (the new vocabulary, the appended ids, sorted)."""
+        ids = np.unique(np.asarray(as_bytes_array(item_ids), dtype="S"))
+        new = ids[self.item_index(ids) == OOV] if ids.size else ids
+        if new.size == 0:
+            return self, new
+        old_rows = self.rows if self.rows is not None else np.arange(FIRST_ID, self.n_items, dtype=np.int64)
+        merged = np.concatenate([np.asarray(self.items), new])
+        merged_rows = np.concatenate([np.asarray(old_rows), np.arange(self.n_items, self.n_items + len(new))])
+        order = np.argsort(merged, kind="stable")
+        return replace(self, items=merged[order], rows=merged_rows[order].astype(np.int64)), new
 
     def action_index(self, names) -> np.ndarray:
         """Action names -> int64 indices; the exposure action -> -1 (dropped from sequences); unknown -> OOV."""
@@ -89,14 +108,19 @@ class Vocabulary:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / "items.npy", self.items)
+        if self.rows is not None:
+            np.save(directory / "item_rows.npy", self.rows)
         meta = {k: getattr(self, k) for k in ("actions", "heads", "negative_actions", "exposure_action")}
         (directory / "vocab.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, directory: Path, mmap: bool = True) -> "Vocabulary":
         meta = json.loads((Path(directory) / "vocab.json").read_text())
-        items = np.load(Path(directory) / "items.npy", mmap_mode="r" if mmap else None)
-        return cls(items=items, **meta)
+        mode = "r" if mmap else None
+        items = np.load(Path(directory) / "items.npy", mmap_mode=mode)
+        rows_path = Path(directory) / "item_rows.npy"
+        rows = np.load(rows_path, mmap_mode=mode) if rows_path.exists() else None
+        return cls(items=items, **meta, rows=rows)
 
 
 @dataclass

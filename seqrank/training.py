@@ -5,8 +5,9 @@ weights_only=True) and resumable: re-running the same command continues from the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from .config import PinnerFormerConfig, TransActConfig
 from .dataset import DAY_MS, Prepared, day_start, sequences_for
-from .features import FIRST_ID, N_CONTEXT, OOV, History, build_sequences
+from .features import FIRST_ID, N_CONTEXT, OOV, History, Vocabulary, build_sequences
 from .models.pinnerformer import PinnerFormer, sampled_softmax_loss, time_features
 from .models.transact import TransActRanker, time_window_mask, weighted_multitask_bce
 
@@ -90,15 +91,111 @@ def _checkpointed_epochs(model, optim, ckpt: Path, epochs: int, run_epoch, desc:
 
 # ---------------------------------------------------------------- PinnerFormer
 
-def positive_events(prep: Prepared, users, before: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def positive_events(histories: Mapping[str, History], vocab: Vocabulary, users,
+                    before: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per user: (times, item indices) of positive engagements before `before` (negatives never are targets)."""
-    negative = {prep.vocab.actions.index(a) + FIRST_ID for a in prep.vocab.negative_actions}
+    negative = {vocab.actions.index(a) + FIRST_ID for a in vocab.negative_actions}
     out = {}
     for u in users:
-        h = prep.histories[u]
+        h = histories[u]
         keep = (h.ts < before) & ~np.isin(h.action, list(negative)) & (h.item >= FIRST_ID)
         out[u] = (h.ts[keep], h.item[keep])
     return out
+
+
+@dataclass
+class DenseTargets:
+    """What PinnerFormer's loss draws from: the users (those with >= 2 positives before `before`), their histories
+    and positives, the window a position's positive is sampled from, and the log sampling probability of every item
+    as an in-batch negative (the logQ correction, from the positives' counts)."""
+    histories: Mapping[str, History]
+    users: list[str]
+    positives: dict[str, tuple[np.ndarray, np.ndarray]]
+    before: int
+    window_ms: int
+    n_items: int
+    log_q: torch.Tensor
+
+
+def dense_targets(histories: Mapping[str, History], vocab: Vocabulary, users, before: int,
+                  window_ms: int) -> DenseTargets:
+    """The DenseTargets of `users` whose training period ends at `before`."""
+    positives = positive_events(histories, vocab, users, before)
+    users = [u for u in users if len(positives[u][0]) >= 2]
+    if not users:
+        raise ValueError("no user has 2 or more positive engagements to learn from")
+    counts = np.bincount(np.concatenate([positives[u][1] for u in users]), minlength=vocab.n_items)
+    log_q = torch.as_tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32)
+    return DenseTargets(histories, users, positives, before, window_ms, vocab.n_items, log_q)
+
+
+def dense_batch(data: DenseTargets, cfg: PinnerFormerConfig, batch_users, rng):
+    """A random "as of" point per user inside the training period, its sequence built like a request's, and the
+    (row, position, target item) of each query the objective draws: the next positive (next_action) or a random
+    positive of the window after the position (dense_all_action)."""
+    as_of = []
+    for u in batch_users:
+        ts = data.histories[u].ts
+        n_train = int(np.searchsorted(ts, data.before))
+        as_of.append(ts[rng.integers(1, n_train + 1) - 1] + 1 if n_train else data.before)
+    empty = History.empty()
+    seq = build_sequences([data.histories.get(u, empty) for u in batch_users], as_of, cfg.max_len)
+    rows, cols, targets = [], [], []
+    for b, u in enumerate(batch_users):
+        p_ts, p_item = data.positives[u]
+        valid = np.flatnonzero(seq.seq_mask[b])
+        t = seq.seq_ts[b, valid]
+        lo = np.searchsorted(p_ts, t, side="right")          # strictly after the position's action
+        hi = np.searchsorted(p_ts, t + data.window_ms, side="right")
+        if cfg.objective == "next_action":
+            ok = lo < len(p_ts)
+            pick = lo
+        elif cfg.objective == "dense_all_action":
+            ok = lo < hi
+            pick = lo + (rng.random(len(lo)) * np.maximum(hi - lo, 1)).astype(np.int64)
+        else:
+            raise ValueError(f"objective must be dense_all_action or next_action, got {cfg.objective!r}")
+        cand = np.flatnonzero(ok)
+        if len(cand) == 0:
+            continue
+        chosen = rng.choice(cand, size=min(cfg.positions_per_user, len(cand)), replace=False)
+        rows += [b] * len(chosen)
+        cols += valid[chosen].tolist()
+        targets += p_item[np.minimum(pick[chosen], len(p_item) - 1)].tolist()
+    return seq, np.array(rows), np.array(cols), np.array(targets)
+
+
+def dense_loss(model: PinnerFormer, data: DenseTargets, cfg: PinnerFormerConfig, batch, rng) -> torch.Tensor:
+    """The sampled softmax of a dense_batch's queries against their targets, in-batch and random negatives."""
+    seq, rows, cols, targets = batch
+    L = int(seq.seq_mask.sum(1).max())
+    t = lambda a: torch.as_tensor(a[:, :L])  # noqa: E731 - trim padding columns
+    out = model.encode(t(seq.seq_item), t(seq.seq_action),
+                       torch.as_tensor(time_features(seq.seq_ts[:, :L], seq.seq_mask[:, :L])), t(seq.seq_mask))
+    query = out[torch.as_tensor(rows), torch.as_tensor(cols)]
+    tgt = torch.as_tensor(targets)
+    rnd = torch.as_tensor(rng.integers(FIRST_ID, data.n_items, cfg.random_negatives))
+    return sampled_softmax_loss(
+        query, model.item_embeddings(tgt), tgt, torch.as_tensor(rows), model.item_embeddings(rnd), rnd,
+        data.log_q[tgt], torch.full((len(rnd),), -float(np.log(data.n_items - FIRST_ID))), model.temperature)
+
+
+def dense_epoch(model: PinnerFormer, optim, data: DenseTargets, cfg: PinnerFormerConfig, rng,
+                allow_step: Callable[[], bool] | None = None) -> None:
+    """One pass over data.users in a random order, one optimizer step per batch of cfg.batch_users users (a batch
+    with fewer than 2 queries is skipped). `allow_step` is asked before each batch; False ends the pass (a budget)."""
+    order = rng.permutation(len(data.users))
+    for s in range(0, len(order), cfg.batch_users):
+        if allow_step is not None and not allow_step():
+            return
+        batch = dense_batch(data, cfg, [data.users[i] for i in order[s:s + cfg.batch_users]], rng)
+        if len(batch[1]) < 2:
+            continue
+        loss = dense_loss(model, data, cfg, batch, rng)
+        optim.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
 
 
 def train_pinnerformer(prep: Prepared, cfg: PinnerFormerConfig, seed: int, ckpt: Path) -> PinnerFormer:
@@ -112,67 +209,10 @@ def train_pinnerformer(prep: Prepared, cfg: PinnerFormerConfig, seed: int, ckpt:
     optim = torch.optim.AdamW([{"params": dense}, {"params": table, "lr": cfg.item_lr}], lr=cfg.lr,
                               weight_decay=cfg.weight_decay)
     users = [u for u in prep.users if u not in prep.pf_test_users]
-    positives = positive_events(prep, users, prep.split_time)
-    users = [u for u in users if len(positives[u][0]) >= 2]
-    counts = np.bincount(np.concatenate([positives[u][1] for u in users]), minlength=prep.vocab.n_items)
-    log_q = torch.as_tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32)
-    n_real = prep.vocab.n_items - FIRST_ID
-    window = prep.future_window_ms
-
-    def make_batch(batch_users, rng):
-        # a random "as of" point per user inside the training period; its sequence is built like a request's
-        as_of = []
-        for u in batch_users:
-            ts = prep.histories[u].ts
-            n_train = int(np.searchsorted(ts, prep.split_time))
-            as_of.append(ts[rng.integers(1, n_train + 1) - 1] + 1 if n_train else prep.split_time)
-        seq = sequences_for(prep, batch_users, as_of, cfg.max_len)
-        rows, cols, targets = [], [], []
-        for b, u in enumerate(batch_users):
-            p_ts, p_item = positives[u]
-            valid = np.flatnonzero(seq.seq_mask[b])
-            t = seq.seq_ts[b, valid]
-            lo = np.searchsorted(p_ts, t, side="right")          # strictly after the position's action
-            hi = np.searchsorted(p_ts, t + window, side="right")
-            if cfg.objective == "next_action":
-                ok = lo < len(p_ts)
-                pick = lo
-            elif cfg.objective == "dense_all_action":
-                ok = lo < hi
-                pick = lo + (rng.random(len(lo)) * np.maximum(hi - lo, 1)).astype(np.int64)
-            else:
-                raise ValueError(f"objective must be dense_all_action or next_action, got {cfg.objective!r}")
-            cand = np.flatnonzero(ok)
-            if len(cand) == 0:
-                continue
-            chosen = rng.choice(cand, size=min(cfg.positions_per_user, len(cand)), replace=False)
-            rows += [b] * len(chosen)
-            cols += valid[chosen].tolist()
-            targets += p_item[np.minimum(pick[chosen], len(p_item) - 1)].tolist()
-        return seq, np.array(rows), np.array(cols), np.array(targets)
+    data = dense_targets(prep.histories, prep.vocab, users, prep.split_time, prep.future_window_ms)
 
     def run_epoch(epoch):
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(users))
-        for s in range(0, len(order), cfg.batch_users):
-            seq, rows, cols, targets = make_batch([users[i] for i in order[s:s + cfg.batch_users]], rng)
-            if len(rows) < 2:
-                continue
-            L = int(seq.seq_mask.sum(1).max())
-            t = lambda a: torch.as_tensor(a[:, :L])  # noqa: E731 - trim padding columns
-            out = model.encode(t(seq.seq_item), t(seq.seq_action),
-                               torch.as_tensor(time_features(seq.seq_ts[:, :L], seq.seq_mask[:, :L])),
-                               t(seq.seq_mask))
-            query = out[torch.as_tensor(rows), torch.as_tensor(cols)]
-            tgt = torch.as_tensor(targets)
-            rnd = torch.as_tensor(rng.integers(FIRST_ID, prep.vocab.n_items, cfg.random_negatives))
-            loss = sampled_softmax_loss(
-                query, model.item_embeddings(tgt), tgt, torch.as_tensor(rows), model.item_embeddings(rnd), rnd,
-                log_q[tgt], torch.full((len(rnd),), -float(np.log(n_real))), model.temperature)
-            optim.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
+        dense_epoch(model, optim, data, cfg, np.random.default_rng([seed, epoch]))
 
     _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch, f"pinnerformer[{cfg.objective}]")
     return model

@@ -4,9 +4,15 @@ Every program that changes a config goes through here -- `seqrank export` fillin
 templates in model_repository/, export/build_trt.py deriving the tensorrt_plan config, the bench's and research's
 config variants -- so a config is never edited as text. A printed config is valid protobuf text format, which is
 what Triton reads; it loses the template's comments (the templates in git keep theirs).
+
+Command line (docker/entrypoint.sh renders the container's runtime configs with it):
+``python -m seqrank.triton_config --trt-cache-path DIR SRC DST [SRC DST ...]``.
 """
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -95,3 +101,47 @@ def fill(config: ModelConfig, dims: Mapping[str, Sequence[int]], parameters: Map
         if key in config.parameters:
             config.parameters[key].string_value = str(value)
     return config
+
+
+def set_accelerator_parameter(config: ModelConfig, key: str, value) -> int:
+    """Set parameter ``key`` on every execution accelerator (GPU and CPU) that declares it; returns how many."""
+    accelerators = config.optimization.execution_accelerators
+    found = 0
+    for accel in [*accelerators.gpu_execution_accelerator, *accelerators.cpu_execution_accelerator]:
+        if key in accel.parameters:
+            accel.parameters[key] = str(value)
+            found += 1
+    return found
+
+
+def render_with_trt_cache(src: str | Path, dst: str | Path, cache_path: str | Path) -> None:
+    """The config at ``src`` with ONNX Runtime's TensorRT engine cache at ``cache_path`` (where the template says
+    trt_engine_cache_path), printed to ``dst`` through a temporary file and a rename: a reader sees the old file or
+    the new one, never half of it."""
+    config = load(src)
+    set_accelerator_parameter(config, "trt_engine_cache_path", cache_path)
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    save(config, tmp)
+    os.replace(tmp, dst)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m seqrank.triton_config",
+                                     description="render configs for a container: SRC DST pairs")
+    parser.add_argument("--trt-cache-path", required=True, help="ONNX Runtime's TensorRT engine cache directory")
+    parser.add_argument("pairs", nargs="+", metavar="SRC DST")
+    args = parser.parse_args(argv)
+    if len(args.pairs) % 2:
+        parser.error("expected SRC DST pairs")
+    try:
+        for src, dst in zip(args.pairs[::2], args.pairs[1::2]):
+            render_with_trt_cache(src, dst, args.trt_cache_path)
+    except (ConfigError, OSError) as err:
+        print(f"seqrank.triton_config: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -68,6 +68,13 @@ def small_run(tmp_path_factory):
     return build_small_run(tmp_path_factory.mktemp("served"))
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run of tiny models on a generated log (tests/run_fixture.py build_tiny_run); copy it before changing it."""
+    from run_fixture import build_tiny_run
+    return build_tiny_run(tmp_path_factory.mktemp("tiny"))
+
+
 ENSEMBLE_MODELS = ("seqrank", "preprocess", "ranker", "postprocess")
 
 

@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -373,6 +374,8 @@ def test_entrypoint_cpu_configuration_never_builds_an_engine(exported_repo, tmp_
     ({"SEQRANK_TRT": "require"}, "SEQRANK_TRT=require but no TensorRT engine"),
     ({"SEQRANK_TRT": "maybe"}, "SEQRANK_TRT must be"),
     ({"SEQRANK_MODEL_CONTROL": "poll"}, "SEQRANK_MODEL_CONTROL must be"),
+    ({"SEQRANK_WATCH_INTERVAL_S": "30"}, "SEQRANK_WATCH_INTERVAL_S needs SEQRANK_MODEL_CONTROL=explicit"),
+    ({"SEQRANK_WATCH_INTERVAL_S": "often"}, "must be integers"),
     ({"SEQRANK_ADMIN_KEY": "has space"}, "SEQRANK_ADMIN_KEY may only contain"),
     ({"SEQRANK_EXIT_TIMEOUT_S": "soon"}, "must be integers"),
 ])
@@ -590,8 +593,8 @@ class EntrypointServer:
 def entrypoint_server(exported_repo, tmp_path):
     servers = []
 
-    def start(**env):
-        server = EntrypointServer(exported_repo, tmp_path / f"server{len(servers)}", **env)
+    def start(repo: Path | None = None, **env):
+        server = EntrypointServer(repo or exported_repo, tmp_path / f"server{len(servers)}", **env)
         servers.append(server)
         server.wait_ready()
         return server
@@ -599,6 +602,32 @@ def entrypoint_server(exported_repo, tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+@contextmanager
+def canary_traffic(server: EntrypointServer, repo: Path, threads: int = 2):
+    """Canary rankings (docker/healthcheck.py, no retries) from `threads` threads until the block ends; yields the
+    list of outcomes: "ok" or "failed: <why>"."""
+    results: list[str] = []
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                healthcheck.probe(server.url, "seqrank", repo, 8, 30)
+                results.append("ok")
+            except healthcheck.Unhealthy as err:
+                results.append(f"failed: {err}")
+
+    workers = [threading.Thread(target=traffic) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(timeout=60)
 
 
 def test_canary_passes_on_the_real_server_and_fails_on_a_dead_stub_that_health_misses(exported_repo,
@@ -625,21 +654,7 @@ def test_explicit_model_control_rollout_drops_no_request(exported_repo, entrypoi
     server = entrypoint_server(SEQRANK_MODEL_CONTROL="explicit")
     ranker = server.workdir / "model_repository" / "ranker"
     config = ranker / "configs" / "cpu.pbtxt"  # the config this server uses for the ranker
-    results: list[str] = []
-    stop = threading.Event()
-
-    def traffic():
-        while not stop.is_set():
-            try:
-                healthcheck.probe(server.url, "seqrank", exported_repo, 8, 30)
-                results.append("ok")
-            except healthcheck.Unhealthy as err:
-                results.append(f"failed: {err}")
-
-    threads = [threading.Thread(target=traffic) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    with canary_traffic(server, exported_repo) as results:
         time.sleep(1)
         (ranker / "2").mkdir()
         for name in ("model.onnx", "model_cpu.onnx", "model_cpu.py"):
@@ -655,16 +670,44 @@ def test_explicit_model_control_rollout_drops_no_request(exported_repo, entrypoi
         assert server.status("/v2/models/ranker/versions/1/ready") != 200
         assert server.status("/v2/models/ranker/versions/2/ready") == 200
         time.sleep(1.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
     failures = [r for r in results if r != "ok"]
     assert len(results) >= 5 and not failures, f"{len(failures)} of {len(results)} failed: {failures[:3]}"
     request = urllib.request.Request(f"http://{server.url}/v2/models/ranker/stats", headers={"admin-key": ADMIN_KEY})
     with urllib.request.urlopen(request, timeout=30) as response:
         stats = json.loads(response.read())["model_stats"]
     assert [s["version"] for s in stats] == ["2"] and stats[0]["inference_count"] > 0
+
+
+def test_the_release_watcher_loads_a_refreshed_version_with_zero_failed_requests(exported_repo, entrypoint_server,
+                                                                                 tmp_path):
+    """docs/operations.md "Item refresh": the repository is shared with `seqrank refresh`; the entrypoint's watcher
+    (SEQRANK_WATCH_INTERVAL_S) loads the new release, ranker first, while canary requests run the whole time."""
+    from seqrank.refresh import refresh
+
+    shared = tmp_path / "shared"
+    repo, run = shared / "model_repository", shared / "run"
+    shutil.copytree(exported_repo, repo)
+    shutil.copytree(exported_repo.parent / "run", run)
+    server = entrypoint_server(repo, SEQRANK_MODEL_CONTROL="explicit", SEQRANK_WATCH_INTERVAL_S="1")
+    assert "refreshed releases every 1s" in server.log_path.read_text()
+    new = ["item003", "fresh-item"]
+    with pytest.raises(healthcheck.Unhealthy, match="came back out-of-vocabulary"):
+        healthcheck.canary(server.url, 30, repo, candidates=new)  # unknown before the release
+    with canary_traffic(server, repo) as results:
+        t0 = 1_700_000_000_000
+        actions = {f"u{k}": (np.array(["fresh-item", f"item{k:03d}", "fresh-item"]), np.array(["like", "click", "like"]),
+                             np.array([t0 + k, t0 + 1000 + k, t0 + 2000 + k])) for k in range(4)}
+        assert refresh(run, repo, actions, max_steps=2)["version"] == 2
+        deadline = time.monotonic() + 180
+        while server.status("/v2/models/preprocess/versions/2/ready") != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+    assert server.status("/v2/models/preprocess/versions/2/ready") == 200, server.log()
+    assert server.status("/v2/models/ranker/versions/2/ready") == 200
+    assert "release 2 loaded: ranker, then preprocess" in server.log_path.read_text()
+    failures = [r for r in results if r != "ok"]
+    assert len(results) >= 5 and not failures, f"{len(failures)} of {len(results)} failed: {failures[:3]}"
+    healthcheck.canary(server.url, 30, repo, candidates=new)  # the new item is in the vocabulary now
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1417,22 +1460,68 @@ def test_a_refresh_cronjob_exists_exactly_when_seqrank_refresh_does():
         assert re.search(r"`seqrank refresh`[^\n]*not yet", DOCS.read_text())
 
 
+def test_refresh_cronjob_grows_the_repository_the_serving_pods_watch():
+    """docs/operations.md "Item refresh": seqrank-refresh runs after seqrank-embed, reads the store as the read-only
+    user, writes new versions into the shared repository; the Triton pods mount that volume read-only as
+    SEQRANK_REPOSITORY and load new releases themselves (explicit model control, the entrypoint's watcher)."""
+    cron, embed = find("CronJob", "seqrank-refresh"), find("CronJob", "seqrank-embed")
+    spec = cron["spec"]
+    minute, hour, *days = spec["schedule"].split()
+    e_minute, e_hour, *_ = embed["spec"]["schedule"].split()
+    assert days == ["*", "*", "*"] and (int(hour), int(minute)) > (int(e_hour), int(e_minute)), "daily, after embed"
+    assert spec["timeZone"] == "Etc/UTC" and spec["concurrencyPolicy"] == "Forbid"
+    job = spec["jobTemplate"]["spec"]
+    assert job["backoffLimit"] >= 1 and 3600 <= job["activeDeadlineSeconds"] < 24 * 3600
+    pod = pod_spec(cron)
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[:1] == ["refresh"] and args[args.index("--events") + 1] == "store"
+    parser_help = subprocess.run([tool("seqrank") or "seqrank", "refresh", "--help"], capture_output=True, text=True,
+                                 timeout=60).stdout
+    for flag in (a for a in args if a.startswith("--")):
+        assert flag in parser_help, f"seqrank refresh has no {flag}"
+    assert "--server" not in args, "the pods load new releases themselves: the job needs no route to Triton"
+    assert float(args[args.index("--max-seconds") + 1]) * 2 < job["activeDeadlineSeconds"]
+    assert store_user(container) == ("seqrank-reader", "reader-password")
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    repository = args[args.index("--repository") + 1]
+    models = next(p for p in mounts if repository.startswith(p + "/"))
+    claim = volumes[mounts[models]["name"]]["persistentVolumeClaim"]["claimName"]
+    assert find("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert not mounts[models].get("readOnly") and not mounts["/runs"].get("readOnly")  # writes RUN/refresh/<N>
+    (seed,) = pod["initContainers"]
+    assert "seqrank export" in seed["args"][0] and repository in seed["args"][0] and "mv" in seed["args"][0]
+    # the serving pods: that volume, read-only, as their repository; explicit model control with the watcher on
+    deployment = find("Deployment", "seqrank-triton")
+    triton, tpod = _container(), deployment["spec"]["template"]["spec"]
+    tenv = {e["name"]: e.get("value") for e in triton["env"]}
+    assert tenv["SEQRANK_REPOSITORY"] == repository
+    assert tenv["SEQRANK_MODEL_CONTROL"] == "explicit" and int(tenv["SEQRANK_WATCH_INTERVAL_S"]) > 0
+    tmount = next(m for m in triton["volumeMounts"] if repository.startswith(m["mountPath"] + "/"))
+    tvolume = next(v for v in tpod["volumes"] if v["name"] == tmount["name"])
+    assert tmount["readOnly"] is True and tvolume["persistentVolumeClaim"] == {"claimName": claim, "readOnly": True}
+    alerts = {r["alert"]: r for r in _rules() if "alert" in r}
+    assert 'cronjob="seqrank-refresh"' in alerts["SeqrankRefreshStale"]["expr"]
+    assert 'job_name=~"seqrank-refresh-.*"' in alerts["SeqrankRefreshJobFailed"]["expr"]
+
+
 def _selects(selector: dict, labels: dict) -> bool:
     return selector.items() <= labels.items()
 
 
 def test_network_policies_let_only_the_gateway_reach_inference_and_only_store_clients_reach_redis():
     pods = {d["metadata"]["name"]: pod_labels(d) for d in workloads()}
-    assert set(pods) == {"seqrank-triton", "seqrank-redis", "seqrank-ingest", "seqrank-embed"}
+    assert set(pods) == {"seqrank-triton", "seqrank-redis", "seqrank-ingest", "seqrank-embed", "seqrank-refresh"}
     gateway = {**GATEWAY, "app.kubernetes.io/name": "some-gateway"}
-    # Redis: exactly the serving pods, ingest and the embed job (and no gateway)
+    # Redis: exactly the serving pods, ingest, the embed and the refresh jobs (and no gateway)
     redis_policy = find("NetworkPolicy", "seqrank-redis")
     assert _selects(redis_policy["spec"]["podSelector"]["matchLabels"], pods["seqrank-redis"])
     (rule,) = redis_policy["spec"]["ingress"]
     selectors = [f["podSelector"]["matchLabels"] for f in rule["from"]]
     assert all(f.keys() == {"podSelector"} for f in rule["from"])
     admitted = {name for name, labels in pods.items() if any(_selects(s, labels) for s in selectors)}
-    assert admitted == {"seqrank-triton", "seqrank-ingest", "seqrank-embed"}
+    assert admitted == {"seqrank-triton", "seqrank-ingest", "seqrank-embed", "seqrank-refresh"}
     assert not any(_selects(s, gateway) for s in selectors)
     assert [p["port"] for p in rule["ports"]] == [6379]
     # inference: the gateway only, none of our own workloads
@@ -1450,7 +1539,8 @@ def test_network_policies_let_only_the_gateway_reach_inference_and_only_store_cl
              if (name := d["metadata"]["name"]) != "seqrank-redis"}
     assert users == {"seqrank-triton": ("seqrank-reader", "reader-password"),
                      "seqrank-ingest": ("seqrank-writer", "writer-password"),
-                     "seqrank-embed": ("seqrank-writer", "writer-password")}
+                     "seqrank-embed": ("seqrank-writer", "writer-password"),
+                     "seqrank-refresh": ("seqrank-reader", "reader-password")}
 
 
 def test_prometheus_alerts_on_store_fallbacks_and_on_stale_embeddings():

@@ -3,7 +3,6 @@
 embedded store, a real redis-server and a real 3-master Redis Cluster."""
 from __future__ import annotations
 
-import json
 import uuid
 
 import numpy as np
@@ -13,34 +12,16 @@ import pytest
 from seqrank.config import RunConfig
 from seqrank.exporting import load_user_tower
 from seqrank.features import Vocabulary, index_history
-from seqrank.pipeline import redact, train, write_embeddings
+from seqrank.pipeline import redact, write_embeddings
 from seqrank.store import Action, open_store
 from seqrank.training import embed_users
+
+from run_fixture import DAY_MS as DAY
 
 try:
     from redis_server import redis_cluster, redis_server  # noqa: F401 (fixtures)
 except ImportError:  # tests/ imported as a package
     from tests.redis_server import redis_cluster, redis_server  # noqa: F401
-
-DAY = 86_400_000
-TINY = {"pinnerformer": {"max_len": 16, "d_model": 8, "n_layers": 1, "n_heads": 2, "d_ff": 16, "dim": 8,
-                         "random_negatives": 16, "positions_per_user": 4, "batch_users": 4, "epochs": 1},
-        "transact": {"seq_len": 8, "action_dim": 4, "item_dim": 4, "n_layers": 1, "d_ff": 8, "top_k_rows": 2,
-                     "cross_layers": 1, "cross_rank": 4, "mlp": [8], "batch_size": 32, "epochs": 1}}
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("embed")
-    rng = np.random.default_rng(0)
-    rows = [(f"u{u}", f"i{int(rng.integers(30))}", str(rng.choice(["click", "like", "hate"])), int(t))
-            for u in range(12) for t in np.sort(rng.integers(0, 10 * DAY, 25))]
-    events = root / "events.csv"
-    pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"]).to_csv(events, index=False)
-    config = root / "config.json"
-    config.write_text(json.dumps(TINY))
-    return train(str(events), root / "run", str(config), negative_actions=["hate"])
-
 
 def expected(run, actions, as_of):
     """The embedding computed by hand from the same raw actions through the model and vocabulary of the run."""

@@ -115,26 +115,27 @@ def _requests(small_run, n: int = 8) -> list[tuple[str, list[str]]]:
 
 
 class Load:
-    """THREADS threads ranking in a loop through their own RankingClient; every request is recorded as
-    (thread, started, ended, error or None)."""
+    """`threads` threads ranking in a loop through their own RankingClient (`retries` each); every request is
+    recorded as (thread, started, ended, error or None)."""
 
     def __init__(self, grpc_url: str, requests, think_s: float = 0.02, http_url: str | None = None,
-                 repository: Path | None = None):
+                 repository: Path | None = None, threads: int = THREADS, retries: int = 12):
         self.grpc_url, self.requests, self.think_s = grpc_url, requests, think_s
         self.http_url, self.repository = http_url, repository
+        self.n_threads, self.retries = threads, retries
         self.records: list[tuple[int, float, float, str | None]] = []
         self.probes: list[tuple[float, float, bool]] = []
         self.lock = threading.Lock()
         self.stop_flag = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(THREADS)]
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(threads)]
 
     def _run(self, k: int) -> None:
-        with RankingClient(self.grpc_url, "grpc", retries=12, backoff_s=0.25, timeout_s=30) as client:
+        with RankingClient(self.grpc_url, "grpc", retries=self.retries, backoff_s=0.25, timeout_s=30) as client:
             client.heads  # noqa: B018 - fetched once, before the faults
             i = k
             while not self.stop_flag.is_set():
                 user, items = self.requests[i % len(self.requests)]
-                i += THREADS
+                i += self.n_threads
                 started = time.time()
                 try:
                     res = client.rank(user, items)
@@ -182,6 +183,9 @@ class Load:
 
     def ok_count(self) -> int:
         return sum(1 for r in self.snapshot() if r[3] is None)
+
+    def failures(self) -> list[str]:
+        return [r[3] for r in self.snapshot() if r[3] is not None]
 
 
 def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.05):

@@ -150,9 +150,13 @@ def test_backend_directory_is_idempotent_and_safe_under_concurrency(tmp_path, mo
     python = backends / "python"
     assert sorted(p.name for p in python.iterdir()) == [
         "libtriton_python.so",
+        "seqrank",
         "triton_python_backend_stub",
         "triton_python_backend_utils.py",
     ]
+    # the stubs import the seqrank this process runs (their interpreter ignores PYTHONPATH)
+    import seqrank
+    assert (python / "seqrank").resolve() == Path(seqrank.__file__).parent.resolve()
     assert os.access(python / "triton_python_backend_stub", os.X_OK)
     # no temporary directories left behind by the losers of the rename race
     assert [p.name for p in (tmp_path / "cache" / "triton-backends").iterdir()] == [backends.parent.name]

@@ -82,10 +82,12 @@ class _StopRequested(Exception):
 @lru_cache(maxsize=8)
 def canary_inputs(repository: str | None, n: int) -> tuple[tuple[str, ...], bool, str | None]:
     """(candidates, known ids?, action name) from the repository's preprocess tables (evenly spaced item ids and the
-    first action name); synthetic ids (scored out-of-vocabulary) and no action when the tables cannot be read."""
+    first action name); synthetic ids (scored out-of-vocabulary) and no action when the tables cannot be read.
+    The tables of the oldest version: refreshes only append items, so its ids are known to every later version."""
     action = None
     if repository:
-        tables = Path(repository) / "preprocess" / "1" / "tables"
+        versions = sorted(int(p.name) for p in (Path(repository) / "preprocess").glob("[0-9]*") if p.name.isdigit())
+        tables = Path(repository) / "preprocess" / str(versions[0] if versions else 1) / "tables"
         try:
             actions = json.loads((tables / "vocab.json").read_text()).get("actions") or []
             action = str(actions[0]) if actions else None

@@ -218,6 +218,10 @@ def backend_directory() -> Path:
     Layout: ``~/.cache/seqrank/triton-backends/<hash>/backends`` (``$SEQRANK_CACHE_DIR`` or ``$XDG_CACHE_HOME``
     override the root). The hash covers the source files (path, size, mtime), so a reinstalled wheel gets a fresh
     copy. Built once into a temporary directory and renamed into place: idempotent and safe under concurrent callers.
+
+    ``python/seqrank`` links to the seqrank package this process runs: the stub's embedded interpreter ignores
+    PYTHONPATH, and the backend directory is on its sys.path, so the models import the same seqrank code as the
+    launcher (a checkout run with PYTHONPATH, not another installed copy). The hash covers that path too.
     """
     server_dir = _tritonserver_dir()
     sources = {
@@ -232,6 +236,8 @@ def backend_directory() -> Path:
             raise FileNotFoundError(f"{src} is missing from the nvidia-pytriton wheel; reinstall nvidia-pytriton==0.7.0")
         st = src.stat()
         digest.update(f"{name}\0{src.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    package = Path(__file__).resolve().parents[1]
+    digest.update(f"seqrank\0{package}\n".encode())
     root = _cache_root() / "triton-backends"
     final = root / digest.hexdigest()[:16]
     result = final / "backends"
@@ -246,6 +252,7 @@ def backend_directory() -> Path:
         for name, src in sources.items():
             shutil.copy2(src, python_dir / name)
         (python_dir / "triton_python_backend_stub").chmod(0o755)
+        (python_dir / "seqrank").symlink_to(package, target_is_directory=True)
         tmp.chmod(0o755)
         try:
             os.rename(tmp, final)  # atomic; fails if another process renamed its copy first

@@ -51,6 +51,7 @@ class Tensors:
     cand_item: np.ndarray
     oov: np.ndarray
     sequence_source: str
+    embedding_source: str = "none"   # "store" (the daily embed job), "exported" (the run's table) or "none" (zeros)
     extra: dict = field(default_factory=dict)
 
 
@@ -147,19 +148,22 @@ class Preprocessor:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def table_embeddings(self, user_ids: Sequence[str]) -> np.ndarray:
-        """The daily batch table shipped in the repository: a sorted, memory-mapped user id array."""
+    def table_embeddings(self, user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The daily batch table shipped in the repository (a sorted, memory-mapped user id array): each user's
+        embedding (zeros when absent) and whether it was found."""
         q = np.array([u.encode() for u in user_ids], dtype=object)
         out = np.zeros((len(q), self.user_emb.shape[1]), dtype=np.float32)
+        found = np.zeros(len(q), dtype=bool)
         if len(self.users) == 0:
-            return out
+            return out, found
         fits = np.array([len(x) <= self.users.itemsize for x in q], dtype=bool)
         qs = np.asarray(q[fits], dtype=self.users.dtype)
         pos = np.minimum(np.searchsorted(self.users, qs), len(self.users) - 1)
         hit = self.users[pos] == qs
         rows = np.flatnonzero(fits)[hit]
         out[rows] = self.user_emb[pos[hit]]
-        return out
+        found[rows] = True
+        return out, found
 
     def _store_rows(self, users: Sequence[str], dim: int) -> list[tuple[History, np.ndarray | None]]:
         """Each user's history and stored embedding (None: none stored, or not finite) in one round trip each."""
@@ -169,7 +173,7 @@ class Preprocessor:
         return [(index_history(self.vocab, s.item_ids, s.actions, s.timestamps_ms), store_emb[j] if found[j] else None)
                 for j, s in enumerate(seqs)]
 
-    def _read_store(self, requests, need_store, histories, sources, emb) -> None:
+    def _read_store(self, requests, need_store, histories, sources, emb, emb_sources) -> None:
         """Fill the histories and embeddings of requests ``need_store`` from the store. A store that does not answer
         fails the whole batch over to the no-sequence path (fallback_store_unavailable); any other error (one user's
         corrupt record, a wrong key type, a stored dim that is not the model's) is retried user by user, so only the
@@ -202,6 +206,7 @@ class Preprocessor:
                 sources[i] = "store" if len(histories[i].ts) else "empty"
                 if stored is not None:
                     emb[i] = stored
+                    emb_sources[i] = "store"
 
     def build(self, requests: Sequence[Request]) -> list[Tensors]:
         histories: list[History] = [History.empty()] * len(requests)
@@ -210,12 +215,13 @@ class Preprocessor:
         for i, r in enumerate(requests):
             if r.actions is not None:
                 histories[i] = index_history(self.vocab, *r.actions)
-        emb = self.table_embeddings([r.user_id for r in requests])
+        emb, in_table = self.table_embeddings([r.user_id for r in requests])
+        emb_sources = ["exported" if found else "none" for found in in_table]
         if need_store:
             for i in need_store:
                 sources[i] = "empty"
             if self.store is not None:
-                self._read_store(requests, need_store, histories, sources, emb)
+                self._read_store(requests, need_store, histories, sources, emb, emb_sources)
         for i, h in enumerate(histories):
             if sources[i] == "request" and len(h.ts) == 0:
                 sources[i] = "empty"
@@ -228,5 +234,5 @@ class Preprocessor:
             oov = np.zeros(len(cand), dtype=bool)
             oov[:n] = cand[:n] == OOV
             out.append(Tensors(seq.seq_item[i], seq.seq_action[i], seq.seq_mask[i], emb[i], seq.context[i],
-                               cand, oov, sources[i]))
+                               cand, oov, sources[i], emb_sources[i]))
         return out

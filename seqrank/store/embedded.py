@@ -1,4 +1,12 @@
-"""EmbeddedStore: the feature store in one SQLite file (WAL mode), no server.
+"""EmbeddedStore: the feature store in one SQLite file (WAL mode, synchronous=FULL), no server.
+
+Durability: an append or put_embeddings that returned is on disk. WAL with ``synchronous=FULL`` fsyncs the
+write-ahead log at every commit, so a committed transaction survives a killed process and a power cut or OS crash
+alike; with ``NORMAL`` it would survive a killed process (the kernel still holds the written WAL) but a power cut
+could roll back the last transactions since the previous checkpoint -- acknowledged events lost, silently. A commit
+costs one fsync (3.5 ms against 0.06 ms with NORMAL on the development VM's disk), paid once per append batch. A
+transaction is atomic either way: a writer killed mid-append leaves the previous state, never a torn row
+(tests/test_store_durability.py SIGKILLs a writer mid-stream and finds every acknowledged event).
 
 Safe for several processes at once (the ingest process writes while Triton preprocess stubs read): WAL
 readers never block on the writer, writers serialize on ``BEGIN IMMEDIATE`` with a busy timeout. One store
@@ -107,7 +115,7 @@ class EmbeddedStore(FeatureStore):
                 conn = sqlite3.connect(self.path, timeout=self.write_timeout_s if write else self.timeout_s,
                                        isolation_level=None, check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA synchronous=FULL")  # durable commits (module docstring)
             except sqlite3.DatabaseError as e:  # also a corrupted or unreadable file
                 raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
         try:

@@ -84,6 +84,7 @@ class TritonPythonModel:
                 pb_utils.Tensor("cand_item", t.cand_item[None]),
                 pb_utils.Tensor("oov", t.oov[None]),
                 pb_utils.Tensor("sequence_source", np.array([[t.sequence_source.encode()]], dtype=object)),
+                pb_utils.Tensor("embedding_source", np.array([[t.embedding_source.encode()]], dtype=object)),
             ])
         return responses
 
