@@ -75,7 +75,6 @@ class TransActConfig:
     candidate_oov_rate: Annotated[float, Field(ge=0, le=1)] | None = None  # training only: this share of candidates is shown as the out-of-vocabulary
                                           # item, as items never seen in training are at serving time; None = the
                                           # log's own share of them (dataset.unseen_item_share); 0 = off
-    next_action_loss_weight: Annotated[float, Field(ge=0)] = 0.0  # TransAct V2's next-action auxiliary loss; 0 = off
     batch_size: Positive = 256
     epochs: Positive = 3
     lr: PositiveFloat = 2e-3

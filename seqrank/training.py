@@ -11,7 +11,6 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from .config import PinnerFormerConfig, TransActConfig
@@ -331,11 +330,7 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
             if oov_rate > 0:  # training only: candidates as unseen items are at serving time
                 cand = torch.where(torch.rand(cand.shape, generator=gen) < oov_rate, OOV, cand)
             logits = model.logits(seq_item, seq_action, seq_mask, user_emb, context, cand, attn_mask=window)[:, 0]
-            labels = torch.as_tensor(train.labels[idx])
-            batch_loss = loss(logits, labels)
-            if cfg.next_action_loss_weight > 0:
-                batch_loss = batch_loss + cfg.next_action_loss_weight * next_action_loss(
-                    model, seq_item, seq_action, seq_mask, window, cand[:, 0], labels, negative_heads)
+            batch_loss = loss(logits, torch.as_tensor(train.labels[idx]))
             optim.zero_grad()
             batch_loss.backward()
             optim.step()
@@ -349,20 +344,6 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
     _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch, f"ranker[{cfg.sequence_encoder}]", best)
     model.selected_epoch = best.best_epoch if best is not None else cfg.epochs
     return model
-
-
-def next_action_loss(model, seq_item, seq_action, seq_mask, window, cand, labels, negative_heads):
-    """TransAct V2's auxiliary task: from the sequence alone, pick the item each engaged impression engaged with
-    among the batch's engaged items (in-batch softmax). Impressions with no positive action, or whose item is
-    out of the vocabulary, are not targets."""
-    engaged = (labels[:, ~negative_heads] > 0).any(dim=1) & (cand >= FIRST_ID)
-    if int(engaged.sum()) < 2:
-        return labels.new_zeros(())
-    items, target = torch.unique(cand[engaged], return_inverse=True)
-    rows = engaged.nonzero()[:, 0]
-    scores = model.next_action_scores(seq_item[rows], seq_action[rows], seq_mask[rows], items,
-                                      None if window is None else window[rows])
-    return nn.functional.cross_entropy(scores, target)
 
 
 @torch.no_grad()

@@ -7,8 +7,7 @@ r"""TransAct ranker (Xia et al., KDD 2023) inside the multi-task DCN v2 ranker o
                        first K rows + max-pool row -> flatten ((K + 1) x 96)
     [TransAct | raw sequence mean | PinnerFormer user emb | candidate emb | context] -> DCN v2 -> MLP -> one sigmoid
     per action. Beyond the paper, chosen on the validation split (config.py): the raw sequence mean (what the
-    avg_pool baseline sees) and K = 3. Optional, training only (transact.next_action_loss_weight, TransAct V2): the
-    next-action task, the sequence encoded with a zero candidate -> the item the impression engaged with.
+    avg_pool baseline sees) and K = 3.
 
 Request-level de-duplication: user-side inputs are [B, ...] (one row per request) and are broadcast over the
 request's N candidates inside the model, so they cross the wire and the host-to-device copy once per request.
@@ -116,8 +115,6 @@ class TransActRanker(nn.Module):
         if kind == "transact":
             self.encoder = TransActEncoder(cfg)
             seq_dim += self.encoder.out_dim
-            if cfg.next_action_loss_weight > 0:  # training only: the sequence alone -> the next engaged item
-                self.next_action = nn.Linear(self.encoder.out_dim, cfg.item_dim)
         dim = seq_dim + user_dim + cfg.item_dim + n_context
         self.cross = CrossNetworkV2(dim, cfg.cross_layers, cfg.cross_rank)
         mlp, prev = [], dim
@@ -138,15 +135,6 @@ class TransActRanker(nn.Module):
         keys = seq_mask if attn_mask is None else attn_mask
         first = torch.arange(seq_mask.shape[1], device=seq_mask.device) == 0
         return keys | (first.unsqueeze(0) & ~keys.any(dim=1, keepdim=True))
-
-    def next_action_scores(self, seq_item, seq_action, seq_mask, items, attn_mask=None):
-        """TransAct V2's next-action task: the sequence encoded with a zero candidate, projected into the item
-        space, scores `items` [M] (cosine / 0.1) -> [B,M]."""
-        seq = self.sequence_rows(seq_item, seq_action)
-        null = seq.new_zeros(seq.shape[0], 1, self.cfg.item_dim)
-        user = self.encoder(seq, self.attention_keys(seq_mask, attn_mask), seq_mask, null)[:, 0]
-        u = nn.functional.normalize(self.next_action(user), dim=-1)
-        return u @ nn.functional.normalize(self.item_embedding(items), dim=-1).T / 0.1
 
     def logits(self, seq_item, seq_action, seq_mask, user_emb, context, cand_item, attn_mask=None):
         """attn_mask (training only): the time-window mask; masked actions are hidden from attention but keep
