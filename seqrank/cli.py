@@ -139,8 +139,10 @@ def _main(argv: list[str]) -> int:
             parser.error("embed needs --store or $SEQRANK_STORE")
         write_embeddings(args.run, store, args.as_of_ms, args.events)
     elif args.command == "train":
+        from .distributed import process_group
         from .pipeline import train
-        train(args.events, args.out, args.config, args.negative_actions, args.overrides)
+        with process_group():  # under torchrun: data-parallel over its processes (docs/training-at-scale.md)
+            train(args.events, args.out, args.config, args.negative_actions, args.overrides)
     elif args.command == "evaluate":
         from .pipeline import evaluate
         evaluate(args.run, [int(x) for x in args.seeds.split(",")] if args.seeds else None, args.user_folds)
