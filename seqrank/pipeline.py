@@ -161,6 +161,16 @@ def load_ranker_examples(run: Path):
     return cfg, info, prep, np.load(run / "item_table.npy"), ranker_data(cfg, prep, embeddings)
 
 
+def ranker_test_scores(run: str | Path) -> tuple[np.ndarray, dict[str, float]]:
+    """A trained run's own ranker on its test period, nothing trained: the probabilities [impressions, heads] and
+    each head's AUC (what compares two trainings of one config, e.g. 1 and 2 processes)."""
+    run = Path(run)
+    cfg, _, prep, table, data = load_ranker_examples(run)
+    model = _fit_ranker(run, cfg, prep, table, data, cfg.transact.sequence_encoder, run / "ranker.safetensors")
+    probs = predict(model, data.test)
+    return probs, {h: M.auc(data.test.labels[:, j], probs[:, j]) for j, h in enumerate(prep.vocab.heads)}
+
+
 RANKERS = ("transact", "no_sequence", "avg_pool")
 BASELINES = ("no_sequence", "avg_pool")
 MIN_USERS = 100  # an estimate resting on fewer test users is flagged (metrics.json "warnings")

@@ -29,6 +29,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from seqrank.distributed import restart_hazard, shard_of
+from seqrank.pipeline import ranker_test_scores
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -109,20 +110,6 @@ def _files(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
 
 
-def _test_scores(run: Path) -> tuple[np.ndarray, dict[str, float]]:
-    """The run's ranker on its test period: per-impression probabilities and each head's AUC."""
-    from safetensors.torch import load_file as load_tensors
-
-    from seqrank import metrics as M
-    from seqrank.pipeline import load_ranker_examples
-    from seqrank.training import build_ranker, predict
-    cfg, _, prep, table, data = load_ranker_examples(run)
-    model = build_ranker(cfg.transact, prep, table, cfg.pinnerformer.dim)
-    model.load_state_dict(load_tensors(run / "ranker.safetensors"))
-    probs = predict(model, data.test)
-    return probs, {h: M.auc(data.test.labels[:, j], probs[:, j]) for j, h in enumerate(prep.vocab.heads)}
-
-
 def test_two_processes_train_what_one_trains_and_only_rank_0_writes(one_and_two):
     one, one_log, two, two_log = one_and_two
     assert "world size 2" in two_log.stderr
@@ -138,8 +125,8 @@ def test_two_processes_train_what_one_trains_and_only_rank_0_writes(one_and_two)
     assert (info_one["world_size"], info_two["world_size"]) == (1, 2)
     assert info_two["ranker_selected_epoch"] == info_one["ranker_selected_epoch"]
     np.testing.assert_allclose(np.load(two / "user_emb.npy"), np.load(one / "user_emb.npy"), atol=1e-4)
-    probs_one, auc_one = _test_scores(one)
-    probs_two, auc_two = _test_scores(two)
+    probs_one, auc_one = ranker_test_scores(one)
+    probs_two, auc_two = ranker_test_scores(two)
     print(f"1 vs 2 processes: largest prediction difference {np.abs(probs_two - probs_one).max():.2e}, AUC "
           + ", ".join(f"{h} {auc_one[h]:.4f}/{auc_two[h]:.4f}" for h in ("like", "hate", "click")))
     np.testing.assert_allclose(probs_two, probs_one, atol=PREDICTION_TOLERANCE)
