@@ -172,8 +172,10 @@ def _main(argv: list[str]) -> int:
     elif args.command == "refresh":
         return _refresh(parser, args)
     elif args.command == "train":
+        from .distributed import process_group
         from .pipeline import train
-        train(args.events, args.out, args.config, args.negative_actions, args.overrides)
+        with process_group():  # under torchrun: data-parallel over its processes (docs/training-at-scale.md)
+            train(args.events, args.out, args.config, args.negative_actions, args.overrides)
     elif args.command == "evaluate":
         from .pipeline import evaluate
         evaluate(args.run, [int(x) for x in args.seeds.split(",")] if args.seeds else None, args.user_folds)

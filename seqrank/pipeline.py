@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from . import __version__, distributed
 from . import metrics as M
 from .config import RunConfig
 from .dataset import Prepared
@@ -52,19 +52,20 @@ def _load_pinnerformer(run: Path, cfg, prep, name="pinnerformer.safetensors") ->
 def _fit_pinnerformer(run: Path, cfg: RunConfig, prep: Prepared, objective: str, out: Path,
                       tag: str = "") -> PinnerFormer:
     pf_cfg = replace(cfg.pinnerformer, objective=objective)
-    if out.exists():
+    if distributed.agree(out.exists(), f"whether {out} exists"):
         return _load_pinnerformer(out.parent, pf_cfg, prep, out.name)
     seed_everything(cfg.seed, cfg.threads)
     model = train_pinnerformer(prep, pf_cfg, cfg.seed, run / "checkpoints" / f"pinnerformer_{objective}{tag}.pt")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), out)
+    if distributed.is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(model.state_dict(), out)
     return model
 
 
 def _fit_ranker(run, cfg, prep, table, examples: "RankerData", encoder: str, out: Path, tag: str = ""):
     """The ranker at `out`, trained (on examples.train, best epoch on examples.selection) if it is not there yet."""
     r_cfg = replace(cfg.transact, sequence_encoder=encoder)
-    if out.exists():
+    if distributed.agree(out.exists(), f"whether {out} exists"):
         model = build_ranker(r_cfg, prep, table, cfg.pinnerformer.dim)
         model.load_state_dict(load_file(out))
         model.selected_epoch = int(load_metadata(out).get("selected_epoch", r_cfg.epochs))
@@ -72,8 +73,9 @@ def _fit_ranker(run, cfg, prep, table, examples: "RankerData", encoder: str, out
     seed_everything(cfg.seed, cfg.threads)
     model = train_ranker(prep, r_cfg, table, cfg.pinnerformer.dim, examples.train, cfg.seed,
                          run / "checkpoints" / f"ranker_{encoder}{tag}.pt", examples.selection)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), out, metadata={"selected_epoch": str(model.selected_epoch)})
+    if distributed.is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(model.state_dict(), out, metadata={"selected_epoch": str(model.selected_epoch)})
     return model
 
 
@@ -97,34 +99,45 @@ def load_run(run: Path) -> tuple[RunConfig, dict, Prepared]:
 def train(events: str, out: str | Path, config: str | None = None, negative_actions=None,
           overrides: list[str] | None = None) -> Path:
     """Learn PinnerFormer and the TransAct ranker from an events file or dataset directory (seqrank convert) into the
-    run directory `out`. `config`: a
-    JSON run config; `overrides`: ["section.field=value", ...] applied on top (RunConfig.with_overrides)."""
+    run directory `out`. `config`: a JSON run config; `overrides`: ["section.field=value", ...] applied on top
+    (RunConfig.with_overrides). Under torchrun every rank trains its share of each batch (seqrank/distributed.py)
+    and rank 0 alone writes."""
     run = Path(out)
     cfg = RunConfig.load(config).with_overrides(overrides or [])
-    run.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
     if negative_actions:
         cfg.data.negative_actions = list(negative_actions)
     started = time.time()
     seed_everything(cfg.seed, cfg.threads)
     prep = prepare_events(events, cfg)
-    (run / "config.json").write_text(cfg.to_json())
-    prep.vocab.save(run / "vocab")
     info = {"seqrank_version": __version__, "events": str(Path(events).resolve()), "split": cfg.data.split,
             "split_time_ms": prep.split_time, "selection_start_ms": prep.selection_start,
             "heads": prep.vocab.heads, "negative_heads": prep.vocab.negative_actions,
             "user_dim": cfg.pinnerformer.dim, "n_context": N_CONTEXT, "seq_len": cfg.transact.seq_len,
             "duplicates_dropped": prep.log.duplicates_dropped, "n_events": len(prep.log.events),
             "future_window_days": round(prep.future_window_ms / 86_400_000, 3),
-            "candidate_oov_rate": round(candidate_oov_rate(cfg.transact, prep), 4)}
-    (run / "run.json").write_text(json.dumps(info, indent=2))
+            "candidate_oov_rate": round(candidate_oov_rate(cfg.transact, prep), 4),
+            "world_size": distributed.world_size()}
+    if main:
+        (run / "config.json").write_text(cfg.to_json())
+        prep.vocab.save(run / "vocab")
+        (run / "run.json").write_text(json.dumps(info, indent=2))
 
     info["pinnerformer_reused"] = (run / "pinnerformer.safetensors").exists()  # train_seconds then omits it
     pf = _fit_pinnerformer(run, cfg, prep, cfg.pinnerformer.objective, run / "pinnerformer.safetensors")
     table = item_table(pf)
-    np.save(run / "item_table.npy", table)
+    if main:
+        np.save(run / "item_table.npy", table)
     examples = ranker_data(cfg, prep, EmbeddingCache(pf, prep), test=False)
     ranker = _fit_ranker(run, cfg, prep, table, examples, cfg.transact.sequence_encoder, run / "ranker.safetensors")
+    if not main:
+        return run
     info["ranker_selected_epoch"] = ranker.selected_epoch
+    # seconds per epoch of the models trained by this command (a reused or resumed model's earlier epochs: absent)
+    info["epoch_seconds"] = {"pinnerformer": getattr(pf, "epoch_seconds", []),
+                             "ranker": getattr(ranker, "epoch_seconds", [])}
     # the daily batch as of the end of the data: what serving reads for each user's long-term embedding
     end = int(prep.log.events.timestamp.max()) + 1
     np.save(run / "users.npy", np.asarray(prep.users, dtype="S"))
@@ -148,6 +161,16 @@ def load_ranker_examples(run: Path):
     cfg, info, prep = load_run(run)
     embeddings = EmbeddingCache(_load_pinnerformer(run, cfg.pinnerformer, prep), prep)
     return cfg, info, prep, np.load(run / "item_table.npy"), ranker_data(cfg, prep, embeddings)
+
+
+def ranker_test_scores(run: str | Path) -> tuple[np.ndarray, dict[str, float]]:
+    """A trained run's own ranker on its test period, nothing trained: the probabilities [impressions, heads] and
+    each head's AUC (what compares two trainings of one config, e.g. 1 and 2 processes)."""
+    run = Path(run)
+    cfg, _, prep, table, data = load_ranker_examples(run)
+    model = _fit_ranker(run, cfg, prep, table, data, cfg.transact.sequence_encoder, run / "ranker.safetensors")
+    probs = predict(model, data.test)
+    return probs, {h: M.auc(data.test.labels[:, j], probs[:, j]) for j, h in enumerate(prep.vocab.heads)}
 
 
 RANKERS = ("transact", "no_sequence", "avg_pool")

@@ -160,7 +160,7 @@ def learn_rows(model: PinnerFormer, data, cfg, seed: int, budget: Budget) -> int
     model.train()
     epochs = 0
     while epochs < cfg.epochs and not budget.spent:
-        dense_epoch(model, optim, data, cfg, np.random.default_rng([seed, epochs]), budget.allow_step)
+        dense_epoch(model, optim, data, cfg, np.random.default_rng([seed, epochs]), allow_step=budget.allow_step)
         epochs += 1
     model.eval()
     return epochs

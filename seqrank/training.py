@@ -2,9 +2,13 @@
 
 Deterministic for a seed (per-epoch generators), checkpointed every epoch in a safe format (state_dicts loaded with
 weights_only=True) and resumable: re-running the same command continues from the last finished epoch.
+Data-parallel under torchrun (seqrank/distributed.py): every rank builds the same global batch, takes its share of
+the rows, and DistributedDataParallel averages the gradients; one process is the plain loop.
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -13,11 +17,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .config import PinnerFormerConfig, TransActConfig
 from .dataset import DAY_MS, Prepared, day_start, sequences_for
 from .features import FIRST_ID, N_CONTEXT, OOV, History, Vocabulary, build_sequences
 from .models.pinnerformer import PinnerFormer, sampled_softmax_loss, time_features
-from .models.transact import TransActRanker, time_window_mask, weighted_multitask_bce
+from .models.transact import TransActRanker, label_weights, time_window_mask, weighted_multitask_bce
+
+log = logging.getLogger("seqrank.training")
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -29,7 +36,8 @@ def seed_everything(seed: int, threads: int) -> None:
 class BestEpoch:
     """Model selection on a held-out slice: after every epoch the model's loss on the slice is measured and the
     weights of the best epoch so far are kept; training ends with those weights. Part of the checkpoint, so a
-    resumed run selects exactly as an uninterrupted one."""
+    resumed run selects exactly as an uninterrupted one. Data-parallel, rank 0 measures and every rank gets its
+    number, so all of them keep the same epoch."""
 
     def __init__(self, loss_of):
         self.loss_of = loss_of            # model -> float (lower is better), in eval mode
@@ -37,13 +45,17 @@ class BestEpoch:
         self.best: dict | None = None
 
     def update(self, model) -> None:
+        loss = distributed.from_main(lambda: self._measure(model))
+        if not self.losses or loss < min(self.losses):
+            self.best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.losses.append(loss)
+
+    def _measure(self, model) -> float:
         model.eval()
         with torch.no_grad():
             loss = float(self.loss_of(model))
         model.train()
-        if not self.losses or loss < min(self.losses):
-            self.best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.losses.append(loss)
+        return loss
 
     def state_dict(self) -> dict:
         return {"losses": self.losses, "best": self.best}
@@ -60,32 +72,51 @@ class BestEpoch:
             model.load_state_dict(self.best)
 
 
-def _checkpointed_epochs(model, optim, ckpt: Path, epochs: int, run_epoch, desc: str, selection=None):
+def _checkpointed_epochs(model, optim, ckpt: Path, epochs: int, run_epoch, desc: str, seed: int,
+                         selection=None) -> list[float]:
     """Run epochs [start, epochs) where start is read from the checkpoint; save after each epoch. `selection`
-    (BestEpoch): measured after each epoch, and the model ends with its best epoch's weights."""
+    (BestEpoch): measured after each epoch, and the model ends with its best epoch's weights (on the CPU).
+    run_epoch(epoch) -> (rows this rank ran, rows of the global batches). Data-parallel: rank 0 writes the checkpoint
+    and every rank resumes from it (the run directory is shared). Returns the seconds of each epoch run here
+    (training, selection and checkpoint)."""
     start = 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location="cpu")
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
         torch.set_rng_state(state["torch_rng"])  # dropout draws continue exactly where the finished epoch left them
         if selection is not None:
             selection.load_state_dict(state["selection"])
         start = int(state["epoch"])
-    for epoch in tqdm(range(start, epochs), desc=desc, initial=start, total=epochs, unit="epoch"):
+    start = distributed.agree(start, f"the epoch {desc} resumes from")
+    if start and distributed.is_main():
+        log.info("%s: resuming from %s after epoch %d of %d", desc, ckpt, start, epochs)
+    seconds = []
+    for epoch in tqdm(range(start, epochs), desc=desc, initial=start, total=epochs, unit="epoch",
+                      disable=not distributed.is_main()):
+        started = time.perf_counter()
+        distributed.seed_epoch(seed, epoch)
         model.train()
-        run_epoch(epoch)
+        here, total = run_epoch(epoch)
         if selection is not None:
             selection.update(model)
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1,
-                    "torch_rng": torch.get_rng_state(),
-                    **({"selection": selection.state_dict()} if selection is not None else {})}, tmp)
-        tmp.replace(ckpt)
+        if distributed.is_main():
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1,
+                        "torch_rng": torch.get_rng_state(),
+                        **({"selection": selection.state_dict()} if selection is not None else {})}, tmp)
+            tmp.replace(ckpt)
+        seconds.append(round(time.perf_counter() - started, 2))
+        if distributed.is_main():
+            share = f", rank 0 ran {here} of the epoch's {total} rows" if distributed.world_size() > 1 else ""
+            loss = f", selection loss {selection.losses[-1]:.5f}" if selection is not None else ""
+            log.info("%s: epoch %d of %d in %.1f s%s%s", desc, epoch + 1, epochs, seconds[-1], share, loss)
+        distributed.barrier()  # no rank runs ahead of the checkpoint a restarted group would resume from
     if selection is not None:
         selection.restore(model)
-    model.eval()
+    model.cpu().eval()
+    return seconds
 
 
 # ---------------------------------------------------------------- PinnerFormer
@@ -117,14 +148,14 @@ class DenseTargets:
 
 
 def dense_targets(histories: Mapping[str, History], vocab: Vocabulary, users, before: int,
-                  window_ms: int) -> DenseTargets:
-    """The DenseTargets of `users` whose training period ends at `before`."""
+                  window_ms: int, device: torch.device | str = "cpu") -> DenseTargets:
+    """The DenseTargets of `users` whose training period ends at `before` (log_q on `device`)."""
     positives = positive_events(histories, vocab, users, before)
     users = [u for u in users if len(positives[u][0]) >= 2]
     if not users:
         raise ValueError("no user has 2 or more positive engagements to learn from")
     counts = np.bincount(np.concatenate([positives[u][1] for u in users]), minlength=vocab.n_items)
-    log_q = torch.as_tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32)
+    log_q = torch.as_tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32, device=device)
     return DenseTargets(histories, users, positives, before, window_ms, vocab.n_items, log_q)
 
 
@@ -164,42 +195,60 @@ def dense_batch(data: DenseTargets, cfg: PinnerFormerConfig, batch_users, rng):
     return seq, np.array(rows), np.array(cols), np.array(targets)
 
 
-def dense_loss(model: PinnerFormer, data: DenseTargets, cfg: PinnerFormerConfig, batch, rng) -> torch.Tensor:
-    """The sampled softmax of a dense_batch's queries against their targets, in-batch and random negatives."""
-    seq, rows, cols, targets = batch
-    L = int(seq.seq_mask.sum(1).max())
-    t = lambda a: torch.as_tensor(a[:, :L])  # noqa: E731 - trim padding columns
-    out = model.encode(t(seq.seq_item), t(seq.seq_action),
-                       torch.as_tensor(time_features(seq.seq_ts[:, :L], seq.seq_mask[:, :L])), t(seq.seq_mask))
-    query = out[torch.as_tensor(rows), torch.as_tensor(cols)]
-    tgt = torch.as_tensor(targets)
-    rnd = torch.as_tensor(rng.integers(FIRST_ID, data.n_items, cfg.random_negatives))
-    return sampled_softmax_loss(
-        query, model.item_embeddings(tgt), tgt, torch.as_tensor(rows), model.item_embeddings(rnd), rnd,
-        data.log_q[tgt], torch.full((len(rnd),), -float(np.log(data.n_items - FIRST_ID))), model.temperature)
+def _pinnerformer_outputs(model: PinnerFormer, item, action, tfeat, mask, query_rows, query_cols, targets, random):
+    """What one training step needs from PinnerFormer, in one call (distributed.data_parallel): the queries (the
+    user embeddings at the chosen positions), the targets' and the random negatives' item embeddings, the
+    temperature."""
+    out = model.encode(item, action, tfeat, mask)
+    return (out[query_rows, query_cols], model.item_embeddings(targets), model.item_embeddings(random),
+            model.temperature)
 
 
-def dense_epoch(model: PinnerFormer, optim, data: DenseTargets, cfg: PinnerFormerConfig, rng,
-                allow_step: Callable[[], bool] | None = None) -> None:
+def dense_epoch(model: PinnerFormer, optim, data: DenseTargets, cfg: PinnerFormerConfig, rng, step=None,
+                allow_step: Callable[[], bool] | None = None) -> tuple[int, int]:
     """One pass over data.users in a random order, one optimizer step per batch of cfg.batch_users users (a batch
-    with fewer than 2 queries is skipped). `allow_step` is asked before each batch; False ends the pass (a budget)."""
+    with fewer than 2 queries is skipped). Under torchrun (`step` = distributed.data_parallel(model,
+    _pinnerformer_outputs)) every rank draws the same global batch, encodes its share of the batch's users and scores
+    their queries against all of the batch's targets and the shared random negatives. `allow_step` is asked before
+    each batch; False ends the pass (a budget). Returns (rows this rank trained on, rows of all batches)."""
+    step = step or distributed.data_parallel(model, _pinnerformer_outputs)
+    dev = data.log_q.device
+    n_real = data.n_items - FIRST_ID
     order = rng.permutation(len(data.users))
+    here = total = 0
     for s in range(0, len(order), cfg.batch_users):
         if allow_step is not None and not allow_step():
-            return
-        batch = dense_batch(data, cfg, [data.users[i] for i in order[s:s + cfg.batch_users]], rng)
-        if len(batch[1]) < 2:
+            break
+        seq, rows, cols, targets = dense_batch(data, cfg, [data.users[i] for i in order[s:s + cfg.batch_users]], rng)
+        if len(rows) < 2:
             continue
-        loss = dense_loss(model, data, cfg, batch, rng)
+        rnd = torch.as_tensor(rng.integers(FIRST_ID, data.n_items, cfg.random_negatives), device=dev)
+        mine, scale = distributed.shard(len(seq.seq_mask))
+        here, total = here + int(scale > 0) * len(mine), total + len(seq.seq_mask)
+        queries = np.flatnonzero(np.isin(rows, mine))
+        L = int(seq.seq_mask[mine].sum(1).max())
+        t = lambda a: torch.as_tensor(a[mine, :L], device=dev)  # noqa: E731 - this rank's rows, no padding columns
+        tgt = torch.as_tensor(targets, device=dev)
+        query, target_emb, random_emb, temperature = step(
+            t(seq.seq_item), t(seq.seq_action),
+            torch.as_tensor(time_features(seq.seq_ts[mine, :L], seq.seq_mask[mine, :L]), device=dev),
+            t(seq.seq_mask), torch.as_tensor(np.searchsorted(mine, rows[queries]), device=dev),
+            torch.as_tensor(cols[queries], device=dev), tgt, rnd)
+        loss = sampled_softmax_loss(
+            query, target_emb, tgt, torch.as_tensor(rows, device=dev), random_emb, rnd, data.log_q[tgt],
+            torch.full((len(rnd),), -float(np.log(n_real)), device=dev), temperature,
+            query_index=torch.as_tensor(queries, device=dev)) * scale
         optim.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
+    return here, total
 
 
 def train_pinnerformer(prep: Prepared, cfg: PinnerFormerConfig, seed: int, ckpt: Path) -> PinnerFormer:
     torch.manual_seed(seed)
-    model = PinnerFormer(cfg, prep.vocab.n_items, prep.vocab.n_actions)
+    dev = distributed.device()
+    model = PinnerFormer(cfg, prep.vocab.n_items, prep.vocab.n_actions).to(dev)
     # The item table gets its own, larger step: its rows start at N(0, 1) (norm ~sqrt(d)) and move only when sampled,
     # so at the dense weights' lr (~1e-3 of that norm per step) they barely turn in a few hundred steps, and the towers
     # sit at chance (user embeddings all alike) -- measured on a planted-signal log (tests/test_planted.py).
@@ -208,12 +257,14 @@ def train_pinnerformer(prep: Prepared, cfg: PinnerFormerConfig, seed: int, ckpt:
     optim = torch.optim.AdamW([{"params": dense}, {"params": table, "lr": cfg.item_lr}], lr=cfg.lr,
                               weight_decay=cfg.weight_decay)
     users = [u for u in prep.users if u not in prep.pf_test_users]
-    data = dense_targets(prep.histories, prep.vocab, users, prep.split_time, prep.future_window_ms)
+    data = dense_targets(prep.histories, prep.vocab, users, prep.split_time, prep.future_window_ms, dev)
+    step = distributed.data_parallel(model, _pinnerformer_outputs)
 
     def run_epoch(epoch):
-        dense_epoch(model, optim, data, cfg, np.random.default_rng([seed, epoch]))
+        return dense_epoch(model, optim, data, cfg, np.random.default_rng([seed, epoch]), step)
 
-    _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch, f"pinnerformer[{cfg.objective}]")
+    model.epoch_seconds = _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch,
+                                               f"pinnerformer[{cfg.objective}]", seed)
     return model
 
 
@@ -308,40 +359,56 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
     """The ranker on `train`; with `selection` (later impressions of the training period), the epoch whose loss
     on them is lowest is kept (BestEpoch)."""
     torch.manual_seed(seed)
-    model = build_ranker(cfg, prep, table, user_dim)
+    dev = distributed.device()
+    model = build_ranker(cfg, prep, table, user_dim).to(dev)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                               weight_decay=cfg.weight_decay)
     negative_heads = torch.as_tensor([h in prep.vocab.negative_actions for h in prep.vocab.heads])
 
-    def loss(logits, labels):
-        return weighted_multitask_bce(logits, labels, negative_heads, cfg.negative_label_weight)
+    def loss(logits, labels, total_weight=None):
+        return weighted_multitask_bce(logits, labels, negative_heads.to(logits.device), cfg.negative_label_weight,
+                                      total_weight)
 
     lengths = train.seq.seq_mask.sum(1)
     oov_rate = candidate_oov_rate(cfg, prep)
+    step = distributed.data_parallel(model, lambda m, *inputs, attn_mask: m.logits(*inputs, attn_mask=attn_mask))
 
     def run_epoch(epoch):
         rng = np.random.default_rng([seed, epoch])
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        here = 0
         for idx in length_bucketed_batches(lengths, cfg.batch_size, rng):
+            # every rank draws the whole batch's time-window masks and candidate swaps (the same generator stream
+            # as one process), then runs its share of the rows against the batch's total label weight
             seq_item, seq_action, seq_mask, user_emb, context, cand = train.tensors(idx)
             L = seq_mask.shape[1]
             age = torch.as_tensor((train.request_time[idx, None] - train.seq.seq_ts[idx, :L]) / 1000.0)
             window = time_window_mask(seq_mask, age, cfg.time_window_max_h, gen)  # training only
             if oov_rate > 0:  # training only: candidates as unseen items are at serving time
                 cand = torch.where(torch.rand(cand.shape, generator=gen) < oov_rate, OOV, cand)
-            logits = model.logits(seq_item, seq_action, seq_mask, user_emb, context, cand, attn_mask=window)[:, 0]
-            batch_loss = loss(logits, torch.as_tensor(train.labels[idx]))
+            labels = torch.as_tensor(train.labels[idx])
+            total_weight = label_weights(labels, negative_heads, cfg.negative_label_weight).sum()
+            mine, scale = distributed.shard(len(idx))
+            here += int(scale > 0) * len(mine)
+            mine = torch.as_tensor(mine)
+            L = max(1, int(seq_mask[mine].sum(1).max()))  # this rank's rows need fewer padding columns
+            seqs = [x[mine, :L].to(dev) for x in (seq_item, seq_action, seq_mask)]
+            logits = step(*seqs, *(x[mine].to(dev) for x in (user_emb, context, cand)),
+                          attn_mask=window[mine, :L].to(dev))[:, 0]
+            batch_loss = loss(logits, labels[mine].to(dev), total_weight.to(dev)) * scale
             optim.zero_grad()
             batch_loss.backward()
             optim.step()
+        return here, len(lengths)
 
     def selection_loss(m):
-        logits = np.concatenate([m.logits(*selection.tensors(idx))[:, 0].numpy()
+        logits = np.concatenate([m.logits(*(x.to(dev) for x in selection.tensors(idx)))[:, 0].cpu().numpy()
                                  for idx in np.array_split(np.arange(len(selection)), -(-len(selection) // 1024))])
         return loss(torch.as_tensor(logits), torch.as_tensor(selection.labels))
 
     best = BestEpoch(selection_loss) if selection is not None and len(selection) else None
-    _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch, f"ranker[{cfg.sequence_encoder}]", best)
+    model.epoch_seconds = _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch,
+                                               f"ranker[{cfg.sequence_encoder}]", seed, best)
     model.selected_epoch = best.best_epoch if best is not None else cfg.epochs
     return model
 

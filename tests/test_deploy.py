@@ -778,6 +778,7 @@ def test_yamllint_passes_on_the_manifests():
 
 
 CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+             ("kubeflow.org/v1", "PyTorchJob"),
              ("kustomize.config.k8s.io/v1beta1", "Kustomization")}
 
 
@@ -806,8 +807,9 @@ def test_kustomization_lists_the_manifests_and_names_the_image():
     for resource in resources:
         assert (DEPLOY / resource).is_file(), resource
     assert "prometheus-adapter-rules.yaml" not in resources  # it belongs to the adapter's namespace and config
+    # not resources: the adapter's rule (its own namespace and config) and the training job (one run, by hand)
     assert {p.name for p in manifest_files()} - set(resources) == {"kustomization.yaml",
-                                                                   "prometheus-adapter-rules.yaml"}
+                                                                   "prometheus-adapter-rules.yaml", "pytorchjob.yaml"}
     image_names = {i["name"] for i in kustomization["images"]}
     for kind, name in (("Deployment", "seqrank-triton"), ("Deployment", "seqrank-ingest"), ("CronJob", "seqrank-embed")):
         image = pod_spec(find(kind, name))["containers"][0]["image"]
@@ -1445,6 +1447,61 @@ def test_embed_cronjob_runs_seqrank_embed_daily_as_the_store_writer():
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and "/tmp" in mounts and pod["securityContext"]["runAsNonRoot"]
     assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
+
+
+def test_pytorchjob_runs_seqrank_train_under_torchrun_on_a_master_and_workers():
+    """deploy/pytorchjob.yaml (a CRD: no schema offline): each replica's pod template validates as a Pod against the
+    Kubernetes schemas; torchrun's own parser and seqrank's accept its command; --nnodes counts the replicas, the
+    c10d rendezvous is the master's service and port, restarts get a fresh store, the processes' threads fit the
+    CPUs, the run directory is on the runs PVC, and the pods are locked down like the other jobs."""
+    import kubernetes_validate
+    from torch.distributed.run import get_args_parser
+
+    from seqrank.cli import build_parser
+    from seqrank.config import RunConfig
+    from seqrank.distributed import restart_hazard
+
+    job = find("PyTorchJob", "seqrank-train")
+    assert job["apiVersion"] == "kubeflow.org/v1"
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert set(specs) == {"Master", "Worker"} and specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] >= 1
+    for role, spec in specs.items():
+        template = spec["template"]
+        pod = {"apiVersion": "v1", "kind": "Pod", "spec": template["spec"],
+               "metadata": {**template["metadata"], "name": f"seqrank-train-{role.lower()}-0", "namespace": "seqrank"}}
+        for version in (K8S_VERSIONS[0], kubernetes_validate.latest_version()):
+            kubernetes_validate.validate(pod, version, strict=True)
+        assert spec["restartPolicy"] == "OnFailure"
+        assert template["spec"] == specs["Master"]["template"]["spec"]  # every node runs the same command
+    pod = specs["Master"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["name"] == "pytorch" and container["image"].startswith("seqrank-jobs:")
+    assert container["command"] == ["torchrun"]
+    launch = get_args_parser().parse_args(container["args"])
+    assert launch.module and launch.training_script == "seqrank.cli"
+    assert int(launch.nnodes) == sum(spec["replicas"] for spec in specs.values())
+    host, port = launch.rdzv_endpoint.split(":")
+    assert launch.rdzv_backend == "c10d" and host == f"{job['metadata']['name']}-master-0"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"pytorchjob-port": int(port)}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    agent = {"TORCHELASTIC_USE_AGENT_STORE": str(env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1"),
+             "TORCHELASTIC_MAX_RESTARTS": str(launch.max_restarts)}
+    assert launch.max_restarts >= 1 and restart_hazard(agent) is None
+    train = build_parser().parse_args(launch.training_script_args)
+    threads = RunConfig().with_overrides(train.overrides).threads
+    assert train.command == "train" and int(env["OMP_NUM_THREADS"]) == threads
+    assert int(launch.nproc_per_node) * threads <= int(container["resources"]["limits"]["cpu"])
+    assert container["resources"]["requests"]["memory"] and container["resources"]["limits"]["memory"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    runs = volumes[mounts["/runs"]]["persistentVolumeClaim"]["claimName"]
+    find("PersistentVolumeClaim", runs)
+    assert train.out.startswith("/runs/") and train.events.startswith("/runs/")
+    assert "/tmp" in mounts and volumes[mounts["/tmp"]]["emptyDir"]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001 and pod["automountServiceAccountToken"] is False
 
 
 def test_a_refresh_cronjob_exists_exactly_when_seqrank_refresh_does():

@@ -79,30 +79,37 @@ class PinnerFormer(nn.Module):
         return l2_normalize(self.item_tower(w))
 
 
-def sampled_softmax_loss(query, target_emb, target_ids, query_user, random_emb, random_ids,
-                         log_q_target, log_q_random, temperature):
+def sampled_softmax_loss(query, target_emb, target_ids, target_user, random_emb, random_ids,
+                         log_q_target, log_q_random, temperature, query_index=None):
     """Mixed-negative sampled softmax with logQ correction: one softmax over [positive | in-batch negatives] and one
     over [positive | random negatives], summed (the in-batch one corrects the popularity bias of in-batch sampling,
     the random one keeps rare items honest).
 
-    query [Q,D], target_emb [Q,D] (the positive of each query; together they are the in-batch negatives),
-    target_ids/query_user [Q], random_emb [R,D], random_ids [R], log_q_target [Q] = log sampling probability of
+    target_emb [Q,D] (the positive of each of the batch's Q queries; together they are the in-batch negatives),
+    target_ids/target_user [Q], random_emb [R,D], random_ids [R], log_q_target [Q] = log sampling probability of
     each target as an in-batch negative, log_q_random [R] = that of each random negative.
+    query [P,D]: the queries scored here; query_index [P]: the position of each one's own target (default: all Q
+    queries, in order). The loss is their share of the batch's mean loss (their sum / Q), so data-parallel ranks that
+    each hold some of the queries, and every target, add up to the loss of the whole batch (seqrank/distributed.py).
     Masked out of the negatives: the user's own positives (other queries' targets of the same user) and accidental
     hits (a column holding the query's own target item).
     """
-    Q = query.shape[0]
-    eye = torch.eye(Q, dtype=torch.bool, device=query.device)
+    Q = target_emb.shape[0]
+    if query_index is None:
+        query_index = torch.arange(Q, device=query.device)
+    own_target = target_ids[query_index]
+    eye = query_index[:, None] == torch.arange(Q, device=query.device)[None, :]
     in_batch = query @ target_emb.T / temperature - log_q_target[None, :]
-    own = ((query_user[:, None] == query_user[None, :]) | (target_ids[:, None] == target_ids[None, :])) & ~eye
+    own = ((target_user[query_index][:, None] == target_user[None, :])
+           | (own_target[:, None] == target_ids[None, :])) & ~eye
     in_batch = in_batch.masked_fill(own, MASK_FILL)
-    labels = torch.arange(Q, device=query.device)
-    loss_in_batch = nn.functional.cross_entropy(in_batch, labels)
+    loss_in_batch = nn.functional.cross_entropy(in_batch, query_index, reduction="sum") / Q
 
-    positive = (query * target_emb).sum(-1, keepdim=True) / temperature
+    positive = (query * target_emb[query_index]).sum(-1, keepdim=True) / temperature
     rand = query @ random_emb.T / temperature - log_q_random[None, :]
-    rand = rand.masked_fill(random_ids[None, :] == target_ids[:, None], MASK_FILL)
+    rand = rand.masked_fill(random_ids[None, :] == own_target[:, None], MASK_FILL)
     # the positive competes with the random negatives under the same (uniform) correction
     logits = torch.cat([positive - log_q_random.mean(), rand], dim=1)
-    loss_random = nn.functional.cross_entropy(logits, torch.zeros(Q, dtype=torch.long, device=query.device))
+    zeros = torch.zeros(len(query_index), dtype=torch.long, device=query.device)
+    loss_random = nn.functional.cross_entropy(logits, zeros, reduction="sum") / Q
     return loss_in_batch + loss_random

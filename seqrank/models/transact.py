@@ -159,15 +159,21 @@ class TransActRanker(nn.Module):
         return torch.sigmoid(self.logits(seq_item, seq_action, seq_mask, user_emb, context, cand_item))
 
 
-def weighted_multitask_bce(logits: torch.Tensor, labels: torch.Tensor, negative_heads: torch.Tensor,
-                           negative_weight: float) -> torch.Tensor:
-    """Weighted BCE with the paper's label-weight matrix: an impression that carries a negative action (a hide)
-    weighs `negative_weight` on every positive head, so a hidden item is a strong negative for click/repin too.
-    logits/labels [E,H]; negative_heads bool [H]."""
+def label_weights(labels: torch.Tensor, negative_heads: torch.Tensor, negative_weight: float) -> torch.Tensor:
+    """The paper's label-weight matrix [E,H]: an impression that carries a negative action (a hide) weighs
+    `negative_weight` on every positive head, so a hidden item is a strong negative for click/repin too."""
     has_negative = (labels[:, negative_heads] > 0).any(dim=1, keepdim=True)           # [E,1]
-    weight = torch.where(has_negative & ~negative_heads, negative_weight, 1.0)
+    return torch.where(has_negative & ~negative_heads, negative_weight, 1.0)
+
+
+def weighted_multitask_bce(logits: torch.Tensor, labels: torch.Tensor, negative_heads: torch.Tensor,
+                           negative_weight: float, total_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted BCE with the label-weight matrix (label_weights), normalised by the sum of the weights.
+    logits/labels [E,H]; negative_heads bool [H]. total_weight: when these E rows are one data-parallel rank's share
+    of a batch, the batch's weight sum, so that the ranks' losses add up to the batch's (seqrank/distributed.py)."""
+    weight = label_weights(labels, negative_heads, negative_weight)
     loss = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    return (loss * weight).sum() / weight.sum()
+    return (loss * weight).sum() / (weight.sum() if total_weight is None else total_weight)
 
 
 def time_window_mask(seq_mask: torch.Tensor, seq_age_s: torch.Tensor, max_hours: float,
