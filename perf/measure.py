@@ -148,6 +148,9 @@ def overload(tuned: TritonSystem, repo: Path, store_url: str, reqs: list[dict], 
     out["guarded_config"] = guarded_copy(repo, work / "guarded_repository", timeouts)
     guarded = TritonSystem("guarded", work / "guarded_repository", store_url, logs, server, incidents)
     try:
+        pa = load.pa_point(guarded.http_url, "seqrank", data, work / "pa" / "overload_pa.csv", st, rate=rate,
+                           cores=client, logs=logs)
+        out["perf_analyzer_at_2x"] = {"ok": pa["ok"], "error": pa.get("error", "")[-300:]}
         for name, system in (("shipped", tuned), ("guarded", guarded)):
             before = failures(system.metrics_url), model_stats(system.http_url)
             with pinned(client):

@@ -30,7 +30,9 @@ RATIOS = (("ensemble_vs_bare", "ensemble", "ranker"), ("ensemble_vs_naive", "ens
 
 
 def _met(op: str, target: float, value) -> bool:
-    if not (isinstance(value, (int, float)) and math.isfinite(value)):
+    """A measured value against its target; an infinite ratio (only the first system serves the budget) meets a
+    lower bound, an undefined one (NaN) meets nothing."""
+    if not isinstance(value, (int, float)) or math.isnan(value) or math.isnan(target):
         return False
     return value >= target if op == ">=" else value <= target
 
@@ -197,6 +199,13 @@ def overload_md(over: dict, verdict: dict) -> list[str]:
                    f"{_fmt(r['p99_ms'])} | {r.get('triton_failures') or '-'} |")
     out += ["", f"Guarded: p99 <= 2 x {over['budget_ms']} ms: {verdict.get('p99_within_2x_budget')}; only explicit "
             f"rejections: {verdict.get('only_explicit_rejections')} (other errors: {verdict.get('other_errors')})", ""]
+    pa = over.get("perf_analyzer_at_2x")
+    if pa:
+        last = [line for line in pa["error"].splitlines() if line.strip()][-1:] or ["-"]
+        out += ["perf_analyzer at the same rate on the guarded copy: " + (
+            "completed (no request failed in its windows)." if pa["ok"] else
+            f"stopped at the first failed request (`{last[0].strip()}`); that is why the open-loop client "
+            "(perf/load.py `open_loop`) measures overload."), ""]
     return out
 
 

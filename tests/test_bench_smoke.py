@@ -1,8 +1,9 @@
 """Smoke test of the serving benchmark: `perf/bench.py --quick` on a small real run (tests/run_fixture.py).
 
 It checks that the bench runs end to end against the real tritonserver, perf_analyzer, uvicorn and redis-server and
-writes what it promises (summary.json with every key finite and positive, CSVs that parse, the report, the plots).
-It never asserts a speed: on a shared 2-core machine the numbers are noise.
+writes what it promises (summary.json with its keys and targets, every system searched at every budget, the pinning
+checked, the wire bytes, the overload runs; CSVs that parse, the report, the plots). It never asserts a speed: on a
+shared 2-core machine the numbers are noise.
 """
 from __future__ import annotations
 
@@ -64,13 +65,14 @@ def test_summary_has_every_key_finite_and_positive(bench_results):
         t = summary["targets"][key]
         assert isinstance(t["met"], bool) and t["op"] in (">=", "<=")
         assert t["value"] == summary[key] or not math.isfinite(summary[key])
-    # a ratio key is a ratio (infinite where only the first system serves the budget), or every budget it reads
-    # says why it is undefined (neither system has a load level within it)
+    # a ratio key is a ratio (infinite where only the first system serves the budget), or the budgets it reads (50
+    # ms; every budget for ensemble / bare, its worst) say why it is undefined (neither system serves them)
     ratios = summary["details"]["ratios"]["fixed_1x100"]
     for key in RATIO_KEYS:
         name = key.removesuffix("_throughput")
+        read = ratios[name]["per_budget"].values() if name == "ensemble_vs_bare" else [ratios[name]["per_budget"]["50"]]
         if math.isnan(summary[key]):
-            assert all(not r["defined"] and r["note"] for r in ratios[name]["per_budget"].values()), (key, ratios)
+            assert all(not r["defined"] and r["note"] for r in read), (key, ratios)
         else:
             assert summary[key] >= 0, (key, summary[key])
     m = summary["machine"]
@@ -93,10 +95,10 @@ def test_summary_has_every_key_finite_and_positive(bench_results):
     for rset in settings["request_sets"]:
         for name, per_budget in details["budget_throughput"][rset].items():
             expected = [50] if name == "untuned" else settings["budgets_ms"]
-            assert sorted(per_budget) == sorted(expected), (rset, name)
+            assert sorted(int(b) for b in per_budget) == sorted(expected), (rset, name)  # JSON keys are strings
             for t in per_budget.values():
                 assert t["n"] == settings["repeats"] and t["failed"] == 0, (rset, name, t)
-    assert details["budget_throughput"]["log"]["naive"][100]["median"] > 0
+    assert details["budget_throughput"]["log"]["naive"]["100"]["median"] > 0
     # the systems ran on the server's cores, perf_analyzer on the client's
     pinning = summary["machine"]["pinning"]
     assert set(pinning["client_cores"]).isdisjoint(pinning["server_cores"]) or len(pinning["server_cores"]) == 1
