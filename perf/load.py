@@ -115,7 +115,7 @@ def pa_search(http_url: str, model: str, data: Path, budget_ms: float, out_csv: 
         "--concurrency-range", f"1:{st.max_concurrency}:1", "--binary-search",
         "--latency-threshold", str(int(budget_ms)), "--percentile=99"]
     load = os.getloadavg()[0]
-    levels = 2 + int(np.ceil(np.log2(max(2, st.max_concurrency))))
+    levels = 3 + int(np.ceil(np.log2(max(2, st.max_concurrency))))  # both ends, the halvings, one spare
     timeout = levels * (3 * 1.2 * st.pa_window_ms / 1000 + 10) + (120 if st.pa_count_window else 30)
     rc, text, _ = _run_pa(args, out_csv, cores, timeout, logs)
     within = [_row_point(r) for r in parse_pa_csv(out_csv)]
