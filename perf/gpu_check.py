@@ -19,7 +19,7 @@ Sweep (every point one request batch at a time, i.e. concurrency 1):
     requests / PAD candidates whose outputs are dropped (Triton's TensorRT `graph_spec` with `lower_bound`);
   * parity against fp32 eager on the same inputs at each shape: max |delta p|, NaN count, top-10 overlap per request
     (by the utility: heads summed, negative heads subtracted, a run's utility_weights applied);
-  * FLOPs per candidate of the served form from perf/bench.py's `ranker_flops` (imported, skipped if it fails).
+  * FLOPs per candidate of the served form from perf/flops.py's `ranker_flops` (imported, skipped if it fails).
 Targets (GPU only): p99 <= 8 ms at 512 candidates, fp16, CUDA graph, one request (TransAct); TransAct V2's p99 15 /
 29 / 41 ms at 128 / 256 / 512 candidates beaten (fp16, CUDA graph, one request).
 
@@ -344,16 +344,16 @@ def device_info(device: torch.device) -> dict:
 
 
 def flop_count(model: TransActRanker) -> tuple[dict | None, str]:
-    """perf/bench.py's analytic count of the served form (factorized first layer, merged single head)."""
+    """perf/flops.py's analytic count of the served form (factorized first layer, merged single head)."""
     try:
         sys.path.insert(0, str(ROOT / "perf"))
-        from bench import ranker_flops
+        from flops import ranker_flops
         if model.cfg.n_heads != 1:
             return None, "skipped: ranker_flops counts the single-head (shipped) config only"
         f = ranker_flops(model.cfg, 1, model.item_table.shape[1], model.user_dim, model.n_context,
                          model.heads.out_features)
         return {"per_candidate": f["per_candidate"], "per_request": f["per_request"]}, \
-            "perf/bench.py ranker_flops (served form: factorized first layer, merged single head)"
+            "perf/flops.py ranker_flops (served form: factorized first layer, merged single head)"
     except Exception as exc:  # noqa: BLE001 - the count is optional on the lent machine
         return None, f"skipped: {type(exc).__name__}: {exc}"[:300]
 

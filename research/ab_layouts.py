@@ -16,9 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))  # bench, make_inputs
-import bench  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))  # perf's modules
 import make_inputs  # noqa: E402
+from load import pa_point  # noqa: E402
+from settings import Settings  # noqa: E402
+from systems import ranker_variant_copy, start_triton  # noqa: E402
 from seqrank import triton_config  # noqa: E402
 
 # name -> (ranker parameters, ranker instances, max_queue_delay_microseconds of every CPU model or None = as exported,
@@ -37,7 +39,7 @@ DELAYS_BEFORE = {"ranker": 1000, "preprocess": 200, "postprocess": 200}  # the v
 
 def layout_copy(src: Path, dst: Path, params: dict, instances: int, delay: int | None,
                 cpu_instances: int | None = None) -> None:
-    bench.ranker_variant_copy(src, dst, params, instances)
+    ranker_variant_copy(src, dst, params, instances)
     for model, before in DELAYS_BEFORE.items():
         path = dst / model / ("configs/cpu.pbtxt" if model == "ranker" else "config.pbtxt")
 
@@ -61,7 +63,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="seqrank-ab-"))
     make_inputs.write_inputs(args.run, work / "inputs", None, 16)
     data = {r: work / "inputs" / f"fixed_{r}_actions.json" for r in ("1x100", "1x16")}
-    st = bench.Settings(False, pa_window_ms=2000)
+    st = Settings(False, pa_window_ms=2000)
     chosen = args.layouts.split(",")
     layouts = {name: spec for name, spec in LAYOUTS.items() if name.split(":")[0] in chosen}
     if len(layouts) != len(chosen):
@@ -70,15 +72,15 @@ def main() -> None:
     try:
         for i, (name, spec) in enumerate(layouts.items()):
             layout_copy(args.run / "model_repository", work / f"layout{i}", *spec)
-            servers[name] = bench.start_triton(work / f"layout{i}", None, work / f"layout{i}.log")
+            servers[name] = start_triton(work / f"layout{i}", None, work / f"layout{i}.log")
         for srv in servers.values():  # warm every system once
             for f in data.values():
-                bench.pa_point(srv, "seqrank", f, work / "warm.csv", bench.Settings(True, pa_window_ms=300))
+                pa_point(srv.http_url, "seqrank", f, work / "warm.csv", Settings(True, pa_window_ms=300))
         for rnd in range(args.rounds):
             for c in (int(x) for x in args.concurrencies.split(",")):
                 for name, srv in servers.items():
                     for r, f in data.items():
-                        p = bench.pa_point(srv, "seqrank", f, work / "pa.csv", st, concurrency=c)
+                        p = pa_point(srv.http_url, "seqrank", f, work / "pa.csv", st, concurrency=c)
                         rows.append({"round": rnd, "concurrency": c, "layout": name, "request": r,
                                      **{k: p.get(k) for k in ("throughput", "p50_ms", "p99_ms")}})
                         print(json.dumps(rows[-1]), flush=True)

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))  # bench, make_inputs (via cpu_split)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))  # perf/ modules (via cpu_split)
 from cpu_split import alternating_splits  # noqa: E402
 
 MODEL = '''import triton_python_backend_utils as pb_utils

@@ -18,9 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))  # bench, make_inputs
-import bench  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))  # perf's modules
 import make_inputs  # noqa: E402
+from features import preprocessor, request_tensors, write_ranker_json  # noqa: E402
+from load import background_load, pa_point  # noqa: E402
+from settings import Settings  # noqa: E402
+from systems import start_triton, stub_models  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -46,8 +49,8 @@ def machine_ticks() -> tuple[int, int]:
 
 def split(server, model: str, data: Path, concurrency: int, seconds: float) -> dict:
     """Load ``model`` with perf_analyzer and sample every process's CPU over ``seconds`` in the middle of it."""
-    names = {pid: f"{name} stubs" for pid, name in bench.stub_models(server).items()}
-    load = bench.background_load(server, model, data, concurrency, seconds + 1, keep_output=True)
+    names = {pid: f"{name} stubs" for pid, name in stub_models(server).items()}
+    load = background_load(server.http_url, model, data, concurrency, seconds + 1, keep_output=True)
     time.sleep(3)
     cpu0, ticks0, t0 = process_cpu_seconds(), machine_ticks(), time.time()
     time.sleep(seconds)
@@ -86,12 +89,12 @@ def main() -> None:
     ensemble_data = work / "inputs" / f"{fixed}_actions.json"
     req = json.loads((work / "inputs" / "requests.json").read_text())[fixed][0]
     ranker_data = work / f"ranker_1x{args.candidates}.json"
-    bench.write_ranker_json(bench.request_tensors(bench.preprocessor(repo, None), req, with_actions=True), ranker_data)
-    server = bench.start_triton(repo, None, work / "server.log")
+    write_ranker_json([request_tensors(preprocessor(repo, None), req, with_actions=True)], ranker_data)
+    server = start_triton(repo, None, work / "server.log")
     cases = [("ranker", ranker_data), ("seqrank", ensemble_data)]
     try:
         for model, data in cases:
-            bench.pa_point(server, model, data, work / "warm.csv", bench.Settings(True, pa_window_ms=300),
+            pa_point(server.http_url, model, data, work / "warm.csv", Settings(True, pa_window_ms=300),
                            concurrency=2)
         alternating_splits(server, cases, args.rounds, args.concurrency, args.seconds)
     finally:

@@ -79,6 +79,25 @@ def set_instance_count(config: ModelConfig, count: int, source: str | Path = "<c
     config.instance_group[0].count = int(count)
 
 
+def set_queue_policy(config: ModelConfig, timeout_us: int, max_queue_size: int = 0,
+                     source: str | Path = "<config>") -> None:
+    """Bound the dynamic batcher's queue: a request that has waited ``timeout_us`` without being scheduled is
+    rejected with an explicit error (``timeout_action: REJECT``; clients cannot ask for longer), and with
+    ``max_queue_size`` > 0 a request arriving at a full queue is rejected at once. Under overload the server then
+    answers late requests with an error instead of letting every request's latency grow with the queue. Only a
+    model with ``dynamic_batching`` has that queue."""
+    if timeout_us <= 0 or max_queue_size < 0:
+        raise ConfigError(f"{source}: queue policy needs timeout_us > 0 and max_queue_size >= 0, got "
+                          f"{timeout_us} and {max_queue_size}")
+    if not config.HasField("dynamic_batching"):
+        raise ConfigError(f"{source}: no dynamic_batching (a queue policy applies to the dynamic batcher's queue)")
+    policy = config.dynamic_batching.default_queue_policy
+    policy.timeout_action = model_config_pb2.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = int(timeout_us)
+    policy.allow_timeout_override = False
+    policy.max_queue_size = int(max_queue_size)
+
+
 def fill(config: ModelConfig, dims: Mapping[str, Sequence[int]], parameters: Mapping[str, object],
          source: str | Path = "<config>") -> ModelConfig:
     """Fill numbers by name wherever the config declares them: the dims of every input, output and model_warmup

@@ -1,4 +1,4 @@
-"""perf/bench.py's REWRITES, which the full bench uses to measure each exact inference rewrite against the same
+"""perf/bare.py's REWRITES, which the full bench uses to measure each exact inference rewrite against the same
 weights without it: every option must really take its rewrite off (otherwise the bench would report ~1.0x for a
 comparison that never happened)."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
-import bench  # noqa: E402
+import bare  # noqa: E402
 from seqrank.models.inference import ranker_for_serving  # noqa: E402
 from test_models import make_ranker, ranker_inputs  # noqa: E402
 
@@ -28,11 +28,11 @@ def _run(model, inputs) -> tuple[torch.Tensor, frozenset]:
             h.remove()
 
 
-@pytest.mark.parametrize("name", list(bench.REWRITES))
+@pytest.mark.parametrize("name", list(bare.REWRITES))
 def test_each_rewrite_switch_changes_the_path_not_the_scores(name):
     model = make_ranker("transact", seed=2, n_heads=1, n_layers=2)
     inputs = ranker_inputs([6, 3, 0], 6, 5, seed=3)
-    option = bench.REWRITES[name][1]
+    option = bare.REWRITES[name][1]
     served, served_path = _run(ranker_for_serving(model), inputs)
     without, without_path = _run(ranker_for_serving(model, **{option: False}), inputs)
     again, again_path = _run(ranker_for_serving(model, **{option: True}), inputs)

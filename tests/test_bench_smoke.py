@@ -1,8 +1,9 @@
 """Smoke test of the serving benchmark: `perf/bench.py --quick` on a small real run (tests/run_fixture.py).
 
 It checks that the bench runs end to end against the real tritonserver, perf_analyzer, uvicorn and redis-server and
-writes what it promises (summary.json with every key finite and positive, CSVs that parse, the report, the plots).
-It never asserts a speed: on a shared 2-core machine the numbers are noise.
+writes what it promises (summary.json with its keys and targets, every system searched at every budget, the pinning
+checked, the wire bytes, the overload runs; CSVs that parse, the report, the plots). It never asserts a speed: on a
+shared 2-core machine the numbers are noise.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_fixture import build_small_run  # noqa: E402
 
-KEYS = ("ensemble_vs_bare_throughput", "tuned_vs_untuned_throughput", "ensemble_vs_naive_throughput",
-        "dedup_bytes_ratio", "roofline_fraction", "p99_ms", "freshness_p99_ms")
-TARGETED = ("ensemble_vs_bare_throughput", "tuned_vs_untuned_throughput", "ensemble_vs_naive_throughput",
-            "dedup_bytes_ratio", "roofline_fraction", "freshness_p99_ms")
+KEYS = ("dedup_bytes_ratio", "roofline_fraction", "p99_ms", "freshness_p99_ms")
+RATIO_KEYS = ("ensemble_vs_bare_throughput", "tuned_vs_untuned_throughput", "ensemble_vs_naive_throughput")
+TARGETED = ("ensemble_vs_bare_throughput", "ensemble_vs_bare_paired", "tuned_vs_untuned_throughput",
+            "ensemble_vs_naive_throughput", "dedup_bytes_ratio", "roofline_fraction", "freshness_p99_ms",
+            "overload_p99_ms")
 
 
 def _deps_missing() -> str | None:
@@ -61,7 +63,18 @@ def test_summary_has_every_key_finite_and_positive(bench_results):
     assert summary["freshness_store"] == "redis"
     for key in TARGETED:
         t = summary["targets"][key]
-        assert isinstance(t["met"], bool) and t["value"] == summary[key] and t["op"] in (">=", "<=")
+        assert isinstance(t["met"], bool) and t["op"] in (">=", "<=")
+        assert t["value"] == summary[key] or not math.isfinite(summary[key])
+    # a ratio key is a ratio (infinite where only the first system serves the budget), or the budgets it reads (50
+    # ms; every budget for ensemble / bare, its worst) say why it is undefined (neither system serves them)
+    ratios = summary["details"]["ratios"]["fixed_1x100"]
+    for key in RATIO_KEYS:
+        name = key.removesuffix("_throughput")
+        read = ratios[name]["per_budget"].values() if name == "ensemble_vs_bare" else [ratios[name]["per_budget"]["50"]]
+        if math.isnan(summary[key]):
+            assert all(not r["defined"] and r["note"] for r in read), (key, ratios)
+        else:
+            assert summary[key] >= 0, (key, summary[key])
     m = summary["machine"]
     assert m["cpu_model"] and m["logical_cpus"] >= 1 and m["versions"]["tritonserver"]
     # the analytic FLOP count agrees with torch's counter on the same tensors (matrix products only)
@@ -76,14 +89,33 @@ def test_summary_has_every_key_finite_and_positive(bench_results):
     paired = details["roofline_paired"]
     assert len(paired["fractions"]) == len(paired["peak_gflops"]) == len(paired["bare_rps"]) >= 1
     assert 0 < summary["roofline_fraction_paired"] == paired["median_fraction"] < 1
-    # ensemble vs bare back to back: every round has all three systems at every load and a ratio from them
-    pvb = details["paired_vs_bare"]
-    assert len(pvb["rounds"]) >= 1 and pvb["loads"]
-    for rnd in pvb["rounds"]:
-        assert all(len(v) == len(pvb["loads"]) and all(x and x > 0 for x in v) for v in rnd["throughput"].values())
-        assert rnd["ensemble_vs_bare"]["ratio"] == pytest.approx(
-            rnd["ensemble_vs_bare"]["a"]["throughput"] / rnd["ensemble_vs_bare"]["b"]["throughput"])
-    assert summary["ensemble_vs_bare_paired"] == pvb["ensemble_vs_bare"]["median"] > 0
+    # perf_analyzer's own search ran for every system, request set and budget (the naive service included: it
+    # speaks KServe v2), once per repeat
+    settings = summary["settings"]
+    for rset in settings["request_sets"]:
+        for name, per_budget in details["budget_throughput"][rset].items():
+            expected = [50] if name == "untuned" else settings["budgets_ms"]
+            assert sorted(int(b) for b in per_budget) == sorted(expected), (rset, name)  # JSON keys are strings
+            for t in per_budget.values():
+                assert t["n"] == settings["repeats"] and t["failed"] == 0, (rset, name, t)
+    assert details["budget_throughput"]["log"]["naive"]["100"]["median"] > 0
+    # the systems ran on the server's cores, perf_analyzer on the client's
+    pinning = summary["machine"]["pinning"]
+    assert set(pinning["client_cores"]).isdisjoint(pinning["server_cores"]) or len(pinning["server_cores"]) == 1
+    for system, pids in pinning["checked"].items():
+        assert pids and all(cpus == pinning["server_cores"] for cpus in pids.values()), (system, pids)
+    # de-duplication on the wire: the same probabilities for far fewer bytes
+    wire = details["wire"]
+    assert wire["max_abs_prob_diff"] < 1e-5 and wire["requests_repeated"] == 2 and wire["ratio"] > 10
+    assert summary["dedup_bytes_ratio"] == wire["ratio"]
+    # overload: both systems loaded open loop; the guarded one failed requests only by its queue policy
+    over = details["overload"]
+    assert over["offered_rate"] > 0 and set(over["runs"]) == {"shipped", "guarded"}
+    assert all("default_queue_policy" in block for block in over["guarded_config"].values())
+    assert {"preprocess/config.pbtxt", "ranker/configs/cpu.pbtxt"} == set(over["guarded_config"])
+    for run in over["runs"].values():
+        assert run["sent"] > 0 and sum(run["outcomes"].values()) + run["unfinished"] == run["sent"]
+    assert set(over["runs"]["guarded"]["outcomes"]) <= {"ok", "rejected_queue_timeout", "rejected_queue_full"}
     trim = details["history_trimming"]
     assert trim["requests"] > 0 and trim["history_mean"] <= trim["scored_width_mean"] <= trim["history_mean"] + 1
     # the ensemble and the FastAPI baseline rank the same request alike (ONNX Runtime vs torch eager)
@@ -97,8 +129,8 @@ def test_csvs_parse_and_report_and_plots_exist(bench_results):
     files = [out / f for f in summary["csv_files"]]
     assert files, "no CSV written"
     names = {f.name for f in files}
-    for required in ("bare_fixed_1x100_batch.csv", "tuned_fixed_1x100_concurrency.csv",
-                     "untuned_fixed_1x16_concurrency.csv", "naive_fixed_1x100_concurrency.csv"):
+    for required in ("ensemble_log_budgets.csv", "ranker_log_budgets.csv", "naive_log_budgets.csv",
+                     "untuned_log_budgets.csv"):
         assert required in names, (required, sorted(names))
     for f in files:
         rows = list(csv.DictReader(f.open()))
@@ -108,7 +140,9 @@ def test_csvs_parse_and_report_and_plots_exist(bench_results):
             p99 = float(row["p99 latency"])
             assert math.isfinite(thr) and thr > 0 and math.isfinite(p99) and p99 > 0, (f.name, row)
     report = (out / "report.md").read_text()
-    assert "## Results against the targets" in report and "What bounds" in report
+    for section in ("## Results against the targets", "## Throughput at fixed p99 budgets", "## Overload",
+                    "## De-duplication on the wire", "What bounds"):
+        assert section in report, section
     for png in summary["plots"]:
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", png
@@ -141,15 +175,16 @@ def test_layout_copies_override_the_cpu_configs(tmp_path):
         assert cfg == shipped  # nothing else changed
 
 
-def test_untuned_and_ranker_variant_copies_edit_the_configs_as_protobuf(tmp_path):
-    """perf/bench.py: the untuned copy has no dynamic batching and one instance per model; a ranker variant sets the
-    CPU ranker's parameters and instances; configs an edit leaves alone keep their text; a missing key names the file."""
+def test_untuned_guarded_and_ranker_variant_copies_edit_the_configs_as_protobuf(tmp_path):
+    """perf/systems.py: the untuned copy has no dynamic batching and one instance per model; the guarded copy adds a
+    queue policy to the named models only; a ranker variant sets the CPU ranker's parameters and instances; configs
+    an edit leaves alone keep their text; a missing key names the file."""
     sys.path.insert(0, str(ROOT / "perf"))
-    import bench
+    import systems
     from seqrank import triton_config
 
     src = ROOT / "model_repository"
-    changed = bench.untuned_copy(src, tmp_path / "untuned")
+    changed = systems.untuned_copy(src, tmp_path / "untuned")
     assert "seqrank/config.pbtxt" not in changed  # the ensemble has neither batching nor instances
     for path in sorted((tmp_path / "untuned").rglob("*.pbtxt")):
         cfg, shipped = triton_config.load(path), triton_config.load(src / path.relative_to(tmp_path / "untuned"))
@@ -157,7 +192,18 @@ def test_untuned_and_ranker_variant_copies_edit_the_configs_as_protobuf(tmp_path
         assert (str(path.relative_to(tmp_path / "untuned")) in changed) == (cfg != shipped)
     assert "ranker/configs/cpu.pbtxt" in changed and "preprocess/config.pbtxt" in changed
 
-    files = bench.ranker_variant_copy(src, tmp_path / "v", {"intra_op_threads": 2, "run_threads": 1}, 1)
+    blocks = systems.guarded_copy(src, tmp_path / "g", {"ranker": 30000, "preprocess": 10000}, max_queue_size=4)
+    assert set(blocks) == {"ranker/configs/cpu.pbtxt", "preprocess/config.pbtxt"}
+    for path in sorted((tmp_path / "g").rglob("*.pbtxt")):
+        rel = str(path.relative_to(tmp_path / "g"))
+        cfg, shipped = triton_config.load(path), triton_config.load(src / rel)
+        if rel in blocks:
+            policy = cfg.dynamic_batching.default_queue_policy
+            assert (policy.default_timeout_microseconds, policy.max_queue_size) == (
+                30000 if rel.startswith("ranker") else 10000, 4)
+            cfg.dynamic_batching.ClearField("default_queue_policy")
+        assert cfg == shipped, rel
+    files = systems.ranker_variant_copy(src, tmp_path / "v", {"intra_op_threads": 2, "run_threads": 1}, 1)
     assert files == ["ranker/configs/cpu.pbtxt"]
     cfg = triton_config.load(tmp_path / "v" / "ranker" / "configs" / "cpu.pbtxt")
     shipped = triton_config.load(src / "ranker" / "configs" / "cpu.pbtxt")
@@ -168,7 +214,7 @@ def test_untuned_and_ranker_variant_copies_edit_the_configs_as_protobuf(tmp_path
     cfg.instance_group[0].count = shipped.instance_group[0].count
     assert cfg == shipped
     with pytest.raises(ValueError, match=r"configs/cpu\.pbtxt.*no_such_knob"):
-        bench.ranker_variant_copy(src, tmp_path / "bad", {"no_such_knob": 1})
+        systems.ranker_variant_copy(src, tmp_path / "bad", {"no_such_knob": 1})
 
 
 def test_model_analyzer_summary_reads_its_csv_and_configs(tmp_path):

@@ -230,6 +230,31 @@ def test_a_template_dim_of_another_rank_is_an_error_naming_the_file():
         render_config('name: "x" output { name: "probs" data_type: TYPE_FP32 dims: [ 8 ] }', RUN_VALUES, "odd.pbtxt")
 
 
+def test_queue_policy_renders_as_tritons_default_queue_policy(tmp_path):
+    """set_queue_policy (perf/bench.py's guarded overload system): REJECT after the timeout, no client override, the
+    queue bound; the shipped CPU ranker's other settings untouched; a model without a dynamic batcher names its file."""
+    src = ROOT / "model_repository" / "ranker" / "configs" / "cpu.pbtxt"
+    path = tmp_path / "cpu.pbtxt"
+    shutil.copy(src, path)
+    assert triton_config.edit(path, lambda c: triton_config.set_queue_policy(c, 25000, 8, path))
+    text = path.read_text()
+    block = text[text.index("default_queue_policy"):]
+    block = block[: block.index("}") + 1]
+    # REJECT is the enum's zero value, which protobuf text leaves out (and Triton reads back as REJECT)
+    assert re.sub(r"\s+", " ", block) == ("default_queue_policy { default_timeout_microseconds: 25000 "
+                                          "max_queue_size: 8 }")
+    cfg, shipped = triton_config.load(path), triton_config.load(src)
+    assert cfg.dynamic_batching.default_queue_policy.timeout_action == mc.ModelQueuePolicy.REJECT
+    assert not cfg.dynamic_batching.default_queue_policy.allow_timeout_override
+    cfg.dynamic_batching.ClearField("default_queue_policy")
+    assert cfg == shipped
+    ensemble = triton_config.load(ROOT / "model_repository" / "seqrank" / "config.pbtxt")
+    with pytest.raises(triton_config.ConfigError, match=r"seqrank\.pbtxt.*dynamic_batching"):
+        triton_config.set_queue_policy(ensemble, 25000, source="seqrank.pbtxt")
+    with pytest.raises(triton_config.ConfigError, match="timeout_us > 0"):
+        triton_config.set_queue_policy(cfg, 0, source="cpu.pbtxt")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # A repository rendered from the template next to a real exported ONNX file
 # ---------------------------------------------------------------------------------------------------------------------
