@@ -129,6 +129,11 @@ def _main(argv: list[str]) -> int:
     import logging
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "train":
+        from .distributed import launched
+        if launched():  # every process would write the same files
+            parser.error(f"only `seqrank train` runs under torchrun (WORLD_SIZE is set); run `seqrank {args.command}` "
+                         "as one process")
     if args.command == "ingest":
         from .ingest import main_ingest
         return main_ingest(rest)

@@ -33,7 +33,7 @@ def process_group():
         yield
         return
     hazard = restart_hazard(os.environ)
-    if hazard:
+    if hazard and os.environ.get("RANK") == "0":  # before the group exists: a restarted group may hang in its init
         log.warning(hazard)
     if torch.cuda.is_available():
         # cuBLAS is deterministic only with a fixed workspace (training sets torch.use_deterministic_algorithms);

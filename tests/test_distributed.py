@@ -214,6 +214,12 @@ def test_restarts_on_the_shared_rendezvous_store_are_flagged():
     assert restart_hazard({}) is None
 
 
+def test_only_train_runs_under_torchrun(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "seqrank.cli", "evaluate", "--run", str(tmp_path)], cwd=REPO_ROOT,
+                            env=_env(WORLD_SIZE="2"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "only `seqrank train` runs under torchrun" in result.stderr, result.stderr
+
+
 def test_training_on_cuda_devices_uses_nccl(setup, tmp_path):
     import torch
     if not torch.cuda.is_available():
