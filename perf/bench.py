@@ -162,8 +162,9 @@ def main(argv=None) -> int:
                                         work / "pa" / "p99.csv", st, rate=max(0.2, 0.5 * sat.get("throughput", 0.4)),
                                         cores=cores.client, logs=logs, metrics_url=tuned.metrics_url)
         details["p99_point"]["saturation"] = {k: sat.get(k) for k in ("throughput", "p99_ms", "load")}
-        details["overload"] = measure.overload(tuned, repo, store_url, reqs["log"], inputs[("log", "store")], st,
-                                               cores.client, cores.server, work, logs, incidents)
+        details["overload"] = measure.overload(tuned, repo, store_url, reqs[st.overload_set],
+                                               inputs[(st.overload_set, "store")], st, cores.client, cores.server,
+                                               work, logs, incidents)
         for rset in st.request_sets:
             key = f"profile_{rset}"
             try:

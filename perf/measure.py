@@ -13,7 +13,7 @@ from features import request_tensors, write_ranker_json
 from flops import flop_counter_check, ranker_flops
 from machine import pinned
 from settings import Settings, log
-from systems import TritonSystem, guarded_copy, model_stats, prometheus
+from systems import RATE_LIMIT_ARGS, TritonSystem, guarded_copy, model_stats, prometheus
 from seqrank.models.transact import INPUT_NAMES
 from seqrank.serving.batching import real_widths
 from seqrank.serving.cpu_graph import cpu_graph_path
@@ -127,26 +127,32 @@ def failures(metrics_url: str) -> dict[str, float]:
     return {k: v for k, v in page.items() if k.startswith("nv_inference_request_failure")}
 
 
+GUARD_TURNS = ("preprocess", "ranker", "postprocess")  # the steps that take turns on the server core when guarded
+GUARD_UNBATCHED = ("ranker",)  # one request per ranker execution when guarded (systems.guarded_copy)
+
+
 def overload(tuned: TritonSystem, repo: Path, store_url: str, reqs: list[dict], data: Path, st: Settings,
              client: frozenset[int], server: frozenset[int], work: Path, logs: Path, incidents: list) -> dict:
-    """2x the saturating load (closed loop at the highest concurrency searched), open loop, on the shipped ensemble
-    and on a copy whose preprocess and ranker reject a request that queued longer than a share of the budget
-    (seqrank.triton_config.set_queue_policy): p99 of the answered requests and every failure by kind (the client's
-    view and Triton's failure counters). perf_analyzer cannot load the guarded copy: it ends its run at the first
-    rejection ("Thread [n] had error: in ensemble 'seqrank', Request timeout expired")."""
+    """2x the saturating load (closed loop at ``st.saturation_concurrency``), open loop, on the shipped ensemble and
+    on a guarded copy (systems.guarded_copy): preprocess and the ranker reject a request that queued longer than a
+    share of the budget, the ranker runs one request at a time, and the three steps take turns on the server core
+    (Triton's rate limiter). p99 of the answered requests and every failure by kind (the client's view and
+    Triton's failure counters). perf_analyzer cannot load the guarded copy: it ends its run at the first rejection
+    ("Thread [n] had error: in ensemble 'seqrank', Request timeout expired")."""
     budget = st.overload_budget_ms
     timeouts = {model: int(share * budget * 1000) for model, share in st.queue_shares}
     sat = load.pa_point(tuned.http_url, "seqrank", data, work / "pa" / "saturation.csv", st,
-                        concurrency=st.max_concurrency, cores=client, logs=logs)
+                        concurrency=st.saturation_concurrency, cores=client, logs=logs)
     rate = st.overload_factor * sat.get("throughput", 0.0)
-    out = {"budget_ms": budget, "saturation": {k: sat.get(k) for k in ("throughput", "p99_ms", "load", "ok")},
+    out = {"budget_ms": budget, "request_set": st.overload_set, "saturation": {k: sat.get(k) for k in ("throughput", "p99_ms", "load", "ok")},
            "saturation_stats": sat.get("model_stats"),
            "offered_rate": rate, "queue_timeouts_us": timeouts, "runs": {}}
     if not sat.get("ok"):
         out["error"] = f"no saturation point: {sat.get('error', '')[-300:]}"
         return out
-    out["guarded_config"] = guarded_copy(repo, work / "guarded_repository", timeouts)
-    guarded = TritonSystem("guarded", work / "guarded_repository", store_url, logs, server, incidents)
+    out["guarded_config"] = guarded_copy(repo, work / "guarded_repository", timeouts, GUARD_TURNS, GUARD_UNBATCHED)
+    out["server_args"] = list(RATE_LIMIT_ARGS)
+    guarded = TritonSystem("guarded", work / "guarded_repository", store_url, logs, server, incidents, RATE_LIMIT_ARGS)
     try:
         pa = load.pa_point(guarded.http_url, "seqrank", data, work / "pa" / "overload_pa.csv", st, rate=rate,
                            cores=client, logs=logs)

@@ -207,13 +207,17 @@ def overload_md(over: dict, verdict: dict) -> list[str]:
         return [f"Overload: not measured ({over.get('error', 'no saturation point')}).", ""]
     out = [f"Open loop, Poisson arrivals at {_fmt(over['offered_rate'])} req/s = 2x the shipped ensemble's saturated "
            f"throughput ({_fmt(over['saturation']['throughput'])} req/s at concurrency {over['saturation']['load']}), "
-           f"log-drawn requests. Queue policy of the guarded copy (budget {over['budget_ms']} ms): "
-           + "; ".join(f"`{k}`: `{' '.join(v.split())}`" for k, v in over["guarded_config"].items()), "",
-           "| system | sent | outcomes | goodput req/s | p50 ms | p99 ms | Triton failure counters |",
+           f"request set {over['request_set']}, {over['runs'].get('shipped', {}).get('sent')} requests per system. "
+           f"The guarded copy (budget {over['budget_ms']} ms; server flag `{' '.join(over['server_args'])}`): "
+           + "; ".join(f"`{k}`: `{v}`" for k, v in over["guarded_config"].items()), "",
+           "| system | outcomes | goodput req/s | p50 ms | p99 ms | client lag p99 ms | Triton failure counters |",
            "|---|---|---|---|---|---|---|"]
     for name, r in over["runs"].items():
-        out.append(f"| {name} | {r['sent']} | {r['outcomes']} | {_fmt(r['goodput_rps'])} | {_fmt(r['p50_ms'])} | "
-                   f"{_fmt(r['p99_ms'])} | {r.get('triton_failures') or '-'} |")
+        out.append(f"| {name} | {r['outcomes']} | {_fmt(r['goodput_rps'])} | {_fmt(r['p50_ms'])} | "
+                   f"{_fmt(r['p99_ms'])} | {_fmt(r.get('client_lag_p99_ms'))} | {r.get('triton_failures') or '-'} |")
+    out += ["", "Latency counts from each request's scheduled send (open loop: a late server does not slow the "
+            "sender); client lag is how late the client itself sent. Goodput = answered requests / the time until "
+            "the last answer."]
     out += ["", f"Guarded: p99 <= 2 x {over['budget_ms']} ms: {verdict.get('p99_within_2x_budget')}; only explicit "
             f"rejections: {verdict.get('only_explicit_rejections')} (other errors: {verdict.get('other_errors')})", ""]
     pa = over.get("perf_analyzer_at_2x")
@@ -316,8 +320,8 @@ def bounds_md(summary: dict, extra: dict) -> list[str]:
         out.append("")
     st = d.get("overload", {}).get("saturation_stats")
     if st:
-        out += ["Triton per-model statistics of the shipped ensemble at its saturation point (log-drawn requests, "
-                f"concurrency {d['overload']['saturation']['load']}):", "",
+        out += [f"Triton per-model statistics of the shipped ensemble at its saturation point "
+                f"({d['overload']['request_set']}, concurrency {d['overload']['saturation']['load']}):", "",
                 "| model | requests | avg batch | queue ms/request | compute ms/execution |", "|---|---|---|---|---|"]
         for name, s in sorted(st.items()):
             out.append(f"| {name} | {s['requests']} | {_fmt(s['avg_batch'], 2)} | "

@@ -14,13 +14,17 @@ class Settings:
     quick: bool
     budgets_ms: tuple = (25, 50, 100)    # p99 budgets of the fixed-budget comparisons
     repeats: int = 3                     # searches per (system, request set, budget), interleaved over systems
-    max_concurrency: int = 16            # perf_analyzer's binary search runs over concurrency 1..this
+    max_concurrency: int = 64            # perf_analyzer's binary search runs over concurrency 1..this
     pa_window_ms: int = 2000             # perf_analyzer: windows of this; 3 of them merged per point
     pa_count_window: int = 0             # > 0: count windows of at least this many requests instead (quick mode)
     request_sets: tuple = ("fixed_1x100", "log")
     overload_factor: float = 2.0         # open-loop load at this multiple of the saturated throughput
     overload_s: float = 20.0
-    overload_budget_ms: int = 50         # the budget the queue policy protects (p99 <= 2x this at overload)
+    # the overload's requests: the fixed 1 x 100 request (its saturated rate, tens per second, is one a Python
+    # open-loop client sends on time; the log's one-candidate requests saturate the server core at hundreds)
+    overload_set: str = "fixed_1x100"
+    overload_budget_ms: int = 100        # the budget the guard protects (p99 <= 2x this at overload)
+    saturation_concurrency: int = 8      # closed-loop level that saturates the server core with that request
     # the guarded copy's queue timeouts as shares of that budget: a request is rejected once it has queued this long
     # before preprocess or before the ranker; the rest of 2x the budget is left for computing (postprocess, the
     # cheap last step, has none: rejecting there would throw away the ranker's work)
@@ -36,4 +40,4 @@ class Settings:
         if not quick:
             return cls(False)
         return cls(True, budgets_ms=(50, 100), repeats=1, max_concurrency=4, pa_window_ms=400, pa_count_window=6,
-                   overload_s=4.0, bare_s=0.4, peak_s=0.4, freshness_n=10, profile_s=2.0, n_requests=64)
+                   overload_s=4.0, saturation_concurrency=4, bare_s=0.4, peak_s=0.4, freshness_n=10, profile_s=2.0, n_requests=64)

@@ -59,25 +59,46 @@ def ranker_variant_copy(src: Path, dst: Path, params: dict[str, int], instances:
     return [str(cfg.relative_to(dst))] if triton_config.edit(cfg, variant) else []
 
 
-def guarded_copy(src: Path, dst: Path, timeouts_us: dict[str, int], max_queue_size: int = 0) -> dict[str, str]:
-    """Copy the repository with a bounded queue on the named ensemble models (seqrank.triton_config.set_queue_policy:
-    a request queued longer than its model's timeout is rejected explicitly). Returns each edited config's
-    dynamic_batching block as served."""
+RATE_LIMIT_ARGS = ("--rate-limit=execution_count",)  # the server flag that makes instances' rate_limiter count
+TURN_RESOURCE = "server_core"
+
+
+def guarded_copy(src: Path, dst: Path, timeouts_us: dict[str, int], take_turns: tuple[str, ...] = (),
+                 unbatched: tuple[str, ...] = ()) -> dict[str, str]:
+    """Copy the repository with the overload guard, all through seqrank.triton_config: a bounded queue on the models
+    of ``timeouts_us`` (set_queue_policy: a request queued longer than its model's timeout is rejected explicitly),
+    one shared rate-limiter resource for the models in ``take_turns`` (set_rate_limit_resource; the server must run
+    with RATE_LIMIT_ARGS: one of their executions at a time, so an admitted request does not share the core with
+    the others' steps), and batches of one for the models in ``unbatched`` (preferred_batch_size 1: the dynamic
+    batcher then sends one request per execution, so no admitted request waits for a batch of others; on a CPU a
+    batch costs as much as its requests apart). Returns what the guard set in each edited config, as served."""
     _copy(src, dst)
     out = {}
-    for model, timeout_us in timeouts_us.items():
+    for model in dict.fromkeys([*timeouts_us, *take_turns, *unbatched]):
         path = served_config(dst, model)
-        triton_config.edit(path, lambda cfg, p=path, t=timeout_us: triton_config.set_queue_policy(
-            cfg, t, max_queue_size, p))
-        out[str(path.relative_to(dst))] = triton_config.dump(triton_config.load(path).dynamic_batching).strip()
+
+        def guard(cfg, p=path, model=model) -> None:
+            if model in timeouts_us:
+                triton_config.set_queue_policy(cfg, timeouts_us[model], source=p)
+            if model in unbatched:
+                cfg.dynamic_batching.preferred_batch_size[:] = [1]
+            if model in take_turns:
+                triton_config.set_rate_limit_resource(cfg, TURN_RESOURCE, 1, p)
+        triton_config.edit(path, guard)
+        cfg = triton_config.load(path)
+        parts = triton_config.dump(cfg.dynamic_batching).split() if model in timeouts_us or model in unbatched else []
+        if model in take_turns:
+            parts += ["rate_limiter", *triton_config.dump(cfg.instance_group[0].rate_limiter).split()]
+        out[str(path.relative_to(dst))] = " ".join(parts)
     return out
 
 
-def start_triton(repo: Path, store_url: str | None, log_path: Path, cores: frozenset[int] | None = None):
+def start_triton(repo: Path, store_url: str | None, log_path: Path, cores: frozenset[int] | None = None,
+                 extra_args: tuple[str, ...] = ()):
     """tritonserver over ``repo`` (CPU configs, ports picked free), started pinned to ``cores`` when given."""
     env = {"SEQRANK_STORE": store_url} if store_url else {}
     server = TritonServer(ServerOptions(model_repository=repo, http_port=0, grpc_port=0, metrics_port=0,
-                                        model_config_name="cpu", env=env), log_path=log_path)
+                                        model_config_name="cpu", env=env, extra_args=extra_args), log_path=log_path)
     if cores is None:
         return server.start(timeout_s=180)
     with pinned(cores):
@@ -167,10 +188,10 @@ class TritonSystem:
     backend stub died (Triton 2.51 does not restart a stub and keeps reporting ready), recording the incident."""
 
     def __init__(self, name: str, repo: Path, store_url: str | None, logs: Path, cores: frozenset[int],
-                 incidents: list):
+                 incidents: list, extra_args: tuple[str, ...] = ()):
         self.name, self.repo, self.store_url, self.logs, self.cores = name, repo, store_url, logs, cores
-        self.incidents = incidents
-        self._server = start_triton(repo, store_url, logs / f"tritonserver-{name}.log", cores)
+        self.incidents, self.extra_args = incidents, extra_args
+        self._server = start_triton(repo, store_url, logs / f"tritonserver-{name}.log", cores, extra_args)
         self.n_stubs = len(stub_models(self._server))
 
     def server(self):
@@ -184,7 +205,7 @@ class TritonSystem:
         srv.stop()
         self._server = start_triton(self.repo, self.store_url,
                                     self.logs / f"tritonserver-{self.name}-restart{len(self.incidents)}.log",
-                                    self.cores)
+                                    self.cores, self.extra_args)
         return self._server
 
     @property

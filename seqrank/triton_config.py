@@ -98,6 +98,20 @@ def set_queue_policy(config: ModelConfig, timeout_us: int, max_queue_size: int =
     policy.max_queue_size = int(max_queue_size)
 
 
+def set_rate_limit_resource(config: ModelConfig, resource: str, count: int = 1,
+                            source: str | Path = "<config>") -> None:
+    """Every instance group needs ``count`` of ``resource`` to execute (Triton's rate limiter, active when the
+    server runs with ``--rate-limit=execution_count``): instances of all the models that name the same resource
+    then take turns instead of running at once, e.g. one execution at a time on a one-core CPU share."""
+    if not config.instance_group:
+        raise ConfigError(f"{source}: no instance_group (the rate limiter schedules instances)")
+    if count < 1:
+        raise ConfigError(f"{source}: rate limiter resource count must be >= 1, got {count}")
+    for group in config.instance_group:
+        group.rate_limiter.ClearField("resources")
+        group.rate_limiter.resources.add(name=resource, count=int(count))
+
+
 def fill(config: ModelConfig, dims: Mapping[str, Sequence[int]], parameters: Mapping[str, object],
          source: str | Path = "<config>") -> ModelConfig:
     """Fill numbers by name wherever the config declares them: the dims of every input, output and model_warmup

@@ -111,8 +111,10 @@ def test_summary_has_every_key_finite_and_positive(bench_results):
     # overload: both systems loaded open loop; the guarded one failed requests only by its queue policy
     over = details["overload"]
     assert over["offered_rate"] > 0 and set(over["runs"]) == {"shipped", "guarded"}
-    assert all("default_queue_policy" in block for block in over["guarded_config"].values())
-    assert {"preprocess/config.pbtxt", "ranker/configs/cpu.pbtxt"} == set(over["guarded_config"])
+    guard = over["guarded_config"]
+    assert set(guard) == {"preprocess/config.pbtxt", "ranker/configs/cpu.pbtxt", "postprocess/config.pbtxt"}
+    assert all("rate_limiter" in block for block in guard.values()) and over["server_args"]
+    assert all("default_queue_policy" in guard[k] for k in ("preprocess/config.pbtxt", "ranker/configs/cpu.pbtxt"))
     for run in over["runs"].values():
         assert run["sent"] > 0 and sum(run["outcomes"].values()) + run["unfinished"] == run["sent"]
     assert set(over["runs"]["guarded"]["outcomes"]) <= {"ok", "rejected_queue_timeout", "rejected_queue_full"}
@@ -192,16 +194,23 @@ def test_untuned_guarded_and_ranker_variant_copies_edit_the_configs_as_protobuf(
         assert (str(path.relative_to(tmp_path / "untuned")) in changed) == (cfg != shipped)
     assert "ranker/configs/cpu.pbtxt" in changed and "preprocess/config.pbtxt" in changed
 
-    blocks = systems.guarded_copy(src, tmp_path / "g", {"ranker": 30000, "preprocess": 10000}, max_queue_size=4)
-    assert set(blocks) == {"ranker/configs/cpu.pbtxt", "preprocess/config.pbtxt"}
+    blocks = systems.guarded_copy(src, tmp_path / "g", {"ranker": 30000, "preprocess": 10000},
+                                  take_turns=("preprocess", "ranker", "postprocess"), unbatched=("ranker",))
+    assert set(blocks) == {"ranker/configs/cpu.pbtxt", "preprocess/config.pbtxt", "postprocess/config.pbtxt"}
     for path in sorted((tmp_path / "g").rglob("*.pbtxt")):
         rel = str(path.relative_to(tmp_path / "g"))
         cfg, shipped = triton_config.load(path), triton_config.load(src / rel)
         if rel in blocks:
-            policy = cfg.dynamic_batching.default_queue_policy
-            assert (policy.default_timeout_microseconds, policy.max_queue_size) == (
-                30000 if rel.startswith("ranker") else 10000, 4)
+            if not rel.startswith("postprocess"):
+                assert cfg.dynamic_batching.default_queue_policy.default_timeout_microseconds == (
+                    30000 if rel.startswith("ranker") else 10000)
+            assert list(cfg.dynamic_batching.preferred_batch_size) == ([1] if rel.startswith("ranker") else [])
+            (resource,) = cfg.instance_group[0].rate_limiter.resources
+            assert (resource.name, resource.count) == (systems.TURN_RESOURCE, 1)
             cfg.dynamic_batching.ClearField("default_queue_policy")
+            cfg.dynamic_batching.ClearField("preferred_batch_size")
+            for group in cfg.instance_group:
+                group.ClearField("rate_limiter")
         assert cfg == shipped, rel
     files = systems.ranker_variant_copy(src, tmp_path / "v", {"intra_op_threads": 2, "run_threads": 1}, 1)
     assert files == ["ranker/configs/cpu.pbtxt"]

@@ -255,6 +255,22 @@ def test_queue_policy_renders_as_tritons_default_queue_policy(tmp_path):
         triton_config.set_queue_policy(cfg, 0, source="cpu.pbtxt")
 
 
+def test_rate_limit_resource_renders_on_every_instance_group(tmp_path):
+    """set_rate_limit_resource (the guarded overload system's turn-taking): every instance group needs the named
+    resource; setting it twice replaces it; a config without instances names its file."""
+    path = tmp_path / "cpu.pbtxt"
+    shutil.copy(ROOT / "model_repository" / "ranker" / "configs" / "cpu.pbtxt", path)
+    for count in (2, 1):
+        triton_config.edit(path, lambda c, n=count: triton_config.set_rate_limit_resource(c, "core", n, path))
+    text = re.sub(r"\s+", " ", path.read_text())
+    assert 'rate_limiter { resources { name: "core" count: 1 } }' in text
+    assert [(r.name, r.count) for g in triton_config.load(path).instance_group for r in g.rate_limiter.resources] \
+        == [("core", 1)]
+    ensemble = triton_config.load(ROOT / "model_repository" / "seqrank" / "config.pbtxt")
+    with pytest.raises(triton_config.ConfigError, match=r"seqrank\.pbtxt.*no instance_group"):
+        triton_config.set_rate_limit_resource(ensemble, "core", source="seqrank.pbtxt")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # A repository rendered from the template next to a real exported ONNX file
 # ---------------------------------------------------------------------------------------------------------------------
