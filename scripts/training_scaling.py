@@ -20,12 +20,12 @@ HEADS = ("like", "hate", "click", "long_view")
 
 def row(run: Path) -> str:
     info = json.loads((run / "run.json").read_text())
-    _, auc = ranker_test_scores(run)
     cfg, _, prep = load_run(run)
+    _, auc = ranker_test_scores(run)
     recall = recall_of_held_out_users(run, cfg, prep, cfg.pinnerformer.objective, sorted(prep.pf_test_users),
                                       run / "pinnerformer.safetensors")
     seconds = {model: f"{np.median(s):.1f}" if s else "n/a (reused)" for model, s in info["epoch_seconds"].items()}
-    cells = [str(info["world_size"]), seconds["pinnerformer"], seconds["ranker"],
+    cells = [str(info["world_size"]), str(cfg.threads), seconds["pinnerformer"], seconds["ranker"],
              f"{info['train_seconds']:.0f}", str(info["ranker_selected_epoch"]),
              *(f"{auc[h]:.4f}" for h in HEADS), f"{recall.mean():.4f}"]
     return "| " + " | ".join(cells) + " |"
@@ -35,9 +35,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="trained run directories (seqrank train --out)")
     args = parser.parse_args()
-    print("| processes | PinnerFormer s/epoch | ranker s/epoch | train s | ranker epoch kept | "
+    print("| processes | threads each | PinnerFormer s/epoch | ranker s/epoch | train s | ranker epoch kept | "
           + " | ".join(f"AUC {h}" for h in HEADS) + " | PinnerFormer Recall@10 |")
-    print("|" + "---|" * (6 + len(HEADS)))
+    print("|" + "---|" * (7 + len(HEADS)))
     for run in args.runs:
         print(row(run))
 
