@@ -134,7 +134,8 @@ class NaiveRanker:
         out = {"ranked_ids": np.asarray(req.candidates, dtype=object)[order],
                "head_scores": probs[order].astype(np.float32), "utility": utility[order].astype(np.float32),
                "oov": t.oov[:n][order].astype(bool),
-               "sequence_source": np.array([t.sequence_source.encode()], dtype=object)}
+               "sequence_source": np.array([t.sequence_source.encode()], dtype=object),
+               "embedding_source": np.array([t.embedding_source.encode()], dtype=object)}
         t3 = time.perf_counter_ns()
         for key, ns in (("compute_input", t1 - t0), ("compute_infer", t2 - t1), ("compute_output", t3 - t2),
                         ("queue", 0)):

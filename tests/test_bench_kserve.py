@@ -67,3 +67,19 @@ def test_a_malformed_request_names_the_tensor():
                               b'"data": [1, 2]}]}', None)
     with pytest.raises(kserve.ProtocolError, match="no 'inputs'"):
         kserve.decode_request(b'{"outputs": []}', None)
+
+
+def test_the_naive_service_answers_every_output_of_the_ensemble(small_run):
+    """perf_analyzer asks the naive service for the ensemble's outputs (its config): a new ensemble output the
+    service does not produce fails every search of the bench."""
+    from naive_service import NaiveRanker  # perf/ is on sys.path (above)
+
+    from seqrank import triton_config
+
+    ranker = NaiveRanker(small_run["run"], small_run["repo"], small_run["store"])
+    user = str(small_run["events"].user_id.iloc[0])
+    items = [str(i) for i in small_run["events"].item_id.unique()[:5]]
+    out = ranker.rank({"user_id": np.array([user.encode()], dtype=object),
+                       "candidate_ids": np.array([i.encode() for i in items], dtype=object)})
+    ensemble = triton_config.load(small_run["repo"] / "seqrank" / "config.pbtxt")
+    assert set(out) == {o.name for o in ensemble.output}
