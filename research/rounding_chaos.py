@@ -12,7 +12,6 @@ between 1 and 2 processes is the training's sensitivity to rounding (docs/traini
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import shutil
@@ -27,29 +26,17 @@ from safetensors.numpy import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_slice(out: Path, users: int) -> None:
-    """The sample's events of its first `users` users."""
-    from seqrank.data.loaders import KUAIRAND_SAMPLE
-    seen: set[str] = set()
-    with gzip.open(KUAIRAND_SAMPLE, "rt") as src, gzip.open(out, "wt") as dst:
-        dst.write(src.readline())
-        for line in src:
-            user = line.split("\t", 1)[0]
-            if user in seen or len(seen) < users:
-                seen.add(user)
-                dst.write(line)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=150)
     parser.add_argument("--ranker-epochs", type=int, default=2)
     args = parser.parse_args()
+    from seqrank.data.sample import write_first_users
     from seqrank.pipeline import ranker_test_scores
 
     work = Path(tempfile.mkdtemp(prefix="rounding-chaos-"))
     events = work / "events.tsv.gz"
-    write_slice(events, args.users)
+    write_first_users(events, args.users)
     sets = ["--set", "pinnerformer.dropout=0", "--set", "transact.dropout=0", "--set", "transact.batch_size=64",
             "--set", "pinnerformer.epochs=2", "--set", f"transact.epochs={args.ranker_epochs}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

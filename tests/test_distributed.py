@@ -13,7 +13,6 @@ joins the gradient all-reduce with a zero-weighted stand-in (distributed.shard),
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -67,20 +66,12 @@ def _pinnerformer_users(prep, dense_targets):
 def setup(tmp_path_factory):
     """The small log (first N_USERS users of the sample) and a config whose last batches hold one row."""
     from seqrank.config import RunConfig
-    from seqrank.data.loaders import KUAIRAND_SAMPLE
+    from seqrank.data.sample import write_first_users
     from seqrank.dataset import load_log, prepare
     from seqrank.training import dense_targets
 
     base = tmp_path_factory.mktemp("ddp")
-    events = base / "events.tsv.gz"
-    users: set[str] = set()
-    with gzip.open(KUAIRAND_SAMPLE, "rt") as src, gzip.open(events, "wt") as dst:
-        dst.write(src.readline())
-        for line in src:
-            user = line.split("\t", 1)[0]
-            if user in users or len(users) < N_USERS:
-                users.add(user)
-                dst.write(line)
+    events = write_first_users(base / "events.tsv.gz", N_USERS)
     cfg = RunConfig.from_dict({"seed": 0, "threads": 1, "pinnerformer": PF, "transact": RANKER})
     prep = prepare(load_log(str(events), cfg), cfg)
     cfg = replace(cfg, pinnerformer=replace(cfg.pinnerformer,
@@ -212,6 +203,17 @@ def test_restarts_on_the_shared_rendezvous_store_are_flagged():
     assert restart_hazard({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
     assert restart_hazard({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None  # what the opt-out sets
     assert restart_hazard({}) is None
+
+
+def test_the_small_log_holds_every_event_of_the_first_users_and_nothing_else(tmp_path):
+    from seqrank.data.loaders import KUAIRAND_SAMPLE, load_events
+    from seqrank.data.sample import write_first_users
+    full = load_events(KUAIRAND_SAMPLE).events
+    small = load_events(write_first_users(tmp_path / "three.tsv.gz", 3), min_users=1).events
+    assert small.user_id.nunique() == 3
+    assert len(small) == int(full.user_id.isin(small.user_id.unique()).sum())
+    with pytest.raises(ValueError, match="users must be >= 1"):
+        write_first_users(tmp_path / "none.tsv.gz", 0)
 
 
 def test_only_train_runs_under_torchrun(tmp_path):
