@@ -7,8 +7,8 @@ Systems, each pinned to the server's core(s) while perf_analyzer runs on the cli
 the tuned ensemble (the exported repository as shipped, CPU configs), the ranker model alone behind the same Triton
 (the bare ranker), the untuned ensemble (no dynamic batching, one instance per model), and the naive FastAPI +
 PyTorch eager service (perf/naive_service.py) behind the same KServe v2 HTTP protocol. For each request set (the
-fixed 1 x 100 request and requests drawn from the log) and p99 budget, perf_analyzer's own binary search finds
-each system's highest throughput within the budget, repeated and interleaved (perf/measure.py); ratios come from
+fixed 1 x 100 request and requests drawn from the log) and p99 budget, a search over perf_analyzer load points
+(load.pa_search) finds each system's highest throughput within the budget, repeated and interleaved (perf/measure.py); ratios come from
 paired repeats with their range (perf/analysis.py). Also: 2x-saturation overload with and without a bounded queue,
 de-duplication on the wire, the ranker in-process (FLOPs, roofline, rewrites), feature-store freshness (Redis),
 py-spy profiles of the Python backend stubs.

@@ -100,19 +100,19 @@ def budget_inputs(pre, reqs: dict, files: dict, work: Path, sets: tuple) -> dict
 
 def budget_searches(targets: dict, inputs: dict, st: Settings, client: frozenset[int], csvdir: Path,
                     logs: Path) -> dict:
-    """perf_analyzer's fixed-budget search for every (request set, budget, system), ``st.repeats`` times; in each
-    repeat every system is searched once per (set, budget) before the next, in an order that rotates, so the
-    machine's drift hits all systems alike. ``targets``: system name -> its http_url. Returns
+    """The fixed-budget search (load.pa_search, every budget from one set of load points) for every (request set,
+    system), ``st.repeats`` times; in each repeat every system is searched once per set before the next, in an
+    order that rotates, so the machine's drift hits all systems alike. ``targets``: system name -> its http_url. Returns
     results[set][system][budget] = [search per repeat]."""
     results: dict = {rset: {name: {} for name, *_ in BUDGET_SYSTEMS} for rset in st.request_sets}
     for rep in range(st.repeats):
         for rset in st.request_sets:
-            for budget in st.budgets_ms:
-                systems = [s for s in BUDGET_SYSTEMS if s[0] != "untuned" or budget in UNTUNED_BUDGETS]
-                shift = rep % len(systems)
-                for name, target, model, form in systems[shift:] + systems[:shift]:
-                    r = load.pa_search(targets[target], model, inputs[(rset, form)], budget,
-                                       csvdir / f"search_{rset}_{name}_{budget}ms_r{rep}.csv", st, client, logs)
+            shift = rep % len(BUDGET_SYSTEMS)
+            for name, target, model, form in BUDGET_SYSTEMS[shift:] + BUDGET_SYSTEMS[:shift]:
+                budgets = [b for b in st.budgets_ms if name != "untuned" or b in UNTUNED_BUDGETS]
+                found = load.pa_search(targets[target], model, inputs[(rset, form)], budgets,
+                                       csvdir / f"search_{rset}_{name}_r{rep}.csv", st, client, logs)
+                for budget, r in found.items():
                     results[rset][name].setdefault(budget, []).append(r)
                     log(f"  r{rep} {rset} {budget} ms {name:8s}: " + (
                         f"{r['throughput']:.1f} req/s at concurrency {r['concurrency']} (p99 {r['p99_ms']:.1f} ms)"

@@ -112,9 +112,10 @@ def summarize(details: dict, budgets: dict, st, machine: dict, run: str, started
     summary["targets"] = targets
     summary.update(run=run, quick=st.quick, started=started, wall_s=wall_s, machine=machine, settings=st.__dict__,
                    details=details, method={
-                       "budgets": "perf_analyzer --binary-search over --concurrency-range 1:max with "
-                                  "--latency-threshold <budget> --percentile=99, -i http, -b 1; the highest "
-                                  "throughput among the levels within the budget; repeats interleaved over systems",
+                       "budgets": "concurrency 1, 2, 4, ... until a level's p99 misses the budget, then bisection; "
+                                  "each level one perf_analyzer run (--concurrency-range N --percentile=99, -i http, "
+                                  "-b 1, three merged windows); the highest throughput among the levels within the "
+                                  "budget; repeats interleaved over systems",
                        "ratios": "repeat i of A / repeat i of B at the same budget; median [min, max] over repeats",
                        "ensemble_vs_bare": "the ensemble / the ranker model alone behind the same Triton, request "
                                            "set 1 x 100, at the budget where the ratio is lowest",

@@ -14,7 +14,7 @@ class Settings:
     quick: bool
     budgets_ms: tuple = (25, 50, 100)    # p99 budgets of the fixed-budget comparisons
     repeats: int = 3                     # searches per (system, request set, budget), interleaved over systems
-    max_concurrency: int = 64            # perf_analyzer's binary search runs over concurrency 1..this
+    max_concurrency: int = 64            # the budget search climbs concurrency 1, 2, 4, ... up to this
     pa_window_ms: int = 2000             # perf_analyzer: windows of this; 3 of them merged per point
     pa_count_window: int = 0             # > 0: count windows of at least this many requests instead (quick mode)
     request_sets: tuple = ("fixed_1x100", "log")

@@ -99,6 +99,12 @@ def test_summary_has_every_key_finite_and_positive(bench_results):
             for t in per_budget.values():
                 assert t["n"] == settings["repeats"] and t["failed"] == 0, (rset, name, t)
     assert details["budget_throughput"]["log"]["naive"]["100"]["median"] > 0
+    # the search climbs from concurrency 1 by doubling, each level its own perf_analyzer run; never perf_analyzer's
+    # --binary-search, whose second level is the range's end and whose later levels inherit its over-budget state
+    import re
+    visited = [[int(c) for c in v.split(",")] for v in re.findall(r"visited \[([\d, ]+)\]", bench_results[1])]
+    assert visited and all(v[0] == 1 and (len(v) == 1 or v[1] == 2) for v in visited), visited
+    assert any(len(v) >= 2 for v in visited)  # the small run's log requests fit 100 ms past concurrency 1
     # the systems ran on the server's cores, perf_analyzer on the client's
     pinning = summary["machine"]["pinning"]
     assert set(pinning["client_cores"]).isdisjoint(pinning["server_cores"]) or len(pinning["server_cores"]) == 1
