@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from seqrank import metrics as M
-from seqrank.pipeline import _fit_ranker, load_ranker_examples
+from seqrank.pipeline import fit_ranker, load_ranker_examples
 from seqrank.training import predict
 
 
@@ -43,7 +43,7 @@ def main() -> None:
         scores[spec] = []
         for seed in seeds:
             variant = replace(cfg, seed=seed, transact=replace(cfg.transact, **fields))
-            model = _fit_ranker(args.run, variant, prep, table, data, encoder,
+            model = fit_ranker(args.run, variant, prep, table, data, encoder,
                                 args.run / "variants" / f"{key}_seed{seed}.safetensors", tag=f"_{key}_seed{seed}")
             scores[spec].append(predict(model, ex))
     first = args.variants[0]

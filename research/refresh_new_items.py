@@ -24,9 +24,10 @@ import torch
 from seqrank import metrics as M
 from seqrank.exporting import load_ranker, load_user_tower
 from seqrank.features import OOV, index_history
-from seqrank.pipeline import EmbeddingCache, load_run
+from seqrank.examples import EmbeddingCache, RankerExamples
+from seqrank.pipeline import load_run
 from seqrank.refresh import learn_new_items
-from seqrank.training import RankerExamples, predict
+from seqrank.training import predict
 
 MIN_CLASS = 20  # a head is reported with at least this many positives and negatives among the impressions
 

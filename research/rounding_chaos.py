@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--ranker-epochs", type=int, default=2)
     args = parser.parse_args()
     from seqrank.data.sample import write_first_users
-    from seqrank.pipeline import ranker_test_scores
+    from seqrank.evaluation import ranker_test_scores
 
     work = Path(tempfile.mkdtemp(prefix="rounding-chaos-"))
     events = work / "events.tsv.gz"

@@ -1,7 +1,7 @@
 """`make demo`: train on the embedded KuaiRand sample, export, load the feature store, start the real Triton
 server, rank candidates for a few real users over gRPC and over HTTP, print them, stop the server.
 
-Each step is skipped when its output already exists (delete the run directory to start over).
+Each step is skipped when its output already exists and is current (delete the run directory to start over).
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import numpy as np
 
 from seqrank.client import RankingClient
 from seqrank.data.loaders import load_events
-from seqrank.exporting import export_run
+from seqrank.exporting import export_run, is_current_export
 from seqrank.ingest import replay_log
-from seqrank.pipeline import train, write_embeddings
+from seqrank.embed_job import write_embeddings
+from seqrank.pipeline import train
 from seqrank.server.triton import ServerOptions, TritonServer
 from seqrank.store import open_store
 
@@ -52,7 +53,7 @@ def main() -> int:
     if not (run / "user_emb.npy").exists():
         train(args.events, run)
     repo = run / "model_repository"
-    if not (repo / "ranker" / "1" / "model.onnx").exists():
+    if not is_current_export(run, repo):  # also when it was exported by an older seqrank or template
         export_run(run, repo)
     store_url = f"sqlite:///{(run / 'store.db').resolve()}"
     log = load_events(args.events)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from seqrank.pipeline import load_run, ranker_test_scores, recall_of_held_out_users
+from seqrank.evaluation import ranker_test_scores, recall_of_held_out_users
+from seqrank.pipeline import load_run
 
 HEADS = ("like", "hate", "click", "long_view")
 

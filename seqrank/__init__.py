@@ -11,7 +11,7 @@ The names are imported on first use, so `import seqrank` stays light (the Triton
 """
 __version__ = "0.2.0"  # recorded in every run.json; a run loads only into the version that wrote it
 
-_API = {"train": ("pipeline", "train"), "evaluate": ("pipeline", "evaluate"), "export": ("exporting", "export_run"),
+_API = {"train": ("pipeline", "train"), "evaluate": ("evaluation", "evaluate"), "export": ("exporting", "export_run"),
         "Client": ("client", "RankingClient")}
 __all__ = ["__version__", *_API]
 

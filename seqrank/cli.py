@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "each head's AUC mean +- sd (seed variance)")
     p.add_argument("--user-folds", type=int, default=1, help="K > 1: also cross-validate PinnerFormer over K folds "
                    "of users, so dense vs next-action is measured on every user (trains 2 (K - 1) more PinnerFormers)")
+    p.add_argument("--refreshes", type=int, default=8, help="score each test request with the item rows the daily "
+                   "`seqrank refresh` learned before it: at most this many refreshes over the test period (daily "
+                   "when it has no more days); 0: the training vocabulary throughout")
 
     p = sub.add_parser("export", help="ONNX + parity check + lookup tables -> a Triton model repository")
     p.add_argument("--run", required=True, help="a trained run directory")
@@ -163,7 +166,7 @@ def _main(argv: list[str]) -> int:
     elif args.command == "rank":
         return _rank(args)
     elif args.command == "embed":
-        from .pipeline import write_embeddings
+        from .embed_job import write_embeddings
         import os
         store = args.store or os.environ.get("SEQRANK_STORE")
         if not store:
@@ -182,8 +185,9 @@ def _main(argv: list[str]) -> int:
         with process_group():  # under torchrun: data-parallel over its processes (docs/training-at-scale.md)
             train(args.events, args.out, args.config, args.negative_actions, args.overrides)
     elif args.command == "evaluate":
-        from .pipeline import evaluate
-        evaluate(args.run, [int(x) for x in args.seeds.split(",")] if args.seeds else None, args.user_folds)
+        from .evaluation import evaluate
+        evaluate(args.run, [int(x) for x in args.seeds.split(",")] if args.seeds else None, args.user_folds,
+                 args.refreshes)
     return 0
 
 
@@ -199,7 +203,7 @@ def _refresh(parser, args) -> int:
     url = args.store or os.environ.get("SEQRANK_STORE")
     if args.events == "store" and not url:
         parser.error("refresh --events store needs --store or $SEQRANK_STORE")
-    from .pipeline import todays_actions
+    from .embed_job import todays_actions
     from .refresh import DEFAULT_MAX_SECONDS, DEFAULT_MAX_STEPS, refresh, rollback
     if args.rollback:
         rollback(args.run, args.repository, args.servers, key)

@@ -4,6 +4,7 @@ TensorRT engines are built on the target GPU from the ONNX file (export/build_tr
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from . import triton_config
+from . import __version__, triton_config
 from .config import RunConfig
 from .features import FIRST_ID, N_CONTEXT, Vocabulary
 from .models.inference import ranker_for_serving, user_tower_for_serving
@@ -197,6 +198,26 @@ def render_config(text: str, values: dict[str, int | str], source: str | Path = 
     return triton_config.dump(triton_config.fill(config, dims, parameters, source))
 
 
+def template_digest() -> str:
+    """What an exported repository was made from: this version of seqrank and the bytes of every template file (the
+    ensemble's inputs and outputs, the model.py files). A repository exported from another is stale."""
+    h = hashlib.sha256(__version__.encode())
+    for f in sorted(p for p in TEMPLATE.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(str(f.relative_to(TEMPLATE)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def is_current_export(run: Path, repository: Path | None = None) -> bool:
+    """Whether `repository` (default RUN/model_repository) holds an export of `run` made from today's template."""
+    run = Path(run)
+    repository = Path(repository) if repository else run / "model_repository"
+    try:
+        summary = json.loads((run / "export" / "export.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return summary.get("template_digest") == template_digest() and (repository / "ranker" / "1" / "model.onnx").exists()
+
+
 def export_run(run: Path, repository: Path | None = None, check: bool = True,
                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """A trained run -> a Triton model repository (default RUN/model_repository): the ranker as ONNX (portable, and
@@ -235,7 +256,8 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True,
     for config in repository.rglob("*.pbtxt"):
         config.write_text(render_config(config.read_text(), values, config))
     write_gpu_pod_configs(repository)
-    summary = {"repository": str(repository), "onnx": str(onnx_path), "parity": parity,
+    summary = {"repository": str(repository), "template_digest": template_digest(), "onnx": str(onnx_path),
+               "parity": parity,
                "cpu_onnx": {"path": str(cpu_path), "fused_skip_layernorm": fused,
                             "full_history_branch": branch, "parity": cpu_parity},
                "user_tower": {"path": str(tower_path), "max_abs_diff": tower_parity}, **values}

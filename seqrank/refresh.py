@@ -245,11 +245,18 @@ def learn_new_items(run: Path, base_dir: Path, actions: dict[str, tuple], max_st
     return Learned(vocab, tower, table, new_ids, len(data.users), budget.steps, epochs, seconds)
 
 
+def save_item_state(directory: Path, learned: Learned) -> None:
+    """The item side as of a refresh (what item_state_dir points at): vocab/, pinnerformer.safetensors, item_table.npy."""
+    learned.vocab.save(Path(directory) / "vocab")
+    save_file(learned.tower.state_dict(), Path(directory) / "pinnerformer.safetensors")
+    np.save(Path(directory) / "item_table.npy", learned.table)
+
+
 def refresh(run: Path, repository: Path, actions: dict[str, tuple], max_steps: int = DEFAULT_MAX_STEPS,
             max_seconds: float = DEFAULT_MAX_SECONDS, servers: Sequence[str] = (),
             admin_key: str | None = None) -> dict:
     """Learn rows for the new items of ``actions`` (user -> (item ids, action names, timestamps ms), as
-    pipeline.todays_actions reads them), publish them as version N of ``repository`` and, for each of ``servers``
+    embed_job.todays_actions reads them), publish them as version N of ``repository`` and, for each of ``servers``
     (HTTP host:port, model control mode explicit), load ranker N then preprocess N. Returns a summary (also written
     to RUN/refresh/<N>/refresh.json); no version is written when there is no new item to learn."""
     started = time.monotonic()
@@ -286,9 +293,7 @@ def refresh(run: Path, repository: Path, actions: dict[str, tuple], max_steps: i
     for name in ("users.npy", "user_emb.npy"):
         shutil.copy2(preprocess_dir / str(base_version) / "tables" / name, staged_pre / "tables" / name)
     staged_state = _fresh_dir(run / REFRESH_DIR / f".staging-{version}")
-    vocab.save(staged_state / "vocab")
-    save_file(learned.tower.state_dict(), staged_state / "pinnerformer.safetensors")
-    np.save(staged_state / "item_table.npy", learned.table)
+    save_item_state(staged_state, learned)
     summary.update(version=version, new_items=int(learned.new_ids.size), n_items=vocab.n_items,
                    trained_rows=Vocabulary.load(run / "vocab").n_items, learning_users=learned.users,
                    steps=learned.steps, epochs=learned.epochs, train_seconds=round(learned.seconds, 2),

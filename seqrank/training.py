@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 import torch
@@ -19,10 +19,13 @@ from tqdm import tqdm
 
 from . import distributed
 from .config import PinnerFormerConfig, TransActConfig
-from .dataset import DAY_MS, Prepared, day_start, sequences_for
+from .dataset import Prepared
 from .features import FIRST_ID, N_CONTEXT, OOV, History, Vocabulary, build_sequences
 from .models.pinnerformer import PinnerFormer, sampled_softmax_loss, time_features
 from .models.transact import TransActRanker, label_weights, time_window_mask, weighted_multitask_bce
+
+if TYPE_CHECKING:  # examples are built from what this module trains (PinnerFormer's embeddings)
+    from .examples import RankerExamples
 
 log = logging.getLogger("seqrank.training")
 
@@ -300,32 +303,6 @@ def item_table(model: PinnerFormer) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- ranker
-
-class RankerExamples:
-    """Ranker inputs for a set of impressions (one candidate each), through the shared feature path."""
-
-    def __init__(self, prep: Prepared, rows: np.ndarray, user_emb_lookup, seq_len: int):
-        imp = prep.impressions.iloc[rows]
-        self.seq = sequences_for(prep, imp.user_id.to_numpy(), imp.request_time.to_numpy(), seq_len)
-        self.request_time = imp.request_time.to_numpy()
-        self.user_emb = user_emb_lookup(imp.user_id.to_numpy(), day_start(self.request_time))
-        self.cand_item = prep.vocab.item_index(imp.item_id.to_numpy())
-        self.labels = prep.labels[rows]
-        self.request = imp.request.to_numpy()
-        self.user = imp.user_id.to_numpy()  # the unit of the evaluation's bootstrap (metrics.user_bootstrap_weights)
-        # HIT@3 groups: a user's impressions of one day, each scored with the features of its own request
-        # (a sitting of this log is mostly all-like or all-hate, which no ranking can reorder)
-        self.user_day = imp.groupby(["user_id", imp.timestamp // DAY_MS]).ngroup().to_numpy()
-
-    def __len__(self):
-        return len(self.labels)
-
-    def tensors(self, idx, trim: bool = True):
-        L = max(1, int(self.seq.seq_mask[idx].sum(1).max())) if trim else self.seq.seq_mask.shape[1]
-        return (torch.as_tensor(self.seq.seq_item[idx, :L]), torch.as_tensor(self.seq.seq_action[idx, :L]),
-                torch.as_tensor(self.seq.seq_mask[idx, :L]), torch.as_tensor(self.user_emb[idx]),
-                torch.as_tensor(self.seq.context[idx]), torch.as_tensor(self.cand_item[idx, None]))
-
 
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng, pool: int = 32):
     """Shuffled batches of similar sequence length (padding columns are trimmed per batch, so this roughly halves

@@ -21,7 +21,8 @@ SMALL_CONFIG = {"pinnerformer": {"epochs": 1}, "transact": {"epochs": 1}}
 def build_small_run(root: Path, n_users: int = 150) -> dict:
     from seqrank.exporting import export_run
     from seqrank.ingest import replay_log
-    from seqrank.pipeline import train, write_embeddings
+    from seqrank.embed_job import write_embeddings
+    from seqrank.pipeline import train
     from seqrank.store import open_store
 
     root.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,8 @@ def test_a_run_written_by_another_version_fails_naming_both(tmp_path):
 def test_the_python_api():
     from seqrank import Client, evaluate, export, train
     from seqrank.client import RankingClient
-    from seqrank.pipeline import evaluate as evaluate_fn, train as train_fn
+    from seqrank.evaluation import evaluate as evaluate_fn
+    from seqrank.pipeline import train as train_fn
     assert train is train_fn and evaluate is evaluate_fn and Client is RankingClient
     assert callable(export) and export.__name__ == "export_run"
     for fn in (train, evaluate, export, Client):

@@ -1518,14 +1518,15 @@ def test_a_refresh_cronjob_exists_exactly_when_seqrank_refresh_does():
 
 
 def test_refresh_cronjob_grows_the_repository_the_serving_pods_watch():
-    """docs/operations.md "Item refresh": seqrank-refresh runs after seqrank-embed, reads the store as the read-only
+    """docs/operations.md "Item refresh": seqrank-refresh runs before seqrank-embed (whose daily user embeddings then
+    read the day's new item rows, as evaluate scores them: seqrank/daily_items.py), reads the store as the read-only
     user, writes new versions into the shared repository; the Triton pods mount that volume read-only as
     SEQRANK_REPOSITORY and load new releases themselves (explicit model control, the entrypoint's watcher)."""
     cron, embed = find("CronJob", "seqrank-refresh"), find("CronJob", "seqrank-embed")
     spec = cron["spec"]
     minute, hour, *days = spec["schedule"].split()
     e_minute, e_hour, *_ = embed["spec"]["schedule"].split()
-    assert days == ["*", "*", "*"] and (int(hour), int(minute)) > (int(e_hour), int(e_minute)), "daily, after embed"
+    assert days == ["*", "*", "*"] and (int(hour), int(minute)) < (int(e_hour), int(e_minute)), "daily, before embed"
     assert spec["timeZone"] == "Etc/UTC" and spec["concurrencyPolicy"] == "Forbid"
     job = spec["jobTemplate"]["spec"]
     assert job["backoffLimit"] >= 1 and 3600 <= job["activeDeadlineSeconds"] < 24 * 3600

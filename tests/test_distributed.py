@@ -28,7 +28,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from seqrank.distributed import restart_hazard, shard_of
-from seqrank.pipeline import ranker_test_scores
+from seqrank.evaluation import ranker_test_scores
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"

@@ -12,7 +12,7 @@ import pytest
 from seqrank.config import RunConfig
 from seqrank.exporting import load_user_tower
 from seqrank.features import Vocabulary, index_history
-from seqrank.pipeline import redact, write_embeddings
+from seqrank.embed_job import redact, write_embeddings
 from seqrank.store import Action, open_store
 from seqrank.training import embed_users
 

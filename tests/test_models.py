@@ -543,8 +543,8 @@ def test_pinnerformer_seed_argument_alone_makes_training_deterministic(tiny, tmp
 
 @pytest.fixture(scope="module")
 def tiny_ranker_inputs(tiny, tmp_path_factory):
-    from seqrank.pipeline import EmbeddingCache
-    from seqrank.training import RankerExamples, item_table, seed_everything, train_pinnerformer
+    from seqrank.examples import EmbeddingCache, RankerExamples
+    from seqrank.training import item_table, seed_everything, train_pinnerformer
     cfg, prep = tiny
     seed_everything(cfg.seed, cfg.threads)
     pf = train_pinnerformer(prep, cfg.pinnerformer, cfg.seed, tmp_path_factory.mktemp("pf") / "pf.pt")

@@ -86,7 +86,7 @@ def test_transact_reads_the_order_that_averaging_loses(tmp_path):
     apart), while TransAct's attention over the rows, with the candidate fused into each, can. The item table is the
     planted clusters themselves (what a good PinnerFormer learns, tested above), so this tests the ranker alone:
     TransAct must rank likes better than the same ranker with the sequence averaged, over 2 seeds."""
-    from seqrank.pipeline import ranker_data
+    from seqrank.examples import ranker_data
     from seqrank.training import predict, seed_everything, train_ranker
     log = planted_log(users=100, items=240, clusters=6, days=8, keep=0.5, noise=0.05, seed=1)
     ev = log.events.sort_values(["user_id", "timestamp"], kind="mergesort").reset_index(drop=True)

@@ -21,7 +21,7 @@ from seqrank.client import RankingClient
 from seqrank.config import RunConfig
 from seqrank.exporting import export_run, load_user_tower
 from seqrank.features import OOV, Vocabulary, index_history
-from seqrank.pipeline import write_embeddings
+from seqrank.embed_job import write_embeddings
 from seqrank.refresh import Budget, RefreshError, item_state_dir, refresh, rollback, version_numbers
 from seqrank.server.model_control import LoadError, load_in_order, version_ready
 from seqrank.store import Action, open_store

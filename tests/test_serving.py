@@ -211,3 +211,17 @@ def test_perf_analyzer_runs_against_the_ensemble(server, small_run, tmp_path):
     rows = (tmp_path / "pa.csv").read_text().splitlines()
     assert rows[0].startswith("Concurrency") and len(rows) == 2
     assert float(rows[1].split(",")[1]) > 0  # inferences/second
+
+
+def test_an_export_from_another_template_is_stale(small_run, tmp_path, monkeypatch):
+    """`make demo` re-exports a run whose repository an older template made (e.g. one without an output the client
+    now asks for) instead of serving it."""
+    import shutil
+    from seqrank import exporting
+    assert exporting.is_current_export(small_run["run"], small_run["repo"])
+    template = tmp_path / "model_repository"
+    shutil.copytree(exporting.TEMPLATE, template, ignore=shutil.ignore_patterns("__pycache__"))
+    config = template / "seqrank" / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "embedding_source"', 'name: "embedding_origin"'))
+    monkeypatch.setattr(exporting, "TEMPLATE", template)
+    assert not exporting.is_current_export(small_run["run"], small_run["repo"])

@@ -126,6 +126,15 @@ def test_evaluate_writes_metrics_of_the_required_shape(run):
     assert data["test_impressions"] > 0 and data["train_impressions"] > data["test_impressions"]
     assert 0.0 < data["test_candidates_seen_in_training"] < 1.0  # this log: about half the test items are new
     assert data["train_impressions_of_seen_test_candidate_median"] >= 1.0
+    # each test request was scored with the rows the daily refresh learned before it: one refresh per test day
+    # (this sample's test period spans 4 day starts), each adding items, and more test candidates in the vocabulary
+    refreshed = data["item_refresh"]
+    times = refreshed["refresh_times_ms"]
+    assert len(times) >= 3 and times == sorted(times) and all(t % 86_400_000 == 0 for t in times)
+    assert times[0] > json.loads((out / "run.json").read_text())["split_time_ms"]
+    assert all(n > 0 for n in refreshed["new_items_per_refresh"])
+    assert refreshed["test_candidates_in_vocabulary"] > data["test_candidates_seen_in_training"] + 0.05
+    assert all((out / "item_refresh" / str(t) / "item_table.npy").is_file() for t in times)
     assert set(metrics["lifts_of_transact"]) == {"no_sequence", "avg_pool"}
     assert data["request_gap_s"] == 60.0 and data["test_users"] > 0 and data["test_requests"] >= data["test_users"]
     assert data["complement_heads"] == [["hate", "like"]]   # KuaiRand: every impression is liked or hated
@@ -165,6 +174,8 @@ def test_evaluate_is_deterministic_and_reuses_trained_baselines(run):
     before = {name: digest(out / name) for name in EVAL_FILES if name.endswith(".safetensors")}
     checkpoints = {p.name: digest(p) for p in (out / "checkpoints").glob("*.pt")}
     assert len(checkpoints) == 5  # 3 rankers + 2 PinnerFormer objectives
+    item_states = {str(p.relative_to(out)): digest(p) for p in (out / "item_refresh").rglob("*") if p.is_file()}
+    assert item_states
     selected = json.loads((out / "metrics.json").read_text())["ranker_seeds"]["selected_epoch"]
     assert all(epochs[0] in (1, 2) for epochs in selected.values())
     first = json.loads((out / "metrics.json").read_text())
@@ -173,6 +184,8 @@ def test_evaluate_is_deterministic_and_reuses_trained_baselines(run):
     assert {name: digest(out / name) for name in before} == before
     # no epoch ran again: a finished epoch rewrites its checkpoint
     assert {p.name: digest(p) for p in (out / "checkpoints").glob("*.pt")} == checkpoints
+    # the replayed refreshes are read back, not learned again
+    assert {str(p.relative_to(out)): digest(p) for p in (out / "item_refresh").rglob("*") if p.is_file()} == item_states
     assert json.dumps(first["ranker"], sort_keys=True) == json.dumps(second["ranker"], sort_keys=True)
     assert json.dumps(first["user_model"], sort_keys=True) == json.dumps(second["user_model"], sort_keys=True)
 
@@ -196,6 +209,8 @@ def test_train_resumes_from_the_finished_checkpoint(run, tmp_path):
     np.testing.assert_array_equal(np.load(out / "user_emb.npy"), user_emb)
     # no epoch ran: each finished epoch would have rewritten its checkpoint
     assert {p.name: digest(p) for p in (out / "checkpoints").glob("*.pt")} == checkpoints
+    # the replayed refreshes are read back, not learned again
+    assert {str(p.relative_to(out)): digest(p) for p in (out / "item_refresh").rglob("*") if p.is_file()} == item_states
     assert "trained in" in resumed.stdout
 
 
@@ -244,6 +259,32 @@ def test_evaluate_over_seeds_trains_each_ranker_per_seed_and_reports_the_spread(
     assert "(3 user folds)" in seeds_eval.stdout
 
 
+def test_evaluate_without_refreshes_scores_with_the_training_vocabulary(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    seqrank("evaluate", "--run", str(out), "--refreshes", "0")
+    frozen, refreshed = (json.loads((d / "metrics.json").read_text()) for d in (out, run["out"]))
+    assert frozen["data"]["item_refresh"]["refresh_times_ms"] == []
+    assert frozen["data"]["item_refresh"]["test_candidates_in_vocabulary"] < \
+        refreshed["data"]["item_refresh"]["test_candidates_in_vocabulary"]
+    # the same trained rankers, scored with other item rows
+    assert frozen["ranker_seeds"]["selected_epoch"] == refreshed["ranker_seeds"]["selected_epoch"]
+    assert frozen["ranker"]["transact"]["click"]["auc"] != refreshed["ranker"]["transact"]["click"]["auc"]
+
+
+def test_refresh_times_are_daily_up_to_a_cap():
+    from seqrank.daily_items import refresh_times
+    day = 86_400_000
+    split = 10 * day + 5_000
+    few = np.array([split + 1, split + day, split + 2 * day + 7, split + 2 * day + 9])
+    assert refresh_times(few, split, 8) == [11 * day, 12 * day]      # every day start after the split
+    assert refresh_times(few, split, 0) == []
+    many = split + np.arange(200) * day // 2                          # 100 days of requests
+    times = refresh_times(many, split, 8)
+    assert 2 <= len(times) <= 8 and times[0] == 11 * day and times == sorted(set(times))
+    assert all(t % day == 0 and t > split for t in times)
+
+
 def test_user_folds_hold_out_every_user_exactly_once():
     from dataclasses import replace as dc_replace
 
@@ -252,7 +293,7 @@ def test_user_folds_hold_out_every_user_exactly_once():
     from seqrank.config import RunConfig
     from seqrank.data.loaders import EventLog
     from seqrank.dataset import prepare
-    from seqrank.pipeline import held_out_user_folds
+    from seqrank.evaluation import held_out_user_folds
     rows = [(f"u{i}", f"i{j}", "click", 1000 * (10 * i + j)) for i in range(10) for j in range(3)]
     log = EventLog(events=pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"]), source="hand",
                    fmt="canonical", duplicates_dropped=0, negative_actions=(), exposure_action=None)
@@ -271,7 +312,7 @@ def test_user_folds_hold_out_every_user_exactly_once():
 
 def test_candidate_coverage_counts_test_items_seen_in_training():
     import pandas as pd
-    from seqrank.pipeline import candidate_coverage
+    from seqrank.evaluation import candidate_coverage
     imp = pd.DataFrame({"item_id": ["a", "a", "b", "c", "a", "b", "d", "d"],
                         "timestamp": [1, 2, 3, 4, 10, 11, 12, 13],
                         "is_test": [False, False, False, False, True, True, True, True]})

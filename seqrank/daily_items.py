@@ -1,0 +1,135 @@
+"""The item side of each test day as the daily `seqrank refresh` would have served it: what evaluate scores with.
+
+In production new items do not stay the out-of-vocabulary row until the next retrain: every day `seqrank refresh`
+learns rows for the items of the day's actions (seqrank.refresh.learn_new_items) and the embed job then embeds every
+user with them. An evaluation that scores a whole test period with the training vocabulary measures a system nobody
+runs. Here the refreshes are replayed on the log: at each refresh time t after the split, learn_new_items from every
+action before t, on top of the previous refresh (append-only: a row never moves), with a step bound only (no wall
+clock, so the result is the same on any machine). A test request at time r is then scored with the newest state
+learned before r: its vocabulary maps the candidate and the sequence, its table is the ranker's item table, and its
+user tower gives the daily user embedding (seqrank.examples.EmbeddingCache, as of r's day).
+
+States are kept under RUN/item_refresh/<t>/ (the layout of RUN/refresh/<N>/, seqrank.refresh.save_item_state) and
+reused by later evaluations of the run. Refresh times: every day start inside the test period, or, when the test
+period has more than `max_refreshes` days, the day starts at the test requests' 1/K, ..., (K-1)/K quantiles and the
+first test day (a log whose test period spans months is refreshed K times, not daily; metrics.json records the times).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import RunConfig
+from .dataset import Prepared, day_start
+from .examples import EmbeddingCache, RankerExamples
+from .exporting import load_user_tower
+from .features import OOV, Vocabulary, index_history
+from .refresh import DEFAULT_MAX_STEPS, learn_new_items, save_item_state
+from .training import predict
+
+STATE_DIR = "item_refresh"
+
+
+@dataclass
+class ItemState:
+    """The item side that serves requests from `since_ms` on (until the next state): the run's own for the first."""
+    since_ms: int
+    directory: Path
+    new_items: int  # items this refresh added (0 for the run's own)
+
+
+def refresh_times(request_times: np.ndarray, split_time: int, max_refreshes: int) -> list[int]:
+    """The day starts after the split at which a refresh runs (see the module's docstring); none for
+    max_refreshes 0."""
+    if max_refreshes <= 0:
+        return []
+    days = np.unique(day_start(request_times))
+    days = days[days > split_time]
+    if len(days) > max_refreshes:
+        quantiles = np.quantile(np.sort(request_times), np.arange(1, max_refreshes) / max_refreshes)
+        days = np.unique(np.concatenate([days[:1], day_start(quantiles)]))
+        days = days[days > split_time]
+    return [int(d) for d in days]
+
+
+def _actions_before(events, t: int) -> dict[str, tuple]:
+    before = events[events.timestamp < t]
+    return {u: (g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
+            for u, g in before.groupby("user_id", sort=True)}
+
+
+def replay_refreshes(run: Path, prep: Prepared, rows: np.ndarray, max_refreshes: int = 8,
+                     max_steps: int = DEFAULT_MAX_STEPS) -> list[ItemState]:
+    """The item states that serve the impressions `rows` of `prep`: the run's own, then one per refresh time,
+    learned (or read back from RUN/item_refresh/) in time order, each on top of the one before; max_refreshes 0:
+    the run's own alone."""
+    run = Path(run)
+    states = [ItemState(-2 ** 62, run, 0)]
+    times = refresh_times(prep.impressions.request_time.to_numpy()[rows], prep.split_time, max_refreshes)
+    for t in tqdm(times, desc="item refreshes", unit="day"):
+        directory = run / STATE_DIR / str(t)
+        summary = directory / "refresh.json"
+        base = states[-1].since_ms if len(states) > 1 else None  # relative, so a copied run reuses its states
+        if summary.exists() and json.loads(summary.read_text()).get("base_since_ms", -1) == base:
+            states.append(ItemState(t, directory, json.loads(summary.read_text())["new_items"]))
+            continue
+        learned = learn_new_items(run, states[-1].directory, _actions_before(prep.log.events, t), max_steps,
+                                  max_seconds=float("inf"))
+        if learned is None:  # nothing new to learn that day: yesterday's state serves on
+            continue
+        directory.mkdir(parents=True, exist_ok=True)
+        save_item_state(directory, learned)
+        summary.write_text(json.dumps({"base_since_ms": base, "since_ms": t,
+                                       "new_items": int(learned.new_ids.size), "n_items": learned.vocab.n_items,
+                                       "learning_users": learned.users, "steps": learned.steps}, indent=2))
+        states.append(ItemState(t, directory, int(learned.new_ids.size)))
+    return states
+
+
+class RefreshedTest:
+    """Test impressions scored as the daily refresh serves them: each request with the newest item state learned
+    before it (its vocabulary, its user tower's daily embeddings, its item table in the ranker)."""
+
+    def __init__(self, cfg: RunConfig, prep: Prepared, rows: np.ndarray, states: list[ItemState]):
+        request_time = prep.impressions.request_time.to_numpy()[rows]
+        self.n, self.states = len(rows), states
+        self.cand_item = np.full(len(rows), OOV, dtype=np.int64)  # each impression's candidate row in its state
+        self.parts = []  # (positions in rows, examples, item table)
+        ends = [s.since_ms for s in states[1:]] + [2 ** 62]
+        users = set(prep.impressions.user_id.to_numpy()[rows])
+        events = prep.log.events[prep.log.events.user_id.isin(users)]
+        for state, end in zip(states, ends):
+            positions = np.flatnonzero((request_time >= state.since_ms) & (request_time < end))
+            if not len(positions):
+                continue
+            vocab = Vocabulary.load(state.directory / "vocab") if state.new_items else prep.vocab
+            grown = prep if vocab is prep.vocab else replace(prep, vocab=vocab, histories={
+                u: index_history(vocab, g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
+                for u, g in events.groupby("user_id", sort=True)})
+            embeddings = EmbeddingCache(load_user_tower(state.directory, cfg, vocab), grown)
+            ex = RankerExamples(grown, rows[positions], embeddings, cfg.transact.seq_len)
+            self.cand_item[positions] = ex.cand_item
+            table = torch.as_tensor(np.load(state.directory / "item_table.npy"))
+            self.parts.append((positions, ex, table))
+
+    def predict(self, model) -> np.ndarray:
+        """`model`'s probabilities for every impression, in the order of `rows`; its own item table is restored."""
+        trained = model.item_table
+        out = np.zeros((self.n, len(model.heads.bias)), dtype=np.float32)
+        try:
+            for positions, ex, table in self.parts:
+                model.item_table = table
+                out[positions] = predict(model, ex)
+        finally:
+            model.item_table = trained
+        return out
+
+    def summary(self) -> dict:
+        return {"refresh_times_ms": [s.since_ms for s in self.states[1:]],
+                "new_items_per_refresh": [s.new_items for s in self.states[1:]],
+                "test_candidates_in_vocabulary": float((self.cand_item != OOV).mean()) if self.n else 0.0}
