@@ -147,6 +147,16 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random 
     return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
+class HeadsUnavailable(RuntimeError):
+    """The server refuses the ensemble's config, where the head names are (a restricted model-config API)."""
+
+
+def _config_refused(exc: Exception, url: str) -> HeadsUnavailable:
+    return HeadsUnavailable(f"{url}: the server refuses the ensemble's model config, which names the heads (its "
+                            f"model-config API is restricted?): pass heads=[...] (the run's run.json \"heads\", or "
+                            f"its export.json) to the client; server said: {exc}")
+
+
 def _heads_from_config(config) -> list[str]:
     params = config.get("config", config).get("parameters", {}) if isinstance(config, dict) else {}
     if not params and not isinstance(config, dict):  # gRPC protobuf
@@ -161,19 +171,27 @@ class RankingClient:
     and only transient server failures are retried (module docstring). Use it as a context manager."""
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", timeout_s: float = 2.0,
-                 retries: int = 3, backoff_s: float = 0.2, model: str = MODEL, max_backoff_s: float = 2.0):
+                 retries: int = 3, backoff_s: float = 0.2, model: str = MODEL, max_backoff_s: float = 2.0,
+                 heads: Sequence[str] | None = None):
         self.m = _module(protocol)
         self.protocol, self.model, self.timeout_s = protocol, model, timeout_s
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
-        url = url or DEFAULT_URLS[protocol]
+        self.url = url = url or DEFAULT_URLS[protocol]
         kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
         self.client = self.m.InferenceServerClient(url, **kw)
-        self._heads: list[str] | None = None
+        self._heads: list[str] | None = list(heads) if heads else None
 
     @property
     def heads(self) -> list[str]:
+        """The head names, in the order of the probabilities output: given to the constructor, or read once from the
+        ensemble's config (HeadsUnavailable where the server restricts its model-config API)."""
         if self._heads is None:
-            cfg = self._retry(lambda: self.client.get_model_config(self.model, **self._cfg_kw()))
+            try:
+                cfg = self._retry(lambda: self.client.get_model_config(self.model, **self._cfg_kw()))
+            except Exception as exc:  # noqa: BLE001 - a refusal is named, anything else passes through
+                if "restricted" in str(exc) or "admin" in str(exc):
+                    raise _config_refused(exc, self.url) from exc
+                raise
             self._heads = _heads_from_config(cfg)
         return self._heads
 
@@ -208,13 +226,15 @@ class RankingClient:
 
 class AsyncRankingClient:
     def __init__(self, url: str | None = None, protocol: str = "grpc", timeout_s: float = 2.0,
-                 retries: int = 3, backoff_s: float = 0.2, model: str = MODEL, max_backoff_s: float = 2.0):
+                 retries: int = 3, backoff_s: float = 0.2, model: str = MODEL, max_backoff_s: float = 2.0,
+                 heads: Sequence[str] | None = None):
         self.m = _async_module(protocol)
         self.sync_m = _module(protocol)
         self.protocol, self.model, self.timeout_s = protocol, model, timeout_s
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
-        self.client = self.m.InferenceServerClient(url or DEFAULT_URLS[protocol])
-        self._heads: list[str] | None = None
+        self.url = url or DEFAULT_URLS[protocol]
+        self.client = self.m.InferenceServerClient(self.url)
+        self._heads: list[str] | None = list(heads) if heads else None
 
     async def _retry(self, make_call):
         for attempt in range(self.retries + 1):
@@ -228,7 +248,13 @@ class AsyncRankingClient:
     async def heads(self) -> list[str]:
         if self._heads is None:
             kw = {"as_json": False} if self.protocol == "grpc" else {}
-            self._heads = _heads_from_config(await self._retry(lambda: self.client.get_model_config(self.model, **kw)))
+            try:
+                cfg = await self._retry(lambda: self.client.get_model_config(self.model, **kw))
+            except Exception as exc:  # noqa: BLE001 - a refusal is named, anything else passes through
+                if "restricted" in str(exc) or "admin" in str(exc):
+                    raise _config_refused(exc, self.url) from exc
+                raise
+            self._heads = _heads_from_config(cfg)
         return self._heads
 
     async def rank(self, user_id, candidates, actions=None, request_time=None, top_k=None) -> RankResult:

@@ -279,8 +279,11 @@ def format_table(result: dict, heads: list[str]) -> str:
     seeds, sm, u = result["ranker_seeds"]["seeds"], result["ranker_seeds"], result["uncertainty"]
     complement_of = result["verdict"]["complement_of"]
     pos = result["data"]["test_positives"]
+    refresh = result["data"]["item_refresh"]
     lines = [f"seeds {seeds}; mean +- sd over seeds; {result['data']['test_users']} test users, "
-             f"{result['data']['test_requests']} requests",
+             f"{result['data']['test_requests']} requests; item rows of {len(refresh['refresh_times_ms'])} daily "
+             f"refreshes (+{sum(refresh['new_items_per_refresh'])} items), test candidates in the vocabulary "
+             f"{refresh['test_candidates_in_vocabulary']:.0%}",
              f"{'head':<14}{'pos':>6}" + "".join(f"{e + ' ' + m:>22}" for m in ("AUC", "GAUC") for e in RANKERS)]
     for h in heads:
         cells = "".join(f"{sm[e][h][m]['mean']:>15.4f} +-{sm[e][h][m]['sd'] or 0:.3f}"

@@ -96,3 +96,25 @@ def test_rank_cli_prints_the_ranking(server):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("user 111") and len(lines) == 3  # header, column names, one ranked item
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_server_with_a_restricted_model_config_needs_the_heads_given(small_run, start_server, server, protocol):
+    """The container restricts the model-config API, where the head names are: the client then says so and how to
+    go on, and ranks as the open server does once given the run's heads."""
+    import json
+    from seqrank.client import HeadsUnavailable
+    guarded = start_server(small_run["repo"], env={"SEQRANK_STORE": small_run["store"]}, timeout_s=300,
+                           restricted_api_key="k")
+    guarded.wait_models_ready(("seqrank",), timeout_s=120)
+    url = (lambda s: s.grpc_url if protocol == "grpc" else s.http_url)
+    request = ("111", ["3892024", "2629583", "1135013"])
+    with RankingClient(url(guarded), protocol, timeout_s=60) as client:
+        with pytest.raises(HeadsUnavailable, match="heads="):
+            client.rank(*request, request_time=1_649_700_000_000)
+    heads = json.loads((small_run["run"] / "run.json").read_text())["heads"]
+    with RankingClient(url(guarded), protocol, timeout_s=60, heads=heads) as client, \
+            RankingClient(url(server), protocol, timeout_s=60) as open_client:
+        got, want = (c.rank(*request, request_time=1_649_700_000_000) for c in (client, open_client))
+    assert got.item_ids == want.item_ids and open_client.heads == heads
+    assert [i.scores for i in got.items] == [i.scores for i in want.items]
