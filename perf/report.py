@@ -251,7 +251,7 @@ def report_md(summary: dict, manifest: dict, extra: dict) -> str:
         out.append(_target_row(k, summary[k], summary["targets"].get(k)))
     out += ["", f"freshness_store: {summary['freshness_store']}; store fallbacks during the p99 point: "
             f"{d.get('p99_point', {}).get('store_fallbacks')}", "",
-            "## Throughput at fixed p99 budgets (perf_analyzer's own search)", ""]
+            "## Throughput at fixed p99 budgets (perf_analyzer load points, searched per budget)", ""]
     out += budget_tables(d, manifest)
     out += ["## Overload: 2x the saturating load", ""] + overload_md(d.get("overload", {}), d["overload_verdict"])
     w, a = d.get("wire", {}), d["dedup_analytic"]
