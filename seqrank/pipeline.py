@@ -87,6 +87,7 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
     if negative_actions:
         cfg.data.negative_actions = list(negative_actions)
     started = time.time()
+    previous = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     seed_everything(cfg.seed, cfg.threads)
     prep = prepare_events(events, cfg)
     info = {"seqrank_version": __version__, "events": str(Path(events).resolve()), "split": cfg.data.split,
@@ -120,6 +121,9 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
     np.save(run / "users.npy", np.asarray(prep.users, dtype="S"))
     np.save(run / "user_emb.npy", embed_users(pf, prep.histories, prep.users, np.full(len(prep.users), end)))
     info["train_seconds"] = round(time.time() - started, 1)
+    if info["pinnerformer_reused"] and not hasattr(ranker, "epoch_seconds") and "train_seconds" in previous:
+        # nothing was trained by this command: the run keeps the timings of the one that trained its models
+        info.update({k: previous[k] for k in ("train_seconds", "epoch_seconds", "pinnerformer_reused") if k in previous})
     (run / "run.json").write_text(json.dumps(info, indent=2))
     print(f"trained in {info['train_seconds']} s -> {run}")
     return run
