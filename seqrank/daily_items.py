@@ -10,12 +10,14 @@ learned before r: its vocabulary maps the candidate and the sequence, its table 
 user tower gives the daily user embedding (seqrank.examples.EmbeddingCache, as of r's day).
 
 States are kept under RUN/item_refresh/<t>/ (the layout of RUN/refresh/<N>/, seqrank.refresh.save_item_state) and
-reused by later evaluations of the run. Refresh times: every day start inside the test period, or, when the test
-period has more than `max_refreshes` days, the day starts at the test requests' 1/K, ..., (K-1)/K quantiles and the
-first test day (a log whose test period spans months is refreshed K times, not daily; metrics.json records the times).
+reused by later evaluations of the run (learned again when its PinnerFormer or the step bound changed). Refresh
+times: every day start inside the test period, or, when the test period has more than `max_refreshes` days, the day
+starts at the test requests' 1/K, ..., (K-1)/K quantiles and the first test day (a log whose test period spans months
+is refreshed K times, not daily; metrics.json records the times).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,13 +72,17 @@ def replay_refreshes(run: Path, prep: Prepared, rows: np.ndarray, max_refreshes:
     the run's own alone."""
     run = Path(run)
     states = [ItemState(-2 ** 62, run, 0)]
+    # what a kept state was learned from: a retrained PinnerFormer or another step bound learns it again
+    origin = {"pinnerformer_sha256": hashlib.sha256((run / "pinnerformer.safetensors").read_bytes()).hexdigest(),
+              "max_steps": max_steps}
     times = refresh_times(prep.impressions.request_time.to_numpy()[rows], prep.split_time, max_refreshes)
     for t in tqdm(times, desc="item refreshes", unit="day"):
         directory = run / STATE_DIR / str(t)
         summary = directory / "refresh.json"
         base = states[-1].since_ms if len(states) > 1 else None  # relative, so a copied run reuses its states
-        if summary.exists() and json.loads(summary.read_text()).get("base_since_ms", -1) == base:
-            states.append(ItemState(t, directory, json.loads(summary.read_text())["new_items"]))
+        kept = json.loads(summary.read_text()) if summary.exists() else {}
+        if kept.get("base_since_ms", -1) == base and all(kept.get(k) == v for k, v in origin.items()):
+            states.append(ItemState(t, directory, kept["new_items"]))
             continue
         learned = learn_new_items(run, states[-1].directory, _actions_before(prep.log.events, t), max_steps,
                                   max_seconds=float("inf"))
@@ -84,7 +90,7 @@ def replay_refreshes(run: Path, prep: Prepared, rows: np.ndarray, max_refreshes:
             continue
         directory.mkdir(parents=True, exist_ok=True)
         save_item_state(directory, learned)
-        summary.write_text(json.dumps({"base_since_ms": base, "since_ms": t,
+        summary.write_text(json.dumps({**origin, "base_since_ms": base, "since_ms": t,
                                        "new_items": int(learned.new_ids.size), "n_items": learned.vocab.n_items,
                                        "learning_users": learned.users, "steps": learned.steps}, indent=2))
         states.append(ItemState(t, directory, int(learned.new_ids.size)))

@@ -272,6 +272,22 @@ def test_evaluate_without_refreshes_scores_with_the_training_vocabulary(run, tmp
     assert frozen["ranker"]["transact"]["click"]["auc"] != refreshed["ranker"]["transact"]["click"]["auc"]
 
 
+def test_kept_item_states_are_learned_again_for_another_pinnerformer(run, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from seqrank.daily_items import replay_refreshes
+    from seqrank.pipeline import load_run
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    first = sorted((out / "item_refresh").glob("*/refresh.json"))
+    kept = {p: digest(p.parent / "item_table.npy") for p in first}
+    weights = load_file(out / "pinnerformer.safetensors")  # a retrained PinnerFormer, as far as the states can tell
+    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in weights.items()}, out / "pinnerformer.safetensors")
+    _, _, prep = load_run(out)
+    states = replay_refreshes(out, prep, prep.test_rows())
+    assert [s.directory for s in states[1:]] == [p.parent for p in first]
+    assert all(digest(p.parent / "item_table.npy") != h for p, h in kept.items())
+
+
 def test_refresh_times_are_daily_up_to_a_cap():
     from seqrank.daily_items import refresh_times
     day = 86_400_000
