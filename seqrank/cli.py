@@ -9,6 +9,17 @@ def _csv(text: str) -> list[str]:
     return [t for t in (x.strip() for x in text.split(",")) if t]
 
 
+def _count(text: str) -> int:
+    """A whole number >= 0 (argparse names the option when this raises)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+_count.__name__ = "count (a whole number >= 0)"  # argparse: "invalid count (a whole number >= 0) value: '-1'"
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line: one clear line and exit status 1 for bad data, a bad config or an unreachable server (the
     traceback only with --debug); 2 for bad arguments (argparse)."""
@@ -58,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "each head's AUC mean +- sd (seed variance)")
     p.add_argument("--user-folds", type=int, default=1, help="K > 1: also cross-validate PinnerFormer over K folds "
                    "of users, so dense vs next-action is measured on every user (trains 2 (K - 1) more PinnerFormers)")
-    p.add_argument("--refreshes", type=int, default=8, help="score each test request with the item rows the daily "
+    p.add_argument("--refreshes", type=_count, default=8, help="score each test request with the item rows the daily "
                    "`seqrank refresh` learned before it: at most this many refreshes over the test period (daily "
                    "when it has no more days); 0: the training vocabulary throughout")
 

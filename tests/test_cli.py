@@ -39,6 +39,8 @@ def test_bad_input_is_one_line_naming_the_problem_and_a_traceback_only_with_debu
     assert debug.returncode == 1 and "Traceback" in debug.stderr
     unreachable = cli("rank", "--user-id", "u", "--candidates", "a", "--url", "127.0.0.1:9", "--timeout", "1")
     assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr and unreachable.stderr.strip()
+    negative = cli("evaluate", "--run", str(tmp_path / "run"), "--refreshes", "-1")
+    assert negative.returncode == 2 and "--refreshes" in negative.stderr and ">= 0" in negative.stderr
 
 
 def test_set_overrides_typed_fields_and_refuses_unknown_ones():
