@@ -37,14 +37,14 @@ WORKDIR /opt/seqrank
 # Python-backend and build_trt.py dependencies, pinned (deploy/requirements-serving.txt = the pins of
 # requirements.txt). The base image's Ubuntu marks its Python as externally managed (PEP 668); this image is that
 # Python's only user, so pip installs into it. Then the seqrank package itself, without dependencies (torch/pandas are
-# training-side only); build_trt.py imports it (seqrank.triton_config, the buckets).
+# training-side only); build_trt.py imports it (seqrank.exporting.triton_config, the buckets).
 COPY deploy/requirements-serving.txt ./requirements-serving.txt
 RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir -r requirements-serving.txt
 COPY pyproject.toml ./src/pyproject.toml
 COPY seqrank ./src/seqrank
 RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir --no-deps ./src \
     && rm -rf ./src \
-    && python3 -c "import seqrank.serving.preprocess, seqrank.triton_config, numpy, onnxruntime, redis"
+    && python3 -c "import seqrank.serving.preprocess, seqrank.exporting.triton_config, numpy, onnxruntime, redis"
 
 COPY --chmod=0755 docker/entrypoint.sh docker/healthcheck.py ./docker/
 COPY --chmod=0755 export/build_trt.py ./export/build_trt.py

@@ -4,7 +4,7 @@
 #
 # 1. The exported repository in the image ($SEQRANK_REPOSITORY, read-only) is mirrored into a writable runtime
 #    repository ($SEQRANK_WORKDIR/model_repository): symlinks for preprocess/postprocess/seqrank and the version
-#    files, the ranker's configs rendered through seqrank.triton_config (the engine cache path of this container).
+#    files, the ranker's configs rendered through seqrank.exporting.triton_config (the engine cache path of this container).
 # 2. Unless SEQRANK_TRT=off or the CPU configuration is selected, export/build_trt.py builds a TensorRT engine from
 #    each ranker/<version>/model.onnx for this GPU, cached in $SEQRANK_TRT_CACHE (a volume) under
 #    <gpu name>__trt-<TensorRT version>__onnx-<sha256>__cfg-<settings>: the first start on a GPU type takes minutes,
@@ -72,7 +72,7 @@ render_configs() { # the ranker's configs, through the ModelConfig protobuf: the
   local pairs=("$SRC_REPO/ranker/config.pbtxt" "$RANKER/config.pbtxt") c
   mkdir -p "$RANKER/configs"
   for c in "$SRC_REPO"/ranker/configs/*.pbtxt; do pairs+=("$c" "$RANKER/configs/${c##*/}"); done
-  "$PYTHON" -m seqrank.triton_config --trt-cache-path "$TRT_CACHE" "${pairs[@]}"
+  "$PYTHON" -m seqrank.exporting.triton_config --trt-cache-path "$TRT_CACHE" "${pairs[@]}"
 }
 mirror_ranker_version() { # ranker/$1: one link per file (step 2 may add this container's model.plan beside them)
   local f

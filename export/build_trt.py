@@ -25,7 +25,7 @@ Triton and TensorRT containers, not in the CPU install); 4 no NVIDIA GPU visible
 
 Pure functions (profile_shapes, trtexec_command, plan_config, cache_key, read_repository_settings) need neither
 TensorRT nor a GPU, so the tests check them anywhere. Configs are read and written as Triton's ModelConfig protobuf
-(seqrank.triton_config), and the ranker's constants come from the seqrank package: the image installs it with the
+(seqrank.exporting.triton_config), and the ranker's constants come from the seqrank package: the image installs it with the
 serving requirements (deploy/requirements-serving.txt).
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-from seqrank import triton_config
-from seqrank.onnx_files import external_data_path
+from seqrank.exporting import triton_config
+from seqrank.exporting.onnx_files import external_data_path
 from seqrank.serving.batching import SEQUENCE_INPUTS
 from seqrank.serving.preprocess import CANDIDATE_BUCKETS
 
@@ -124,7 +124,7 @@ def trtexec_command(onnx: str | Path, plan: str | Path, profiles: list[Profile],
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Settings from a rendered model repository, and the tensorrt_plan ranker config (seqrank.triton_config)
+# Settings from a rendered model repository, and the tensorrt_plan ranker config (seqrank.exporting.triton_config)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -205,7 +205,7 @@ def plan_config(config_text: str, buckets, seq_len: int, user_dim: int, n_contex
 
 
 def onnx_files_sha256(path: str | Path) -> str:
-    """sha256 of the ONNX file and, where export wrote one, its external data file (seqrank/onnx_files.py): a large
+    """sha256 of the ONNX file and, where export wrote one, its external data file (seqrank/exporting/onnx_files.py): a large
     item table lives there, and a graph republished with new rows must not reuse the engine built with the old
     ones. Without a data file it is the ONNX file's own sha256."""
     h = hashlib.sha256()

@@ -43,7 +43,7 @@ from machine import CoreSplit, machine_description  # noqa: E402
 from plots import plots  # noqa: E402
 from profiling import profile_stubs  # noqa: E402
 from settings import Settings, log  # noqa: E402
-from seqrank import triton_config  # noqa: E402
+from seqrank.exporting import triton_config  # noqa: E402
 from systems import NaiveService, TritonSystem, served_config, triton_version, untuned_copy  # noqa: E402
 from wire import wire_bytes  # noqa: E402
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seqrank import triton_config
+from seqrank.exporting import triton_config
 from seqrank.models.transact import INPUT_NAMES
 
 

@@ -1,5 +1,5 @@
 """What a large item catalogue costs: the export of a table past ONNX's 2 GB protobuf limit, and the CPU ranker's
-memory with the table inside the graph against the table in external data (seqrank/onnx_files.py). The numbers in
+memory with the table inside the graph against the table in external data (seqrank/exporting/onnx_files.py). The numbers in
 docs/deployment.md ("Large catalogues") come from these two commands:
 
     python perf/large_catalogue.py export --rows 8500000               # 2.03 GiB table: time, peak RAM, file sizes
@@ -56,7 +56,7 @@ def _peak_mib() -> int:
 def export(rows: int, out: Path, threshold: int | None = None) -> dict:
     """Export the portable graph and the CPU graph of random_ranker(rows) into ``out``: seconds, peak RAM, sizes."""
     from seqrank.exporting import export_cpu_graph, export_ranker_onnx
-    from seqrank.onnx_files import EXTERNAL_DATA_THRESHOLD
+    from seqrank.exporting.onnx_files import EXTERNAL_DATA_THRESHOLD
     from seqrank.serving.cpu_graph import CPU_ONNX
 
     threshold = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold

@@ -36,7 +36,7 @@ from google.protobuf import json_format
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 import kserve
-from seqrank import triton_config
+from seqrank.exporting import triton_config
 from seqrank.exporting import load_ranker
 from seqrank.models.inference import ranker_for_serving
 from seqrank.models.transact import INPUT_NAMES

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from machine import cpus_allowed, pinned
-from seqrank import triton_config
+from seqrank.exporting import triton_config
 from seqrank.server.triton import ServerOptions, TritonServer, free_port
 
 PERF = Path(__file__).resolve().parent
@@ -34,7 +34,7 @@ def served_config(repo: Path, model: str) -> Path:
 
 
 def untuned_copy(src: Path, dst: Path) -> list[str]:
-    """Copy the repository; remove every dynamic_batching block, one instance per model (seqrank.triton_config)."""
+    """Copy the repository; remove every dynamic_batching block, one instance per model (seqrank.exporting.triton_config)."""
     _copy(src, dst)
 
     def untuned(cfg) -> None:
@@ -65,7 +65,7 @@ TURN_RESOURCE = "server_core"
 
 def guarded_copy(src: Path, dst: Path, timeouts_us: dict[str, int], take_turns: tuple[str, ...] = (),
                  unbatched: tuple[str, ...] = ()) -> dict[str, str]:
-    """Copy the repository with the overload guard, all through seqrank.triton_config: a bounded queue on the models
+    """Copy the repository with the overload guard, all through seqrank.exporting.triton_config: a bounded queue on the models
     of ``timeouts_us`` (set_queue_policy: a request queued longer than its model's timeout is rejected explicitly),
     one shared rate-limiter resource for the models in ``take_turns`` (set_rate_limit_resource; the server must run
     with RATE_LIMIT_ARGS: one of their executions at a time, so an admitted request does not share the core with

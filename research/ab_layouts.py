@@ -21,7 +21,7 @@ import make_inputs  # noqa: E402
 from load import pa_point  # noqa: E402
 from settings import Settings  # noqa: E402
 from systems import ranker_variant_copy, start_triton  # noqa: E402
-from seqrank import triton_config  # noqa: E402
+from seqrank.exporting import triton_config  # noqa: E402
 
 # name -> (ranker parameters, ranker instances, max_queue_delay_microseconds of every CPU model or None = as exported,
 #          preprocess/postprocess instances or None = as exported)

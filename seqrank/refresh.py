@@ -14,7 +14,7 @@ What it writes (append-only: every known item keeps its row, so old indices neve
 - RUN/refresh/<N>/: the item side as of version N (vocab/ with item_rows.npy, pinnerformer.safetensors,
   item_table.npy, refresh.json): the next refresh starts from it and `seqrank embed` reads the newest one;
 - REPO/ranker/<N>/: the trained ranker re-exported with its item table grown by the new rows (ONNX, parity-checked);
-  the ranker configs' `n_items` follows (seqrank.triton_config);
+  the ranker configs' `n_items` follows (seqrank.exporting.triton_config);
 - REPO/preprocess/<N>/: its model file and tables, the vocabulary mapping the new items.
 N is one more than the newest version of either model. Each directory is staged beside its destination and renamed
 into place, the ranker before the preprocess. With `servers`, each server (model control mode explicit) then loads
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from . import triton_config
+from .exporting import triton_config
 from .config import RunConfig
 from .dataset import DAY_MS, PAPER_WINDOW_DAYS
 from .exporting import load_ranker, load_user_tower, write_ranker_version

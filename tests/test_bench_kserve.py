@@ -74,7 +74,7 @@ def test_the_naive_service_answers_every_output_of_the_ensemble(small_run):
     service does not produce fails every search of the bench."""
     from naive_service import NaiveRanker  # perf/ is on sys.path (above)
 
-    from seqrank import triton_config
+    from seqrank.exporting import triton_config
 
     ranker = NaiveRanker(small_run["run"], small_run["repo"], small_run["store"])
     user = str(small_run["events"].user_id.iloc[0])

@@ -162,7 +162,7 @@ def test_layout_copies_override_the_cpu_configs(tmp_path):
     sys.path.insert(0, str(ROOT / "research"))
     import ab_layouts
 
-    from seqrank import triton_config
+    from seqrank.exporting import triton_config
 
     src = ROOT / "model_repository"
     ab_layouts.layout_copy(src, tmp_path / "a", {"intra_op_threads": 1, "run_threads": 1}, 3, None)
@@ -189,7 +189,7 @@ def test_untuned_guarded_and_ranker_variant_copies_edit_the_configs_as_protobuf(
     an edit leaves alone keep their text; a missing key names the file."""
     sys.path.insert(0, str(ROOT / "perf"))
     import systems
-    from seqrank import triton_config
+    from seqrank.exporting import triton_config
 
     src = ROOT / "model_repository"
     changed = systems.untuned_copy(src, tmp_path / "untuned")

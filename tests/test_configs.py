@@ -1,5 +1,5 @@
 """Triton model configs: every template config parses as Triton's ModelConfig protobuf; the ranker variants agree;
-the H200 config; the renderer edits through the protobuf (seqrank.triton_config), whatever the template's layout; a
+the H200 config; the renderer edits through the protobuf (seqrank.exporting.triton_config), whatever the template's layout; a
 repository rendered from the template agrees with an exported ONNX file; export/build_trt.py's optimization profiles
 and tensorrt_plan config; the TensorRT build itself where TensorRT is installed."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from seqrank import triton_config
+from seqrank.exporting import triton_config
 from seqrank.config import TransActConfig
 from seqrank.exporting import export_ranker_onnx, render_config
 from seqrank.serving import preprocess
@@ -536,7 +536,7 @@ def test_tensorrt_engine_build(exported, tmp_path):
 
 
 def test_gpu_pod_configs_size_the_cpu_steps_from_their_measured_cost(tmp_path):
-    from seqrank import sizing
+    from seqrank.exporting import sizing
     repo = tmp_path / "model_repository"
     shutil.copytree(TEMPLATE, repo, ignore=shutil.ignore_patterns("__pycache__"))
     counts = sizing.write_gpu_pod_configs(repo)

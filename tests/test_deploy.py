@@ -211,7 +211,7 @@ def test_dockerignore_keeps_what_the_image_copies_and_drops_the_rest():
                     assert not dockerignore_excludes(str(sub.relative_to(ROOT))), sub
     for kept in ("build/model_repository/ranker/1/model.onnx", "build/model_repository/ranker/1/model.onnx.data",
                  "build/model_repository/preprocess/1/tables/items.npy",
-                 "runs/demo/model_repository/seqrank/config.pbtxt", "pyproject.toml", "seqrank/exporting.py"):
+                 "runs/demo/model_repository/seqrank/config.pbtxt", "pyproject.toml", "seqrank/exporting/repository.py"):
         assert not dockerignore_excludes(kept), kept
     for dropped in (".git/HEAD", ".venv/bin/python", "runs/demo/ranker.safetensors", "data/kuairand/events.tsv.gz",
                     "tests/test_deploy.py", "seqrank/__pycache__/export.cpython-311.pyc",

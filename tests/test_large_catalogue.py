@@ -1,4 +1,4 @@
-"""Large item catalogues (seqrank/onnx_files.py): weights of at least the threshold, the item table above all, go to
+"""Large item catalogues (seqrank/exporting/onnx_files.py): weights of at least the threshold, the item table above all, go to
 ONNX external data beside each graph, so a catalogue past a protobuf's 2 GB exports. On the real tritonserver a
 repository whose graphs keep the table in external data, laid out as the container entrypoint lays it out (a
 symlink per file), ranks exactly as the in-protobuf export; a table past 2 GiB exports, and ONNX Runtime reads its
@@ -19,7 +19,7 @@ from onnx.external_data_helper import uses_external_data
 from seqrank.client import RankingClient
 from seqrank.exporting import example_inputs, export_cpu_graph, export_ranker_onnx, export_run
 from seqrank.models.transact import INPUT_NAMES
-from seqrank.onnx_files import external_data_path
+from seqrank.exporting.onnx_files import external_data_path
 from seqrank.serving.cpu_graph import CPU_ONNX
 
 from conftest import ENSEMBLE_MODELS

@@ -23,7 +23,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from ..onnx_files import EXTERNAL_DATA_THRESHOLD, save_onnx
+from ..exporting.onnx_files import EXTERNAL_DATA_THRESHOLD, save_onnx
 
 CPU_ONNX = "model_cpu.onnx"  # beside model.onnx in the ranker's version directory
 CONTRIB = "com.microsoft"
@@ -242,7 +242,7 @@ def write_cpu_graph(src: Path, dst: Path, full_history_src: Path | None = None,
     """model.onnx -> the CPU graph; returns the number of fused pairs (0: dst is a plain copy of src).
     ``full_history_src``: the ranker exported without masking, run when seq_mask is all True
     (add_full_history_branch). Either source may keep weights in external data (onnx.load reads it from the
-    source's directory); dst gets its own, under the same rule (seqrank/onnx_files.py)."""
+    source's directory); dst gets its own, under the same rule (seqrank/exporting/onnx_files.py)."""
     import onnx
     model = onnx.load(str(src))
     fused = fuse_skip_layernorm(model)

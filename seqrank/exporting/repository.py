@@ -15,19 +15,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from . import __version__, triton_config
-from .config import RunConfig
-from .features import FIRST_ID, N_CONTEXT, Vocabulary
-from .models.inference import ranker_for_serving, user_tower_for_serving
-from .models.pinnerformer import N_TIME_FEATURES, PinnerFormer
-from .models.transact import INPUT_NAMES, OUTPUT_NAMES, TransActRanker
+from .. import __version__
+from ..config import RunConfig
+from ..features import FIRST_ID, N_CONTEXT, Vocabulary
+from ..models.inference import ranker_for_serving, user_tower_for_serving
+from ..models.pinnerformer import N_TIME_FEATURES, PinnerFormer
+from ..models.transact import INPUT_NAMES, OUTPUT_NAMES, TransActRanker
+from ..serving.batching import SEQUENCE_INPUTS
+from ..serving.cpu_graph import CPU_ONNX, write_cpu_graph
+from ..serving.preprocess import CANDIDATE_BUCKETS
+from . import triton_config
 from .onnx_files import EXTERNAL_DATA_THRESHOLD, save_onnx
 from .sizing import write_gpu_pod_configs
-from .serving.batching import SEQUENCE_INPUTS
-from .serving.cpu_graph import CPU_ONNX, write_cpu_graph
-from .serving.preprocess import CANDIDATE_BUCKETS
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "model_repository"
+TEMPLATE = Path(__file__).resolve().parents[2] / "model_repository"
 OPSET = 17
 USER_TOWER_INPUTS = ["seq_item", "seq_action", "seq_time", "seq_mask"]
 PARITY_TOLERANCE = 1e-4
@@ -85,7 +86,7 @@ def export_ranker_onnx(model: TransActRanker, path: Path, external_data_threshol
     """Trace the trained (paper-form) ``model`` as served: models/inference.py's ranker_for_serving, whose options
     ``rewrites`` switch each rewrite (all on by default); full_history=True traces the form without masking, valid
     only where every sequence position is a real action (the CPU graph runs it for such runs). Weights of at least
-    ``external_data_threshold`` bytes go to external data beside ``path`` (seqrank/onnx_files.py)."""
+    ``external_data_threshold`` bytes go to external data beside ``path`` (seqrank/exporting/onnx_files.py)."""
     dyn = {"seq_item": {0: "batch", 1: "seq"}, "seq_action": {0: "batch", 1: "seq"}, "seq_mask": {0: "batch", 1: "seq"},
            "user_emb": {0: "batch"}, "context": {0: "batch"}, "cand_item": {0: "batch", 1: "candidates"},
            "probs": {0: "batch", 1: "candidates"}}
@@ -180,7 +181,7 @@ def write_ranker_version(model: TransActRanker, version_dir: Path, seq_len: int,
             "fused_skip_layernorm": fused, "full_history_branch": branch}
 
 
-# The run's numbers a template declares, by name (seqrank.triton_config.fill): tensor dims and parameters.
+# The run's numbers a template declares, by name (seqrank.exporting.triton_config.fill): tensor dims and parameters.
 RUN_PARAMETERS = ("heads", "utility_weights", "candidate_buckets", "max_candidates", "seq_len", "n_items", "n_actions")
 
 
@@ -224,7 +225,7 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True,
     the CPU graph beside it), the lookup tables for preprocess, every config.pbtxt filled in; with `check`, the ONNX
     files are compared with PyTorch on several shapes and the export fails above the parity tolerance. Weights of at
     least ``external_data_threshold`` bytes (a large item table) go to ONNX external data beside each graph
-    (seqrank/onnx_files.py)."""
+    (seqrank/exporting/onnx_files.py)."""
     run = Path(run)
     repository = Path(repository) if repository else run / "model_repository"
     model, cfg, vocab = load_ranker(run)

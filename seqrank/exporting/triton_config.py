@@ -6,7 +6,7 @@ config variants -- so a config is never edited as text. A printed config is vali
 what Triton reads; it loses the template's comments (the templates in git keep theirs).
 
 Command line (docker/entrypoint.sh renders the container's runtime configs with it):
-``python -m seqrank.triton_config --trt-cache-path DIR SRC DST [SRC DST ...]``.
+``python -m seqrank.exporting.triton_config --trt-cache-path DIR SRC DST [SRC DST ...]``.
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def render_with_trt_cache(src: str | Path, dst: str | Path, cache_path: str | Pa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m seqrank.triton_config",
+    parser = argparse.ArgumentParser(prog="python -m seqrank.exporting.triton_config",
                                      description="render configs for a container: SRC DST pairs")
     parser.add_argument("--trt-cache-path", required=True, help="ONNX Runtime's TensorRT engine cache directory")
     parser.add_argument("pairs", nargs="+", metavar="SRC DST")
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for src, dst in zip(args.pairs[::2], args.pairs[1::2]):
             render_with_trt_cache(src, dst, args.trt_cache_path)
     except (ConfigError, OSError) as err:
-        print(f"seqrank.triton_config: {err}", file=sys.stderr)
+        print(f"seqrank.exporting.triton_config: {err}", file=sys.stderr)
         return 1
     return 0
 
