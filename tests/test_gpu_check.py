@@ -73,7 +73,8 @@ def test_smoke_writes_results_after_every_point(gpu_check, tmp_path, monkeypatch
         else:
             assert 0.0 < q["max_abs_dp"] < 0.05 and math.isfinite(q["max_abs_dp"])
     # on CPU the GPU targets are listed but never judged
-    assert [t["name"] for t in on_disk["targets"]] == [t[0] for t in gpu_check.TARGETS]
+    from gpu_check_report import TARGETS  # gpu_check put perf/ on sys.path
+    assert [t["name"] for t in on_disk["targets"]] == [t[0] for t in TARGETS]
     assert {t["status"] for t in on_disk["targets"]} == {"not_measured"}
     assert (out / "results.md").read_text().count("| bf16 | eager |") == 2
 
