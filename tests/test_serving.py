@@ -217,7 +217,7 @@ def test_an_export_from_another_template_is_stale(small_run, tmp_path, monkeypat
     """`make demo` re-exports a run whose repository an older template made (e.g. one without an output the client
     now asks for) instead of serving it."""
     import shutil
-    from seqrank import exporting
+    from seqrank.exporting import repository as exporting  # where TEMPLATE is read
     assert exporting.is_current_export(small_run["run"], small_run["repo"])
     template = tmp_path / "model_repository"
     shutil.copytree(exporting.TEMPLATE, template, ignore=shutil.ignore_patterns("__pycache__"))
