@@ -3,7 +3,7 @@ memory with the table inside the graph against the table in external data (seqra
 docs/deployment.md ("Large catalogues") come from these two commands:
 
     python perf/large_catalogue.py export --rows 8500000               # 2.03 GiB table: time, peak RAM, file sizes
-    python perf/large_catalogue.py sessions --rows 2000000 --sessions 4  # 488 MiB table: RSS per ONNX Runtime session
+    python perf/large_catalogue.py memory --rows 2000000 --count 4  # 488 MiB table: RSS per ONNX Runtime session
 
 The ranker is a small random TransAct ranker (one head, as shipped) around a random ROWS x 64 fp32 item table; the
 table, not the transformer, is what these measure. tests/test_large_catalogue.py builds its >2 GiB ranker here.
@@ -117,7 +117,7 @@ def sessions(rows: int, n: int) -> dict:
             out = Path(tmp) / layout.replace(" ", "_")
             out.mkdir()
             exported = export(rows, out, threshold)
-            child = subprocess.run([sys.executable, __file__, "open", str(out / CPU_ONNX), "--sessions", str(n)],
+            child = subprocess.run([sys.executable, __file__, "open", str(out / CPU_ONNX), "--count", str(n)],
                                    capture_output=True, text=True, check=True)
             report[layout] = {"files": exported["files"], "sessions": json.loads(child.stdout)}
     return report
@@ -128,20 +128,20 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="export a random ranker with ROWS items: time, peak RAM, file sizes")
     e.add_argument("--rows", type=int, default=8_500_000)
-    s = sub.add_parser("sessions", help="RSS per ONNX Runtime session: table inside the protobuf vs external data")
+    s = sub.add_parser("memory", help="RSS per ONNX Runtime session: table inside the protobuf vs external data")
     s.add_argument("--rows", type=int, default=2_000_000)
-    s.add_argument("--sessions", type=int, default=4)
-    o = sub.add_parser("open")  # the child process of `sessions`
+    s.add_argument("--count", type=int, default=4, help="ONNX Runtime sessions to open")
+    o = sub.add_parser("open")  # the child process of `memory`
     o.add_argument("model", type=Path)
-    o.add_argument("--sessions", type=int, default=4)
+    o.add_argument("--count", type=int, default=4)
     args = parser.parse_args(argv)
     if args.command == "export":
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(export(args.rows, Path(tmp)), indent=1))
-    elif args.command == "sessions":
-        print(json.dumps(sessions(args.rows, args.sessions), indent=1))
+    elif args.command == "memory":
+        print(json.dumps(sessions(args.rows, args.count), indent=1))
     else:
-        print(json.dumps(open_sessions(args.model, args.sessions)))
+        print(json.dumps(open_sessions(args.model, args.count)))
 
 
 if __name__ == "__main__":
