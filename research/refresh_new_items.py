@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,8 @@ import torch
 
 from seqrank import metrics as M
 from seqrank.exporting import load_ranker, load_user_tower
-from seqrank.features import OOV, index_history
+from seqrank.features import OOV
+from seqrank.dataset import actions_by_user
 from seqrank.examples import EmbeddingCache, RankerExamples
 from seqrank.pipeline import load_run
 from seqrank.refresh import learn_new_items
@@ -52,9 +52,7 @@ def main(argv=None) -> int:
     mid = int(np.median(times[test]))
     ev = prep.log.events
     today = ev[ev.timestamp < mid]
-    actions = {u: (g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
-               for u, g in today.groupby("user_id", sort=True)}
-    learned = learn_new_items(run, run, actions)
+    learned = learn_new_items(run, run, actions_by_user(today))
     if learned is None:
         raise SystemExit("the refresh found no item to learn before the midpoint of the test period")
 
@@ -65,11 +63,7 @@ def main(argv=None) -> int:
     model, _, _ = load_ranker(run)
     embeddings = EmbeddingCache(load_user_tower(run, cfg, prep.vocab), prep)
     as_oov = RankerExamples(prep, rows, embeddings, cfg.transact.seq_len)
-    grown = replace(prep, vocab=learned.vocab,
-                    histories={u: index_history(learned.vocab, g.item_id.to_numpy(), g.action.to_numpy(),
-                                                g.timestamp.to_numpy())
-                               for u, g in ev.groupby("user_id", sort=True)})
-    refreshed = RankerExamples(grown, rows, embeddings, cfg.transact.seq_len)
+    refreshed = RankerExamples(prep.with_vocabulary(learned.vocab), rows, embeddings, cfg.transact.seq_len)
     p_oov = predict(model, as_oov)
     model.item_table = torch.as_tensor(learned.table)
     p_new = predict(model, refreshed)

@@ -79,15 +79,13 @@ def full_table(name: str, m: dict, info: dict) -> str:
     if known:
         cells = "; ".join(f"{h} vs no seq. {diff(known['no_sequence']['in_vocabulary'][h])}, vs avg-pool "
                           f"{diff(known['avg_pool']['in_vocabulary'][h])}" for h in m["verdict"]["counted_heads"])
-        served = d.get("item_refresh", {}).get("test_candidates_in_vocabulary", d["test_candidates_seen_in_training"])
         lines += ["", f"GAUC of TransAct minus each baseline on the candidates in the vocabulary that served them "
-                      f"only ({served:.0%} of test impressions): {cells}."]
-    refresh = d.get("item_refresh")
-    if refresh:
-        lines += ["", f"Item rows: {len(refresh['refresh_times_ms'])} daily refreshes replayed over the test period "
-                      f"({sum(refresh['new_items_per_refresh'])} items added); test candidates in the vocabulary "
-                      f"that served them: {refresh['test_candidates_in_vocabulary']:.0%} (training vocabulary alone: "
-                      f"{d['test_candidates_seen_in_training']:.0%} seen in training)."]
+                      f"only ({d['item_refresh']['test_candidates_in_vocabulary']:.0%} of test impressions): {cells}."]
+    refresh = d["item_refresh"]
+    lines += ["", f"Item rows: {len(refresh['refresh_times_ms'])} daily refreshes replayed over the test period "
+                  f"({sum(refresh['new_items_per_refresh'])} items added); test candidates in the vocabulary "
+                  f"that served them: {refresh['test_candidates_in_vocabulary']:.0%} (training vocabulary alone: "
+                  f"{d['test_candidates_seen_in_training']:.0%} seen in training)."]
     lines += ["", verdict_line(m), "",
               "| head | HIT@3 TransAct | no sequence | avg-pool | lift vs no seq. (per seed) | 95% (users × seeds) |"
               " reachable lift |", "|---|---|---|---|---|---|---|"]

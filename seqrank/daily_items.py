@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from .config import RunConfig
-from .dataset import Prepared, day_start
+from .dataset import Prepared, actions_by_user, day_start
 from .examples import EmbeddingCache, RankerExamples
 from .exporting import load_user_tower
-from .features import OOV, Vocabulary, index_history
+from .features import OOV, Vocabulary
 from .refresh import DEFAULT_MAX_STEPS, learn_new_items, save_item_state
 from .training import predict
 
@@ -59,12 +59,6 @@ def refresh_times(request_times: np.ndarray, split_time: int, max_refreshes: int
     return [int(d) for d in days]
 
 
-def _actions_before(events, t: int) -> dict[str, tuple]:
-    before = events[events.timestamp < t]
-    return {u: (g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
-            for u, g in before.groupby("user_id", sort=True)}
-
-
 def replay_refreshes(run: Path, prep: Prepared, rows: np.ndarray, max_refreshes: int = 8,
                      max_steps: int = DEFAULT_MAX_STEPS) -> list[ItemState]:
     """The item states that serve the impressions `rows` of `prep`: the run's own, then one per refresh time,
@@ -84,7 +78,7 @@ def replay_refreshes(run: Path, prep: Prepared, rows: np.ndarray, max_refreshes:
         if kept.get("base_since_ms", -1) == base and all(kept.get(k) == v for k, v in origin.items()):
             states.append(ItemState(t, directory, kept["new_items"]))
             continue
-        learned = learn_new_items(run, states[-1].directory, _actions_before(prep.log.events, t), max_steps,
+        learned = learn_new_items(run, states[-1].directory, actions_by_user(prep.log.events[prep.log.events.timestamp < t]), max_steps,
                                   max_seconds=float("inf"))
         if learned is None:  # nothing new to learn that day: yesterday's state serves on
             continue
@@ -108,15 +102,12 @@ class RefreshedTest:
         self.parts = []  # (positions in rows, examples, item table)
         ends = [s.since_ms for s in states[1:]] + [2 ** 62]
         users = set(prep.impressions.user_id.to_numpy()[rows])
-        events = prep.log.events[prep.log.events.user_id.isin(users)]
         for state, end in zip(states, ends):
             positions = np.flatnonzero((request_time >= state.since_ms) & (request_time < end))
             if not len(positions):
                 continue
             vocab = Vocabulary.load(state.directory / "vocab") if state.new_items else prep.vocab
-            grown = prep if vocab is prep.vocab else replace(prep, vocab=vocab, histories={
-                u: index_history(vocab, g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
-                for u, g in events.groupby("user_id", sort=True)})
+            grown = prep if vocab is prep.vocab else prep.with_vocabulary(vocab, users)
             embeddings = EmbeddingCache(load_user_tower(state.directory, cfg, vocab), grown)
             ex = RankerExamples(grown, rows[positions], embeddings, cfg.transact.seq_len)
             self.cand_item[positions] = ex.cand_item

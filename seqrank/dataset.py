@@ -49,6 +49,12 @@ class Prepared:
     def test_rows(self) -> np.ndarray:
         return np.flatnonzero(self.impressions.is_test.to_numpy())
 
+    def with_vocabulary(self, vocab: Vocabulary, users=None) -> "Prepared":
+        """The same log through another vocabulary (one a refresh grew): every history re-indexed, or only those of
+        ``users``."""
+        ev = self.log.events if users is None else self.log.events[self.log.events.user_id.isin(users)]
+        return replace(self, vocab=vocab, histories=index_histories(vocab, ev))
+
 
 PAPER_WINDOW_DAYS = 28.0  # PinnerFormer's dense all-action window
 
@@ -197,12 +203,21 @@ def prepare(log: EventLog, cfg: RunConfig) -> Prepared:
     return build_examples(replace(log, events=ev), facts, cfg)
 
 
+def actions_by_user(events: pd.DataFrame) -> dict[str, tuple]:
+    """Per user, (item ids, action names, timestamps ms) of ``events``: what index_history and the daily jobs take."""
+    return {u: (g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
+            for u, g in events.groupby("user_id", sort=True)}
+
+
+def index_histories(vocab: Vocabulary, events: pd.DataFrame) -> dict[str, History]:
+    return {u: index_history(vocab, *actions) for u, actions in actions_by_user(events).items()}
+
+
 def build_examples(log: EventLog, facts: LogFacts, cfg: RunConfig) -> Prepared:
     """The timelines and ranker examples of the users of log.events (every user, or one partition's), with the
     facts of the whole log."""
     ev = log.events
-    histories = {u: index_history(facts.vocab, g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
-                 for u, g in ev.groupby("user_id", sort=True)}
+    histories = index_histories(facts.vocab, ev)
     users = np.array(sorted(histories))
     impressions, labels = build_impressions(ev, facts.vocab.heads, cfg.data.request_gap_s)
     impressions["is_test"] = impressions.timestamp >= facts.split_time

@@ -16,10 +16,9 @@ def todays_actions(events: str | None = None, store=None, batch: int = 2048) -> 
     (`events`; its labels play no part) or else from every user with actions in the open feature store `store`
     (the newest actions it keeps per user)."""
     from .data.loaders import load_events
+    from .dataset import actions_by_user
     if events is not None:
-        ev = load_events(events, negative_actions=(), min_users=1).events
-        return {u: (g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
-                for u, g in ev.groupby("user_id", sort=True)}
+        return actions_by_user(load_events(events, negative_actions=(), min_users=1).events)
     users = store.user_ids()
     out = {}
     for s in range(0, len(users), batch):
