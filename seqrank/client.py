@@ -151,7 +151,10 @@ class HeadsUnavailable(RuntimeError):
     """The server refuses the ensemble's config, where the head names are (a restricted model-config API)."""
 
 
-def _config_refused(exc: Exception, url: str) -> HeadsUnavailable:
+def _config_refused(exc: Exception, url: str) -> HeadsUnavailable | None:
+    """HeadsUnavailable naming the fix when ``exc`` is the server refusing its model config, else None."""
+    if "restricted" not in str(exc) and "admin" not in str(exc):
+        return None
     return HeadsUnavailable(f"{url}: the server refuses the ensemble's model config, which names the heads (its "
                             f"model-config API is restricted?): pass heads=[...] (the run's run.json \"heads\", or "
                             f"its export.json) to the client; server said: {exc}")
@@ -189,9 +192,10 @@ class RankingClient:
             try:
                 cfg = self._retry(lambda: self.client.get_model_config(self.model, **self._cfg_kw()))
             except Exception as exc:  # noqa: BLE001 - a refusal is named, anything else passes through
-                if "restricted" in str(exc) or "admin" in str(exc):
-                    raise _config_refused(exc, self.url) from exc
-                raise
+                refused = _config_refused(exc, self.url)
+                if refused is None:
+                    raise
+                raise refused from exc
             self._heads = _heads_from_config(cfg)
         return self._heads
 
@@ -251,9 +255,10 @@ class AsyncRankingClient:
             try:
                 cfg = await self._retry(lambda: self.client.get_model_config(self.model, **kw))
             except Exception as exc:  # noqa: BLE001 - a refusal is named, anything else passes through
-                if "restricted" in str(exc) or "admin" in str(exc):
-                    raise _config_refused(exc, self.url) from exc
-                raise
+                refused = _config_refused(exc, self.url)
+                if refused is None:
+                    raise
+                raise refused from exc
             self._heads = _heads_from_config(cfg)
         return self._heads
 
