@@ -31,6 +31,13 @@ class Prepared:
     future_window_ms: int            # PinnerFormer's dense all-action window, resolved for this log
     unseen_item_share: float         # share of impressions whose item training never saw (unseen_item_share below)
     selection_start: int | None      # ms: the training impressions from here choose the ranker's best epoch
+    # (part, n_parts): the users of partition `part` of a dataset (seqrank.streamed); n_parts > 1 is a data-parallel
+    # rank's own users, from which it trains on batches of its own (seqrank.training)
+    partition: tuple[int, int] = (0, 1)
+
+    @property
+    def partitioned(self) -> bool:
+        return self.partition[1] > 1
 
     def ranker_train_rows(self) -> np.ndarray:
         """The impressions the ranker learns from: the training period before the selection slice."""

@@ -1,5 +1,6 @@
 """Data-parallel training across processes started by torchrun: the process group, this process's rank and device,
-its share of each global batch, and the few collectives the training loops need (seqrank/training.py).
+its share of each global batch (or, with partitioned data, the factor of its own batch), and the few collectives the
+training loops need (seqrank/training.py).
 
 Without torchrun (no WORLD_SIZE in the environment) nothing here starts a process group: world size 1, rank 0, the
 CPU, and every helper is the identity, so single-process training runs exactly the code it ran before.
@@ -105,6 +106,49 @@ def shard_of(n: int, r: int, world: int) -> tuple[np.ndarray, float]:
     if len(rows) == 0:
         return np.zeros(1, dtype=np.int64), 0.0
     return rows, float(world)
+
+
+def all_sum(x) -> np.ndarray:
+    """x summed over the ranks (float64), for data that each rank holds a different part of (its own users, in a
+    partitioned run); x itself, as an array, in one process."""
+    x = np.asarray(x, dtype=np.float64)
+    if not dist.is_initialized():
+        return x
+    t = torch.as_tensor(x).to(device())
+    dist.all_reduce(t)
+    return t.cpu().numpy()
+
+
+def all_max(n: int) -> int:
+    """The largest n of any rank."""
+    if not dist.is_initialized():
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def local_factor(n: float, total: float) -> float:
+    """A partitioned run's loss factor for a rank whose batch holds n of the step's `total` units over the ranks
+    (queries, label weight; all_sum). Each rank's loss, the mean over its own units, times W n / total, makes
+    DistributedDataParallel's average of the W gradients the gradient of the mean over every rank's units: ranks
+    with uneven batches (or none: n = 0, a stand-in) weigh in by what they hold, as shard() does for a global batch."""
+    return world_size() * n / total if total > 0 else 0.0
+
+
+def padded_steps(batches: list) -> list:
+    """A partitioned rank's batches, then None up to the most batches any rank has: every rank joins every step's
+    gradient all-reduce, a rank out of data with a zero-weighted stand-in."""
+    return list(batches) + [None] * (all_max(len(batches)) - len(batches))
+
+
+def gather_to_main(value: Any) -> list[Any] | None:
+    """Every rank's (picklable) value, in rank order, on rank 0; None elsewhere."""
+    if not dist.is_initialized():
+        return [value]
+    values: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(value, values, dst=0)
+    return values
 
 
 def seed_epoch(seed: int, epoch: int) -> None:

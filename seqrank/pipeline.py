@@ -11,6 +11,7 @@ run/
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +28,8 @@ from .models.pinnerformer import PinnerFormer
 from .streamed import prepare_events
 from .training import build_ranker, candidate_oov_rate, embed_users, item_table, seed_everything, train_pinnerformer, \
     train_ranker
+
+log = logging.getLogger("seqrank.pipeline")
 
 
 def load_pinnerformer(run: Path, cfg, prep, name="pinnerformer.safetensors") -> PinnerFormer:
@@ -65,6 +68,29 @@ def fit_ranker(run, cfg, prep, table, examples: "RankerData", encoder: str, out:
     return model
 
 
+def _total(n: int, prep: Prepared) -> int:
+    """n over the whole log: summed over the ranks when each holds its own users."""
+    return int(distributed.all_sum(n)) if prep.partitioned else n
+
+
+def daily_batch(pf: PinnerFormer, prep: Prepared) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """Every user's embedding as of the end of the data, users sorted; on rank 0 (None elsewhere) when each rank
+    embeds its own users."""
+    end = int(prep.log.events.timestamp.max()) + 1
+    if not prep.partitioned:
+        if not distributed.is_main():
+            return None, None
+        return prep.users, embed_users(pf, prep.histories, prep.users, np.full(len(prep.users), end))
+    end = distributed.all_max(end)
+    emb = embed_users(pf, prep.histories, prep.users, np.full(len(prep.users), end))
+    parts = distributed.gather_to_main((prep.users, emb))
+    if parts is None:
+        return None, None
+    users = np.concatenate([u for u, _ in parts])
+    order = np.argsort(users, kind="stable")
+    return users[order], np.concatenate([e for _, e in parts])[order]
+
+
 def load_run(run: Path) -> tuple[RunConfig, dict, Prepared]:
     run = Path(run)
     cfg = RunConfig.load_saved(run)
@@ -78,7 +104,8 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
     """Learn PinnerFormer and the TransAct ranker from an events file or dataset directory (seqrank convert) into the
     run directory `out`. `config`: a JSON run config; `overrides`: ["section.field=value", ...] applied on top
     (RunConfig.with_overrides). Under torchrun every rank trains its share of each batch (seqrank/distributed.py)
-    and rank 0 alone writes."""
+    and rank 0 alone writes. From a dataset directory, each rank reads and prepares only the users of its own
+    partition (seqrank.streamed) and trains on batches drawn from them; a file is read whole by every rank."""
     run = Path(out)
     cfg = RunConfig.load(config).with_overrides(overrides or [])
     main = distributed.is_main()
@@ -89,12 +116,14 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
     started = time.time()
     previous = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     seed_everything(cfg.seed, cfg.threads)
-    prep = prepare_events(events, cfg)
+    prep = prepare_events(events, cfg, distributed.rank(), distributed.world_size())
+    if prep.partitioned:  # every rank says what it holds: its own users, never the whole log
+        log.info("partition %d of %d: %d users, %d events", *prep.partition, len(prep.users), len(prep.log.events))
     info = {"seqrank_version": __version__, "events": str(Path(events).resolve()), "split": cfg.data.split,
             "split_time_ms": prep.split_time, "selection_start_ms": prep.selection_start,
             "heads": prep.vocab.heads, "negative_heads": prep.vocab.negative_actions,
             "user_dim": cfg.pinnerformer.dim, "n_context": N_CONTEXT, "seq_len": cfg.transact.seq_len,
-            "duplicates_dropped": prep.log.duplicates_dropped, "n_events": len(prep.log.events),
+            "duplicates_dropped": prep.log.duplicates_dropped, "n_events": _total(len(prep.log.events), prep),
             "future_window_days": round(prep.future_window_ms / 86_400_000, 3),
             "candidate_oov_rate": round(candidate_oov_rate(cfg.transact, prep), 4),
             "world_size": distributed.world_size()}
@@ -110,16 +139,16 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
         np.save(run / "item_table.npy", table)
     examples = ranker_data(cfg, prep, EmbeddingCache(pf, prep), test=False)
     ranker = fit_ranker(run, cfg, prep, table, examples, cfg.transact.sequence_encoder, run / "ranker.safetensors")
+    # the daily batch as of the end of the data: what serving reads for each user's long-term embedding
+    users, user_emb = daily_batch(pf, prep)
     if not main:
         return run
     info["ranker_selected_epoch"] = ranker.selected_epoch
     # seconds per epoch of the models trained by this command (a reused or resumed model's earlier epochs: absent)
     info["epoch_seconds"] = {"pinnerformer": getattr(pf, "epoch_seconds", []),
                              "ranker": getattr(ranker, "epoch_seconds", [])}
-    # the daily batch as of the end of the data: what serving reads for each user's long-term embedding
-    end = int(prep.log.events.timestamp.max()) + 1
-    np.save(run / "users.npy", np.asarray(prep.users, dtype="S"))
-    np.save(run / "user_emb.npy", embed_users(pf, prep.histories, prep.users, np.full(len(prep.users), end)))
+    np.save(run / "users.npy", np.asarray(users, dtype="S"))
+    np.save(run / "user_emb.npy", user_emb)
     info["train_seconds"] = round(time.time() - started, 1)
     if info["pinnerformer_reused"] and not hasattr(ranker, "epoch_seconds") and "train_seconds" in previous:
         # nothing was trained by this command: the run keeps the timings of the one that trained its models

@@ -12,8 +12,10 @@ builds from the whole log in memory (tests/test_streamed_data.py).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+from . import distributed
 from .config import RunConfig
 from .data.loaders import DataError, EventLog, require_users, resolve_negative_actions
 from .data.parquet_events import EventsDataset, is_events_dataset, open_events_dataset
@@ -63,12 +65,19 @@ def prepare_partition(dataset: EventsDataset | str | Path, cfg: RunConfig, part:
     log = EventLog(events=events, source=str(ds.directory), fmt=meta["fmt"],
                    duplicates_dropped=int(meta["duplicates_dropped"]), negative_actions=negative_actions(ds, cfg),
                    exposure_action=meta["exposure_action"])
-    return build_examples(log, facts, cfg)
+    return replace(build_examples(log, facts, cfg), partition=(part, n_parts))
 
 
-def prepare_events(events: str, cfg: RunConfig) -> Prepared:
+def prepare_events(events: str, cfg: RunConfig, part: int = 0, n_parts: int = 1) -> Prepared:
     """`seqrank train --events`: an events file, loaded whole, or an events dataset directory (seqrank convert),
-    read through the streaming pass as one partition."""
-    if is_events_dataset(events):
-        return prepare_partition(events, cfg, 0, 1)
-    return prepare(load_log(events, cfg), cfg)
+    read through the streaming pass; partition `part` of `n_parts` of it (a data-parallel rank's own users), the
+    whole log's facts scanned once, on rank 0, and shared. A file is always read whole."""
+    if not is_events_dataset(events):
+        return prepare(load_log(events, cfg), cfg)
+    ds = open_events_dataset(events)
+    if ds.n_buckets % n_parts:
+        raise DataError(f"has {ds.n_buckets} buckets, which {n_parts} data-parallel processes cannot share (each "
+                        "takes the users of every n-th bucket): run a number of processes that divides it, or "
+                        "convert again with --buckets a multiple of it", file=str(ds.directory))
+    facts = distributed.from_main(lambda: scan_events(ds, cfg)) if n_parts > 1 else None
+    return prepare_partition(ds, cfg, part, n_parts, facts)

@@ -2,8 +2,9 @@
 
 Deterministic for a seed (per-epoch generators), checkpointed every epoch in a safe format (state_dicts loaded with
 weights_only=True) and resumable: re-running the same command continues from the last finished epoch.
-Data-parallel under torchrun (seqrank/distributed.py): every rank builds the same global batch, takes its share of
-the rows, and DistributedDataParallel averages the gradients; one process is the plain loop.
+Data-parallel under torchrun (seqrank/distributed.py): every rank builds the same global batch and takes its share
+of the rows, or, when each rank holds its own users (Prepared.partitioned, from a dataset), draws its share of each
+step's batch from them; DistributedDataParallel averages the gradients. One process is the plain loop.
 """
 from __future__ import annotations
 
@@ -40,25 +41,31 @@ class BestEpoch:
     """Model selection on a held-out slice: after every epoch the model's loss on the slice is measured and the
     weights of the best epoch so far are kept; training ends with those weights. Part of the checkpoint, so a
     resumed run selects exactly as an uninterrupted one. Data-parallel, rank 0 measures and every rank gets its
-    number, so all of them keep the same epoch."""
+    number, so all of them keep the same epoch; when each rank holds its own users (partitioned), every rank
+    measures its part of the slice and the parts are added."""
 
-    def __init__(self, loss_of):
-        self.loss_of = loss_of            # model -> float (lower is better), in eval mode
-        self.losses: list[float] = []
+    def __init__(self, loss_of, partitioned: bool = False):
+        self.loss_of = loss_of            # model -> (loss summed over the slice, its weight), in eval mode
+        self.partitioned = partitioned
+        self.losses: list[float] = []     # the slice's mean loss after each epoch (lower is better)
         self.best: dict | None = None
 
     def update(self, model) -> None:
-        loss = distributed.from_main(lambda: self._measure(model))
+        if self.partitioned:
+            total, weight = distributed.all_sum(self._measure(model))
+        else:
+            total, weight = distributed.from_main(lambda: self._measure(model))
+        loss = float(total / weight)
         if not self.losses or loss < min(self.losses):
             self.best = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.losses.append(loss)
 
-    def _measure(self, model) -> float:
+    def _measure(self, model) -> tuple[float, float]:
         model.eval()
         with torch.no_grad():
-            loss = float(self.loss_of(model))
+            total, weight = self.loss_of(model)
         model.train()
-        return loss
+        return float(total), float(weight)
 
     def state_dict(self) -> dict:
         return {"losses": self.losses, "best": self.best}
@@ -122,6 +129,17 @@ def _checkpointed_epochs(model, optim, ckpt: Path, epochs: int, run_epoch, desc:
     return seconds
 
 
+def _stream(seed: int, epoch: int, prep: Prepared) -> list[int]:
+    """The entropy of an epoch's random draws: (seed, epoch), the same on every rank that draws a global batch; with
+    (rank) added when each rank draws batches from its own users (Prepared.partitioned)."""
+    return [seed, epoch, distributed.rank()] if prep.partitioned else [seed, epoch]
+
+
+def _any(n: int, prep: Prepared) -> bool:
+    """Whether any rank holds one of something (n here): the rank's own when partitioned, everyone's otherwise."""
+    return bool(distributed.all_sum(n) > 0) if prep.partitioned else n > 0
+
+
 # ---------------------------------------------------------------- PinnerFormer
 
 def positive_events(histories: Mapping[str, History], vocab: Vocabulary, users,
@@ -148,18 +166,24 @@ class DenseTargets:
     window_ms: int
     n_items: int
     log_q: torch.Tensor
+    partitioned: bool = False  # the users are this rank's own (Prepared.partitioned): batches of its own
 
 
 def dense_targets(histories: Mapping[str, History], vocab: Vocabulary, users, before: int,
-                  window_ms: int, device: torch.device | str = "cpu") -> DenseTargets:
-    """The DenseTargets of `users` whose training period ends at `before` (log_q on `device`)."""
+                  window_ms: int, device: torch.device | str = "cpu", partitioned: bool = False) -> DenseTargets:
+    """The DenseTargets of `users` whose training period ends at `before` (log_q on `device`). partitioned: `users`
+    are one rank's share of the log, and the item counts behind log_q are summed over the ranks."""
     positives = positive_events(histories, vocab, users, before)
     users = [u for u in users if len(positives[u][0]) >= 2]
+    counts = np.bincount(np.concatenate([positives[u][1] for u in users] or [np.zeros(0, np.int64)]),
+                         minlength=vocab.n_items)
+    if partitioned:
+        counts = distributed.all_sum(counts)
     if not users:
-        raise ValueError("no user has 2 or more positive engagements to learn from")
-    counts = np.bincount(np.concatenate([positives[u][1] for u in users]), minlength=vocab.n_items)
+        raise ValueError("no user has 2 or more positive engagements to learn from"
+                         + (" in this process's partition: run fewer processes" if partitioned else ""))
     log_q = torch.as_tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32, device=device)
-    return DenseTargets(histories, users, positives, before, window_ms, vocab.n_items, log_q)
+    return DenseTargets(histories, users, positives, before, window_ms, vocab.n_items, log_q, partitioned)
 
 
 def dense_batch(data: DenseTargets, cfg: PinnerFormerConfig, batch_users, rng):
@@ -211,24 +235,45 @@ def dense_epoch(model: PinnerFormer, optim, data: DenseTargets, cfg: PinnerForme
                 allow_step: Callable[[], bool] | None = None) -> tuple[int, int]:
     """One pass over data.users in a random order, one optimizer step per batch of cfg.batch_users users (a batch
     with fewer than 2 queries is skipped). Under torchrun (`step` = distributed.data_parallel(model,
-    _pinnerformer_outputs)) every rank draws the same global batch, encodes its share of the batch's users and scores
-    their queries against all of the batch's targets and the shared random negatives. `allow_step` is asked before
-    each batch; False ends the pass (a budget). Returns (rows this rank trained on, rows of all batches)."""
+    _pinnerformer_outputs)) either every rank draws the same global batch, encodes its share of the batch's users and
+    scores their queries against all of the batch's targets and the shared random negatives; or, with partitioned
+    data, every rank draws 1/W of the batch from its own users (`rng` is then the rank's own) and scores its queries
+    against its own batch's targets (the in-batch negatives of one rank) and its random negatives. `allow_step` is
+    asked before each batch; False ends the pass (a budget). Returns (rows this rank trained on, rows of all
+    batches)."""
     step = step or distributed.data_parallel(model, _pinnerformer_outputs)
     dev = data.log_q.device
     n_real = data.n_items - FIRST_ID
     order = rng.permutation(len(data.users))
+    size = -(-cfg.batch_users // distributed.world_size()) if data.partitioned else cfg.batch_users
+    batches = [order[s:s + size] for s in range(0, len(order), size)]
+    if data.partitioned:
+        batches = distributed.padded_steps(batches)
     here = total = 0
-    for s in range(0, len(order), cfg.batch_users):
+    for batch in batches:
         if allow_step is not None and not allow_step():
             break
-        seq, rows, cols, targets = dense_batch(data, cfg, [data.users[i] for i in order[s:s + cfg.batch_users]], rng)
-        if len(rows) < 2:
-            continue
+        users = order[:size] if batch is None else batch  # None: a stand-in, weighted 0 (padded_steps)
+        seq, rows, cols, targets = dense_batch(data, cfg, [data.users[i] for i in users], rng)
+        if data.partitioned:  # the rank's batch is its own: all its rows and queries, weighed by its share of queries
+            n_rows, n_queries = (0, 0) if batch is None else (len(seq.seq_mask), len(rows))
+            rows_all, queries_all = distributed.all_sum([n_rows, n_queries]).astype(int)
+            if queries_all < 2:
+                continue
+            scale = distributed.local_factor(n_queries, queries_all)
+            mine = np.arange(len(seq.seq_mask))
+            if n_queries == 0:  # joins the step with its first row and one stand-in query, weighted 0
+                mine, rows, cols, targets = (np.zeros(1, np.int64), np.zeros(1, np.int64),
+                                             np.flatnonzero(seq.seq_mask[0])[:1], np.full(1, FIRST_ID))
+            queries = np.arange(len(rows))
+            here, total = here + n_rows, total + rows_all
+        else:
+            if len(rows) < 2:
+                continue
+            mine, scale = distributed.shard(len(seq.seq_mask))
+            queries = np.flatnonzero(np.isin(rows, mine))
+            here, total = here + int(scale > 0) * len(mine), total + len(seq.seq_mask)
         rnd = torch.as_tensor(rng.integers(FIRST_ID, data.n_items, cfg.random_negatives), device=dev)
-        mine, scale = distributed.shard(len(seq.seq_mask))
-        here, total = here + int(scale > 0) * len(mine), total + len(seq.seq_mask)
-        queries = np.flatnonzero(np.isin(rows, mine))
         L = int(seq.seq_mask[mine].sum(1).max())
         t = lambda a: torch.as_tensor(a[mine, :L], device=dev)  # noqa: E731 - this rank's rows, no padding columns
         tgt = torch.as_tensor(targets, device=dev)
@@ -260,11 +305,12 @@ def train_pinnerformer(prep: Prepared, cfg: PinnerFormerConfig, seed: int, ckpt:
     optim = torch.optim.AdamW([{"params": dense}, {"params": table, "lr": cfg.item_lr}], lr=cfg.lr,
                               weight_decay=cfg.weight_decay)
     users = [u for u in prep.users if u not in prep.pf_test_users]
-    data = dense_targets(prep.histories, prep.vocab, users, prep.split_time, prep.future_window_ms, dev)
+    data = dense_targets(prep.histories, prep.vocab, users, prep.split_time, prep.future_window_ms, dev,
+                         prep.partitioned)
     step = distributed.data_parallel(model, _pinnerformer_outputs)
 
     def run_epoch(epoch):
-        return dense_epoch(model, optim, data, cfg, np.random.default_rng([seed, epoch]), step)
+        return dense_epoch(model, optim, data, cfg, np.random.default_rng(_stream(seed, epoch, prep)), step)
 
     model.epoch_seconds = _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch,
                                                f"pinnerformer[{cfg.objective}]", seed)
@@ -327,7 +373,9 @@ def candidate_oov_rate(cfg: TransActConfig, prep: Prepared) -> float:
     if cfg.candidate_oov_rate is not None:
         return cfg.candidate_oov_rate
     items = prep.impressions.item_id.to_numpy()[prep.ranker_train_rows()]
-    already = float((prep.vocab.item_index(items) == OOV).mean()) if len(items) else 0.0
+    counts = [int((prep.vocab.item_index(items) == OOV).sum()), len(items)]
+    oov, n = distributed.all_sum(counts) if prep.partitioned else counts  # every rank's candidates
+    already = oov / n if n else 0.0
     return max(0.0, (prep.unseen_item_share - already) / (1.0 - already)) if already < 1.0 else 0.0
 
 
@@ -347,26 +395,44 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
                                       total_weight)
 
     lengths = train.seq.seq_mask.sum(1)
+    if not len(lengths):
+        raise ValueError("no training impression to learn from"
+                         + (" in this process's partition: run fewer processes" if prep.partitioned else ""))
     oov_rate = candidate_oov_rate(cfg, prep)
     step = distributed.data_parallel(model, lambda m, *inputs, attn_mask: m.logits(*inputs, attn_mask=attn_mask))
 
     def run_epoch(epoch):
-        rng = np.random.default_rng([seed, epoch])
-        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        here = 0
-        for idx in length_bucketed_batches(lengths, cfg.batch_size, rng):
-            # every rank draws the whole batch's time-window masks and candidate swaps (the same generator stream
-            # as one process), then runs its share of the rows against the batch's total label weight
-            seq_item, seq_action, seq_mask, user_emb, context, cand = train.tensors(idx)
+        rng = np.random.default_rng(_stream(seed, epoch, prep))
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence(_stream(seed, epoch, prep)).generate_state(1)[0])
+                                            if prep.partitioned else seed * 1000 + epoch)
+        size = -(-cfg.batch_size // distributed.world_size()) if prep.partitioned else cfg.batch_size
+        batches = length_bucketed_batches(lengths, size, rng)
+        if prep.partitioned:
+            batches = distributed.padded_steps(batches)
+        here = total = 0
+        for idx in batches:
+            # a global batch: every rank draws the whole batch's time-window masks and candidate swaps (the same
+            # generator stream as one process), then runs its share of the rows against the batch's total label
+            # weight; a partitioned rank draws and runs its own batch against the weight of all ranks' batches
+            rows = batches[0] if idx is None else idx  # None: a stand-in, weighted 0 (padded_steps)
+            seq_item, seq_action, seq_mask, user_emb, context, cand = train.tensors(rows)
             L = seq_mask.shape[1]
-            age = torch.as_tensor((train.request_time[idx, None] - train.seq.seq_ts[idx, :L]) / 1000.0)
+            age = torch.as_tensor((train.request_time[rows, None] - train.seq.seq_ts[rows, :L]) / 1000.0)
             window = time_window_mask(seq_mask, age, cfg.time_window_max_h, gen)  # training only
             if oov_rate > 0:  # training only: candidates as unseen items are at serving time
                 cand = torch.where(torch.rand(cand.shape, generator=gen) < oov_rate, OOV, cand)
-            labels = torch.as_tensor(train.labels[idx])
-            total_weight = label_weights(labels, negative_heads, cfg.negative_label_weight).sum()
-            mine, scale = distributed.shard(len(idx))
-            here += int(scale > 0) * len(mine)
+            labels = torch.as_tensor(train.labels[rows])
+            weight = label_weights(labels, negative_heads, cfg.negative_label_weight).sum()
+            if prep.partitioned:
+                n_rows, weight_here = (0, 0.0) if idx is None else (len(rows), float(weight))
+                rows_all, weight_all = distributed.all_sum([n_rows, weight_here])
+                total_weight = torch.tensor(weight_all, dtype=torch.float32)
+                mine, scale = np.arange(len(rows)), float(distributed.world_size() * (idx is not None))
+                here, total = here + n_rows, total + int(rows_all)
+            else:
+                total_weight = weight
+                mine, scale = distributed.shard(len(rows))
+                here, total = here + int(scale > 0) * len(mine), total + len(rows)
             mine = torch.as_tensor(mine)
             L = max(1, int(seq_mask[mine].sum(1).max()))  # this rank's rows need fewer padding columns
             seqs = [x[mine, :L].to(dev) for x in (seq_item, seq_action, seq_mask)]
@@ -376,14 +442,20 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
             optim.zero_grad()
             batch_loss.backward()
             optim.step()
-        return here, len(lengths)
+        return here, total
 
     def selection_loss(m):
+        """The selection slice's weighted loss: (sum, weight), added over the ranks when each holds its own users."""
+        if len(selection) == 0:  # a rank whose users have no impression in the slice
+            return 0.0, 0.0
         logits = np.concatenate([m.logits(*(x.to(dev) for x in selection.tensors(idx)))[:, 0].cpu().numpy()
                                  for idx in np.array_split(np.arange(len(selection)), -(-len(selection) // 1024))])
-        return loss(torch.as_tensor(logits), torch.as_tensor(selection.labels))
+        labels = torch.as_tensor(selection.labels)
+        return (float(loss(torch.as_tensor(logits), labels, torch.tensor(1.0))),
+                float(label_weights(labels, negative_heads, cfg.negative_label_weight).sum()))
 
-    best = BestEpoch(selection_loss) if selection is not None and len(selection) else None
+    best = BestEpoch(selection_loss, prep.partitioned) if selection is not None and _any(len(selection), prep) \
+        else None
     model.epoch_seconds = _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch,
                                                f"ranker[{cfg.sequence_encoder}]", seed, best)
     model.selected_epoch = best.best_epoch if best is not None else cfg.epochs

@@ -1459,6 +1459,7 @@ def test_pytorchjob_runs_seqrank_train_under_torchrun_on_a_master_and_workers():
 
     from seqrank.cli import build_parser
     from seqrank.config import RunConfig
+    from seqrank.data.parquet_events import DEFAULT_BUCKETS
     from seqrank.distributed import restart_hazard
 
     job = find("PyTorchJob", "seqrank-train")
@@ -1497,6 +1498,8 @@ def test_pytorchjob_runs_seqrank_train_under_torchrun_on_a_master_and_workers():
     runs = volumes[mounts["/runs"]]["persistentVolumeClaim"]["claimName"]
     find("PersistentVolumeClaim", runs)
     assert train.out.startswith("/runs/") and train.events.startswith("/runs/")
+    # a dataset directory (seqrank convert), which the processes share out by buckets: each reads its own users
+    assert Path(train.events).suffix == "" and DEFAULT_BUCKETS % (int(launch.nnodes) * int(launch.nproc_per_node)) == 0
     assert "/tmp" in mounts and volumes[mounts["/tmp"]]["emptyDir"]
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False

@@ -718,13 +718,13 @@ def test_best_epoch_keeps_the_weights_of_the_lowest_selection_loss_and_survives_
     from seqrank.training import BestEpoch
     model = torch.nn.Linear(1, 1, bias=False)
     losses = iter([3.0, 1.0, 2.0])
-    best = BestEpoch(lambda m: next(losses))
+    best = BestEpoch(lambda m: (next(losses), 1.0))
     for epoch in (1, 2, 3):
         with torch.no_grad():
             model.weight.fill_(float(epoch))
         best.update(model)
     assert best.best_epoch == 2 and model.weight.item() == 3.0
-    resumed = BestEpoch(lambda m: 0.0)
+    resumed = BestEpoch(lambda m: (0.0, 1.0))
     resumed.load_state_dict(best.state_dict())
     resumed.restore(model)
     assert model.weight.item() == 2.0 and resumed.best_epoch == 2
