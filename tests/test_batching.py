@@ -4,6 +4,8 @@ each request on its own gives; no run is above the bound, no padding is scored (
 distinct id of a request row is scored once."""
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -102,6 +104,52 @@ def test_a_pool_splits_even_one_request_over_its_threads_exactly():
         want = model(*(torch.from_numpy(user[n]) for n in NAMES), torch.from_numpy(cand)).numpy()
     real = cand != 0
     np.testing.assert_allclose(probs[real], want[real], atol=1e-6)
+
+
+def test_a_one_run_batch_runs_on_the_calling_thread_and_scores_what_the_pool_does():
+    """A batch the plan leaves as one run is scored on the caller's thread (the pool would add two thread switches
+    and no parallelism); a batch of several runs still goes to the pool's threads. Both score what the model does."""
+    model = make_ranker()
+    (user, cand), = _requests([(128, 1)])  # 96 real candidates: 2 runs of 48 on 2 threads
+    threads = []
+
+    def run(feeds):
+        threads.append((threading.get_ident(), feeds["cand_item"].shape))
+        with torch.inference_mode():
+            return model(*(torch.from_numpy(feeds[n]) for n in (*NAMES, "cand_item"))).numpy()
+
+    small = cand[:, :6]  # 6 real candidates: one run (at least min_rows = 8 rows per run)
+    with ThreadPoolExecutor(2) as pool:
+        inline, = score_in_runs(run, user, [small], 128, pool, ways=2)
+        assert threads == [(threading.get_ident(), (1, 6))]
+        threads.clear()
+        pooled, = score_in_runs(run, user, [small], 128, pool, ways=2, min_rows=1)  # 2 runs of 3: the pool
+        assert sorted(shape for _, shape in threads) == [(1, 3), (1, 3)]
+        assert threading.get_ident() not in {t for t, _ in threads}
+    with torch.inference_mode():
+        want = model(*(torch.from_numpy(user[n]) for n in NAMES), torch.from_numpy(small)).numpy()
+    np.testing.assert_allclose(inline, want, atol=1e-6)
+    np.testing.assert_allclose(pooled, want, atol=1e-6)
+
+
+def test_every_pool_run_has_finished_when_one_fails():
+    """The caller's thread reuses a pool thread's session for one-run batches (model_cpu.py), which is one run at a
+    time only if no pool run outlives the call: a failed run must not return while another is still running."""
+    (user, cand), = _requests([(128, 1)])  # 2 runs of 48 on 2 threads
+    first = int(cand[cand != 0].min())  # the first run's first id (a row's ids are scored in sorted order)
+    finished = []
+
+    def run(feeds):
+        if int(feeds["cand_item"][0, 0]) == first:
+            raise RuntimeError("this run fails at once")
+        time.sleep(0.3)
+        finished.append(feeds["cand_item"].shape)
+        return np.zeros((*feeds["cand_item"].shape, 2), dtype=np.float32)
+
+    with ThreadPoolExecutor(2) as pool:
+        with pytest.raises(RuntimeError, match="fails at once"):
+            score_in_runs(run, user, [cand], 128, pool, ways=2)
+        assert finished == [(1, 48)]  # the other run had finished before the error reached the caller
 
 
 def test_only_trailing_padding_is_dropped():

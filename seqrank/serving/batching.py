@@ -14,7 +14,12 @@ fastest per candidate on CPU (docs/performance.md). Padding columns score 0 (pos
 With ``ways`` > 1 the runs go to a thread pool of single-threaded ONNX Runtime calls (run releases the GIL), and
 the run size shrinks so that even one request's candidates are spread over the threads (1 x 100 on 2 threads: two
 runs of 50): candidates are independent, so this parallelism scales almost linearly, where ONNX Runtime's
-intra-op threads synchronise inside every operator (1.25x on 2 threads, docs/performance.md).
+intra-op threads synchronise inside every operator (1.25x on 2 threads, docs/performance.md). A batch that the plan
+leaves as one run (with a pool: at most ``min_rows`` candidate rows, of one width: a lone request of the log's, 1-5
+candidates) runs on the caller's thread instead: the pool would add two thread switches and no parallelism
+(57 us of the 607 us such a call took on one core, docs/performance.md). Runs that went to the pool have all
+finished when ``score_in_runs`` returns or raises, so between calls the caller may use any thread's session
+(model_cpu.py does).
 
 Each run is also scored on its real history width: preprocess pads every history to seq_len, and the columns after
 the longest real history among a run's users are padding for all of them, so ``trim_history_padding`` drops them
@@ -30,7 +35,7 @@ tied candidates between calls).
 from __future__ import annotations
 
 from collections import defaultdict
-from concurrent.futures import Executor
+from concurrent.futures import Executor, wait
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -74,7 +79,8 @@ def score_in_runs(run: Callable[[dict], np.ndarray], user_side: Mapping[str, np.
     feeds of k users x P candidates. Returns per request probs [n_r, w_r, H]: for every real candidate what one run
     over everything would give, 0 for the trailing padding. ``pool`` (with ``ways`` threads): the runs execute
     there, sized so that their number is a multiple of ``ways`` and their rows about equal (at least ``min_rows``):
-    every thread gets the same work (3 x 100 candidates on 2 threads: 4 runs of 75, not 3 of 100)."""
+    every thread gets the same work (3 x 100 candidates on 2 threads: 4 runs of 75, not 3 of 100); a plan of one
+    run executes on the calling thread, and every pool run has finished when this returns or raises."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     # one entry per request row (= user row, in request order): its distinct real ids and where each column's id is
@@ -106,7 +112,12 @@ def score_in_runs(run: Callable[[dict], np.ndarray], user_side: Mapping[str, np.
             feeds = {name: np.ascontiguousarray(value[users]) for name, value in user_side.items()}
             feeds["cand_item"] = np.stack([rows[u][2][start:start + width] for u, start in chunk])
             runs.append((width, chunk, trim_history_padding(feeds)))
-    results = (pool.map if pool is not None else map)(run, [feeds for _, _, feeds in runs])
+    if pool is None or len(runs) == 1:  # one run: the pool's threads would only hand it over
+        results = [run(feeds) for _, _, feeds in runs]
+    else:
+        futures = [pool.submit(run, feeds) for _, _, feeds in runs]
+        wait(futures)  # all of them, even when one failed: none may still be running once this returns or raises
+        results = [f.result() for f in futures]
     scored: list[np.ndarray | None] = [None] * len(rows)  # per user row: probs of its distinct ids
     for (width, chunk, _), probs in zip(runs, results):
         for j, (u, start) in enumerate(chunk):

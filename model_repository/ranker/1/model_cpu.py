@@ -10,7 +10,12 @@ memory stays flat under any mix of batches (docs/operations.md, soak). With run_
 go to that many threads, each a single-threaded ONNX Runtime call, and one request's candidates are split over them
 (candidate parallelism: lower latency at low load than intra-op threads, the same throughput at saturation). Each
 thread has its own session, so each arena sees one run at a time and its warm-up peak holds (a shared session's
-arena, with two runs interleaving their allocations, grew past it by 24-35 MB in a burst).
+arena, with two runs interleaving their allocations, grew past it by 24-35 MB in a burst). A batch that makes one run
+(small requests) is scored on the stub's own thread, not handed to the pool (score_in_runs), with sessions[0], which
+one pool thread also owns. That is still one run at a time: execute calls do not overlap in a stub, and
+score_in_runs returns (or raises) only once every run it gave the pool has finished, so no pool run is in flight
+while the stub's thread runs. An extra session for the stub's thread would instead cost another copy of the
+weights (the item table: gigabytes for a large catalogue).
 """
 import json
 import threading
@@ -63,7 +68,8 @@ class TritonPythonModel:
                                            initializer=lambda: setattr(self.local, "session", free.pop()))
 
     def _run(self, feeds):
-        session = getattr(self.local, "session", None) or self.sessions[0]  # no pool: the stub's thread
+        # the stub's thread (no pool, or a one-run batch) uses sessions[0]: never while a pool run is in flight
+        session = getattr(self.local, "session", None) or self.sessions[0]
         return session.run(None, feeds)[0]
 
     def _inputs(self, request) -> dict:
