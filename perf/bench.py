@@ -43,7 +43,7 @@ from machine import CoreSplit, machine_description  # noqa: E402
 from plots import plots  # noqa: E402
 from profiling import profile_stubs  # noqa: E402
 from settings import Settings, log  # noqa: E402
-from seqrank.exporting import triton_config  # noqa: E402
+from seqrank.exporting import is_current_export, triton_config  # noqa: E402
 from systems import NaiveService, TritonSystem, served_config, triton_version, untuned_copy  # noqa: E402
 from wire import wire_bytes  # noqa: E402
 
@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     repo = (args.repository or run / "model_repository").resolve()
     if not (repo / "ranker" / "1" / "model.onnx").is_file():
         ap.error(f"{repo} is not an exported model repository (run `seqrank export --run {args.run}`)")
+    if not is_current_export(run, repo):  # its model.py files or configs are an older template's: not today's code
+        ap.error(f"{repo} was exported from another version of seqrank's model repository template: export it again "
+                 f"(`seqrank export --run {args.run}`, or `make demo` for the demo run)")
     out = args.out.resolve()
     logs = fresh_outdir(out)
     work = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="seqrank-bench-"))

@@ -298,3 +298,19 @@ def test_backend_floor_models_return_their_input_as_each_output(tmp_path, start_
             outputs = [o["name"] for o in result.get_response()["outputs"]]
             assert sorted(outputs) == sorted(f"y{i}" for i in range(k))
             assert all(np.array_equal(result.as_numpy(o), x) for o in outputs)
+
+
+def test_a_repository_exported_from_another_template_is_refused(tmp_path):
+    """The bench measures today's model.py files and configs: a repository from an older template (the demo run's,
+    after an upgrade) stops it before any server starts, naming the fix."""
+    run = tmp_path / "run"
+    (run / "model_repository" / "ranker" / "1").mkdir(parents=True)
+    (run / "model_repository" / "ranker" / "1" / "model.onnx").write_bytes(b"")
+    (run / "export").mkdir()
+    (run / "export" / "export.json").write_text(json.dumps({"template_digest": "0" * 16}))
+    proc = subprocess.run([sys.executable, str(ROOT / "perf" / "bench.py"), "--quick", "--run", str(run),
+                           "--out", str(tmp_path / "out")], cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "exported from another version of seqrank's model repository template" in proc.stderr
+    assert f"seqrank export --run {run}" in proc.stderr
+    assert not (tmp_path / "out").exists()
