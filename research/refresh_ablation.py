@@ -29,42 +29,29 @@ import torch
 from seqrank import metrics as M
 from seqrank.daily_items import RefreshedTest, replay_refreshes
 from seqrank.evaluation import RANKERS, ranker_path
-from seqrank.examples import RankerExamples
+from seqrank.examples import EmbeddingCache, RankerExamples
 from seqrank.features import OOV
-from seqrank.pipeline import fit_ranker, load_ranker_examples
+from seqrank.pipeline import fit_ranker, load_pinnerformer, load_ranker_examples
 
 HEADS = ("like", "click", "long_view", "profile_enter", "comment")
 
 
-def variants(prep, plain: RankerExamples, table: np.ndarray, served: RefreshedTest) -> dict[str, list]:
+def variants(cfg, prep, run: Path, rows: np.ndarray, plain: RankerExamples, table: np.ndarray,
+             served: RefreshedTest) -> dict[str, list]:
     """Per variant: (positions in the test rows, examples, item table) parts, as RefreshedTest.parts; `plain`: the
     test examples with the training vocabulary, `table` its item table."""
     trained_items = prep.vocab.n_items
+    embeddings = EmbeddingCache(load_pinnerformer(run, cfg.pinnerformer, prep), prep)  # the training vocabulary's
     out = {"training vocabulary": [(np.arange(len(plain)), plain, torch.as_tensor(table))], "refreshed": served.parts,
            "refreshed, new candidates OOV": [], "refreshed candidates only": []}
-    for positions, ex, table in served.parts:
-        masked = _copy(ex)
+    for positions, ex, state_table in served.parts:
+        masked = copy.copy(ex)
         masked.cand_item = np.where(ex.cand_item >= trained_items, OOV, ex.cand_item)
-        out["refreshed, new candidates OOV"].append((positions, masked, table))
-        only = _copy(_subset(plain, positions))
+        out["refreshed, new candidates OOV"].append((positions, masked, state_table))
+        only = RankerExamples(prep, rows[positions], embeddings, cfg.transact.seq_len)
         only.cand_item = ex.cand_item
-        out["refreshed candidates only"].append((positions, only, table))
+        out["refreshed candidates only"].append((positions, only, state_table))
     return out
-
-
-def _copy(ex: RankerExamples) -> RankerExamples:
-    new = RankerExamples.__new__(RankerExamples)
-    new.__dict__.update(ex.__dict__)
-    return new
-
-
-def _subset(ex: RankerExamples, positions: np.ndarray) -> RankerExamples:
-    new = _copy(ex)
-    new.seq = replace(ex.seq, **{f: getattr(ex.seq, f)[positions] for f in ("seq_item", "seq_action", "seq_ts",
-                                                                              "seq_mask", "context")})
-    for name in ("request_time", "user_emb", "cand_item", "labels", "request", "user", "user_day"):
-        setattr(new, name, getattr(ex, name)[positions])
-    return new
 
 
 def score(model, served: RefreshedTest, parts) -> np.ndarray:
@@ -84,7 +71,7 @@ def main() -> None:
     cfg, _, prep, table, data = load_ranker_examples(args.run)
     rows = prep.test_rows()
     served = RefreshedTest(cfg, prep, rows, replay_refreshes(args.run, prep, rows, args.refreshes))
-    ways = variants(prep, data.test, table, served)
+    ways = variants(cfg, prep, args.run, rows, data.test, table, served)
     labels, users = data.test.labels, data.test.user
     seeds = [int(s) for s in args.seeds.split(",")]
     new_candidate = served.cand_item >= prep.vocab.n_items

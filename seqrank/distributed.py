@@ -119,6 +119,12 @@ def all_sum(x) -> np.ndarray:
     return t.cpu().numpy()
 
 
+def over_log(x, partitioned: bool) -> np.ndarray:
+    """x (a count, or counts) over the whole log: summed over the ranks when each holds its own users (a partitioned
+    run), x itself when every rank holds the whole log."""
+    return all_sum(x) if partitioned else np.asarray(x, dtype=np.float64)
+
+
 def all_max(n: int) -> int:
     """The largest n of any rank."""
     if not dist.is_initialized():

@@ -68,11 +68,6 @@ def fit_ranker(run, cfg, prep, table, examples: "RankerData", encoder: str, out:
     return model
 
 
-def _total(n: int, prep: Prepared) -> int:
-    """n over the whole log: summed over the ranks when each holds its own users."""
-    return int(distributed.all_sum(n)) if prep.partitioned else n
-
-
 def daily_batch(pf: PinnerFormer, prep: Prepared) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
     """Every user's embedding as of the end of the data, users sorted; on rank 0 (None elsewhere) when each rank
     embeds its own users."""
@@ -123,7 +118,7 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
             "split_time_ms": prep.split_time, "selection_start_ms": prep.selection_start,
             "heads": prep.vocab.heads, "negative_heads": prep.vocab.negative_actions,
             "user_dim": cfg.pinnerformer.dim, "n_context": N_CONTEXT, "seq_len": cfg.transact.seq_len,
-            "duplicates_dropped": prep.log.duplicates_dropped, "n_events": _total(len(prep.log.events), prep),
+            "duplicates_dropped": prep.log.duplicates_dropped, "n_events": int(distributed.over_log(len(prep.log.events), prep.partitioned)),
             "future_window_days": round(prep.future_window_ms / 86_400_000, 3),
             "candidate_oov_rate": round(candidate_oov_rate(cfg.transact, prep), 4),
             "world_size": distributed.world_size()}

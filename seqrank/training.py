@@ -135,11 +135,6 @@ def _stream(seed: int, epoch: int, prep: Prepared) -> list[int]:
     return [seed, epoch, distributed.rank()] if prep.partitioned else [seed, epoch]
 
 
-def _any(n: int, prep: Prepared) -> bool:
-    """Whether any rank holds one of something (n here): the rank's own when partitioned, everyone's otherwise."""
-    return bool(distributed.all_sum(n) > 0) if prep.partitioned else n > 0
-
-
 # ---------------------------------------------------------------- PinnerFormer
 
 def positive_events(histories: Mapping[str, History], vocab: Vocabulary, users,
@@ -177,8 +172,7 @@ def dense_targets(histories: Mapping[str, History], vocab: Vocabulary, users, be
     users = [u for u in users if len(positives[u][0]) >= 2]
     counts = np.bincount(np.concatenate([positives[u][1] for u in users] or [np.zeros(0, np.int64)]),
                          minlength=vocab.n_items)
-    if partitioned:
-        counts = distributed.all_sum(counts)
+    counts = distributed.over_log(counts, partitioned)
     if not users:
         raise ValueError("no user has 2 or more positive engagements to learn from"
                          + (" in this process's partition: run fewer processes" if partitioned else ""))
@@ -253,7 +247,7 @@ def dense_epoch(model: PinnerFormer, optim, data: DenseTargets, cfg: PinnerForme
     for batch in batches:
         if allow_step is not None and not allow_step():
             break
-        users = order[:size] if batch is None else batch  # None: a stand-in, weighted 0 (padded_steps)
+        users = order[:1] if batch is None else batch  # None: a stand-in of one user, weighted 0 (padded_steps)
         seq, rows, cols, targets = dense_batch(data, cfg, [data.users[i] for i in users], rng)
         if data.partitioned:  # the rank's batch is its own: all its rows and queries, weighed by its share of queries
             n_rows, n_queries = (0, 0) if batch is None else (len(seq.seq_mask), len(rows))
@@ -374,7 +368,7 @@ def candidate_oov_rate(cfg: TransActConfig, prep: Prepared) -> float:
         return cfg.candidate_oov_rate
     items = prep.impressions.item_id.to_numpy()[prep.ranker_train_rows()]
     counts = [int((prep.vocab.item_index(items) == OOV).sum()), len(items)]
-    oov, n = distributed.all_sum(counts) if prep.partitioned else counts  # every rank's candidates
+    oov, n = distributed.over_log(counts, prep.partitioned)  # every rank's candidates
     already = oov / n if n else 0.0
     return max(0.0, (prep.unseen_item_share - already) / (1.0 - already)) if already < 1.0 else 0.0
 
@@ -414,7 +408,7 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
             # a global batch: every rank draws the whole batch's time-window masks and candidate swaps (the same
             # generator stream as one process), then runs its share of the rows against the batch's total label
             # weight; a partitioned rank draws and runs its own batch against the weight of all ranks' batches
-            rows = batches[0] if idx is None else idx  # None: a stand-in, weighted 0 (padded_steps)
+            rows = batches[0][:1] if idx is None else idx  # None: a stand-in of one row, weighted 0 (padded_steps)
             seq_item, seq_action, seq_mask, user_emb, context, cand = train.tensors(rows)
             L = seq_mask.shape[1]
             age = torch.as_tensor((train.request_time[rows, None] - train.seq.seq_ts[rows, :L]) / 1000.0)
@@ -454,7 +448,7 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
         return (float(loss(torch.as_tensor(logits), labels, torch.tensor(1.0))),
                 float(label_weights(labels, negative_heads, cfg.negative_label_weight).sum()))
 
-    best = BestEpoch(selection_loss, prep.partitioned) if selection is not None and _any(len(selection), prep) \
+    best = BestEpoch(selection_loss, prep.partitioned) if selection is not None and distributed.over_log(len(selection), prep.partitioned) > 0 \
         else None
     model.epoch_seconds = _checkpointed_epochs(model, optim, ckpt, cfg.epochs, run_epoch,
                                                f"ranker[{cfg.sequence_encoder}]", seed, best)
