@@ -1,6 +1,7 @@
 """Which ranker setting wins on the validation split? Trains each variant with several seeds on a validation run
 (`--set data.split=validation`, so the test period is never read) and prints, per head, its AUC and GAUC
-(mean +- sd over seeds) and each variant minus the first with a 95% interval over users and seeds.
+(mean +- sd over seeds) and each variant minus the first with a 95% interval over users and seeds. Each request
+is scored as `seqrank evaluate` scores it: with the item rows the daily refresh learned before it.
 
     seqrank train --events data/kuairand/events.tsv.gz --out runs/val --set data.split=validation
     python research/ranker_variants.py --run runs/val --seeds 0,1,2,3,4 \
@@ -21,13 +22,15 @@ import numpy as np
 
 from seqrank import metrics as M
 from seqrank.pipeline import fit_ranker, load_ranker_examples
-from seqrank.training import predict
+from seqrank.daily_items import RefreshedTest, replay_refreshes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, type=Path, help="a run trained with data.split validation")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--refreshes", type=int, default=8, help="as seqrank evaluate --refreshes: score each "
+                        "request with the item rows the daily refresh learned before it (0: the training vocabulary)")
     parser.add_argument("variants", nargs="+", help="JSON objects of TransActConfig fields (+ encoder)")
     args = parser.parse_args()
     cfg, _, prep, table, data = load_ranker_examples(args.run)
@@ -35,6 +38,8 @@ def main() -> None:
         raise SystemExit(f"{args.run} was trained on the test split; choices are made on data.split validation")
     seeds = [int(s) for s in args.seeds.split(",")]
     heads, ex = prep.vocab.heads, data.test
+    served = RefreshedTest(cfg, prep, prep.test_rows(), replay_refreshes(args.run, prep, prep.test_rows(),
+                                                                         args.refreshes))
     scores = {}
     for spec in args.variants:
         fields = json.loads(spec)
@@ -45,7 +50,7 @@ def main() -> None:
             variant = replace(cfg, seed=seed, transact=replace(cfg.transact, **fields))
             model = fit_ranker(args.run, variant, prep, table, data, encoder,
                                 args.run / "variants" / f"{key}_seed{seed}.safetensors", tag=f"_{key}_seed{seed}")
-            scores[spec].append(predict(model, ex))
+            scores[spec].append(served.predict(model))
     first = args.variants[0]
     summary = {"seeds": seeds, "heads": heads, "variants": {}}
     for spec, per_seed in scores.items():

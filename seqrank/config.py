@@ -72,9 +72,6 @@ class TransActConfig:
     cross_rank: Positive = 64        # low-rank cross matrices
     mlp: list[Positive] = field(default_factory=lambda: [256, 128])
     negative_label_weight: PositiveFloat = 3.0    # weight on positive heads for an impression that carries a negative action
-    candidate_oov_rate: Annotated[float, Field(ge=0, le=1)] | None = None  # training only: this share of candidates is shown as the out-of-vocabulary
-                                          # item, as items never seen in training are at serving time; None = the
-                                          # log's own share of them (dataset.unseen_item_share); 0 = off
     batch_size: Positive = 256
     epochs: Positive = 3
     lr: PositiveFloat = 2e-3

@@ -13,7 +13,7 @@ import pandas as pd
 
 from .config import RunConfig
 from .data.loaders import DataError, EventLog, add_sampled_negatives, load_events
-from .features import History, SequenceBatch, Vocabulary, as_bytes_array, build_sequences, index_history
+from .features import FIRST_ID, History, SequenceBatch, Vocabulary, as_bytes_array, build_sequences, index_history
 
 DAY_MS = 86_400_000
 
@@ -29,7 +29,6 @@ class Prepared:
     labels: np.ndarray               # float32 [E, H] aligned with impressions
     pf_test_users: set[str]          # users held out from PinnerFormer training
     future_window_ms: int            # PinnerFormer's dense all-action window, resolved for this log
-    unseen_item_share: float         # share of impressions whose item training never saw (unseen_item_share below)
     selection_start: int | None      # ms: the training impressions from here choose the ranker's best epoch
     # (part, n_parts): the users of partition `part` of a dataset (seqrank.streamed); n_parts > 1 is a data-parallel
     # rank's own users, from which it trains on batches of its own (seqrank.training)
@@ -121,41 +120,6 @@ def _item_bytes(item_ids) -> np.ndarray:
     return np.unique(np.asarray(as_bytes_array(pd.unique(np.asarray(item_ids, dtype=object))), dtype="S"))
 
 
-class UnseenItems:
-    """unseen_item_share, accumulated over frames of disjoint users (the whole log, or one bucket at a time): how
-    many of the impressions a ranker will score show an item it never saw in training, estimated inside the training
-    period alone (its last test_fraction, from inner_split, against the items of what came before), so the test
-    period is never looked at. The ranker's default candidate_oov_rate: KuaiRand 0.51 (the test period's own share:
-    0.48), MovieLens 100K 0.015 (0.008)."""
-
-    def __init__(self, inner_split: int):
-        self.inner_split = inner_split
-        self.seen = np.zeros(0, dtype="S1")
-        self.later: list[tuple[np.ndarray, np.ndarray]] = []  # (items, impressions) of the later training period
-
-    def add(self, train_ev: pd.DataFrame) -> None:
-        early = train_ev.timestamp.to_numpy() < self.inner_split
-        self.seen = np.union1d(self.seen, _item_bytes(train_ev.item_id[early]))
-        later = train_ev.loc[~early, ["user_id", "item_id", "timestamp"]].drop_duplicates()
-        if len(later):
-            self.later.append(np.unique(np.asarray(as_bytes_array(later.item_id.to_numpy()), dtype="S"),
-                                        return_counts=True))
-
-    def share(self) -> float:
-        if not self.later:
-            return 0.0
-        items = np.concatenate([i for i, _ in self.later])
-        counts = np.concatenate([c for _, c in self.later])
-        return float(counts[~np.isin(items, self.seen)].sum() / counts.sum())
-
-
-def unseen_item_share(train_ev: pd.DataFrame, cfg: RunConfig) -> float:
-    """UnseenItems on a training period held in memory."""
-    unseen = UnseenItems(split_time_ms(np.sort(train_ev.timestamp.to_numpy()), cfg))
-    unseen.add(train_ev)
-    return unseen.share()
-
-
 @dataclass
 class LogFacts:
     """What every user's examples share, computed over the whole log: by prepare() in memory, or by a streaming pass
@@ -166,7 +130,6 @@ class LogFacts:
     pf_test_users: set[str]
     vocab: Vocabulary
     future_window_ms: int
-    unseen_item_share: float
     selection_start: int | None
 
 
@@ -180,7 +143,6 @@ def log_facts(ts_sorted: np.ndarray, frames, negative_actions, exposure_action, 
     n_train = int(np.searchsorted(ts, split_time))
     if n_train == 0 or n_train == len(ts):
         raise DataError("too few events on one side of the time split", file=source)
-    unseen = UnseenItems(split_time_ms(ts[:n_train], cfg))
     users, actions, train_items, train_times, train_users = [], set(), np.zeros(0, dtype="S1"), [], 0
     for ev in frames:
         train_ev = ev[ev.timestamp.to_numpy() < split_time]
@@ -189,7 +151,6 @@ def log_facts(ts_sorted: np.ndarray, frames, negative_actions, exposure_action, 
         train_users += train_ev.user_id.nunique()
         train_items = np.union1d(train_items, _item_bytes(train_ev.item_id))
         train_times.append(train_ev[["user_id", "item_id", "timestamp"]].drop_duplicates().timestamp.to_numpy())
-        unseen.add(train_ev)
     if train_users < 2:
         raise DataError("too few events on one side of the time split", file=source)
     users = np.array(sorted(itertools.chain.from_iterable(users)))
@@ -199,7 +160,7 @@ def log_facts(ts_sorted: np.ndarray, frames, negative_actions, exposure_action, 
     # Items known to the models are those of the training period: later items are out of vocabulary, as in production.
     vocab = Vocabulary.build(train_items, sorted(actions), negative_actions, exposure_action)
     return LogFacts(cutoff, split_time, users, pf_test_users, vocab, future_window_ms(cfg, int(ts[-1] - ts[0])),
-                    unseen.share(), selection_start_ms(np.concatenate(train_times), cfg))
+                    selection_start_ms(np.concatenate(train_times), cfg))
 
 
 def prepare(log: EventLog, cfg: RunConfig) -> Prepared:
@@ -229,7 +190,7 @@ def build_examples(log: EventLog, facts: LogFacts, cfg: RunConfig) -> Prepared:
     impressions, labels = build_impressions(ev, facts.vocab.heads, cfg.data.request_gap_s)
     impressions["is_test"] = impressions.timestamp >= facts.split_time
     return Prepared(log, facts.vocab, facts.split_time, users, histories, impressions, labels,
-                    facts.pf_test_users & set(histories), facts.future_window_ms, facts.unseen_item_share,
+                    facts.pf_test_users & set(histories), facts.future_window_ms,
                     facts.selection_start)
 
 
@@ -270,6 +231,28 @@ def request_ids(users: np.ndarray, ts: np.ndarray, window_ms: int) -> np.ndarray
 def sequences_for(prep: Prepared, user_ids, request_times, max_len: int) -> SequenceBatch:
     empty = History.empty()
     return build_sequences([prep.histories.get(u, empty) for u in user_ids], request_times, max_len)
+
+
+def item_known_from(prep: Prepared) -> np.ndarray:
+    """Per vocabulary row, the time (ms) from which the daily `seqrank refresh` serves the item's own row: the day
+    start after its first action that can be a sequence row (an exposure teaches the refresh nothing). Items first
+    acted on during the log's first day are known from the start (the log cannot say when they were new); rows no
+    action of the training period touches are never known (no refresh would learn them). Over every rank's users
+    when each holds its own (distributed.all_max)."""
+    from . import distributed
+    ev = prep.log.events[prep.log.events.timestamp.to_numpy() < prep.split_time]
+    acted = ev[ev.action.to_numpy() != prep.vocab.exposure_action] if prep.vocab.exposure_action else ev
+    never = 2 ** 62
+    first = np.full(prep.vocab.n_items, never, dtype=np.int64)
+    np.minimum.at(first, prep.vocab.item_index(acted.item_id.to_numpy()), acted.timestamp.to_numpy().astype(np.int64))
+    start = int(ev.timestamp.min()) if len(ev) else never
+    if prep.partitioned:
+        first = -distributed.all_max(-first)
+        start = -distributed.all_max(-start)
+    known = np.where(first == never, never, day_start(first) + DAY_MS)
+    known[day_start(first) == day_start(start)] = -never
+    known[:FIRST_ID] = -never  # padding and OOV are what they are
+    return known
 
 
 def day_start(ts_ms) -> np.ndarray:

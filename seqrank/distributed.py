@@ -125,13 +125,13 @@ def over_log(x, partitioned: bool) -> np.ndarray:
     return all_sum(x) if partitioned else np.asarray(x, dtype=np.float64)
 
 
-def all_max(n: int) -> int:
-    """The largest n of any rank."""
+def all_max(x):
+    """The largest x of any rank: an int, or an int64 array element by element."""
     if not dist.is_initialized():
-        return n
-    t = torch.tensor([n], dtype=torch.int64, device=device())
+        return x
+    t = torch.as_tensor(np.asarray(x, dtype=np.int64), device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return t.cpu().numpy() if t.dim() else int(t.item())
 
 
 def local_factor(n: float, total: float) -> float:

@@ -202,11 +202,12 @@ def evaluate_user_models(run: Path, cfg: RunConfig, prep: Prepared, user_folds: 
     for k, held_out in enumerate(tqdm(held_out_user_folds(prep, user_folds, cfg.seed), desc="user folds")):
         fold_prep = replace(prep, pf_test_users=held_out)
         for objective in USER_OBJECTIVES:
-            path = (run / "user_folds" / f"pinnerformer_{objective}_fold{k}.safetensors" if k else
+            fold = f"_fold{k}of{user_folds}"  # the folds of another K hold other users
+            path = (run / "user_folds" / f"pinnerformer_{objective}{fold}.safetensors" if k else
                     run / ("pinnerformer.safetensors" if objective == cfg.pinnerformer.objective
                            else f"baselines/pinnerformer_{objective}.safetensors"))
             per_user[objective].append(recall_of_held_out_users(run, cfg, fold_prep, objective, sorted(held_out),
-                                                                path, tag=f"_fold{k}" if k else ""))
+                                                                path, tag=fold if k else ""))
     user_metrics = dense_vs_next({objective: values[0] for objective, values in per_user.items()})
     if user_folds > 1:
         user_metrics["folds"] = {"k": user_folds,

@@ -10,6 +10,8 @@ run/
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import time
@@ -26,7 +28,7 @@ from .examples import EmbeddingCache, RankerData, ranker_data
 from .features import N_CONTEXT
 from .models.pinnerformer import PinnerFormer
 from .streamed import prepare_events
-from .training import build_ranker, candidate_oov_rate, embed_users, item_table, seed_everything, train_pinnerformer, \
+from .training import build_ranker, candidate_oov_share, embed_users, item_table, seed_everything, train_pinnerformer, \
     train_ranker
 
 log = logging.getLogger("seqrank.pipeline")
@@ -38,33 +40,93 @@ def load_pinnerformer(run: Path, cfg, prep, name="pinnerformer.safetensors") -> 
     return model.eval()
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """The package's own source code, every module."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def model_origin(cfg: RunConfig, prep: Prepared, model: str, *parts) -> str:
+    """What a saved model is trained from: the config (for PinnerFormer, all but the ranker's section), the events
+    (path, size and modification time of each file), the package's code and ``parts`` (the objective or encoder; a
+    ranker's item table). A model or checkpoint of another origin is trained again: a run re-trained or re-evaluated
+    after a code, config or data change never reuses a model that the change would have made differently."""
+    config = json.loads(cfg.to_json())
+    if model == "pinnerformer":
+        config.pop("transact")
+    source = Path(prep.log.source)
+    files = sorted(source.rglob("*")) if source.is_dir() else [source]
+    events = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    digest = hashlib.sha256(json.dumps([model, config, events, code_digest()], sort_keys=True).encode())
+    for part in parts:
+        digest.update(part.tobytes() if isinstance(part, np.ndarray) else str(part).encode())
+    return digest.hexdigest()
+
+
+def save_model(model, out: Path, **facts) -> None:
+    """The weights with ``facts`` (origin, selected epoch) in one metadata entry: safetensors writes several entries
+    in no fixed order, and the same model must be the same bytes."""
+    save_file(model.state_dict(), out, metadata={"seqrank": json.dumps(facts, sort_keys=True)})
+
+
+def saved_facts(path: Path) -> dict:
+    """What save_model stored with the weights at ``path`` (empty for a file written otherwise)."""
+    return json.loads(load_metadata(path).get("seqrank", "{}"))
+
+
+def _reusable(out: Path, ckpt: Path, origin: str) -> bool:
+    """Whether the saved model `out` has this origin (then it is loaded, not trained). Otherwise, a checkpoint of
+    another origin is removed (the model trains from its first epoch) and the origin is written beside the
+    checkpoint, so a restarted run resumes only its own."""
+    if distributed.agree(out.exists() and saved_facts(out).get("origin") == origin, f"whether {out} is current"):
+        return True
+    if distributed.is_main():
+        tag = ckpt.with_suffix(".origin")
+        if ckpt.exists() and (not tag.exists() or tag.read_text() != origin):
+            log.info("%s was trained from another config, code or data: starting over", ckpt)
+            ckpt.unlink()
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tag.write_text(origin)
+    distributed.barrier()
+    return False
+
+
 def fit_pinnerformer(run: Path, cfg: RunConfig, prep: Prepared, objective: str, out: Path,
-                      tag: str = "") -> PinnerFormer:
+                     tag: str = "") -> PinnerFormer:
+    """The PinnerFormer at `out`, trained if it is not there yet or was trained from another origin (model_origin)."""
     pf_cfg = replace(cfg.pinnerformer, objective=objective)
-    if distributed.agree(out.exists(), f"whether {out} exists"):
+    origin = model_origin(cfg, prep, "pinnerformer", objective)
+    ckpt = run / "checkpoints" / f"pinnerformer_{objective}{tag}.pt"
+    if _reusable(out, ckpt, origin):
         return load_pinnerformer(out.parent, pf_cfg, prep, out.name)
     seed_everything(cfg.seed, cfg.threads)
-    model = train_pinnerformer(prep, pf_cfg, cfg.seed, run / "checkpoints" / f"pinnerformer_{objective}{tag}.pt")
+    model = train_pinnerformer(prep, pf_cfg, cfg.seed, ckpt)
     if distributed.is_main():
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(model.state_dict(), out)
+        save_model(model, out, origin=origin)
     return model
 
 
 def fit_ranker(run, cfg, prep, table, examples: "RankerData", encoder: str, out: Path, tag: str = ""):
-    """The ranker at `out`, trained (on examples.train, best epoch on examples.selection) if it is not there yet."""
+    """The ranker at `out`, trained (on examples.train, best epoch on examples.selection) if it is not there yet or
+    was trained from another origin (model_origin: its item table included)."""
     r_cfg = replace(cfg.transact, sequence_encoder=encoder)
-    if distributed.agree(out.exists(), f"whether {out} exists"):
+    origin = model_origin(cfg, prep, "ranker", encoder, np.ascontiguousarray(table))
+    ckpt = run / "checkpoints" / f"ranker_{encoder}{tag}.pt"
+    if _reusable(out, ckpt, origin):
         model = build_ranker(r_cfg, prep, table, cfg.pinnerformer.dim)
         model.load_state_dict(load_file(out))
-        model.selected_epoch = int(load_metadata(out).get("selected_epoch", r_cfg.epochs))
+        model.selected_epoch = int(saved_facts(out)["selected_epoch"])
         return model.eval()
     seed_everything(cfg.seed, cfg.threads)
-    model = train_ranker(prep, r_cfg, table, cfg.pinnerformer.dim, examples.train, cfg.seed,
-                         run / "checkpoints" / f"ranker_{encoder}{tag}.pt", examples.selection)
+    model = train_ranker(prep, r_cfg, table, cfg.pinnerformer.dim, examples.train, cfg.seed, ckpt, examples.selection)
     if distributed.is_main():
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(model.state_dict(), out, metadata={"selected_epoch": str(model.selected_epoch)})
+        save_model(model, out, origin=origin, selected_epoch=model.selected_epoch)
     return model
 
 
@@ -120,7 +182,7 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
             "user_dim": cfg.pinnerformer.dim, "n_context": N_CONTEXT, "seq_len": cfg.transact.seq_len,
             "duplicates_dropped": prep.log.duplicates_dropped, "n_events": int(distributed.over_log(len(prep.log.events), prep.partitioned)),
             "future_window_days": round(prep.future_window_ms / 86_400_000, 3),
-            "candidate_oov_rate": round(candidate_oov_rate(cfg.transact, prep), 4),
+            "candidate_oov_share": round(candidate_oov_share(prep), 4),
             "world_size": distributed.world_size()}
     if main:
         (run / "config.json").write_text(cfg.to_json())

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .config import PinnerFormerConfig, TransActConfig
-from .dataset import Prepared
+from .dataset import Prepared, item_known_from
 from .features import FIRST_ID, N_CONTEXT, OOV, History, Vocabulary, build_sequences
 from .models.pinnerformer import PinnerFormer, sampled_softmax_loss, time_features
 from .models.transact import TransActRanker, label_weights, time_window_mask, weighted_multitask_bce
@@ -360,17 +360,25 @@ def build_ranker(cfg: TransActConfig, prep: Prepared, table: np.ndarray, user_di
     return TransActRanker(cfg, table, prep.vocab.n_actions, user_dim, N_CONTEXT, len(prep.vocab.heads))
 
 
-def candidate_oov_rate(cfg: TransActConfig, prep: Prepared) -> float:
-    """The share of training candidates shown as the out-of-vocabulary item: the config's, or by default what tops
-    the ranker's training candidates up to the log's own share of unseen items (those already out of the vocabulary,
-    which an embedding period < 1 makes, count towards it)."""
-    if cfg.candidate_oov_rate is not None:
-        return cfg.candidate_oov_rate
-    items = prep.impressions.item_id.to_numpy()[prep.ranker_train_rows()]
-    counts = [int((prep.vocab.item_index(items) == OOV).sum()), len(items)]
-    oov, n = distributed.over_log(counts, prep.partitioned)  # every rank's candidates
-    already = oov / n if n else 0.0
-    return max(0.0, (prep.unseen_item_share - already) / (1.0 - already)) if already < 1.0 else 0.0
+def candidate_oov_share(prep: Prepared) -> float:
+    """The share of the ranker's training candidates it learns as the out-of-vocabulary row: not yet served by the
+    daily refresh at their request (as_served), or outside the vocabulary; over every rank's candidates."""
+    imp = prep.impressions.iloc[prep.ranker_train_rows()]
+    cand = prep.vocab.item_index(imp.item_id.to_numpy())
+    hidden = (cand == OOV) | (item_known_from(prep)[cand] > imp.request_time.to_numpy())
+    count, n = distributed.over_log([int(hidden.sum()), len(hidden)], prep.partitioned)
+    return float(count / n) if n else 0.0
+
+
+def as_served(known_from: torch.Tensor, request_time: np.ndarray, inputs: tuple) -> tuple:
+    """A batch's inputs (RankerExamples.tensors) with every item the daily refresh had not yet served at the request
+    shown as the out-of-vocabulary row, in the sequence and as the candidate (dataset.item_known_from): what the
+    served model saw then. A vocabulary holds every training item, so without this an item's first day would be
+    learned with a row no server had yet, and the OOV row would never mean "new today", which it does in serving."""
+    seq_item, seq_action, seq_mask, user_emb, context, cand = inputs
+    t = torch.as_tensor(request_time)[:, None]
+    return (torch.where(known_from[seq_item] > t, OOV, seq_item), seq_action, seq_mask, user_emb, context,
+            torch.where(known_from[cand] > t, OOV, cand))
 
 
 def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_dim: int, train: RankerExamples,
@@ -392,7 +400,7 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
     if not len(lengths):
         raise ValueError("no training impression to learn from"
                          + (" in this process's partition: run fewer processes" if prep.partitioned else ""))
-    oov_rate = candidate_oov_rate(cfg, prep)
+    known_from = torch.as_tensor(item_known_from(prep))  # train on items as they were served, not as known today
     step = distributed.data_parallel(model, lambda m, *inputs, attn_mask: m.logits(*inputs, attn_mask=attn_mask))
 
     def run_epoch(epoch):
@@ -405,16 +413,15 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
             batches = distributed.padded_steps(batches)
         here = total = 0
         for idx in batches:
-            # a global batch: every rank draws the whole batch's time-window masks and candidate swaps (the same
+            # a global batch: every rank draws the whole batch's time-window masks (the same
             # generator stream as one process), then runs its share of the rows against the batch's total label
             # weight; a partitioned rank draws and runs its own batch against the weight of all ranks' batches
             rows = batches[0][:1] if idx is None else idx  # None: a stand-in of one row, weighted 0 (padded_steps)
-            seq_item, seq_action, seq_mask, user_emb, context, cand = train.tensors(rows)
+            seq_item, seq_action, seq_mask, user_emb, context, cand = as_served(known_from, train.request_time[rows],
+                                                                                train.tensors(rows))
             L = seq_mask.shape[1]
             age = torch.as_tensor((train.request_time[rows, None] - train.seq.seq_ts[rows, :L]) / 1000.0)
             window = time_window_mask(seq_mask, age, cfg.time_window_max_h, gen)  # training only
-            if oov_rate > 0:  # training only: candidates as unseen items are at serving time
-                cand = torch.where(torch.rand(cand.shape, generator=gen) < oov_rate, OOV, cand)
             labels = torch.as_tensor(train.labels[rows])
             weight = label_weights(labels, negative_heads, cfg.negative_label_weight).sum()
             if prep.partitioned:
@@ -442,7 +449,8 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
         """The selection slice's weighted loss: (sum, weight), added over the ranks when each holds its own users."""
         if len(selection) == 0:  # a rank whose users have no impression in the slice
             return 0.0, 0.0
-        logits = np.concatenate([m.logits(*(x.to(dev) for x in selection.tensors(idx)))[:, 0].cpu().numpy()
+        logits = np.concatenate([m.logits(*(x.to(dev) for x in as_served(known_from, selection.request_time[idx],
+                                                                           selection.tensors(idx))))[:, 0].cpu().numpy()
                                  for idx in np.array_split(np.arange(len(selection)), -(-len(selection) // 1024))])
         labels = torch.as_tensor(selection.labels)
         return (float(loss(torch.as_tensor(logits), labels, torch.tensor(1.0))),

@@ -191,7 +191,7 @@ def test_ranks_train_on_their_own_users_of_a_dataset_and_reach_what_one_process_
         shares = re.findall(line, log.stderr)
         assert shares and all(0.2 < int(here) / int(total) < 0.8 for here, total in shares), (model, shares)
     assert _files(two) == _files(one)
-    assert info_two["candidate_oov_rate"] == info_one["candidate_oov_rate"]  # counted over both ranks' users
+    assert info_two["candidate_oov_share"] == info_one["candidate_oov_share"]  # items first acted on by either rank's users
     # the daily batch gathered from both ranks: every user once, in one process's order
     np.testing.assert_array_equal(np.load(two / "users.npy"), np.load(one / "users.npy"))
     assert np.load(two / "user_emb.npy").shape == np.load(one / "user_emb.npy").shape

@@ -365,33 +365,6 @@ def test_the_validation_split_never_reads_the_test_period_and_selection_holds_ou
             prepare(log, RunConfig.from_dict({"data": bad}))
 
 
-def test_unseen_item_share_is_estimated_inside_the_training_period_by_hand():
-    """The ranker's default candidate_oov_rate: of the training period's last test_fraction (20%), the share of
-    impressions (not action rows) whose item nothing before it showed; the test period is never read."""
-    from seqrank.dataset import unseen_item_share
-    from seqrank.training import candidate_oov_rate
-    H = HOUR_MS
-    rows = [("u1", "a", "click", 0), ("u1", "b", "like", 10 * H), ("u2", "c", "click", 20 * H),
-            ("u1", "a", "like", 85 * H), ("u1", "a", EXPOSURE, 85 * H),   # one impression of a seen item
-            ("u2", "x", "click", 90 * H), ("u2", "x", "hate", 90 * H),    # the inner split (row 6 of 8): unseen
-            ("u1", "a", "click", 95 * H),                                  # seen; the training period ends here
-            ("u2", "b", "click", 100 * H), ("u1", "z", "click", 130 * H)]  # the test period (last 20% of the rows)
-    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"])
-    cfg = RunConfig()
-    train_ev = ev[ev.timestamp < 100 * H]
-    assert unseen_item_share(train_ev, cfg) == pytest.approx(1 / 2)  # after 90 h: x new, a seen
-    seen_only = train_ev[train_ev.item_id.isin(["a", "b"])]          # a, b, a, a, a: nothing new after the split
-    assert unseen_item_share(seen_only, cfg) == 0.0
-    log = EventLog(events=ev, source="hand", fmt="canonical", duplicates_dropped=0,
-                   negative_actions=("hate",), exposure_action=EXPOSURE)
-    prep = prepare(log, cfg)
-    assert prep.split_time == 100 * H and prep.unseen_item_share == pytest.approx(0.5)
-    assert cfg.transact.candidate_oov_rate is None  # the default follows the log ...
-    assert candidate_oov_rate(cfg.transact, prep) == pytest.approx(0.5)
-    from dataclasses import replace
-    assert candidate_oov_rate(replace(cfg.transact, candidate_oov_rate=0.0), prep) == 0.0  # ... unless set
-
-
 # ------------------------------------------------------------------------------------------------------ Vocabulary
 
 def test_item_index_known_unknown_and_too_long():
@@ -439,3 +412,39 @@ def test_vocabulary_save_load_round_trip(tmp_path, vocab, mmap):
     assert loaded.item_index(ids).tolist() == vocab.item_index(ids).tolist() == \
         [FIRST_ID, FIRST_ID + 4, OOV, OOV, FIRST_ID + 1]
     assert loaded.action_index([EXPOSURE, "like"]).tolist() == [-1, FIRST_ID + 2]
+
+
+def test_item_known_from_is_the_day_after_the_first_action_the_refresh_learns_from():
+    """Training sees an item as the daily refresh served it: its own row from the day start after its first
+    sequence action (not an exposure), known from the start when first acted on in the log's first day, never
+    when only shown; before that moment it is the OOV row, as the candidate and in the sequence."""
+    import torch
+
+    from seqrank.dataset import DAY_MS, item_known_from
+    from seqrank.training import as_served
+    H = HOUR_MS
+    rows = [("u1", "a", "click", 2 * H),                                   # the log's first day
+            ("u2", "b", "like", DAY_MS + 5 * H), ("u1", "b", "click", DAY_MS + 10 * H),
+            ("u2", "c", EXPOSURE, 3 * DAY_MS + H), ("u2", "c", "click", 4 * DAY_MS + 2 * H),
+            ("u1", "e", EXPOSURE, DAY_MS), ("u1", "e", "hate", 8 * DAY_MS)]  # e: acted on in the test period only
+    rows += [("u1", "a", "click", 4 * DAY_MS + h * H) for h in range(1, 12)]
+    rows += [("u2", "a", "like", 8 * DAY_MS + h * H) for h in range(1, 5)]   # the test period
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp"])
+    log = EventLog(events=ev, source="hand", fmt="canonical", duplicates_dropped=0,
+                   negative_actions=("hate",), exposure_action=EXPOSURE)
+    prep = prepare(log, RunConfig())
+    assert 4 * DAY_MS + 12 * H <= prep.split_time <= 8 * DAY_MS
+    known = item_known_from(prep)
+    row = {i: int(prep.vocab.item_index([i])[0]) for i in "abce"}
+    assert known[row["a"]] < 0 and known[OOV] < 0 and known[PAD] < 0
+    assert known[row["b"]] == 2 * DAY_MS  # first acted on in day 1, refreshed at day 2's start
+    assert known[row["c"]] == 5 * DAY_MS  # its exposure on day 3 taught the refresh nothing
+    assert known[row["e"]] >= 2 ** 62     # only shown in the training period: no refresh learns it
+    # a batch at day 1, 20 h and one at day 2, 1 h: b is OOV first (candidate and sequence row), its own row then
+    seq_item = torch.tensor([[row["b"], row["a"], PAD], [row["b"], row["a"], PAD]])
+    cand = torch.tensor([[row["b"]], [row["b"]]])
+    inputs = (seq_item, seq_item * 0 + FIRST_ID, seq_item != PAD, torch.zeros(2, 4), torch.zeros(2, N_CONTEXT), cand)
+    out = as_served(torch.as_tensor(known), np.array([DAY_MS + 20 * H, 2 * DAY_MS + H]), inputs)
+    assert out[0].tolist() == [[OOV, row["a"], PAD], [row["b"], row["a"], PAD]]
+    assert out[5].tolist() == [[OOV], [row["b"]]]
+    assert all(a is b for a, b in zip(out[1:5], inputs[1:5]))

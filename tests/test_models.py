@@ -555,28 +555,6 @@ def tiny_ranker_inputs(tiny, tmp_path_factory):
     return cfg, prep, table, train_ex, test_ex
 
 
-def test_candidate_oov_rate_hides_the_candidate_in_training_only(tiny_ranker_inputs, tmp_path):
-    """candidate_oov_rate = 1: training never sees a candidate's id (the same weights whatever the ids are); 0 (the
-    value before it followed the log): it does. Inference is untouched: the trained model still tells candidates apart."""
-    import copy
-
-    from seqrank.training import predict, seed_everything, train_ranker
-    cfg, prep, table, train_ex, test_ex = tiny_ranker_inputs
-    shuffled = copy.copy(train_ex)
-    shuffled.cand_item = np.random.default_rng(5).permutation(train_ex.cand_item)
-    states = {}
-    for rate in (1.0, 0.0):
-        r_cfg = replace(cfg.transact, candidate_oov_rate=rate)
-        for name, ex in (("ids", train_ex), ("shuffled", shuffled)):
-            seed_everything(cfg.seed, cfg.threads)
-            model = train_ranker(prep, r_cfg, table, cfg.pinnerformer.dim, ex, cfg.seed, tmp_path / f"{rate}{name}.pt")
-            states[rate, name] = _state(model)
-    _assert_same_state(states[1.0, "ids"], states[1.0, "shuffled"])
-    assert _differs(states[0.0, "ids"], states[0.0, "shuffled"])
-    probs = predict(model, test_ex)
-    assert len(np.unique(probs[:, 0].round(6))) > 1
-
-
 @pytest.mark.parametrize("encoder", ["transact", "avg_pool"])
 def test_ranker_training_is_deterministic(tiny_ranker_inputs, tmp_path, encoder):
     from seqrank.training import build_ranker, seed_everything, train_ranker
@@ -728,3 +706,34 @@ def test_best_epoch_keeps_the_weights_of_the_lowest_selection_loss_and_survives_
     resumed.load_state_dict(best.state_dict())
     resumed.restore(model)
     assert model.weight.item() == 2.0 and resumed.best_epoch == 2
+
+
+def test_training_shows_items_not_yet_served_as_oov(tiny_ranker_inputs, tmp_path, monkeypatch):
+    """Training sees items as served (training.as_served): with no item served yet it never sees an item id, in the
+    candidate or in the sequence (the same weights however the ids are shuffled); with every item served, it does.
+    Inference is untouched: the trained model still tells candidates apart."""
+    import copy
+
+    import seqrank.training as T
+    cfg, prep, table, train_ex, test_ex = tiny_ranker_inputs
+    shuffled = copy.copy(train_ex)
+    rng = np.random.default_rng(5)
+    shuffled.cand_item = rng.permutation(train_ex.cand_item)
+    shuffled.seq = copy.copy(train_ex.seq)
+    seq_item = train_ex.seq.seq_item
+    shuffled.seq.seq_item = np.where(seq_item >= FIRST_ID, rng.integers(FIRST_ID, prep.vocab.n_items, seq_item.shape),
+                                     seq_item)
+    states = {}
+    for served in ("none", "all"):
+        known = np.full(prep.vocab.n_items, 2 ** 62 if served == "none" else -2 ** 62, dtype=np.int64)
+        known[:FIRST_ID] = -2 ** 62
+        monkeypatch.setattr(T, "item_known_from", lambda p, known=known: known)
+        for name, ex in (("ids", train_ex), ("shuffled", shuffled)):
+            T.seed_everything(cfg.seed, cfg.threads)
+            model = T.train_ranker(prep, cfg.transact, table, cfg.pinnerformer.dim, ex, cfg.seed,
+                                   tmp_path / f"{served}{name}.pt")
+            states[served, name] = _state(model)
+    _assert_same_state(states["none", "ids"], states["none", "shuffled"])
+    assert _differs(states["all", "ids"], states["all", "shuffled"])
+    probs = T.predict(model, test_ex)
+    assert len(np.unique(probs[:, 0].round(6))) > 1

@@ -69,7 +69,6 @@ def test_the_streaming_pass_gives_the_in_memory_facts(both):
     assert facts.split_time == mem.split_time
     assert facts.selection_start == mem.selection_start
     assert facts.future_window_ms == mem.future_window_ms
-    assert facts.unseen_item_share == mem.unseen_item_share
     assert facts.vocab.items.dtype == mem.vocab.items.dtype and (facts.vocab.items == mem.vocab.items).all()
     for field in ("actions", "heads", "negative_actions", "exposure_action"):
         assert getattr(facts.vocab, field) == getattr(mem.vocab, field)
