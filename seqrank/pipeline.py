@@ -7,6 +7,8 @@ run/
   pinnerformer.safetensors  item_table.npy  users.npy + user_emb.npy (daily batch as of the data's end)
   ranker.safetensors (TransAct)  baselines/ (no_sequence, avg_pool rankers; next_action PinnerFormer)
   checkpoints/ (per-epoch, resumable)  metrics.json
+Every saved model and checkpoint records its origin (model_origin: config, events, code); a later train or evaluate
+reuses it only if the origin is the same, and trains it again otherwise.
 """
 from __future__ import annotations
 
@@ -189,8 +191,8 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
         prep.vocab.save(run / "vocab")
         (run / "run.json").write_text(json.dumps(info, indent=2))
 
-    info["pinnerformer_reused"] = (run / "pinnerformer.safetensors").exists()  # train_seconds then omits it
     pf = fit_pinnerformer(run, cfg, prep, cfg.pinnerformer.objective, run / "pinnerformer.safetensors")
+    info["pinnerformer_reused"] = not getattr(pf, "epoch_seconds", [])  # no epoch ran here: train_seconds omits it
     table = item_table(pf)
     if main:
         np.save(run / "item_table.npy", table)
@@ -207,7 +209,7 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
     np.save(run / "users.npy", np.asarray(users, dtype="S"))
     np.save(run / "user_emb.npy", user_emb)
     info["train_seconds"] = round(time.time() - started, 1)
-    if info["pinnerformer_reused"] and not hasattr(ranker, "epoch_seconds") and "train_seconds" in previous:
+    if info["pinnerformer_reused"] and not getattr(ranker, "epoch_seconds", []) and "train_seconds" in previous:
         # nothing was trained by this command: the run keeps the timings of the one that trained its models
         info.update({k: previous[k] for k in ("train_seconds", "epoch_seconds", "pinnerformer_reused") if k in previous})
     (run / "run.json").write_text(json.dumps(info, indent=2))

@@ -235,6 +235,12 @@ def test_train_after_a_config_change_trains_again_only_what_the_change_touches(r
     seqrank("train", "--events", str(KUAIRAND_SAMPLE), "--out", str(out), "--config", str(config))
     assert digest(out / "ranker.safetensors") == retrained
     assert digest(out / "checkpoints" / "ranker_transact.pt") == checkpoint
+    # a change of PinnerFormer's config trains both again (the ranker reads PinnerFormer's item table)
+    config.write_text(json.dumps({**SMALL_CONFIG, "pinnerformer": {**SMALL_CONFIG["pinnerformer"], "lr": 1e-3}}))
+    seqrank("train", "--events", str(KUAIRAND_SAMPLE), "--out", str(out), "--config", str(config))
+    info = json.loads((out / "run.json").read_text())
+    assert not info["pinnerformer_reused"] and digest(out / "pinnerformer.safetensors") != pinnerformer
+    assert len(info["epoch_seconds"]["pinnerformer"]) == 1 and len(info["epoch_seconds"]["ranker"]) == 2
 
 
 def test_evaluate_over_seeds_trains_each_ranker_per_seed_and_reports_the_spread(run, tmp_path):
