@@ -98,9 +98,10 @@ def main(argv=None) -> int:
     repo = (args.repository or run / "model_repository").resolve()
     if not (repo / "ranker" / "1" / "model.onnx").is_file():
         ap.error(f"{repo} is not an exported model repository (run `seqrank export --run {args.run}`)")
-    if not is_current_export(run, repo):  # its model.py files or configs are an older template's: not today's code
-        ap.error(f"{repo} was exported from another version of seqrank's model repository template: export it again "
-                 f"(`seqrank export --run {args.run}`, or `make demo` for the demo run)")
+    if not is_current_export(run, repo):  # an older template's model.py files or configs, or the run's old weights
+        ap.error(f"{repo} was exported from another version of seqrank's model repository template, or before its "
+                 f"run was trained again: export it again (`seqrank export --run {args.run}`, or `make demo` for the "
+                 f"demo run)")
     out = args.out.resolve()
     logs = fresh_outdir(out)
     work = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="seqrank-bench-"))

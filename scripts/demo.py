@@ -50,8 +50,7 @@ def main() -> int:
     ap.add_argument("--metrics-port", type=int, default=8002)
     args = ap.parse_args()
     run = Path(args.run)
-    if not (run / "user_emb.npy").exists():
-        train(args.events, run)
+    train(args.events, run)  # reuses each model trained from this config, data and code (seqrank.pipeline)
     repo = run / "model_repository"
     if not is_current_export(run, repo):  # also when it was exported by an older seqrank or template
         export_run(run, repo)

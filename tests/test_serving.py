@@ -225,3 +225,16 @@ def test_an_export_from_another_template_is_stale(small_run, tmp_path, monkeypat
     config.write_text(config.read_text().replace('name: "embedding_source"', 'name: "embedding_origin"'))
     monkeypatch.setattr(exporting, "TEMPLATE", template)
     assert not exporting.is_current_export(small_run["run"], small_run["repo"])
+
+
+def test_an_export_of_a_run_trained_again_since_is_stale(small_run, tmp_path):
+    """`make demo` and the bench re-export (or refuse) a repository whose run was trained again since: another
+    ranker's weights, the same template."""
+    import shutil
+    from seqrank.exporting import repository as exporting
+    run = tmp_path / "run"
+    shutil.copytree(small_run["run"], run, ignore=shutil.ignore_patterns("model_repository", "checkpoints"))
+    assert exporting.is_current_export(run, small_run["repo"])
+    ranker = run / "ranker.safetensors"
+    ranker.write_bytes(ranker.read_bytes()[:-1] + bytes([ranker.read_bytes()[-1] ^ 1]))
+    assert not exporting.is_current_export(run, small_run["repo"])

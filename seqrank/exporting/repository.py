@@ -208,15 +208,35 @@ def template_digest() -> str:
     return h.hexdigest()[:16]
 
 
+EXPORTED_RUN_FILES = ("config.json", "ranker.safetensors", "pinnerformer.safetensors", "item_table.npy", "users.npy",
+                      "user_emb.npy")
+
+
+def run_digest(run: Path) -> str:
+    """The bytes of the run files an export is made from (weights, daily batch, vocabulary, config): a run trained
+    again differently since its export makes that export stale."""
+    run = Path(run)
+    h = hashlib.sha256()
+    for f in [run / name for name in EXPORTED_RUN_FILES] + sorted((run / "vocab").rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(run)).encode() + b"\0")
+            with open(f, "rb") as data:
+                for block in iter(lambda: data.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
 def is_current_export(run: Path, repository: Path | None = None) -> bool:
-    """Whether `repository` (default RUN/model_repository) holds an export of `run` made from today's template."""
+    """Whether `repository` (default RUN/model_repository) holds an export of `run` as it is now (run_digest) made
+    from today's template."""
     run = Path(run)
     repository = Path(repository) if repository else run / "model_repository"
     try:
         summary = json.loads((run / "export" / "export.json").read_text())
     except (OSError, ValueError):
         return False
-    return summary.get("template_digest") == template_digest() and (repository / "ranker" / "1" / "model.onnx").exists()
+    return (summary.get("template_digest") == template_digest() and summary.get("run_digest") == run_digest(run)
+            and (repository / "ranker" / "1" / "model.onnx").exists())
 
 
 def export_run(run: Path, repository: Path | None = None, check: bool = True,
@@ -257,7 +277,8 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True,
     for config in repository.rglob("*.pbtxt"):
         config.write_text(render_config(config.read_text(), values, config))
     write_gpu_pod_configs(repository)
-    summary = {"repository": str(repository), "template_digest": template_digest(), "onnx": str(onnx_path),
+    summary = {"repository": str(repository), "template_digest": template_digest(), "run_digest": run_digest(run),
+               "onnx": str(onnx_path),
                "parity": parity,
                "cpu_onnx": {"path": str(cpu_path), "fused_skip_layernorm": fused,
                             "full_history_branch": branch, "parity": cpu_parity},
