@@ -220,6 +220,11 @@ def load_ranker_examples(run: Path):
     """A trained run's config, data, item table and ranker examples (its PinnerFormer's daily batch as the user
     embedding): what evaluate trains and scores rankers on."""
     cfg, info, prep = load_run(run)
+    if saved_facts(run / "pinnerformer.safetensors").get("origin") != \
+            model_origin(cfg, prep, "pinnerformer", cfg.pinnerformer.objective):
+        # its rankers would be trained on that PinnerFormer's table, and evaluate's user folds would retrain it
+        raise ValueError(f"{run}: its PinnerFormer was trained from another config, code or data than today's: train "
+                         f"the run again first (seqrank train --events {info['events']} --out {run})")
     embeddings = EmbeddingCache(load_pinnerformer(run, cfg.pinnerformer, prep), prep)
     return cfg, info, prep, np.load(run / "item_table.npy"), ranker_data(cfg, prep, embeddings)
 

@@ -243,6 +243,21 @@ def test_train_after_a_config_change_trains_again_only_what_the_change_touches(r
     assert len(info["epoch_seconds"]["pinnerformer"]) == 1 and len(info["epoch_seconds"]["ranker"]) == 2
 
 
+def test_evaluate_refuses_a_run_whose_pinnerformer_is_not_current(run, tmp_path):
+    """evaluate would train rankers on a stale PinnerFormer's item table (and its user folds would retrain that
+    PinnerFormer in place): it stops, naming the command that trains the run again."""
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    config = json.loads((out / "config.json").read_text())
+    config["pinnerformer"]["lr"] = 1e-3
+    (out / "config.json").write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, "-m", "seqrank.cli", "evaluate", "--run", str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert "its PinnerFormer was trained from another config, code or data" in proc.stderr
+    assert f"seqrank train --events {KUAIRAND_SAMPLE.resolve()} --out {out}" in proc.stderr
+
+
 def test_evaluate_over_seeds_trains_each_ranker_per_seed_and_reports_the_spread(run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(run["out"], out)
