@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from . import distributed
 from .config import RunConfig
 from .data.loaders import DataError, EventLog, add_sampled_negatives, load_events
 from .features import FIRST_ID, History, SequenceBatch, Vocabulary, as_bytes_array, build_sequences, index_history
@@ -239,7 +240,6 @@ def item_known_from(prep: Prepared) -> np.ndarray:
     acted on during the log's first day are known from the start (the log cannot say when they were new); rows no
     action of the training period touches are never known (no refresh would learn them). Over every rank's users
     when each holds its own (distributed.all_max)."""
-    from . import distributed
     ev = prep.log.events[prep.log.events.timestamp.to_numpy() < prep.split_time]
     acted = ev[ev.action.to_numpy() != prep.vocab.exposure_action] if prep.vocab.exposure_action else ev
     never = 2 ** 62
