@@ -37,7 +37,6 @@ from seqrank.pipeline import fit_ranker, load_ranker_examples
 
 ENCODERS = ("transact", "no_sequence", "avg_pool")
 MAX_MOMENT_CANDIDATES = 32   # the group's next impressions ranked at one moment (bounds the pairs scored)
-IMPRESSIONS_IN_SEQUENCE = 45  # about how many impressions S = 100 rows cover on KuaiRand (docs/results.md)
 
 
 def simpson(ex, vocab, newest: int) -> dict:
@@ -142,6 +141,8 @@ def main() -> None:
     parser.add_argument("--run", required=True, type=Path, help="a run trained with data.split validation")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--newest", type=int, default=100, help="rows of the sequence the data check looks at")
+    parser.add_argument("--null-window", type=int, default=45, help="impressions those rows cover, for the "
+                        "stationary users (45 on KuaiRand, where an impression is about 2.2 rows; 100 on MovieLens)")
     args = parser.parse_args()
     cfg, _, prep, table, data = load_ranker_examples(args.run)
     if cfg.data.split != "validation":
@@ -151,7 +152,7 @@ def main() -> None:
     report = {"data": {"training": simpson(data.train, prep.vocab, args.newest),
                        "validation slice": simpson(ex, prep.vocab, args.newest)}}
     for h, r in report["data"]["validation slice"].items():
-        r["gauc_of_bit_stationary"] = stationary_null(data.train, ex, heads.index(h), IMPRESSIONS_IN_SEQUENCE)
+        r["gauc_of_bit_stationary"] = stationary_null(data.train, ex, heads.index(h), args.null_window)
     for part, rows in report["data"].items():
         print(f"\nthe head's action among the newest {args.newest} rows, {part}:")
         for h, r in rows.items():

@@ -209,11 +209,13 @@ def train(events: str, out: str | Path, config: str | None = None, negative_acti
     np.save(run / "users.npy", np.asarray(users, dtype="S"))
     np.save(run / "user_emb.npy", user_emb)
     info["train_seconds"] = round(time.time() - started, 1)
-    if info["pinnerformer_reused"] and not getattr(ranker, "epoch_seconds", []) and "train_seconds" in previous:
-        # nothing was trained by this command: the run keeps the timings of the one that trained its models
+    trained_nothing = info["pinnerformer_reused"] and not getattr(ranker, "epoch_seconds", [])
+    if trained_nothing and "train_seconds" in previous:
+        # the run keeps the timings of the command that trained its models
         info.update({k: previous[k] for k in ("train_seconds", "epoch_seconds", "pinnerformer_reused") if k in previous})
     (run / "run.json").write_text(json.dumps(info, indent=2))
-    print(f"trained in {info['train_seconds']} s -> {run}")
+    print(f"nothing to train: the saved models are current ({round(time.time() - started, 1)} s) -> {run}"
+          if trained_nothing else f"trained in {info['train_seconds']} s -> {run}")
     return run
 
 def load_ranker_examples(run: Path):

@@ -224,7 +224,8 @@ def test_train_after_a_config_change_trains_again_only_what_the_change_touches(r
     pinnerformer, ranker = digest(out / "pinnerformer.safetensors"), digest(out / "ranker.safetensors")
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**SMALL_CONFIG, "transact": {**SMALL_CONFIG["transact"], "lr": 1e-3}}))
-    seqrank("train", "--events", str(KUAIRAND_SAMPLE), "--out", str(out), "--config", str(config))
+    proc, _ = seqrank("train", "--events", str(KUAIRAND_SAMPLE), "--out", str(out), "--config", str(config))
+    assert "trained in" in proc.stdout
     assert digest(out / "pinnerformer.safetensors") == pinnerformer
     assert digest(out / "ranker.safetensors") != ranker
     info = json.loads((out / "run.json").read_text())
@@ -232,7 +233,8 @@ def test_train_after_a_config_change_trains_again_only_what_the_change_touches(r
     # the new ranker is now the current one: evaluate scores it without training it again
     retrained = digest(out / "ranker.safetensors")
     checkpoint = digest(out / "checkpoints" / "ranker_transact.pt")
-    seqrank("train", "--events", str(KUAIRAND_SAMPLE), "--out", str(out), "--config", str(config))
+    proc, _ = seqrank("train", "--events", str(KUAIRAND_SAMPLE), "--out", str(out), "--config", str(config))
+    assert "nothing to train: the saved models are current" in proc.stdout
     assert digest(out / "ranker.safetensors") == retrained
     assert digest(out / "checkpoints" / "ranker_transact.pt") == checkpoint
     # a change of PinnerFormer's config trains both again (the ranker reads PinnerFormer's item table)
