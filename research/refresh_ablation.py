@@ -38,19 +38,20 @@ HEADS = ("like", "click", "long_view", "profile_enter", "comment")
 
 def variants(cfg, prep, run: Path, rows: np.ndarray, plain: RankerExamples, table: np.ndarray,
              served: RefreshedTest) -> dict[str, list]:
-    """Per variant: (positions in the test rows, examples, item table) parts, as RefreshedTest.parts; `plain`: the
+    """Per variant: (positions in the test rows, examples, item table, vocabulary) parts, as RefreshedTest.parts; `plain`: the
     test examples with the training vocabulary, `table` its item table."""
     trained_items = prep.vocab.n_items
     embeddings = EmbeddingCache(load_pinnerformer(run, cfg.pinnerformer, prep), prep)  # the training vocabulary's
-    out = {"training vocabulary": [(np.arange(len(plain)), plain, torch.as_tensor(table))], "refreshed": served.parts,
+    out = {"training vocabulary": [(np.arange(len(plain)), plain, torch.as_tensor(table), prep.vocab)],
+           "refreshed": served.parts,
            "refreshed, new candidates OOV": [], "refreshed candidates only": []}
-    for positions, ex, state_table in served.parts:
+    for positions, ex, state_table, vocab in served.parts:
         masked = copy.copy(ex)
         masked.cand_item = np.where(ex.cand_item >= trained_items, OOV, ex.cand_item)
-        out["refreshed, new candidates OOV"].append((positions, masked, state_table))
+        out["refreshed, new candidates OOV"].append((positions, masked, state_table, vocab))
         only = RankerExamples(prep, rows[positions], embeddings, cfg.transact.seq_len)
         only.cand_item = ex.cand_item
-        out["refreshed candidates only"].append((positions, only, state_table))
+        out["refreshed candidates only"].append((positions, only, state_table, vocab))
     return out
 
 

@@ -18,7 +18,8 @@ pooled AUC is far above? Two measurements on a validation run (the test period i
     python research/within_user.py --run runs/val --seeds 0,1,2,3,4
 
 The rankers are research/ranker_variants.py's (same files under RUN/variants/: trained once, then reused).
-Candidates are scored with the training vocabulary (no refresh replay), the same for every model and both metrics.
+Candidates are scored with the training vocabulary (`--refreshes 0`, the default here) for every model and both
+metrics; `seqrank evaluate` reports moment GAUC on the test period with the replayed refreshes.
 """
 from __future__ import annotations
 
@@ -29,14 +30,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from seqrank import metrics as M
+from seqrank.daily_items import RefreshedTest, replay_refreshes
 from seqrank.features import FIRST_ID
 from seqrank.pipeline import fit_ranker, load_ranker_examples
 
 ENCODERS = ("transact", "no_sequence", "avg_pool")
-MAX_MOMENT_CANDIDATES = 32   # the group's next impressions ranked at one moment (bounds the pairs scored)
 
 
 def simpson(ex, vocab, newest: int) -> dict:
@@ -77,69 +77,12 @@ def stationary_null(train, ex, j: int, window: int, draws: int = 5, seed: int = 
     return float(np.mean(values))
 
 
-def moments(ex) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(feature row, candidate row, moment id, user of the moment) for every pair: at each request of a user-day
-    group, the group's impressions from that request's time on (at most MAX_MOMENT_CANDIDATES, nearest first)."""
-    order = np.lexsort((ex.request_time, ex.user_day))
-    feat, cand, moment, users = [], [], [], []
-    m = 0
-    for group in np.split(order, np.flatnonzero(np.diff(ex.user_day[order])) + 1):
-        if len(group) < 4:  # the HIT@3 groups
-            continue
-        t = ex.request_time[group]
-        for k in np.flatnonzero(np.r_[True, ex.request[group][1:] != ex.request[group][:-1]]):  # each request once
-            later = group[k:][t[k:] >= t[k]][:MAX_MOMENT_CANDIDATES]
-            if len(later) < 2:
-                continue
-            feat.append(np.full(len(later), group[k])), cand.append(later), moment.append(np.full(len(later), m))
-            users.append(ex.user[group[k]])
-            m += 1
-    return np.concatenate(feat), np.concatenate(cand), np.concatenate(moment), np.array(users)
-
-
-@torch.no_grad()
-def score_pairs(model, ex, feat: np.ndarray, cand: np.ndarray, batch: int = 2048) -> np.ndarray:
-    model.eval()
-    out = []
-    for s in range(0, len(feat), batch):
-        f, c = feat[s:s + batch], cand[s:s + batch]
-        seq_item, seq_action, seq_mask, user_emb, context, _ = ex.tensors(f)
-        out.append(model(seq_item, seq_action, seq_mask, user_emb, context,
-                         torch.as_tensor(ex.cand_item[c, None]))[:, 0].numpy())
-    return np.concatenate(out)
-
-
-def per_moment_auc(labels: np.ndarray, scores: np.ndarray, moment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return M.per_user_auc(labels, scores, moment)  # a moment's candidates as one "user"
-
-
-def moment_gauc_ci(labels, per_seed_a, per_seed_b, moment, moment_user, n_boot=1000, seed=0) -> dict:
-    """GAUC over moments of A minus B: mean over seeds, 95% interval resampling users (with all their moments)
-    and seeds."""
-    a = [per_moment_auc(labels, s, moment) for s in per_seed_a]
-    b = [per_moment_auc(labels, s, moment) for s in per_seed_b]
-    n = a[0][1]
-    ok = np.isfinite(a[0][0])
-    if not ok.any():
-        return {"value": float("nan"), "ci": None, "moments": 0}
-    value = float(np.mean([(x[ok] * n[ok]).sum() / n[ok].sum() - (y[ok] * n[ok]).sum() / n[ok].sum()
-                           for (x, _), (y, _) in zip(a, b)]))
-    _, user_index = np.unique(moment_user, return_inverse=True)
-    rng = np.random.default_rng([seed, 3])
-    samples = []
-    for counts, _ in M.user_bootstrap_counts(moment_user, n_boot, seed):
-        w = counts[:, user_index[ok]] * n[ok]
-        d = np.stack([(w @ x[ok] - w @ y[ok]) / w.sum(1) for (x, _), (y, _) in zip(a, b)])
-        samples.append(M.seed_resampled_mean(d, rng))
-    samples = np.concatenate(samples)
-    return {"value": value, "ci": [float(np.quantile(samples, 0.025)), float(np.quantile(samples, 0.975))],
-            "moments": int(ok.sum())}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, type=Path, help="a run trained with data.split validation")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--refreshes", type=int, default=0, help="as seqrank evaluate --refreshes (0: the training "
+                        "vocabulary throughout)")
     parser.add_argument("--newest", type=int, default=100, help="rows of the sequence the data check looks at")
     parser.add_argument("--null-window", type=int, default=45, help="impressions those rows cover, for the "
                         "stationary users (45 on KuaiRand, where an impression is about 2.2 rows; 100 on MovieLens)")
@@ -160,8 +103,11 @@ def main() -> None:
             print(f"  {h:<14} rate {r['rate_with']:.3f} with, {r['rate_without']:.3f} without ({r['pooled_ratio']:.1f}x; "
                   f"{r['share_with']:.0%} of impressions with); GAUC of the bit {r['gauc_of_bit']:.3f}{null}")
 
-    feat, cand, moment, moment_user = moments(ex)
-    print(f"\n{moment.max() + 1} moments, {len(cand)} (moment, candidate) pairs, {len(set(moment_user))} users")
+    feature, candidate, moment = M.moments(ex.user_day, ex.request, ex.request_time)
+    served = RefreshedTest(cfg, prep, prep.test_rows(), replay_refreshes(args.run, prep, prep.test_rows(),
+                                                                         args.refreshes))
+    print(f"\n{len(np.unique(moment))} moments, {len(candidate)} (moment, candidate) pairs, "
+          f"{len(np.unique(ex.user[feature]))} users")
     time_mixed, at_moment = {}, {}
     for encoder in ENCODERS:
         spec = "{}" if encoder == "transact" else json.dumps({"encoder": encoder})
@@ -170,22 +116,21 @@ def main() -> None:
         for seed in seeds:
             model = fit_ranker(args.run, replace(cfg, seed=seed), prep, table, data, encoder,
                                args.run / "variants" / f"{key}_seed{seed}.safetensors", tag=f"_{key}_seed{seed}")
-            time_mixed[encoder].append(score_pairs(model, ex, np.arange(len(ex)), np.arange(len(ex))))
-            at_moment[encoder].append(score_pairs(model, ex, feat, cand))
+            time_mixed[encoder].append(served.predict(model))
+            at_moment[encoder].append(served.predict_pairs(model, feature, candidate))
     report["models"] = {}
     for j, h in enumerate(heads):
-        y, ym = ex.labels[:, j], ex.labels[cand, j]
-        row = {}
-        for encoder in ENCODERS:
-            row[encoder] = {"gauc": float(np.mean([M.gauc(y, p[:, j], ex.user) for p in time_mixed[encoder]])),
-                            "moment_gauc": float(np.mean([_weighted_mean(*per_moment_auc(ym, p[:, j], moment))
-                                                          for p in at_moment[encoder]]))}
+        y, ym = ex.labels[:, j], ex.labels[candidate, j]
+        row = {e: {"gauc": float(np.mean([M.gauc(y, p[:, j], ex.user) for p in time_mixed[e]])),
+                   "moment_gauc": float(np.mean([M.gauc(ym, p[:, j], moment) for p in at_moment[e]]))}
+               for e in ENCODERS}
         for base in ENCODERS[1:]:
             row[f"transact - {base}"] = {
                 "gauc": M.gauc_difference_ci(y, [p[:, j] for p in time_mixed["transact"]],
                                              [p[:, j] for p in time_mixed[base]], ex.user, n_boot=500),
-                "moment_gauc": moment_gauc_ci(ym, [p[:, j] for p in at_moment["transact"]],
-                                              [p[:, j] for p in at_moment[base]], moment, moment_user, n_boot=500)}
+                "moment_gauc": M.gauc_difference_ci(ym, [p[:, j] for p in at_moment["transact"]],
+                                                    [p[:, j] for p in at_moment[base]], ex.user[feature],
+                                                    n_boot=500, groups=moment)}
         report["models"][h] = row
     (args.run / "variants").mkdir(exist_ok=True)
     (args.run / "variants" / "within_user.json").write_text(json.dumps(report, indent=2))
@@ -196,11 +141,6 @@ def main() -> None:
         diffs = "  ".join(f"vs {b}: GAUC {_fmt(row[f'transact - {b}']['gauc'])}, moment "
                           f"{_fmt(row[f'transact - {b}']['moment_gauc'])}" for b in ENCODERS[1:])
         print(f"  {h:<14} {cells}\n  {'':<14} {diffs}")
-
-
-def _weighted_mean(aucs: np.ndarray, n: np.ndarray) -> float:
-    ok = np.isfinite(aucs)
-    return float((aucs[ok] * n[ok]).sum() / n[ok].sum()) if ok.any() else float("nan")
 
 
 def _fmt(d: dict) -> str:

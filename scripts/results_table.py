@@ -14,6 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = ("no_sequence", "avg_pool")
+METRICS = (("auc", "AUC"), ("gauc", "GAUC"), ("moment_gauc", "moment GAUC"))
 
 
 def load(run: Path) -> tuple[dict, dict]:
@@ -45,10 +46,10 @@ def verdict_line(m: dict) -> str:
     counted = v["counted_heads"]
     parts = []
     for base, name in (("no_sequence", "no-sequence"), ("avg_pool", "average pooling")):
-        for metric in ("auc", "gauc"):
+        for metric, label in METRICS:
             above = [h for h in counted if v[base][h][metric] == "above"]
             below = [h for h in counted if v[base][h][metric] == "below"]
-            parts.append(f"above {name} by {'GAUC' if metric == 'gauc' else 'AUC'} on {len(above)} of "
+            parts.append(f"above {name} by {label} on {len(above)} of "
                          f"{len(counted)}" + (f" (below on {', '.join(below)})" if below else ""))
     twice = ", ".join(f"{b} = 1 - {a}" for b, a in v["complement_of"].items())
     return (f"Heads counted (>= {v['min_positives']} test positives, one per complement pair"
@@ -81,6 +82,14 @@ def full_table(name: str, m: dict, info: dict) -> str:
                           f"{diff(known['avg_pool']['in_vocabulary'][h])}" for h in m["verdict"]["counted_heads"])
         lines += ["", f"GAUC of TransAct minus each baseline on the candidates in the vocabulary that served them "
                       f"only ({d['item_refresh']['test_candidates_in_vocabulary']:.0%} of test impressions): {cells}."]
+    lines += ["", f"Moment GAUC: at each request of a user-day group, the group's impressions from that request on "
+                  f"ranked with its features ({d['moments']} moments, {d['moment_pairs']} pairs; what one ranking "
+                  f"orders, without the user's estimate moving over time):", "",
+              "| head | moment GAUC TransAct | no sequence | avg-pool | TransAct − no seq. | TransAct − avg-pool |",
+              "|---|---|---|---|---|---|"]
+    for h in heads:
+        lines.append(f"| {h} | " + " | ".join(mean_sd(sm[e][h]["moment_gauc"]) for e in ("transact", *BASELINES))
+                     + " | " + " | ".join(diff(u["moment_gauc_difference"][b][h]) for b in BASELINES) + " |")
     refresh = d["item_refresh"]
     lines += ["", f"Item rows: {len(refresh['refresh_times_ms'])} daily refreshes replayed over the test period "
                   f"({sum(refresh['new_items_per_refresh'])} items added); test candidates in the vocabulary "
@@ -139,7 +148,7 @@ def user_model_line(m: dict) -> str:
 
 
 def short_table(runs: list[tuple[str, dict, dict]], command: str) -> str:
-    lines = ["| data | counted heads | TransAct above no-sequence (AUC / GAUC) | above avg-pool (AUC / GAUC) |"
+    lines = ["| data | counted heads | TransAct above no-sequence (AUC / GAUC / moment GAUC) | above avg-pool (same) |"
              " dense / next Recall@10 | training |", "|---|---:|---|---|---|---:|"]
     for name, m, info in runs:
         v = m["verdict"]
@@ -147,7 +156,7 @@ def short_table(runs: list[tuple[str, dict, dict]], command: str) -> str:
 
         def count(base):
             return " / ".join(f"{sum(v[base][h][k] == 'above' for h in v['counted_heads'])} of {n}"
-                              for k in ("auc", "gauc"))
+                              for k, _ in METRICS)
         um = m["user_model"].get("folds") or m["user_model"]
         ci = um.get("dense_vs_next_ratio_ci")
         lines.append(f"| {name} | {n} | {count('no_sequence')} | {count('avg_pool')} | "

@@ -98,8 +98,9 @@ class RefreshedTest:
     def __init__(self, cfg: RunConfig, prep: Prepared, rows: np.ndarray, states: list[ItemState]):
         request_time = prep.impressions.request_time.to_numpy()[rows]
         self.n, self.states = len(rows), states
+        self.item_ids = prep.impressions.item_id.to_numpy()[rows]
         self.cand_item = np.full(len(rows), OOV, dtype=np.int64)  # each impression's candidate row in its state
-        self.parts = []  # (positions in rows, examples, item table)
+        self.parts = []  # (positions in rows, examples, item table, vocabulary)
         ends = [s.since_ms for s in states[1:]] + [2 ** 62]
         users = set(prep.impressions.user_id.to_numpy()[rows])
         for state, end in zip(states, ends):
@@ -112,16 +113,36 @@ class RefreshedTest:
             ex = RankerExamples(grown, rows[positions], embeddings, cfg.transact.seq_len)
             self.cand_item[positions] = ex.cand_item
             table = torch.as_tensor(np.load(state.directory / "item_table.npy"))
-            self.parts.append((positions, ex, table))
+            self.parts.append((positions, ex, table, vocab))
 
     def predict(self, model) -> np.ndarray:
         """`model`'s probabilities for every impression, in the order of `rows`; its own item table is restored."""
         trained = model.item_table
         out = np.zeros((self.n, len(model.heads.bias)), dtype=np.float32)
         try:
-            for positions, ex, table in self.parts:
+            for positions, ex, table, _ in self.parts:
                 model.item_table = table
                 out[positions] = predict(model, ex)
+        finally:
+            model.item_table = trained
+        return out
+
+    @torch.no_grad()
+    def predict_pairs(self, model, feature: np.ndarray, candidate: np.ndarray, batch: int = 1024) -> np.ndarray:
+        """`model`'s probabilities [pairs, heads] for candidate impression `candidate[i]` scored with the features of
+        impression `feature[i]` (positions in `rows`), as the server would have at feature[i]'s request: its
+        sequence, embedding and context, and the candidate's row in the state serving that request."""
+        model.eval()
+        trained = model.item_table
+        out = np.zeros((len(feature), len(model.heads.bias)), dtype=np.float32)
+        try:
+            for positions, ex, table, vocab in self.parts:
+                pairs = np.flatnonzero(np.isin(feature, positions))
+                model.item_table = table
+                for chunk in np.array_split(pairs, -(-len(pairs) // batch)) if len(pairs) else []:
+                    inputs = ex.tensors(np.searchsorted(positions, feature[chunk]))[:-1]
+                    cand = torch.as_tensor(vocab.item_index(self.item_ids[candidate[chunk]])[:, None])
+                    out[chunk] = model(*inputs, cand)[:, 0].numpy()
         finally:
             model.item_table = trained
         return out

@@ -45,9 +45,10 @@ def ranker_path(run: Path, cfg: RunConfig, encoder: str, seed: int) -> Path:
 
 def evaluate(run: str | Path, seeds: list[int] | None = None, user_folds: int = 1, refreshes: int = 8) -> dict:
     """Time-split evaluation of TransAct against its two baselines (the same ranker without the sequence, and with
-    the sequence averaged), each trained with every seed in `seeds` (default: the run's): per head pooled AUC, GAUC
-    and HIT@3, their mean and spread over seeds, and every comparison with a 95% interval over test users and
-    seeds together. Every test request is scored as production serves it: with the item rows the daily
+    the sequence averaged), each trained with every seed in `seeds` (default: the run's): per head pooled AUC, GAUC,
+    moment GAUC (metrics.moments: one request's ranking of its user-day group's impressions from then on, so a
+    user's estimate moving over time does not enter) and HIT@3, their mean and spread over seeds, and every
+    comparison with a 95% interval over test users and seeds together. Every test request is scored as production serves it: with the item rows the daily
     `seqrank refresh` learned before it (seqrank.daily_items; at most `refreshes` refreshes over the test period,
     daily when it has no more days; 0: the training vocabulary throughout). `user_folds` K > 1: PinnerFormer's
     dense vs next-action also over K folds of users, every user held out once (evaluate_user_models)."""
@@ -57,20 +58,27 @@ def evaluate(run: str | Path, seeds: list[int] | None = None, user_folds: int = 
     served = RefreshedTest(cfg, prep, prep.test_rows(), replay_refreshes(run, prep, prep.test_rows(), refreshes))
     heads, negative = prep.vocab.heads, prep.vocab.negative_actions
     seeds = sorted(set(seeds or [cfg.seed]))
+    # moment GAUC: each request ranks its user-day group's impressions from then on with its own features
+    feature, candidate, moment = M.moments(test_ex.user_day, test_ex.request, test_ex.request_time)
+    moment_labels = test_ex.labels[candidate]
 
     probs, hits, epochs = {e: {} for e in RANKERS}, {e: {} for e in RANKERS}, {e: {} for e in RANKERS}
+    moment_probs = {e: {} for e in RANKERS}
     for seed, encoder in tqdm([(s, e) for s in seeds for e in RANKERS], desc="rankers (seed, model)", unit="model"):
         path = ranker_path(run, cfg, encoder, seed)
         model = fit_ranker(run, replace(cfg, seed=seed), prep, table, data, encoder, path,
                             tag="" if seed == cfg.seed else f"_seed{seed}")
         epochs[encoder][seed] = model.selected_epoch
         probs[encoder][seed] = p = served.predict(model)
+        moment_probs[encoder][seed] = served.predict_pairs(model, feature, candidate)
         util = M.utility(p, heads, negative, cfg.utility_weights)
         group_rows, hits[encoder][seed] = M.hits_per_group(test_ex.user_day, test_ex.labels, util, k=3,
                                                            seed=cfg.seed)
 
     per_seed = {e: {h: {"auc": [M.auc(test_ex.labels[:, j], probs[e][s][:, j]) for s in seeds],
                         "gauc": [M.gauc(test_ex.labels[:, j], probs[e][s][:, j], test_ex.user) for s in seeds],
+                        "moment_gauc": [M.gauc(moment_labels[:, j], moment_probs[e][s][:, j], moment)
+                                        for s in seeds],
                         "hit@3": [float(hits[e][s][:, j].mean()) for s in seeds]}
                     for j, h in enumerate(heads)} for e in RANKERS}
     ranker_metrics = {e: {h: {m: float(np.mean(v)) for m, v in per_seed[e][h].items()} for h in heads}
@@ -80,12 +88,19 @@ def evaluate(run: str | Path, seeds: list[int] | None = None, user_folds: int = 
                                for m, v in per_seed[e][h].items()} for h in heads} for e in RANKERS}}
     lifts = {base: {h: {"auc": ranker_metrics["transact"][h]["auc"] - ranker_metrics[base][h]["auc"],
                         "gauc": ranker_metrics["transact"][h]["gauc"] - ranker_metrics[base][h]["gauc"],
+                        "moment_gauc": ranker_metrics["transact"][h]["moment_gauc"]
+                        - ranker_metrics[base][h]["moment_gauc"],
                         "hit@3_lift": M.lift(ranker_metrics["transact"][h]["hit@3"], ranker_metrics[base][h]["hit@3"]),
                         "hit@3_lift_per_seed": _mean_sd([M.lift(a, b) for a, b in zip(
                             per_seed["transact"][h]["hit@3"], per_seed[base][h]["hit@3"])])}
                     for h in heads} for base in BASELINES}
 
     uncertainty = comparison_uncertainty(test_ex, probs, group_rows, hits, heads, seeds, served.cand_item != OOV)
+    uncertainty["moment_gauc_difference"] = {
+        base: {h: M.gauc_difference_ci(moment_labels[:, j], [moment_probs["transact"][s][:, j] for s in seeds],
+                                       [moment_probs[base][s][:, j] for s in seeds], test_ex.user[feature],
+                                       groups=moment)
+               for j, h in enumerate(heads)} for base in BASELINES}
     bounds = M.hit_at_k_bounds(test_ex.user_day, test_ex.labels, k=3)
     hit_bounds = {h: {**{name: float(v[j]) for name, v in bounds.items()},
                       # the largest lift any ranking could show over the no-sequence model on these groups
@@ -102,7 +117,10 @@ def evaluate(run: str | Path, seeds: list[int] | None = None, user_folds: int = 
                  "train_impressions": len(data.train), "selection_impressions": len(data.selection),
                  "test_positives": positives, "complement_heads": complements,
                  "hit@3_groups": int((np.bincount(test_ex.user_day) >= 4).sum()),
-                 "hit@3_grouping": "user-day (impressions of one user and day, >= 4)"}
+                 "hit@3_grouping": "user-day (impressions of one user and day, >= 4)",
+                 "moments": int(len(np.unique(moment))), "moment_pairs": int(len(moment)),
+                 "moment_grouping": "at each request of a hit@3 group, the group's impressions from then on (at "
+                                    "most 32), scored with that request's features"}
     result = {"ranker": ranker_metrics, "lifts_of_transact": lifts, "user_model": user_metrics,
               "uncertainty": uncertainty, "hit@3_bounds": hit_bounds, "ranker_seeds": seed_metrics,
               "verdict": verdict(uncertainty, positives, complements, heads, negative),
@@ -125,7 +143,8 @@ def _mean_sd(values) -> dict:
 
 def verdict(uncertainty: dict, positives: dict, complements: list, heads: list[str], negative: list[str],
             min_positives: int = 100) -> dict:
-    """Per head and baseline: is TransAct above it at 95% (the interval's lower end > 0), by pooled AUC and by GAUC.
+    """Per head and baseline: is TransAct above it at 95% (the interval's lower end > 0), by pooled AUC, GAUC and
+    moment GAUC.
     Heads with fewer than min_positives test positives, and one head of each complement pair (the same fact: the
     negative one, e.g. KuaiRand's hate = 1 - like), are listed but not counted."""
     duplicate = {}
@@ -135,9 +154,9 @@ def verdict(uncertainty: dict, positives: dict, complements: list, heads: list[s
     out = {"counted_heads": [h for h in heads if positives[h] >= min_positives and h not in duplicate],
            "min_positives": min_positives, "complement_of": duplicate}
     for base in BASELINES:
-        out[base] = {h: {m: _above(uncertainty[key][base][h]) for m, key in (("auc", "auc_difference"),
-                                                                             ("gauc", "gauc_difference"))}
-                     for h in heads}
+        out[base] = {h: {m: _above(uncertainty[key][base][h]) for m, key in (
+            ("auc", "auc_difference"), ("gauc", "gauc_difference"), ("moment_gauc", "moment_gauc_difference"))}
+            for h in heads}
     return out
 
 
@@ -275,7 +294,7 @@ def _cell(entry: dict) -> str:
 
 
 def format_table(result: dict, heads: list[str]) -> str:
-    """The printed summary: per head, each model's AUC / GAUC / HIT@3 (mean +- sd over seeds), then TransAct minus
+    """The printed summary: per head, each model's AUC / GAUC / moment GAUC / HIT@3 (mean +- sd over seeds), then TransAct minus
     each baseline with its 95% interval over users and seeds."""
     seeds, sm, u = result["ranker_seeds"]["seeds"], result["ranker_seeds"], result["uncertainty"]
     complement_of = result["verdict"]["complement_of"]
@@ -285,17 +304,18 @@ def format_table(result: dict, heads: list[str]) -> str:
              f"{result['data']['test_requests']} requests; item rows of {len(refresh['refresh_times_ms'])} daily "
              f"refreshes (+{sum(refresh['new_items_per_refresh'])} items), test candidates in the vocabulary "
              f"{refresh['test_candidates_in_vocabulary']:.0%}",
-             f"{'head':<14}{'pos':>6}" + "".join(f"{e + ' ' + m:>22}" for m in ("AUC", "GAUC") for e in RANKERS)]
+             f"{'head':<14}{'pos':>6}" + "".join(f"{e + ' ' + m:>22}" for m in ("AUC", "GAUC", "mGAUC")
+                                                 for e in RANKERS)]
     for h in heads:
         cells = "".join(f"{sm[e][h][m]['mean']:>15.4f} +-{sm[e][h][m]['sd'] or 0:.3f}"
-                        for m in ("auc", "gauc") for e in RANKERS)
+                        for m in ("auc", "gauc", "moment_gauc") for e in RANKERS)
         note = f"  (= 1 - {complement_of[h]})" if h in complement_of else ""
         lines.append(f"{h:<14}{pos[h]:>6}{cells}{note}")
     lines.append(f"{'TransAct minus':<14}{'':>6}" + "".join(f"{b + ' ' + m:>24}" for b in BASELINES
-                                                            for m in ("AUC", "GAUC")))
+                                                            for m in ("AUC", "GAUC", "mGAUC")))
     for h in heads:
-        lines.append(f"{h:<14}{pos[h]:>6}" + "".join(_cell(u[k][b][h]) for b in BASELINES
-                                                    for k in ("auc_difference", "gauc_difference")))
+        lines.append(f"{h:<14}{pos[h]:>6}" + "".join(_cell(u[k][b][h]) for b in BASELINES for k in (
+            "auc_difference", "gauc_difference", "moment_gauc_difference")))
     lines.append(f"{'HIT@3':<14}" + "".join(f"{e:>20}" for e in RANKERS) + f"{'lift vs no_seq':>26}"
                  + f"{'reachable':>11}")
     for h in heads:

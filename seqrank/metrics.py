@@ -38,6 +38,30 @@ def hits_per_group(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray, k
     return np.asarray(first, dtype=np.int64), np.asarray(hits, dtype=np.float64).reshape(-1, labels.shape[1])
 
 
+def moments(groups: np.ndarray, requests: np.ndarray, request_times: np.ndarray, min_size: int = 4,
+            max_candidates: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rankings of moment GAUC: at each request of a group with >= min_size impressions (the HIT@k groups), the
+    group's impressions from that request's time on (its own included, at most max_candidates, nearest first),
+    to be scored with that request's features. Nothing at or after a request's time is in its features, so no
+    candidate's own action is; a request with a single such impression ranks nothing and is left out. Returns, per
+    (moment, candidate) pair: the row whose features score it, the candidate's row, and the moment's id."""
+    order = np.lexsort((request_times, groups))
+    feature, candidate, moment = [], [], []
+    for group in np.split(order, np.flatnonzero(np.diff(groups[order])) + 1):
+        if len(group) < min_size:
+            continue
+        t = request_times[group]
+        for k in np.flatnonzero(np.r_[True, requests[group][1:] != requests[group][:-1]]):  # each request once
+            later = group[k:][t[k:] >= t[k]][:max_candidates]
+            if len(later) < 2:
+                continue
+            feature.append(np.full(len(later), group[k])), candidate.append(later)
+            moment.append(np.full(len(later), len(moment)))
+    if not moment:
+        return (np.zeros(0, np.int64),) * 3
+    return np.concatenate(feature), np.concatenate(candidate), np.concatenate(moment)
+
+
 def hit_at_k_bounds(groups: np.ndarray, labels: np.ndarray, k: int = 3, min_size: int = 4) -> dict[str, np.ndarray]:
     """What HIT@k can be on these groups whatever the model, per head (binary labels), over the groups
     hits_per_group counts: "random" (the expectation under a random order: k/n of a group's positives), "most"
@@ -176,21 +200,27 @@ def auc_difference_ci(labels: np.ndarray, scores_a: list[np.ndarray], scores_b: 
 
 
 def gauc_difference_ci(labels: np.ndarray, scores_a: list[np.ndarray], scores_b: list[np.ndarray],
-                       users: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
-    """auc_difference_ci for GAUC: the per-user AUCs are computed once per seed and model, and each replicate
-    re-weighs users by how often it drew them (and resamples the seeds)."""
+                       users: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                       groups: np.ndarray | None = None) -> dict:
+    """auc_difference_ci for GAUC: the per-group AUCs are computed once per seed and model, and each replicate
+    re-weighs groups by how often it drew their users (and resamples the seeds). Groups are the users by default;
+    `groups` (each within one user, e.g. moment GAUC's moments) are averaged the same way and resampled with their
+    user."""
     scores_a, scores_b = _per_seed(scores_a), _per_seed(scores_b)
-    per_a = [per_user_auc(labels, a, users) for a in scores_a]
-    per_b = [per_user_auc(labels, b, users) for b in scores_b]
+    groups = users if groups is None else groups
+    per_a = [per_user_auc(labels, a, groups) for a in scores_a]
+    per_b = [per_user_auc(labels, b, groups) for b in scores_b]
     n = per_a[0][1]
-    ok = np.isfinite(per_a[0][0])  # which users have both classes depends on the labels only
+    ok = np.isfinite(per_a[0][0])  # which groups have both classes depends on the labels only
     if not ok.any():
         return _interval(np.array([]), float("nan"), level)
-    point = float(np.mean([gauc(labels, a, users) - gauc(labels, b, users) for a, b in zip(scores_a, scores_b)]))
+    point = float(np.mean([gauc(labels, a, groups) - gauc(labels, b, groups) for a, b in zip(scores_a, scores_b)]))
+    _, first_row = np.unique(groups, return_index=True)      # per_user_auc's order
+    user_of_group = np.unique(users, return_inverse=True)[1][first_row]
     rng = np.random.default_rng([seed, 2])
     samples = []
     for counts, _ in user_bootstrap_counts(users, n_boot, seed):
-        w = counts[:, ok] * n[ok]                           # [b, U_ok]
+        w = counts[:, user_of_group[ok]] * n[ok]            # [b, groups with both classes]
         with np.errstate(invalid="ignore", divide="ignore"):
             d = np.stack([(w @ a[ok] - w @ b[ok]) / w.sum(1) for (a, _), (b, _) in zip(per_a, per_b)])
         samples.append(seed_resampled_mean(d, rng))

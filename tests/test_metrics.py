@@ -154,3 +154,38 @@ def test_complement_pairs_finds_heads_that_are_one_fact():
     labels = np.array([[1, 0, 1], [0, 1, 1], [1, 0, 0]])
     assert M.complement_pairs(labels, ["like", "hate", "click"]) == [["like", "hate"]]
     assert M.complement_pairs(labels[:, [0, 2]], ["like", "click"]) == []
+
+
+def test_moments_rank_a_requests_own_impressions_and_the_groups_later_ones_each_request_once():
+    # group 0: requests 10 (two impressions at t=0), 11 (t=5), 12 (t=9); group 1 has 3 impressions (< 4)
+    groups = np.array([0, 0, 0, 0, 1, 1, 1])
+    requests = np.array([10, 11, 10, 12, 20, 21, 22])
+    times = np.array([0, 5, 0, 9, 0, 1, 2])
+    feature, candidate, moment = M.moments(groups, requests, times)
+    got = {m: (set(feature[moment == m]), set(candidate[moment == m])) for m in np.unique(moment)}
+    # request 10 ranks all four; request 11 ranks itself and request 12; request 12 alone ranks nothing
+    assert got == {0: ({0}, {0, 1, 2, 3}), 1: ({1}, {1, 3})}
+    assert (times[candidate] >= times[feature]).all()  # never a candidate whose action is in the features
+    assert [len(x) for x in M.moments(groups, requests, times, max_candidates=2)] == [4, 4, 4]
+
+
+def test_gauc_interval_over_groups_resamples_each_group_with_its_user():
+    """Groups inside users (moment GAUC): the point is the groups' AUCs weighted by size, and the interval draws
+    users, so a user's groups move together: with one user there is nothing to resample."""
+    rng = np.random.default_rng(0)
+    n_users, per_user = 60, 40
+    users = np.repeat([f"u{i}" for i in range(n_users)], per_user)
+    groups = np.repeat(np.arange(n_users * 4), per_user // 4)  # four groups per user
+    labels = rng.random(len(users)) < 0.3
+    good = labels + rng.normal(0, 1.0, len(users))       # informative within every group
+    noise = rng.normal(0, 1.0, len(users))
+    d = M.gauc_difference_ci(labels.astype(int), [good], [noise], users, n_boot=300, groups=groups)
+    assert d["value"] == pytest.approx(M.gauc(labels.astype(int), good, groups) - M.gauc(labels.astype(int), noise, groups))
+    assert d["ci"][0] > 0
+    one = users == "u0"
+    single = M.gauc_difference_ci(labels[one].astype(int), [good[one]], [noise[one]], users[one], n_boot=50,
+                                  groups=groups[one])
+    assert single["ci"][0] == pytest.approx(single["ci"][1])
+    # groups = users is the plain per-user GAUC interval
+    assert M.gauc_difference_ci(labels.astype(int), [good], [noise], users, n_boot=100, groups=users) == \
+        M.gauc_difference_ci(labels.astype(int), [good], [noise], users, n_boot=100)

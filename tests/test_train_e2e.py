@@ -107,9 +107,9 @@ def test_evaluate_writes_metrics_of_the_required_shape(run):
     for encoder, per_head in metrics["ranker"].items():
         assert set(per_head) == set(heads)
         for h, m in per_head.items():
-            assert {"auc", "gauc", "hit@3"} <= set(m), (encoder, h)
+            assert {"auc", "gauc", "moment_gauc", "hit@3"} <= set(m), (encoder, h)
             if h in REQUIRED_HEADS:
-                assert 0.0 < m["auc"] < 1.0 and 0.0 < m["gauc"] < 1.0, (encoder, h, m)
+                assert 0.0 < m["auc"] < 1.0 and 0.0 < m["gauc"] < 1.0 and 0.0 < m["moment_gauc"] < 1.0, (encoder, h, m)
             else:  # a rare head may have no positive in the test period
                 assert math.isnan(m["auc"]) or 0.0 <= m["auc"] <= 1.0, (encoder, h, m)
             assert 0.0 <= m["hit@3"] <= 3.0, (encoder, h, m)
@@ -142,14 +142,16 @@ def test_evaluate_writes_metrics_of_the_required_shape(run):
     verdict = metrics["verdict"]
     assert "hate" not in verdict["counted_heads"] and verdict["complement_of"] == {"hate": "like"}
     assert all(verdict[b][h][m] in ("above", "below", "level", "n/a") for b in ("no_sequence", "avg_pool")
-               for h in heads for m in ("auc", "gauc"))
+               for h in heads for m in ("auc", "gauc", "moment_gauc"))
+    assert data["moment_pairs"] > data["moments"] > 0
     # every comparison carries its bootstrap interval, around the point it reports
     assert set(data["test_positives"]) == set(heads) and data["test_positives"]["like"] > 0
     unc = metrics["uncertainty"]
     assert unc["seeds"] == [0]
     for base in ("no_sequence", "avg_pool"):
         for h in REQUIRED_HEADS:
-            for m, key in (("auc", "auc_difference"), ("gauc", "gauc_difference")):
+            for m, key in (("auc", "auc_difference"), ("gauc", "gauc_difference"),
+                           ("moment_gauc", "moment_gauc_difference")):
                 d = unc[key][base][h]
                 assert d["value"] == pytest.approx(metrics["lifts_of_transact"][base][h][m], abs=1e-12)
                 assert d["ci"][0] <= d["value"] <= d["ci"][1] and 0 <= d["share_at_or_below_0"] <= 1
@@ -332,6 +334,37 @@ def test_kept_item_states_are_learned_again_for_another_pinnerformer(run, tmp_pa
     states = replay_refreshes(out, prep, prep.test_rows())
     assert [s.directory for s in states[1:]] == [p.parent for p in first]
     assert all(digest(p.parent / "item_table.npy") != h for p, h in kept.items())
+
+
+def test_moment_pairs_score_as_evaluate_scores_each_request(run):
+    """RefreshedTest.predict_pairs (moment GAUC): an impression paired with itself gets exactly what predict gives
+    it; a candidate scored at another impression's request gets that request's features and item state."""
+    from seqrank.daily_items import RefreshedTest, replay_refreshes
+    from seqrank.evaluation import ranker_path
+    from seqrank.features import OOV
+    from seqrank.pipeline import fit_ranker, load_ranker_examples
+    out = run["out"]
+    cfg, _, prep, table, data = load_ranker_examples(out)
+    rows = prep.test_rows()
+    served = RefreshedTest(cfg, prep, rows, replay_refreshes(out, prep, rows))
+    model = fit_ranker(out, cfg, prep, table, data, "transact", ranker_path(out, cfg, "transact", cfg.seed))
+    every = np.arange(len(rows))
+    np.testing.assert_allclose(served.predict_pairs(model, every, every), served.predict(model), atol=1e-6)
+    # the latest impression's item as a candidate of the earliest request: scored with the earliest request's
+    # features and item state, where an item a later refresh learned is still the OOV row
+    times = prep.impressions.request_time.to_numpy()[rows]
+    newest = np.flatnonzero(served.cand_item >= prep.vocab.n_items)  # items learned by a refresh after the split
+    first, last = every[[np.argmin(times)]], newest[[np.argmax(times[newest])]]
+    early = next(part for part in served.parts if first[0] in part[0])
+    assert early is served.parts[0] and len(served.parts) > 1
+    assert early[3].item_index(served.item_ids[last])[0] == OOV
+    pair = served.predict_pairs(model, first, last)
+    assert not np.allclose(pair, served.predict(model)[last], atol=1e-6)  # not its own request's features
+    # another item that later refresh learned is the same OOV row at that moment, so it scores the same there,
+    # though the two have rows of their own in the states that served them
+    other = newest[served.item_ids[newest] != served.item_ids[last[0]]][:1]
+    assert served.cand_item[other[0]] != served.cand_item[last[0]]
+    np.testing.assert_array_equal(served.predict_pairs(model, first, other), pair)
 
 
 def test_refresh_times_are_daily_up_to_a_cap():
