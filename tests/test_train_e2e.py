@@ -214,7 +214,7 @@ def test_train_resumes_from_the_finished_checkpoint(run, tmp_path):
     np.testing.assert_array_equal(np.load(out / "user_emb.npy"), user_emb)
     # no epoch ran: each finished epoch would have rewritten its checkpoint
     assert {p.name: digest(p) for p in (out / "checkpoints").glob("*.pt")} == checkpoints
-    assert "trained in" in resumed.stdout
+    assert "nothing to train: the saved models are current" in resumed.stdout
 
 
 def test_train_after_a_config_change_trains_again_only_what_the_change_touches(run, tmp_path):
