@@ -48,9 +48,10 @@ def evaluate(run: str | Path, seeds: list[int] | None = None, user_folds: int = 
     the sequence averaged), each trained with every seed in `seeds` (default: the run's): per head pooled AUC, GAUC,
     moment GAUC (metrics.moments: one request's ranking of its user-day group's impressions from then on, so a
     user's estimate moving over time does not enter) and HIT@3, their mean and spread over seeds, and every
-    comparison with a 95% interval over test users and seeds together. Every test request is scored as production serves it: with the item rows the daily
-    `seqrank refresh` learned before it (seqrank.daily_items; at most `refreshes` refreshes over the test period,
-    daily when it has no more days; 0: the training vocabulary throughout). `user_folds` K > 1: PinnerFormer's
+    comparison with a 95% interval over test users and seeds together. Every test request is scored as production
+    serves it: with the item rows the daily `seqrank refresh` learned before it (seqrank.daily_items; at most
+    `refreshes` refreshes over the test period, daily when it has no more days; 0: the training vocabulary
+    throughout). `user_folds` K > 1: PinnerFormer's
     dense vs next-action also over K folds of users, every user held out once (evaluate_user_models)."""
     run = Path(run)
     cfg, info, prep, table, data = load_ranker_examples(run)
