@@ -25,6 +25,17 @@ from seqrank.pipeline import fit_ranker, load_ranker_examples
 from seqrank.daily_items import RefreshedTest, replay_refreshes
 
 
+def variant_ranker(run: Path, cfg, prep, table, data, spec: str, seed: int):
+    """The ranker of one variant (a JSON object of TransActConfig fields, plus an optional "encoder") and seed, kept
+    under RUN/variants/ by the spec's digest: trained once, then reused (also by research/within_user.py)."""
+    fields = json.loads(spec)
+    encoder = fields.pop("encoder", "transact")
+    key = hashlib.sha1(spec.encode()).hexdigest()[:10]
+    variant = replace(cfg, seed=seed, transact=replace(cfg.transact, **fields))
+    return fit_ranker(run, variant, prep, table, data, encoder, run / "variants" / f"{key}_seed{seed}.safetensors",
+                      tag=f"_{key}_seed{seed}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, type=Path, help="a run trained with data.split validation")
@@ -42,14 +53,9 @@ def main() -> None:
                                                                          args.refreshes))
     scores = {}
     for spec in args.variants:
-        fields = json.loads(spec)
-        encoder = fields.pop("encoder", "transact")
-        key = hashlib.sha1(spec.encode()).hexdigest()[:10]
         scores[spec] = []
         for seed in seeds:
-            variant = replace(cfg, seed=seed, transact=replace(cfg.transact, **fields))
-            model = fit_ranker(args.run, variant, prep, table, data, encoder,
-                                args.run / "variants" / f"{key}_seed{seed}.safetensors", tag=f"_{key}_seed{seed}")
+            model = variant_ranker(args.run, cfg, prep, table, data, spec, seed)
             scores[spec].append(served.predict(model))
     first = args.variants[0]
     summary = {"seeds": seeds, "heads": heads, "variants": {}}

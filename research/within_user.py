@@ -24,9 +24,8 @@ metrics; `seqrank evaluate` reports moment GAUC on the test period with the repl
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-from dataclasses import replace
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,10 @@ import numpy as np
 from seqrank import metrics as M
 from seqrank.daily_items import RefreshedTest, replay_refreshes
 from seqrank.features import FIRST_ID
-from seqrank.pipeline import fit_ranker, load_ranker_examples
+from seqrank.pipeline import load_ranker_examples
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ranker_variants import variant_ranker  # noqa: E402  (the same files under RUN/variants/)
 
 ENCODERS = ("transact", "no_sequence", "avg_pool")
 
@@ -111,11 +113,9 @@ def main() -> None:
     time_mixed, at_moment = {}, {}
     for encoder in ENCODERS:
         spec = "{}" if encoder == "transact" else json.dumps({"encoder": encoder})
-        key = hashlib.sha1(spec.encode()).hexdigest()[:10]  # research/ranker_variants.py's file names
         time_mixed[encoder], at_moment[encoder] = [], []
         for seed in seeds:
-            model = fit_ranker(args.run, replace(cfg, seed=seed), prep, table, data, encoder,
-                               args.run / "variants" / f"{key}_seed{seed}.safetensors", tag=f"_{key}_seed{seed}")
+            model = variant_ranker(args.run, cfg, prep, table, data, spec, seed)
             time_mixed[encoder].append(served.predict(model))
             at_moment[encoder].append(served.predict_pairs(model, feature, candidate))
     report["models"] = {}

@@ -120,8 +120,8 @@ def evaluate(run: str | Path, seeds: list[int] | None = None, user_folds: int = 
                  "hit@3_groups": int((np.bincount(test_ex.user_day) >= 4).sum()),
                  "hit@3_grouping": "user-day (impressions of one user and day, >= 4)",
                  "moments": int(len(np.unique(moment))), "moment_pairs": int(len(moment)),
-                 "moment_grouping": "at each request of a hit@3 group, the group's impressions from then on (at "
-                                    "most 32), scored with that request's features"}
+                 "moment_grouping": f"at each request of a hit@3 group, the group's impressions from then on (at "
+                                    f"most {M.MOMENT_CANDIDATES}), scored with that request's features"}
     result = {"ranker": ranker_metrics, "lifts_of_transact": lifts, "user_model": user_metrics,
               "uncertainty": uncertainty, "hit@3_bounds": hit_bounds, "ranker_seeds": seed_metrics,
               "verdict": verdict(uncertainty, positives, complements, heads, negative),

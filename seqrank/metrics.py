@@ -38,8 +38,11 @@ def hits_per_group(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray, k
     return np.asarray(first, dtype=np.int64), np.asarray(hits, dtype=np.float64).reshape(-1, labels.shape[1])
 
 
+MOMENT_CANDIDATES = 32  # a moment ranks at most this many of its group's impressions (bounds the pairs scored)
+
+
 def moments(groups: np.ndarray, requests: np.ndarray, request_times: np.ndarray, min_size: int = 4,
-            max_candidates: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            max_candidates: int = MOMENT_CANDIDATES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The rankings of moment GAUC: at each request of a group with >= min_size impressions (the HIT@k groups), the
     group's impressions from that request's time on (its own included, at most max_candidates, nearest first),
     to be scored with that request's features. Nothing at or after a request's time is in its features, so no
