@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +33,9 @@ from seqrank.dataset import day_start
 from seqrank.evaluation import ranker_path
 from seqrank.features import History, build_sequences
 from seqrank.pipeline import fit_ranker, load_ranker_examples
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from within_user import fmt_interval  # noqa: E402
 
 MINUTE_MS = 60_000
 SITTING_GAP_MS = 30 * MINUTE_MS
@@ -155,13 +159,9 @@ def main() -> None:
         cells = [f"{row[h]['auc']:.3f} / {row[h]['moment_gauc']:.3f}" for h in heads]
         print(f"| {key} | " + " | ".join(cells) + " |")
         if "auc_minus_served" in row[heads[0]]:
-            cells = [f"{_fmt(row[h]['auc_minus_served'])} / {_fmt(row[h]['moment_gauc_minus_served'])}"
-                     for h in heads]
+            cells = [f"{fmt_interval(row[h]['auc_minus_served'])} / "
+                     f"{fmt_interval(row[h]['moment_gauc_minus_served'])}" for h in heads]
             print("| | minus as served | " + " | ".join(cells) + " |")
-
-
-def _fmt(d: dict) -> str:
-    return f"{d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d.get("ci") else f"{d['value']:+.3f}"
 
 
 if __name__ == "__main__":

@@ -138,12 +138,13 @@ def main() -> None:
           f"{seeds}; TransAct minus each baseline [95%, users x seeds]")
     for h, row in report["models"].items():
         cells = "  ".join(f"{e} {row[e]['gauc']:.3f}/{row[e]['moment_gauc']:.3f}" for e in ENCODERS)
-        diffs = "  ".join(f"vs {b}: GAUC {_fmt(row[f'transact - {b}']['gauc'])}, moment "
-                          f"{_fmt(row[f'transact - {b}']['moment_gauc'])}" for b in ENCODERS[1:])
+        diffs = "  ".join(f"vs {b}: GAUC {fmt_interval(row[f'transact - {b}']['gauc'])}, moment "
+                          f"{fmt_interval(row[f'transact - {b}']['moment_gauc'])}" for b in ENCODERS[1:])
         print(f"  {h:<14} {cells}\n  {'':<14} {diffs}")
 
 
-def _fmt(d: dict) -> str:
+def fmt_interval(d: dict) -> str:
+    """A difference with its 95% interval, as the research scripts print it."""
     return f"{d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d.get("ci") else f"{d['value']:+.3f}"
 
 
