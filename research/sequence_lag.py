@@ -109,9 +109,7 @@ def main() -> None:
     sitting = sitting_starts(imp.user_id.to_numpy(), imp.timestamp.to_numpy())[rows]
     served = RefreshedTest(cfg, prep, rows, replay_refreshes(args.run, prep, rows, args.refreshes))
     feature, candidate, moment = M.moments(ex.user_day, ex.request, ex.request_time)
-    negative = prep.vocab.negative_actions  # one head of a complement pair (hate = 1 - like) is one fact: drop it
-    repeated = {a if a in negative and b not in negative else b
-                for a, b in M.complement_pairs(ex.labels, prep.vocab.heads)}
+    repeated = M.complement_of(M.complement_pairs(ex.labels, prep.vocab.heads), prep.vocab.negative_actions)
     heads = [h for j, h in enumerate(prep.vocab.heads)
              if ex.labels[:, j].sum() >= args.min_positives and h not in repeated]
     views = {}

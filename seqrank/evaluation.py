@@ -148,10 +148,7 @@ def verdict(uncertainty: dict, positives: dict, complements: list, heads: list[s
     moment GAUC.
     Heads with fewer than min_positives test positives, and one head of each complement pair (the same fact: the
     negative one, e.g. KuaiRand's hate = 1 - like), are listed but not counted."""
-    duplicate = {}
-    for a, b in complements:
-        drop, keep = (a, b) if a in negative and b not in negative else (b, a)
-        duplicate[drop] = keep
+    duplicate = M.complement_of(complements, negative)
     out = {"counted_heads": [h for h in heads if positives[h] >= min_positives and h not in duplicate],
            "min_positives": min_positives, "complement_of": duplicate}
     for base in BASELINES:

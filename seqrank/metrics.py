@@ -253,3 +253,13 @@ def complement_pairs(labels: np.ndarray, heads: list[str]) -> list[list[str]]:
     y = np.asarray(labels) > 0
     return [[heads[i], heads[j]] for i in range(len(heads)) for j in range(i + 1, len(heads))
             if len(y) and (y[:, i] ^ y[:, j]).all()]
+
+
+def complement_of(pairs: list[list[str]], negative: list[str]) -> dict[str, str]:
+    """For each complement pair, the head left uncounted -> the head counted: the negative one is dropped (hate =
+    1 - like), or the second when neither or both are negative."""
+    out = {}
+    for a, b in pairs:
+        drop, keep = (a, b) if a in negative and b not in negative else (b, a)
+        out[drop] = keep
+    return out

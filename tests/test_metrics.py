@@ -156,6 +156,12 @@ def test_complement_pairs_finds_heads_that_are_one_fact():
     assert M.complement_pairs(labels[:, [0, 2]], ["like", "click"]) == []
 
 
+def test_complement_of_drops_the_negative_head_of_a_pair_whichever_comes_first():
+    assert M.complement_of([["like", "hate"]], ["hate"]) == {"hate": "like"}
+    assert M.complement_of([["hate", "like"]], ["hate"]) == {"hate": "like"}
+    assert M.complement_of([["a", "b"]], []) == {"b": "a"}
+
+
 def test_moments_rank_a_requests_own_impressions_and_the_groups_later_ones_each_request_once():
     # group 0: requests 10 (two impressions at t=0), 11 (t=5), 12 (t=9); group 1 has 3 impressions (< 4)
     groups = np.array([0, 0, 0, 0, 1, 1, 1])
