@@ -38,8 +38,8 @@ HEADS = ("like", "click", "long_view", "profile_enter", "comment")
 
 def variants(cfg, prep, run: Path, rows: np.ndarray, plain: RankerExamples, table: np.ndarray,
              served: RefreshedTest) -> dict[str, list]:
-    """Per variant: (positions in the test rows, examples, item table, vocabulary) parts, as RefreshedTest.parts; `plain`: the
-    test examples with the training vocabulary, `table` its item table."""
+    """Per variant: (positions in the test rows, examples, item table, vocabulary) parts, as RefreshedTest.parts;
+    `plain`: the test examples with the training vocabulary, `table` its item table."""
     trained_items = prep.vocab.n_items
     embeddings = EmbeddingCache(load_pinnerformer(run, cfg.pinnerformer, prep), prep)  # the training vocabulary's
     out = {"training vocabulary": [(np.arange(len(plain)), plain, torch.as_tensor(table), prep.vocab)],

@@ -81,15 +81,19 @@ def lagged_sequences(histories: dict, users, request_times: np.ndarray, cuts: np
     return build_sequences(held, request_times, max_len)
 
 
-def lagged_parts(served: RefreshedTest, prep, rows: np.ndarray, sitting: np.ndarray, cut: str, max_len: int):
-    """RefreshedTest.parts with every part's sequences rebuilt from the actions before ``cut``, in the part's own
-    vocabulary (the refreshed state indexes the same log)."""
+def part_histories(served: RefreshedTest, prep, rows: np.ndarray) -> list[dict]:
+    """Each part's users' histories in the part's own vocabulary (a refreshed state indexes the same log anew)."""
     users = set(prep.impressions.user_id.to_numpy()[rows])
+    return [(prep if vocab is prep.vocab else prep.with_vocabulary(vocab, users)).histories
+            for _, _, _, vocab in served.parts]
+
+
+def lagged_parts(served: RefreshedTest, histories: list[dict], sitting: np.ndarray, cut: str, max_len: int):
+    """RefreshedTest.parts with every part's sequences rebuilt from the actions before ``cut``."""
     parts = []
-    for positions, ex, table, vocab in served.parts:
-        grown = prep if vocab is prep.vocab else prep.with_vocabulary(vocab, users)
+    for (positions, ex, table, vocab), held in zip(served.parts, histories):
         lagged = copy.copy(ex)
-        lagged.seq = lagged_sequences(grown.histories, ex.user, ex.request_time,
+        lagged.seq = lagged_sequences(held, ex.user, ex.request_time,
                                       cut_times(cut, ex.request_time, sitting[positions]), max_len)
         parts.append((positions, lagged, table, vocab))
     return parts
@@ -112,10 +116,10 @@ def main() -> None:
     repeated = M.complement_of(M.complement_pairs(ex.labels, prep.vocab.heads), prep.vocab.negative_actions)
     heads = [h for j, h in enumerate(prep.vocab.heads)
              if ex.labels[:, j].sum() >= args.min_positives and h not in repeated]
-    views = {}
+    histories, views = part_histories(served, prep, rows), {}
     for cut in CUTS:
         views[cut] = copy.copy(served)
-        views[cut].parts = lagged_parts(served, prep, rows, sitting, cut, cfg.transact.seq_len)
+        views[cut].parts = lagged_parts(served, histories, sitting, cut, cfg.transact.seq_len)
     lag_s = (ex.request_time - sitting) / 1000
     print(f"{args.run} ({cfg.data.split} period): {len(rows)} impressions, {len(np.unique(ex.request))} requests, "
           f"{len(np.unique(ex.user))} users; request time after its sitting's start: median {np.median(lag_s):.0f} s, "

@@ -139,7 +139,7 @@ def seed_spread_line(m: dict) -> str:
     cis = {h: sd_ratio_interval(r, n, n) for h, r in ratios.items()}
     over = [f"{h} {r:.1f}x [{cis[h][0]:.1f}, {cis[h][1]:.1f}]" for h, r in ratios.items() if r > 1.5]
     surely = [h for h in ratios if cis[h][0] > 1.5]
-    width = ratios[next(iter(ratios))] / cis[next(iter(ratios))][0]
+    width = sd_ratio_interval(1.0, n, n)[1]  # the factor either way, the same for every head
     return (f"Seed spread of the AUC, TransAct's sd over the larger baseline sd: at most {max(ratios.values()):.1f}x"
             + (f"; above 1.5x on {', '.join(over)}" if over else " (within 1.5x on every head)")
             + f". With {n} seeds per model an sd ratio is known only within a factor of {width:.1f} either way "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,17 @@ def replay_refreshes(run: Path, prep: Prepared, rows: np.ndarray, max_refreshes:
     return states
 
 
+@contextmanager
+def _item_table(model, table):
+    """`model` with the item rows of one refreshed state, its own restored afterwards."""
+    trained = model.item_table
+    model.item_table = table
+    try:
+        yield model
+    finally:
+        model.item_table = trained
+
+
 class RefreshedTest:
     """Test impressions scored as the daily refresh serves them: each request with the newest item state learned
     before it (its vocabulary, its user tower's daily embeddings, its item table in the ranker)."""
@@ -117,14 +129,10 @@ class RefreshedTest:
 
     def predict(self, model) -> np.ndarray:
         """`model`'s probabilities for every impression, in the order of `rows`; its own item table is restored."""
-        trained = model.item_table
         out = np.zeros((self.n, len(model.heads.bias)), dtype=np.float32)
-        try:
-            for positions, ex, table, _ in self.parts:
-                model.item_table = table
+        for positions, ex, table, _ in self.parts:
+            with _item_table(model, table):
                 out[positions] = predict(model, ex)
-        finally:
-            model.item_table = trained
         return out
 
     @torch.no_grad()
@@ -133,18 +141,14 @@ class RefreshedTest:
         impression `feature[i]` (positions in `rows`), as the server would have at feature[i]'s request: its
         sequence, embedding and context, and the candidate's row in the state serving that request."""
         model.eval()
-        trained = model.item_table
         out = np.zeros((len(feature), len(model.heads.bias)), dtype=np.float32)
-        try:
-            for positions, ex, table, vocab in self.parts:
-                pairs = np.flatnonzero(np.isin(feature, positions))
-                model.item_table = table
+        for positions, ex, table, vocab in self.parts:
+            pairs = np.flatnonzero(np.isin(feature, positions))
+            with _item_table(model, table):
                 for chunk in np.array_split(pairs, -(-len(pairs) // batch)) if len(pairs) else []:
                     inputs = ex.tensors(np.searchsorted(positions, feature[chunk]))[:-1]
                     cand = torch.as_tensor(vocab.item_index(self.item_ids[candidate[chunk]])[:, None])
                     out[chunk] = model(*inputs, cand)[:, 0].numpy()
-        finally:
-            model.item_table = trained
         return out
 
     def summary(self) -> dict:

@@ -51,8 +51,8 @@ def evaluate(run: str | Path, seeds: list[int] | None = None, user_folds: int = 
     comparison with a 95% interval over test users and seeds together. Every test request is scored as production
     serves it: with the item rows the daily `seqrank refresh` learned before it (seqrank.daily_items; at most
     `refreshes` refreshes over the test period, daily when it has no more days; 0: the training vocabulary
-    throughout). `user_folds` K > 1: PinnerFormer's
-    dense vs next-action also over K folds of users, every user held out once (evaluate_user_models)."""
+    throughout). `user_folds` K > 1: PinnerFormer's dense vs next-action also over K folds of users, every user held
+    out once (evaluate_user_models)."""
     run = Path(run)
     cfg, info, prep, table, data = load_ranker_examples(run)
     test_ex = data.test
@@ -292,8 +292,8 @@ def _cell(entry: dict) -> str:
 
 
 def format_table(result: dict, heads: list[str]) -> str:
-    """The printed summary: per head, each model's AUC / GAUC / moment GAUC / HIT@3 (mean +- sd over seeds), then TransAct minus
-    each baseline with its 95% interval over users and seeds."""
+    """The printed summary: per head, each model's AUC / GAUC / moment GAUC / HIT@3 (mean +- sd over seeds), then
+    TransAct minus each baseline with its 95% interval over users and seeds."""
     seeds, sm, u = result["ranker_seeds"]["seeds"], result["ranker_seeds"], result["uncertainty"]
     complement_of = result["verdict"]["complement_of"]
     pos = result["data"]["test_positives"]
