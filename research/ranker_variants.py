@@ -8,7 +8,8 @@ is scored as `seqrank evaluate` scores it: with the item rows the daily refresh 
         '{"time_window_max_h": 0}' '{"time_window_max_h": 1}' '{"time_window_max_h": 24}'
 
 A variant is a JSON object of TransActConfig fields, plus an optional "encoder" (transact | avg_pool | no_sequence).
-Models are kept under RUN/variants/ (a re-run only scores them); the table also goes to RUN/variants/summary.json.
+Models are kept under RUN/variants/ (a re-run only scores them); the table also goes to RUN/variants/summary.json
+(with `--store-down`: every request scored as in a feature-store outage, to RUN/variants/store_down.json).
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--refreshes", type=int, default=8, help="as seqrank evaluate --refreshes: score each "
                         "request with the item rows the daily refresh learned before it (0: the training vocabulary)")
+    parser.add_argument("--store-down", action="store_true", help="score every request as during a feature-store "
+                        "outage (RefreshedTest.store_down) instead of as served")
     parser.add_argument("variants", nargs="+", help="JSON objects of TransActConfig fields (+ encoder)")
     args = parser.parse_args()
     cfg, _, prep, table, data = load_ranker_examples(args.run)
@@ -51,6 +54,7 @@ def main() -> None:
     heads, ex = prep.vocab.heads, data.test
     served = RefreshedTest(cfg, prep, prep.test_rows(), replay_refreshes(args.run, prep, prep.test_rows(),
                                                                          args.refreshes))
+    served = served.store_down() if args.store_down else served
     scores = {}
     for spec in args.variants:
         scores[spec] = []
@@ -73,9 +77,12 @@ def main() -> None:
                     row[h][f"{m}_minus_first"] = [d["value"], *(d["ci"] or [None, None])]
         summary["variants"][spec] = row
     (args.run / "variants").mkdir(exist_ok=True)
-    (args.run / "variants" / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["scored"] = "store down" if args.store_down else "as served"
+    (args.run / "variants" / ("store_down.json" if args.store_down else "summary.json")).write_text(
+        json.dumps(summary, indent=2))
     for m in ("auc", "gauc"):
-        print(f"\n{m.upper()} on the validation slice, mean +- sd over seeds {seeds}; minus {first} [95%]")
+        print(f"\n{m.upper()} on the validation slice ({summary['scored']}), mean +- sd over seeds {seeds}; "
+              f"minus {first} [95%]")
         for spec, row in summary["variants"].items():
             mean = np.mean([row[h][m][0] for h in heads])
             print(f"{spec:<50} mean over heads {mean:.4f}")

@@ -7,7 +7,8 @@ user embedding, the item rows the replayed refresh learned). Nothing is trained 
 Cuts: the request time itself (as served: every action strictly before the request), the request time minus 1 min,
 10 min and 1 h (a streaming store that lags), the start of the request's sitting (its user's impressions with gaps
 under 30 min: the construction this project used before real-time requests), the request's day start (a sequence
-refreshed once a day, as the user embedding is) and no sequence at all (the store is down: the fallback).
+refreshed once a day, as the user embedding is) and no sequence at all (the store is down: preprocess's fallback,
+RefreshedTest.store_down, which also flags the history "unavailable" in the context).
 
     seqrank train --events data/kuairand/events.tsv.gz --out runs/val --set data.split=validation
     python research/sequence_lag.py --run runs/val --seeds 0,1,2,3,4      # ~15 min, most of it training the rankers
@@ -64,8 +65,6 @@ def cut_times(cut: str, request_time: np.ndarray, sitting_start: np.ndarray) -> 
         return np.minimum(sitting_start, request_time)
     if cut == "day start":
         return day_start(request_time)
-    if cut == "no sequence":
-        return np.full_like(request_time, np.iinfo(np.int64).min)
     raise ValueError(f"unknown cut {cut!r}; known: {CUTS}")
 
 
@@ -117,9 +116,10 @@ def main() -> None:
     heads = [h for j, h in enumerate(prep.vocab.heads)
              if ex.labels[:, j].sum() >= args.min_positives and h not in repeated]
     histories, views = part_histories(served, prep, rows), {}
-    for cut in CUTS:
+    for cut in CUTS[:-1]:
         views[cut] = copy.copy(served)
         views[cut].parts = lagged_parts(served, histories, sitting, cut, cfg.transact.seq_len)
+    views[CUTS[-1]] = served.store_down()
     lag_s = (ex.request_time - sitting) / 1000
     print(f"{args.run} ({cfg.data.split} period): {len(rows)} impressions, {len(np.unique(ex.request))} requests, "
           f"{len(np.unique(ex.user))} users; request time after its sitting's start: median {np.median(lag_s):.0f} s, "
@@ -130,7 +130,7 @@ def main() -> None:
         for seed in seeds:
             model = fit_ranker(args.run, replace(cfg, seed=seed), prep, table, data, encoder,
                                ranker_path(args.run, cfg, encoder, seed))
-            for cut in (CUTS if encoder in ENCODERS else CUTS[:1]):
+            for cut in (CUTS if encoder in ENCODERS else (CUTS[0], CUTS[-1])):
                 view = views[cut]
                 scores.setdefault((encoder, cut), []).append((view.predict(model),
                                                               view.predict_pairs(model, feature, candidate)))

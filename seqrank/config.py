@@ -68,6 +68,10 @@ class TransActConfig:
     time_window_max_h: Annotated[float, Field(ge=0)] = 0.1667     # training-only random time-window mask, T ~ U[0, W], W = 10 min (paper:
                                           # 24 h), chosen on the validation split over 0 / 10 min / 1 h / 24 h
                                           # (docs/results.md)
+    history_outage_share: Rate = 0.05  # training only: this share of rows is served as in a store outage (empty
+                                       # sequence, context flag "unavailable"), so an outage ranks like a model
+                                       # without the sequence, not like a brand-new user; chosen on the
+                                       # validation split over 0 / 0.05 / 0.2 (docs/results.md)
     cross_layers: Annotated[int, Field(ge=0)] = 2       # DCN v2
     cross_rank: Positive = 64        # low-rank cross matrices
     mlp: list[Positive] = field(default_factory=lambda: [256, 128])

@@ -17,6 +17,7 @@ is refreshed K times, not daily; metrics.json records the times).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from .config import RunConfig
 from .dataset import Prepared, actions_by_user, day_start
 from .examples import EmbeddingCache, RankerExamples
 from .exporting import load_user_tower
-from .features import OOV, Vocabulary
+from .features import OOV, History, Vocabulary, build_sequences
 from .refresh import DEFAULT_MAX_STEPS, learn_new_items, save_item_state
 from .training import predict
 
@@ -134,6 +135,18 @@ class RefreshedTest:
             with _item_table(model, table):
                 out[positions] = predict(model, ex)
         return out
+
+    def store_down(self) -> "RefreshedTest":
+        """The same impressions scored as during a feature-store outage: preprocess's fallback (no sequence, the
+        context's "unavailable" flag set); embedding and item rows as served."""
+        view = copy.copy(self)
+        view.parts = []
+        for positions, ex, table, vocab in self.parts:
+            down = copy.copy(ex)
+            down.seq = build_sequences([History.empty()] * len(ex.request_time), ex.request_time,
+                                       ex.seq.seq_item.shape[1], unavailable=np.ones(len(ex.request_time), bool))
+            view.parts.append((positions, down, table, vocab))
+        return view
 
     @torch.no_grad()
     def predict_pairs(self, model, feature: np.ndarray, candidate: np.ndarray, batch: int = 1024) -> np.ndarray:

@@ -17,7 +17,8 @@ import numpy as np
 PAD = 0          # index 0: padding (never attended or pooled)
 OOV = 1          # index 1: out-of-vocabulary item / action
 FIRST_ID = 2     # known ids start here
-N_CONTEXT = 4    # context features: log1p(#history), log1p(hours since last action), sin/cos hour of day
+N_CONTEXT = 5    # context features: log1p(#history), log1p(hours since last action), sin/cos hour of day, and
+UNAVAILABLE = 4  # a flag: 1 = the history could not be read (store down), which is not "no history" (a new user)
 # context[0] counts at most this many earlier actions: the feature store keeps a user's newest 256 raw actions
 # (seqrank.store DEFAULT_MAX_LEN), so serving from it cannot count more, and training must not either
 HISTORY_COUNT_CAP = 256
@@ -157,9 +158,14 @@ class SequenceBatch:
     context: np.ndarray      # float32 [E, N_CONTEXT]
 
 
-def build_sequences(histories: Sequence[History], request_times_ms, max_len: int) -> SequenceBatch:
-    """For each (history, request time): the newest `max_len` actions strictly before the request time."""
+def build_sequences(histories: Sequence[History], request_times_ms, max_len: int,
+                    unavailable: np.ndarray | None = None) -> SequenceBatch:
+    """For each (history, request time): the newest `max_len` actions strictly before the request time.
+    ``unavailable`` (bool per request) flags the requests whose history could not be read: they get an empty
+    sequence and context[UNAVAILABLE] = 1, so the ranker can tell a store outage from a user who has done nothing."""
     req = np.asarray(request_times_ms, dtype=np.int64).reshape(-1)
+    unavailable = np.zeros(len(req), dtype=bool) if unavailable is None else np.asarray(unavailable, dtype=bool)
+    histories = [History.empty() if down else h for h, down in zip(histories, unavailable)]
     n = len(histories)
     seq_item = np.zeros((n, max_len), dtype=np.int64)
     seq_action = np.zeros((n, max_len), dtype=np.int64)
@@ -180,5 +186,5 @@ def build_sequences(histories: Sequence[History], request_times_ms, max_len: int
     seq_mask = np.arange(max_len)[None, :] < lengths[:, None]
     hour = (req // 3_600_000) % 24 * (2 * np.pi / 24)
     context = np.stack([np.log1p(np.minimum(n_before, HISTORY_COUNT_CAP)), np.log1p(last_gap_h), np.sin(hour),
-                        np.cos(hour)], axis=1)
+                        np.cos(hour), unavailable], axis=1)
     return SequenceBatch(seq_item, seq_action, seq_mask, seq_ts, context.astype(np.float32))

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import distributed
 from .config import PinnerFormerConfig, TransActConfig
 from .dataset import Prepared, item_known_from
-from .features import FIRST_ID, N_CONTEXT, OOV, History, Vocabulary, build_sequences
+from .features import FIRST_ID, N_CONTEXT, OOV, PAD, UNAVAILABLE, History, Vocabulary, build_sequences
 from .models.pinnerformer import PinnerFormer, sampled_softmax_loss, time_features
 from .models.transact import TransActRanker, label_weights, time_window_mask, weighted_multitask_bce
 
@@ -381,6 +381,18 @@ def as_served(known_from: torch.Tensor, request_time: np.ndarray, inputs: tuple)
             torch.where(known_from[cand] > t, OOV, cand))
 
 
+def store_outage(inputs: tuple, down: torch.Tensor) -> tuple:
+    """A batch's inputs with the rows ``down`` as a store outage serves them (features.build_sequences with
+    ``unavailable``): no sequence, a zero count and last-action gap, the "unavailable" flag set. Training only."""
+    seq_item, seq_action, seq_mask, user_emb, context, cand = inputs
+    d = down[:, None]
+    context = context.clone()
+    context[down, 0] = 0.0
+    context[down, 1] = 0.0
+    context[:, UNAVAILABLE] = torch.maximum(context[:, UNAVAILABLE], down.to(context.dtype))
+    return (seq_item.masked_fill(d, PAD), seq_action.masked_fill(d, PAD), seq_mask & ~d, user_emb, context, cand)
+
+
 def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_dim: int, train: RankerExamples,
                  seed: int, ckpt: Path, selection: RankerExamples | None = None) -> TransActRanker:
     """The ranker on `train`; with `selection` (later impressions of the training period), the epoch whose loss
@@ -413,12 +425,14 @@ def train_ranker(prep: Prepared, cfg: TransActConfig, table: np.ndarray, user_di
             batches = distributed.padded_steps(batches)
         here = total = 0
         for idx in batches:
-            # a global batch: every rank draws the whole batch's time-window masks (the same
+            # a global batch: every rank draws the whole batch's outages and time-window masks (the same
             # generator stream as one process), then runs its share of the rows against the batch's total label
             # weight; a partitioned rank draws and runs its own batch against the weight of all ranks' batches
             rows = batches[0][:1] if idx is None else idx  # None: a stand-in of one row, weighted 0 (padded_steps)
-            seq_item, seq_action, seq_mask, user_emb, context, cand = as_served(known_from, train.request_time[rows],
-                                                                                train.tensors(rows))
+            inputs = as_served(known_from, train.request_time[rows], train.tensors(rows))
+            if cfg.history_outage_share > 0:
+                inputs = store_outage(inputs, torch.rand(len(rows), generator=gen) < cfg.history_outage_share)
+            seq_item, seq_action, seq_mask, user_emb, context, cand = inputs
             L = seq_mask.shape[1]
             age = torch.as_tensor((train.request_time[rows, None] - train.seq.seq_ts[rows, :L]) / 1000.0)
             window = time_window_mask(seq_mask, age, cfg.time_window_max_h, gen)  # training only

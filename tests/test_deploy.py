@@ -990,12 +990,13 @@ def test_deployment_doc_flop_count_and_replicas_follow_from_the_model():
 
     from seqrank.config import TransActConfig
     from seqrank.exporting import example_inputs
+    from seqrank.features import N_CONTEXT
     from seqrank.models.inference import ranker_for_serving
     from seqrank.models.transact import TransActRanker
 
     text = DOCS.read_text()
     documented = int(re.search(r"flops-per-candidate: (\d+)", text).group(1))
-    model = TransActRanker(TransActConfig(), np.zeros((50, 64), dtype=np.float32), 10, 64, 4, 8).eval()
+    model = TransActRanker(TransActConfig(), np.zeros((50, 64), dtype=np.float32), 10, 64, N_CONTEXT, 8).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         ranker_for_serving(model)(*example_inputs(model, 1, 100, 512, valid=100))
     per_candidate = counter.get_total_flops() / 512

@@ -15,7 +15,7 @@ import pytest
 from seqrank.config import RunConfig
 from seqrank.data.loaders import EventLog
 from seqrank.dataset import build_impressions, prepare, sequences_for
-from seqrank.features import (FIRST_ID, N_CONTEXT, OOV, PAD, History, Vocabulary, build_sequences,
+from seqrank.features import (FIRST_ID, N_CONTEXT, OOV, PAD, UNAVAILABLE, History, Vocabulary, build_sequences,
                               index_history)
 
 HOUR_MS = 3_600_000
@@ -83,8 +83,20 @@ def test_context_features_by_hand(vocab):
     batch = build_sequences([u1_history(vocab)], [T_REQ], 6)
     assert batch.context.shape == (1, N_CONTEXT) and batch.context.dtype == np.float32
     hour = 10 * 2 * math.pi / 24  # the request is at 10:00:05 UTC
-    expected = [math.log1p(3), math.log1p(2_000 / 3.6e6), math.sin(hour), math.cos(hour)]
+    expected = [math.log1p(3), math.log1p(2_000 / 3.6e6), math.sin(hour), math.cos(hour), 0.0]  # 0: history read
     np.testing.assert_allclose(batch.context[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unavailable_history_is_flagged_not_a_new_user(vocab):
+    """A request whose history could not be read (the store is down) gets no sequence, as a new user does, but its
+    context says so: the ranker can learn to rank it as a model without the sequence would."""
+    h = u1_history(vocab)
+    batch = build_sequences([h, h, History.empty()], [T_REQ] * 3, 6, unavailable=[True, False, False])
+    assert not batch.seq_mask[0].any() and (batch.seq_item[0] == PAD).all()
+    assert batch.context[0, 0] == 0.0 and batch.context[0, 1] == 0.0
+    assert batch.context[:, UNAVAILABLE].tolist() == [1.0, 0.0, 0.0]  # a new user (row 2) is not flagged
+    np.testing.assert_array_equal(batch.context[0, 2:UNAVAILABLE], batch.context[1, 2:UNAVAILABLE])  # hour of day
+    assert batch.seq_item[1, :3].tolist() == idx(vocab, "c", "b", "a")
 
 
 def test_request_one_ms_later_sees_the_actions_at_the_old_request_time(vocab):
@@ -448,3 +460,22 @@ def test_item_known_from_is_the_day_after_the_first_action_the_refresh_learns_fr
     assert out[0].tolist() == [[OOV, row["a"], PAD], [row["b"], row["a"], PAD]]
     assert out[5].tolist() == [[OOV], [row["b"]]]
     assert all(a is b for a, b in zip(out[1:5], inputs[1:5]))
+
+
+def test_training_blanks_a_row_exactly_as_a_store_outage_serves_it(vocab):
+    """training.store_outage (the rows a training batch serves as in an outage) gives the tensors that serving's
+    build_sequences(unavailable=...) gives: one definition of "history unavailable" for training and serving."""
+    import torch
+
+    from seqrank.training import store_outage
+    h, S = u1_history(vocab), 6
+    served = build_sequences([h, h], [T_REQ, T_REQ + 1], S)
+    outage = build_sequences([h, h], [T_REQ, T_REQ + 1], S, unavailable=[True, False])
+    inputs = (torch.as_tensor(served.seq_item), torch.as_tensor(served.seq_action), torch.as_tensor(served.seq_mask),
+              torch.zeros(2, 4), torch.as_tensor(served.context), torch.tensor([[FIRST_ID], [FIRST_ID + 1]]))
+    out = store_outage(inputs, torch.tensor([True, False]))
+    for got, want in zip(out[:3], (outage.seq_item, outage.seq_action, outage.seq_mask)):
+        np.testing.assert_array_equal(got.numpy(), want)
+    np.testing.assert_array_equal(out[4].numpy(), outage.context)
+    assert out[3] is inputs[3] and out[5] is inputs[5]   # the daily embedding and the candidate stay as served
+    assert inputs[2][0].any() and inputs[4][0, 0] > 0     # the batch it was given is not changed

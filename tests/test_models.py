@@ -708,6 +708,33 @@ def test_best_epoch_keeps_the_weights_of_the_lowest_selection_loss_and_survives_
     assert model.weight.item() == 2.0 and resumed.best_epoch == 2
 
 
+def test_training_with_outages_teaches_the_ranker_what_an_outage_means(tiny_ranker_inputs, tmp_path):
+    """history_outage_share serves a share of the training rows as in a store outage (training.store_outage). A
+    ranker trained so scores the test impressions, served as in an outage, with a lower log-loss than the same
+    ranker trained without it, which never saw the "unavailable" flag set and reads an outage as a new user."""
+    import copy
+
+    from seqrank.features import History, build_sequences
+    from seqrank.training import predict, seed_everything, train_ranker
+    cfg, prep, table, train_ex, test_ex = tiny_ranker_inputs
+    outage = copy.copy(test_ex)
+    n = len(test_ex.request_time)
+    outage.seq = build_sequences([History.empty()] * n, test_ex.request_time, cfg.transact.seq_len,
+                                 unavailable=np.ones(n, dtype=bool))
+
+    def log_loss(share):
+        seed_everything(cfg.seed, cfg.threads)
+        model = train_ranker(prep, replace(cfg.transact, history_outage_share=share), table, cfg.pinnerformer.dim,
+                             train_ex, cfg.seed, tmp_path / f"share{share}.pt")
+        p = np.clip(predict(model, outage), 1e-6, 1 - 1e-6)
+        y = test_ex.labels
+        return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+    without, with_outages = log_loss(0.0), log_loss(0.3)
+    print(f"outage log-loss: trained with outages {with_outages:.4f}, without {without:.4f}")
+    assert with_outages < without, (with_outages, without)
+
+
 def test_training_shows_items_not_yet_served_as_oov(tiny_ranker_inputs, tmp_path, monkeypatch):
     """Training sees items as served (training.as_served): with no item served yet it never sees an item id, in the
     candidate or in the sequence (the same weights however the ids are shuffled); with every item served, it does.

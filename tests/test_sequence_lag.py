@@ -39,9 +39,6 @@ def test_a_lagging_store_serves_only_the_actions_before_the_cut_and_the_gap_from
     # context: log1p(count held), log1p(hours from the newest held action to the request)
     np.testing.assert_allclose(lagged.context[0, :2], [np.log1p(1), np.log1p(0.5)], rtol=1e-6)
     np.testing.assert_allclose(fresh.context[0, :2], [np.log1p(3), np.log1p(2 / 60)], rtol=1e-6)
-    none = sequence_lag.lagged_sequences(histories, ["u"], request,
-                                         sequence_lag.cut_times("no sequence", request, request), max_len=4)
-    assert not none.seq_mask.any() and none.context[0, 0] == 0
 
 
 def test_sitting_and_day_cuts():

@@ -178,6 +178,30 @@ def test_bad_and_good_requests_in_one_batch(server, small_run):
             assert "action_types" in f.result()
 
 
+def test_a_store_outage_is_flagged_unavailable_not_served_as_a_new_user(small_run):
+    """The fallback's tensors: an outage gives no sequence with context[UNAVAILABLE] = 1; the same user's request
+    carrying its own actions reads them and is not flagged, and a user the store answers for with nothing (a new
+    user) is not flagged either."""
+    from perf.features import preprocessor
+    from seqrank.features import UNAVAILABLE
+    from seqrank.serving.preprocess import Request
+    ev = small_run["events"]
+    user, items = str(ev.user_id.iloc[0]), np.array([str(i).encode() for i in ev.item_id.unique()[:3]], dtype=object)
+    t = int(ev.timestamp.max()) + 1
+    own = ev[ev.user_id == ev.user_id.iloc[0]]
+    actions = (np.array([str(i).encode() for i in own.item_id], dtype=object),
+               np.array([a.encode() for a in own.action], dtype=object), own.timestamp.to_numpy(np.int64))
+    down = preprocessor(small_run["repo"], "redis://127.0.0.1:1/0")
+    outage, given = down.build([Request(user, items, t), Request(user, items, t, actions)])
+    assert outage.sequence_source == "fallback_store_unavailable" and not outage.seq_mask.any()
+    assert outage.context[UNAVAILABLE] == 1.0 and outage.context[0] == 0.0
+    assert given.sequence_source == "request" and given.seq_mask.any() and given.context[UNAVAILABLE] == 0.0
+    up = preprocessor(small_run["repo"], small_run["store"])
+    stored, new_user = up.build([Request(user, items, t), Request("a user never seen", items, t)])
+    assert stored.sequence_source == "store" and stored.context[UNAVAILABLE] == 0.0
+    assert new_user.sequence_source == "empty" and new_user.context[UNAVAILABLE] == 0.0
+
+
 def test_store_down_falls_back_to_no_sequence(small_run, start_server, tmp_path):
     """A store that cannot answer: ranking still answers, flagged fallback_store_unavailable."""
     s = start_server(small_run["repo"], env={"SEQRANK_STORE": "redis://127.0.0.1:1/0"}, timeout_s=300, reuse=False)

@@ -367,6 +367,29 @@ def test_moment_pairs_score_as_evaluate_scores_each_request(run):
     np.testing.assert_array_equal(served.predict_pairs(model, first, other), pair)
 
 
+def test_store_down_scores_every_request_as_the_outage_fallback(run):
+    """RefreshedTest.store_down (the outage cut of research/sequence_lag.py, ranker_variants.py --store-down): every
+    request with no sequence and the "unavailable" flag, the rest as served; the ranker's scores change."""
+    from seqrank.daily_items import RefreshedTest, replay_refreshes
+    from seqrank.evaluation import ranker_path
+    from seqrank.features import UNAVAILABLE
+    from seqrank.pipeline import fit_ranker, load_ranker_examples
+    out = run["out"]
+    cfg, _, prep, table, data = load_ranker_examples(out)
+    rows = prep.test_rows()
+    served = RefreshedTest(cfg, prep, rows, replay_refreshes(out, prep, rows))
+    down = served.store_down()
+    assert len(down.parts) == len(served.parts) > 1
+    for (positions, ex, table, vocab), (p2, dex, t2, v2) in zip(served.parts, down.parts):
+        assert p2 is positions and t2 is table and v2 is vocab
+        assert ex.seq.seq_mask.any() and not dex.seq.seq_mask.any()
+        assert (dex.seq.context[:, UNAVAILABLE] == 1).all() and (ex.seq.context[:, UNAVAILABLE] == 0).all()
+        np.testing.assert_array_equal(dex.seq.context[:, 2:UNAVAILABLE], ex.seq.context[:, 2:UNAVAILABLE])
+        np.testing.assert_array_equal(dex.cand_item, ex.cand_item)
+    model = fit_ranker(out, cfg, prep, table, data, "transact", ranker_path(out, cfg, "transact", cfg.seed))
+    assert not np.allclose(down.predict(model), served.predict(model), atol=1e-4)
+
+
 def test_refresh_times_are_daily_up_to_a_cap():
     from seqrank.daily_items import refresh_times
     day = 86_400_000

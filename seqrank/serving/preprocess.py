@@ -24,6 +24,9 @@ FUTURE_TOLERANCE_MS = 5 * 60 * 1000   # a request time more than 5 minutes ahead
 MIN_VALID_TIME_MS = 946_684_800_000   # 2000-01-01: earlier request times are almost surely seconds, not ms
 ACTION_FIELDS = ("action_item_ids", "action_types", "action_times_ms")
 _log = logging.getLogger(__name__)
+# the sources whose history could not be read: served with the "history unavailable" context flag, which the
+# ranker learned (TransActConfig.history_outage_share), not as a user without history
+FALLBACK_SOURCES = ("fallback_store_unavailable", "fallback_store_error")
 CANDIDATE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # N is padded up to one of these (TensorRT profiles)
 
 
@@ -225,7 +228,8 @@ class Preprocessor:
         for i, h in enumerate(histories):
             if sources[i] == "request" and len(h.ts) == 0:
                 sources[i] = "empty"
-        seq = build_sequences(histories, [r.request_time_ms for r in requests], self.seq_len)
+        seq = build_sequences(histories, [r.request_time_ms for r in requests], self.seq_len,
+                              unavailable=[s in FALLBACK_SOURCES for s in sources])
         out = []
         for i, r in enumerate(requests):
             n = len(r.candidates)

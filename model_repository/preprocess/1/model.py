@@ -12,7 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from seqrank.serving import bytes_tensor
-from seqrank.serving.preprocess import ACTION_FIELDS, Preprocessor, RequestError
+from seqrank.serving.preprocess import ACTION_FIELDS, FALLBACK_SOURCES, Preprocessor, RequestError
 
 bytes_tensor.install(pb_utils)  # BYTES inputs without a Python struct call per element
 
@@ -46,7 +46,7 @@ class TritonPythonModel:
             source: self._fallback_family.Metric(labels={
                 "model": args["model_name"], "version": args["model_version"],
                 "reason": source.removeprefix("fallback_store_")})
-            for source in ("fallback_store_unavailable", "fallback_store_error")}
+            for source in FALLBACK_SOURCES}
 
     def execute(self, requests):
         responses = [None] * len(requests)
