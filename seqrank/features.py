@@ -165,7 +165,7 @@ def build_sequences(histories: Sequence[History], request_times_ms, max_len: int
     sequence and context[UNAVAILABLE] = 1, so the ranker can tell a store outage from a user who has done nothing."""
     req = np.asarray(request_times_ms, dtype=np.int64).reshape(-1)
     unavailable = np.zeros(len(req), dtype=bool) if unavailable is None else np.asarray(unavailable, dtype=bool)
-    histories = [History.empty() if down else h for h, down in zip(histories, unavailable)]
+    histories = [History.empty() if down else h for h, down in zip(histories, unavailable, strict=True)]
     n = len(histories)
     seq_item = np.zeros((n, max_len), dtype=np.int64)
     seq_action = np.zeros((n, max_len), dtype=np.int64)
