@@ -380,8 +380,8 @@ def test_store_down_scores_every_request_as_the_outage_fallback(run):
     served = RefreshedTest(cfg, prep, rows, replay_refreshes(out, prep, rows))
     down = served.store_down()
     assert len(down.parts) == len(served.parts) > 1
-    for (positions, ex, table, vocab), (p2, dex, t2, v2) in zip(served.parts, down.parts):
-        assert p2 is positions and t2 is table and v2 is vocab
+    for (positions, ex, item_rows, vocab), (p2, dex, t2, v2) in zip(served.parts, down.parts):
+        assert p2 is positions and t2 is item_rows and v2 is vocab
         assert ex.seq.seq_mask.any() and not dex.seq.seq_mask.any()
         assert (dex.seq.context[:, UNAVAILABLE] == 1).all() and (ex.seq.context[:, UNAVAILABLE] == 0).all()
         np.testing.assert_array_equal(dex.seq.context[:, 2:UNAVAILABLE], ex.seq.context[:, 2:UNAVAILABLE])
