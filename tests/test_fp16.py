@@ -41,10 +41,11 @@ def _ranker() -> TransActRanker:
     return model
 
 
-def _context(hours_since_last: float, n_before: int, hour: float) -> list[float]:
+def _context(hours_since_last: float, n_before: int, hour: float, unavailable: bool = False) -> list[float]:
     """The context features (seqrank.features) of a request."""
     angle = hour * 2 * np.pi / 24
-    return [np.log1p(min(n_before, HISTORY_COUNT_CAP)), np.log1p(hours_since_last), np.sin(angle), np.cos(angle)]
+    return [np.log1p(min(n_before, HISTORY_COUNT_CAP)), np.log1p(hours_since_last), np.sin(angle), np.cos(angle),
+            float(unavailable)]
 
 
 def stress_inputs(case: str, seq_len: int = 100) -> tuple[torch.Tensor, ...]:
@@ -66,6 +67,8 @@ def stress_inputs(case: str, seq_len: int = 100) -> tuple[torch.Tensor, ...]:
         cand[:, ::7] = DOMINANT
     user = torch.nn.functional.normalize(torch.randn(B, USER_DIM, generator=g), dim=-1)
     ctx = [_context(1.0, 40, 13.5)] * B
+    if case == "empty_history":  # new users and store outages (the fallback's "history unavailable" flag)
+        ctx = [_context(0.0, 0, 13.5, unavailable=b % 2 == 1) for b in range(B)]
     if case == "extreme_context":  # a just-now action after a huge history; a first action in 100 years; midnight
         ctx = [_context(0.0, 10**9, 0.0), _context(100 * 365 * 24, 0, 23.99), _context(1e-9, 1, 6.0),
                _context(1e7, HISTORY_COUNT_CAP, 18.0)]
