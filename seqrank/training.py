@@ -387,9 +387,8 @@ def store_outage(inputs: tuple, down: torch.Tensor) -> tuple:
     seq_item, seq_action, seq_mask, user_emb, context, cand = inputs
     d = down[:, None]
     context = context.clone()
-    context[down, 0] = 0.0
-    context[down, 1] = 0.0
-    context[:, UNAVAILABLE] = torch.maximum(context[:, UNAVAILABLE], down.to(context.dtype))
+    context[down, :2] = 0.0            # the history count and the hours since the last action
+    context[down, UNAVAILABLE] = 1.0
     return (seq_item.masked_fill(d, PAD), seq_action.masked_fill(d, PAD), seq_mask & ~d, user_emb, context, cand)
 
 
