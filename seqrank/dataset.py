@@ -14,7 +14,8 @@ import pandas as pd
 from . import distributed
 from .config import RunConfig
 from .data.loaders import DataError, EventLog, add_sampled_negatives, load_events
-from .features import FIRST_ID, History, SequenceBatch, Vocabulary, as_bytes_array, build_sequences, index_history
+from . import features
+from .features import FIRST_ID, History, SequenceBatch, Vocabulary, as_bytes_array, build_sequences
 
 DAY_MS = 86_400_000
 
@@ -173,13 +174,14 @@ def prepare(log: EventLog, cfg: RunConfig) -> Prepared:
 
 
 def actions_by_user(events: pd.DataFrame) -> dict[str, tuple]:
-    """Per user, (item ids, action names, timestamps ms) of ``events``: what index_history and the daily jobs take."""
+    """Per user, (item ids, action names, timestamps ms) of ``events``: what index_histories and the daily jobs take."""
     return {u: (g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
             for u, g in events.groupby("user_id", sort=True)}
 
 
 def index_histories(vocab: Vocabulary, events: pd.DataFrame) -> dict[str, History]:
-    return {u: index_history(vocab, *actions) for u, actions in actions_by_user(events).items()}
+    by_user = actions_by_user(events)
+    return dict(zip(by_user, features.index_histories(vocab, by_user.values())))
 
 
 def build_examples(log: EventLog, facts: LogFacts, cfg: RunConfig) -> Prepared:

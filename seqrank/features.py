@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from functools import cached_property
 from itertools import repeat
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -28,9 +29,14 @@ def as_bytes_array(ids) -> np.ndarray:
     """Object/str/bytes ids -> a flat object array of bytes (the form Triton's BYTES tensors arrive in; returned
     as is, without a Python loop per element: the serving path's most common call)."""
     arr = np.asarray(ids, dtype=object).reshape(-1)
-    if set(map(type, arr)) <= {bytes}:
+    types = set(map(type, arr))
+    if types <= {bytes}:
         return arr
-    return np.array([x if isinstance(x, bytes) else str(x).encode() for x in arr], dtype=object)
+    out = np.empty(arr.size, dtype=object)
+    # str ids (a feature store's records) encoded with a C-level map; anything else through str() first
+    out[:] = list(map(str.encode, arr)) if types <= {str} else [x if isinstance(x, bytes) else str(x).encode()
+                                                                for x in arr]
+    return out
 
 
 def byte_lengths(raw: np.ndarray) -> np.ndarray:
@@ -99,12 +105,19 @@ class Vocabulary:
 
     def action_index(self, names) -> np.ndarray:
         """Action names -> int64 indices; the exposure action -> -1 (dropped from sequences); unknown -> OOV."""
+        table = self._action_codes
+        raw = np.asarray(names, dtype=object).reshape(-1)
+        if not set(map(type, raw)) <= {bytes, str}:
+            raw = as_bytes_array(raw)
+        return np.fromiter(map(table.get, raw, repeat(OOV, raw.size)), dtype=np.int64, count=raw.size)
+
+    @cached_property
+    def _action_codes(self) -> dict:
+        """Action name (as str and as bytes: requests carry bytes, stores str) -> its index; the exposure -> -1."""
         table = {a: i + FIRST_ID for i, a in enumerate(self.actions)}
         if self.exposure_action is not None:
             table[self.exposure_action] = -1
-        table = {name.encode(): code for name, code in table.items()}  # looked up as bytes: no decode per element
-        raw = as_bytes_array(names)
-        return np.fromiter(map(table.get, raw, repeat(OOV, raw.size)), dtype=np.int64, count=raw.size)
+        return {**table, **{name.encode(): code for name, code in table.items()}}
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -140,13 +153,31 @@ class History:
 
 def index_history(vocab: Vocabulary, item_ids, actions, timestamps_ms) -> History:
     """Raw actions -> History. Stable sort by time so equal timestamps keep their given order."""
-    item = vocab.item_index(item_ids)
-    action = vocab.action_index(actions)
-    ts = np.asarray(timestamps_ms, dtype=np.int64).reshape(-1)
-    keep = action >= 0
-    item, action, ts = item[keep], action[keep], ts[keep]
-    order = np.argsort(ts, kind="stable")
-    return History(item[order], action[order], ts[order])
+    return index_histories(vocab, [(item_ids, actions, timestamps_ms)])[0]
+
+
+def index_histories(vocab: Vocabulary, raws: Iterable[tuple]) -> list[History]:
+    """index_history for many users at once: ``raws`` of (item ids, action names, timestamps ms). The ids of all
+    users are looked up in one vectorised pass, so a batch of users costs one lookup, not one per user."""
+    raws = [tuple(np.asarray(x, dtype=dtype).reshape(-1) for x, dtype in zip(raw, (object, object, np.int64)))
+            for raw in raws]
+    sizes = [len(ts) for _, _, ts in raws]
+    for items, actions, ts in raws:
+        if not len(items) == len(actions) == len(ts):
+            raise ValueError(f"item ids, action names and timestamps differ in length: "
+                             f"{len(items)}, {len(actions)}, {len(ts)}")
+    if not raws:
+        return []
+    item, action, ts = (np.concatenate(column) if len(column) > 1 else column[0] for column in zip(*raws))
+    item, action = vocab.item_index(item), vocab.action_index(action)
+    out = []
+    for start, stop in zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes)):
+        i, a, t = item[start:stop], action[start:stop], ts[start:stop]
+        keep = a >= 0
+        i, a, t = i[keep], a[keep], t[keep]
+        order = np.argsort(t, kind="stable")
+        out.append(History(i[order], a[order], t[order]))
+    return out
 
 
 @dataclass

@@ -16,7 +16,7 @@ from seqrank.config import RunConfig
 from seqrank.data.loaders import EventLog
 from seqrank.dataset import build_impressions, prepare, sequences_for
 from seqrank.features import (FIRST_ID, N_CONTEXT, OOV, PAD, UNAVAILABLE, History, Vocabulary, build_sequences,
-                              index_history)
+                              index_histories, index_history)
 
 HOUR_MS = 3_600_000
 EXPOSURE = "impression"
@@ -64,6 +64,29 @@ def test_index_history_sorts_by_time_and_drops_exposures(vocab):
     assert h.item.tolist() == idx(vocab, "a", "b", "c", "d", "a", "b")
     assert h.action.tolist() == act(vocab, "click", "like", "click", "like", "hate", "click")
     assert (h.action >= FIRST_ID).all()
+
+
+def test_index_histories_indexes_each_user_on_its_own_in_one_pass(vocab):
+    """Many users in one lookup (the store's batch): each user's rows stay its own, in its own time order, with the
+    exposures dropped, whatever form the ids come in (str lists from a store, bytes from a request)."""
+    items, actions, ts = zip(*U1)
+    hs = index_histories(vocab, [
+        (list(items), list(actions), list(ts)),                             # str ids, unsorted, an exposure
+        ([b"e", b"zzz", b"a"], [b"like", b"click", b"dance"], [300, 100, 200]),  # bytes; unknown item and action
+        ([], [], []),                                                       # no actions
+        (["b"], [EXPOSURE], [5]),                                           # only an exposure
+    ])
+    assert len(hs) == 4
+    u1 = u1_history(vocab)
+    assert [h.tolist() for h in (hs[0].item, hs[0].action, hs[0].ts)] == [
+        u1.item.tolist(), u1.action.tolist(), u1.ts.tolist()]
+    assert hs[1].item.tolist() == [OOV] + idx(vocab, "a", "e")
+    assert hs[1].action.tolist() == act(vocab, "click") + [OOV] + act(vocab, "like")
+    assert hs[1].ts.tolist() == [100, 200, 300]
+    assert len(hs[2].ts) == len(hs[3].ts) == 0
+    assert index_histories(vocab, []) == []
+    with pytest.raises(ValueError, match="differ in length: 2, 1, 2"):
+        index_histories(vocab, [(["a", "b"], ["click"], [1, 2])])
 
 
 def test_only_actions_strictly_before_request_newest_first_then_padding(vocab):

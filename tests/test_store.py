@@ -240,6 +240,23 @@ def test_same_timestamp_orders_by_item_then_action(store):
     assert [r[0] for r in got] == ["Z", "a", "a", "ab", "b", "b"]
 
 
+def test_a_packed_record_out_of_order_is_read_back_in_order():
+    """The wire format's reader checks the order it promises (time, then item, then action) and repairs a record
+    that breaks it, at a tie too; an ordered record is returned as it is."""
+    from seqrank.store.base import SEP
+
+    def packed(rows):
+        return SEP.join(f"{i}{SEP}{a}{SEP}{t}" for i, a, t in rows)
+
+    ordered = [("a", "click", T0), ("a", "save", T0), ("b", "click", T0), ("a", "click", T0 + 1)]
+    assert UserSequence.from_packed(packed(ordered)).as_tuples() == ordered
+    for broken in ([ordered[2], ordered[0], ordered[1], ordered[3]],     # items out of order at a tie
+                   [ordered[1], ordered[0], ordered[2], ordered[3]],     # same item, actions out of order at a tie
+                   [ordered[3], *ordered[:3]]):                          # time out of order
+        assert UserSequence.from_packed(packed(broken)).as_tuples() == ordered
+    assert UserSequence.from_packed(packed(ordered), limit=2).as_tuples() == ordered[2:]
+
+
 def test_too_late_rejected_and_counted(make_store):
     store = make_store(late_bound_ms=10_000)
     assert store.append([Action("u", "p0", "click", T0 + 100_000)]).accepted == 1

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..features import (HISTORY_COUNT_CAP, OOV, PAD, History, Vocabulary, as_bytes_array, build_sequences,
-                        byte_lengths, index_history)
+                        byte_lengths, index_histories)
 
 FUTURE_TOLERANCE_MS = 5 * 60 * 1000   # a request time more than 5 minutes ahead of the server clock is an error
 MIN_VALID_TIME_MS = 946_684_800_000   # 2000-01-01: earlier request times are almost surely seconds, not ms
@@ -173,8 +173,8 @@ class Preprocessor:
         seqs = self.store.get_sequences(users)
         store_emb, found = self.store.get_embeddings(users, dim=dim)
         found = found & np.isfinite(store_emb).all(axis=1)
-        return [(index_history(self.vocab, s.item_ids, s.actions, s.timestamps_ms), store_emb[j] if found[j] else None)
-                for j, s in enumerate(seqs)]
+        histories = index_histories(self.vocab, [(s.item_ids, s.actions, s.timestamps_ms) for s in seqs])
+        return [(h, store_emb[j] if found[j] else None) for j, h in enumerate(histories)]
 
     def _read_store(self, requests, need_store, histories, sources, emb, emb_sources) -> None:
         """Fill the histories and embeddings of requests ``need_store`` from the store. A store that does not answer
@@ -215,9 +215,9 @@ class Preprocessor:
         histories: list[History] = [History.empty()] * len(requests)
         sources = ["request"] * len(requests)
         need_store = [i for i, r in enumerate(requests) if r.actions is None]
-        for i, r in enumerate(requests):
-            if r.actions is not None:
-                histories[i] = index_history(self.vocab, *r.actions)
+        carried = [i for i, r in enumerate(requests) if r.actions is not None]
+        for i, h in zip(carried, index_histories(self.vocab, [requests[i].actions for i in carried])):
+            histories[i] = h
         emb, in_table = self.table_embeddings([r.user_id for r in requests])
         emb_sources = ["exported" if found else "none" for found in in_table]
         if need_store:
