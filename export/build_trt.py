@@ -44,7 +44,7 @@ from pathlib import Path
 from seqrank.exporting import triton_config
 from seqrank.exporting.onnx_files import external_data_path
 from seqrank.serving.batching import SEQUENCE_INPUTS
-from seqrank.serving.preprocess import CANDIDATE_BUCKETS
+from seqrank.serving.preprocess import CANDIDATE_BUCKETS, check_buckets
 
 DEFAULT_MAX_BATCH = 64
 # opt batch per profile = OPT_CANDIDATES_PER_BATCH // bucket (clamped to [1, max_batch]): TensorRT tunes kernels for
@@ -82,9 +82,7 @@ def profile_shapes(buckets, max_batch: int, seq_len: int, user_dim: int, n_conte
 
     Batch: 1 .. max_batch (opt: opt_batch(bucket)); candidates: (previous bucket, bucket] (opt = max = bucket, the
     shape preprocess actually sends); sequence inputs fixed at seq_len; user_emb/context static."""
-    buckets = [int(b) for b in buckets]
-    if not buckets or any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
-        raise ValueError(f"buckets must be positive, strictly increasing: {buckets}")
+    buckets = list(check_buckets(buckets))
     if max_batch < 1 or seq_len < 1 or user_dim < 1 or n_context < 1:
         raise ValueError("max_batch, seq_len, user_dim and n_context must be >= 1")
     profiles = []

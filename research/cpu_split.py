@@ -5,7 +5,9 @@ alternating rounds. The evidence behind "what bounds ensemble_vs_bare" in docs/p
     .venv/bin/python research/cpu_split.py --run runs/demo          # ~2 minutes on 2 cores
 
 Requests: the bench's fixed 1 x 100 (or, with --candidates 16, 1 x 16) with its actions in the request (no store
-needed), and for the ranker alone the tensors preprocess builds for it. Prints one JSON line per measurement.
+needed), or with --candidates log the bench's 256 requests drawn from the log (1.1 candidates each), their sequences
+read from the run's feature store (`make demo` fills runs/demo/store.db); for the ranker alone the tensors
+preprocess builds for them. Prints one JSON line per measurement.
 """
 from __future__ import annotations
 
@@ -80,17 +82,27 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--candidates", type=int, choices=(100, 16), default=100, help="the fixed 1 x 100 or 1 x 16 request")
+    ap.add_argument("--candidates", choices=("100", "16", "log"), default="100",
+                    help="the fixed 1 x 100 or 1 x 16 request, or the log's requests")
+    ap.add_argument("--store", help="feature store URL for --candidates log (default: sqlite:///RUN/store.db)")
     args = ap.parse_args()
     repo = args.run / "model_repository"
     work = Path(tempfile.mkdtemp(prefix="seqrank-cpu-split-"))
-    make_inputs.write_inputs(args.run, work / "inputs", None, 16)
-    fixed = f"fixed_1x{args.candidates}"
-    ensemble_data = work / "inputs" / f"{fixed}_actions.json"
-    req = json.loads((work / "inputs" / "requests.json").read_text())[fixed][0]
-    ranker_data = work / f"ranker_1x{args.candidates}.json"
-    write_ranker_json([request_tensors(preprocessor(repo, None), req, with_actions=True)], ranker_data)
-    server = start_triton(repo, None, work / "server.log")
+    store = None
+    if args.candidates == "log":
+        store = args.store or f"sqlite:///{args.run.resolve() / 'store.db'}"
+        make_inputs.write_inputs(args.run, work / "inputs", None, 256)
+        ensemble_data = work / "inputs" / "log_store.json"
+        reqs = json.loads((work / "inputs" / "requests.json").read_text())["log"]
+    else:
+        make_inputs.write_inputs(args.run, work / "inputs", None, 16)
+        fixed = f"fixed_1x{args.candidates}"
+        ensemble_data = work / "inputs" / f"{fixed}_actions.json"
+        reqs = json.loads((work / "inputs" / "requests.json").read_text())[fixed][:1]
+    ranker_data = work / f"ranker_{args.candidates}.json"
+    pre = preprocessor(repo, store)
+    write_ranker_json([request_tensors(pre, r, with_actions=store is None) for r in reqs], ranker_data)
+    server = start_triton(repo, store, work / "server.log")
     cases = [("ranker", ranker_data), ("seqrank", ensemble_data)]
     try:
         for model, data in cases:

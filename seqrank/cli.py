@@ -20,6 +20,15 @@ def _count(text: str) -> int:
 _count.__name__ = "count (a whole number >= 0)"  # argparse: "invalid count (a whole number >= 0) value: '-1'"
 
 
+def _buckets(text: str) -> tuple[int, ...]:
+    """Comma-separated candidate counts, positive and increasing."""
+    from .serving.preprocess import check_buckets
+    return check_buckets(int(b) for b in text.split(","))
+
+
+_buckets.__name__ = "bucket list (increasing positive counts, e.g. 16,128,512,1024)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line: one clear line and exit status 1 for bad data, a bad config or an unreachable server (the
     traceback only with --debug); 2 for bad arguments (argparse)."""
@@ -76,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="ONNX + parity check + lookup tables -> a Triton model repository")
     p.add_argument("--run", required=True, help="a trained run directory")
     p.add_argument("--repository", default=None, help="output model repository (default RUN/model_repository)")
+    p.add_argument("--candidate-buckets", type=_buckets, default=None, help="the candidate counts preprocess pads "
+                   "a request to, one TensorRT profile each: a GPU batches only requests of one bucket, so choose "
+                   "them for your request mix (research/bucket_batching.py; default: "
+                   "seqrank.serving.preprocess.CANDIDATE_BUCKETS); the last is the most a request may send")
 
     p = sub.add_parser("serve", help="run the real tritonserver on a model repository (Ctrl-C stops it)")
     p.add_argument("--repository", required=True, help="an exported model repository (seqrank export)")
@@ -155,7 +168,7 @@ def _main(argv: list[str]) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "export":
         from .exporting import export_run
-        export_run(args.run, args.repository)
+        export_run(args.run, args.repository, candidate_buckets=args.candidate_buckets)
     elif args.command == "serve":
         import os
         from pathlib import Path

@@ -553,3 +553,27 @@ def test_gpu_pod_configs_size_the_cpu_steps_from_their_measured_cost(tmp_path):
         del gpu.instance_group[:], base.instance_group[:]
         assert gpu == base  # only the instance count differs from the CPU pod's config
     assert sizing.cpu_step_instances(pod_cpus=2) == {"preprocess": 2, "postprocess": 1}
+
+
+def test_an_export_pads_to_the_candidate_buckets_it_is_given(tiny_run, tmp_path):
+    """`seqrank export --candidate-buckets`: preprocess pads to the chosen buckets and caps a request at the last,
+    and the TensorRT build reads the same list (one profile per bucket); a list that is not increasing is refused."""
+    from seqrank.exporting import export_run
+    repo = export_run(tiny_run, tmp_path / "repo", check=False, candidate_buckets=(4, 64))
+    pre = parse(repo / "preprocess" / "config.pbtxt")
+    params = {k: v.string_value for k, v in pre.parameters.items()}
+    assert (params["candidate_buckets"], params["max_candidates"]) == ("4,64", "64")
+    assert build_trt.read_repository_settings(repo)["buckets"] == [4, 64]
+    served = preprocess.Preprocessor(repo / "preprocess" / "1" / "tables", seq_len=int(params["seq_len"]),
+                                     buckets=[int(b) for b in params["candidate_buckets"].split(",")],
+                                     max_candidates=int(params["max_candidates"]))
+    items = [f"item{k}" for k in range(65)]  # unknown ids are served as OOV: only the count matters here
+
+    def request(n):
+        return served.parse({"user_id": np.array(["u"], dtype=object),
+                             "candidate_ids": np.array(items[:n], dtype=object)})
+    assert [len(served.build([request(n)])[0].cand_item) for n in (1, 4, 5, 64)] == [4, 4, 64, 64]
+    with pytest.raises(preprocess.RequestError, match="65 candidates, the cap is 64"):
+        request(65)
+    with pytest.raises(ValueError, match="candidate_buckets must be positive and strictly increasing"):
+        export_run(tiny_run, tmp_path / "bad", check=False, candidate_buckets=(64, 4))

@@ -9,6 +9,7 @@ import json
 import shutil
 import tempfile
 import warnings
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from ..models.pinnerformer import N_TIME_FEATURES, PinnerFormer
 from ..models.transact import INPUT_NAMES, OUTPUT_NAMES, TransActRanker
 from ..serving.batching import SEQUENCE_INPUTS
 from ..serving.cpu_graph import CPU_ONNX, write_cpu_graph
-from ..serving.preprocess import CANDIDATE_BUCKETS
+from ..serving.preprocess import CANDIDATE_BUCKETS, check_buckets
 from . import triton_config
 from .onnx_files import EXTERNAL_DATA_THRESHOLD, save_onnx
 from .sizing import write_gpu_pod_configs
@@ -240,12 +241,15 @@ def is_current_export(run: Path, repository: Path | None = None) -> bool:
 
 
 def export_run(run: Path, repository: Path | None = None, check: bool = True,
-               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+               candidate_buckets: Sequence[int] | None = None) -> Path:
     """A trained run -> a Triton model repository (default RUN/model_repository): the ranker as ONNX (portable, and
     the CPU graph beside it), the lookup tables for preprocess, every config.pbtxt filled in; with `check`, the ONNX
     files are compared with PyTorch on several shapes and the export fails above the parity tolerance. Weights of at
     least ``external_data_threshold`` bytes (a large item table) go to ONNX external data beside each graph
-    (seqrank/exporting/onnx_files.py)."""
+    (seqrank/exporting/onnx_files.py). ``candidate_buckets``: the counts preprocess pads a request's candidates to
+    (default CANDIDATE_BUCKETS; docs/deployment.md, "Candidate buckets")."""
+    buckets = check_buckets(CANDIDATE_BUCKETS if candidate_buckets is None else candidate_buckets)
     run = Path(run)
     repository = Path(repository) if repository else run / "model_repository"
     model, cfg, vocab = load_ranker(run)
@@ -271,8 +275,7 @@ def export_run(run: Path, repository: Path | None = None, check: bool = True,
     values = {"user_dim": cfg.pinnerformer.dim, "n_context": N_CONTEXT, "n_heads": len(vocab.heads),
               "seq_len": cfg.transact.seq_len, "heads": ",".join(vocab.heads),
               "utility_weights": ",".join(f"{w:g}" for w in weights),
-              "candidate_buckets": ",".join(map(str, CANDIDATE_BUCKETS)),
-              "max_candidates": CANDIDATE_BUCKETS[-1],
+              "candidate_buckets": ",".join(map(str, buckets)), "max_candidates": buckets[-1],
               "n_items": int(model.item_table.shape[0]), "n_actions": int(model.action_emb.num_embeddings)}
     for config in repository.rglob("*.pbtxt"):
         config.write_text(render_config(config.read_text(), values, config))

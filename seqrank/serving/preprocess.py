@@ -27,7 +27,18 @@ _log = logging.getLogger(__name__)
 # the sources whose history could not be read: served with the "history unavailable" context flag, which the
 # ranker learned (TransActConfig.history_outage_share), not as a user without history
 FALLBACK_SOURCES = ("fallback_store_unavailable", "fallback_store_error")
-CANDIDATE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # N is padded up to one of these (TensorRT profiles)
+# N is padded up to one of these (one TensorRT profile each). A GPU backend batches only requests of one bucket, and
+# only while they come in a row, so fewer buckets batch more and pad more: chosen with research/bucket_batching.py
+# (docs/deployment.md, "Candidate buckets"); `seqrank export --candidate-buckets` sets a deployment's own.
+CANDIDATE_BUCKETS = (16, 128, 512, 1024)
+
+
+def check_buckets(buckets) -> tuple[int, ...]:
+    """Candidate buckets as a tuple, or ValueError naming the setting: at least one, positive, strictly increasing."""
+    out = tuple(int(b) for b in buckets)
+    if not out or out[0] < 1 or any(a >= b for a, b in zip(out, out[1:])):
+        raise ValueError(f"candidate_buckets must be positive and strictly increasing, got {list(out)}")
+    return out
 
 
 class RequestError(ValueError):
