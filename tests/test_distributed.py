@@ -36,9 +36,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 N_USERS = 80
 # 1 vs 2 processes: the same arithmetic summed in another order (float32); on this short run (60 ranker steps) the
-# rounding stays this small (measured 3e-7). Longer runs amplify it as any 1e-7 perturbation of one process's training
-# does (docs/training-at-scale.md)
-PREDICTION_TOLERANCE = 1e-5
+# rounding stays small: measured 3e-7 on an AVX-512 machine and 4.2e-5 on an AVX2-only one (other kernels, other
+# summation orders, amplified by 60 steps). Longer runs amplify it as any 1e-7 perturbation of one process's training does (docs/training-at-scale.md)
+PREDICTION_TOLERANCE = 2e-4
 AUC_TOLERANCE = 1e-4
 # 2 partitioned processes draw other batches than 1 process (each from its own users), so they train other models
 # of the same quality: over 3 seeds, their mean AUC must not fall below one process's by more than this margin (on
