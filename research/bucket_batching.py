@@ -19,7 +19,7 @@ and latencies are reported back in GPU time (x scale, / scale), and budgets are 
 For each bucket set: throughput within each p99 budget (perf/load.py's pa_search, perf_analyzer with
 --percentile=99), the mean batch at that point (Triton's statistics), the padded share of the candidates.
 
-    .venv/bin/python research/bucket_batching.py                    # ~15 minutes on 2 cores
+    .venv/bin/python research/bucket_batching.py --exec-us 200       # deployment.md's table, ~18 minutes per cost
     .venv/bin/python research/bucket_batching.py --mix counts.txt --sets 16,128,512,1024 128,1024   # your mix
     .venv/bin/python research/bucket_batching.py --gpu-check gpu/results.json   # costs measured on your GPU
 """
@@ -140,8 +140,9 @@ def write_inputs(path: Path, widths: np.ndarray) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sets", nargs="+", default=[",".join(map(str, CANDIDATE_BUCKETS)), "64,128,256,512,1024",
-                                                  "128,256,512,1024", "256,512,1024", "512,1024", "1024"])
+    ap.add_argument("--sets", nargs="+", default=["16,32,64,128,256,512,1024", "128,256,512,1024", "512,1024",
+                                                  "16,512,1024", ",".join(map(str, CANDIDATE_BUCKETS)), "1024"],
+                    help="bucket sets to compare in this run (default: docs/deployment.md's table)")
     ap.add_argument("--mix", default="feed", help="feed, uniform, fixed500, or a file of your requests' candidate "
                     "counts (one per line)")
     ap.add_argument("--requests", type=int, default=512, help="requests in the perf_analyzer input (cycled)")
@@ -150,7 +151,7 @@ def main() -> None:
     ap.add_argument("--candidate-us", type=float, default=0.128, help="modeled GPU time per padded candidate")
     ap.add_argument("--gpu-check", type=Path, help="make gpu-check's results.json: fit --exec-us and "
                     "--candidate-us to its fp16 points instead")
-    ap.add_argument("--scale", type=float, default=20.0, help="the stand-in runs this many times slower than the GPU")
+    ap.add_argument("--scale", type=float, default=40.0, help="the stand-in runs this many times slower than the GPU")
     ap.add_argument("--max-concurrency", type=int, default=256)
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
