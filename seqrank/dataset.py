@@ -14,8 +14,8 @@ import pandas as pd
 from . import distributed
 from .config import RunConfig
 from .data.loaders import DataError, EventLog, add_sampled_negatives, load_events
-from . import features
-from .features import FIRST_ID, History, SequenceBatch, Vocabulary, as_bytes_array, build_sequences
+from .features import (FIRST_ID, History, SequenceBatch, Vocabulary, as_bytes_array, build_sequences,
+                       index_histories_of)
 
 DAY_MS = 86_400_000
 
@@ -61,7 +61,7 @@ class Prepared:
         """The same log through another vocabulary (one a refresh grew): every history re-indexed, or only those of
         ``users``."""
         ev = self.log.events if users is None else self.log.events[self.log.events.user_id.isin(users)]
-        return replace(self, vocab=vocab, histories=index_histories(vocab, ev))
+        return replace(self, vocab=vocab, histories=index_histories_of(vocab, actions_by_user(ev)))
 
 
 PAPER_WINDOW_DAYS = 28.0  # PinnerFormer's dense all-action window
@@ -174,21 +174,16 @@ def prepare(log: EventLog, cfg: RunConfig) -> Prepared:
 
 
 def actions_by_user(events: pd.DataFrame) -> dict[str, tuple]:
-    """Per user, (item ids, action names, timestamps ms) of ``events``: what index_histories and the daily jobs take."""
+    """Per user, (item ids, action names, timestamps ms) of ``events``: what index_histories_of and the daily jobs take."""
     return {u: (g.item_id.to_numpy(), g.action.to_numpy(), g.timestamp.to_numpy())
             for u, g in events.groupby("user_id", sort=True)}
-
-
-def index_histories(vocab: Vocabulary, events: pd.DataFrame) -> dict[str, History]:
-    by_user = actions_by_user(events)
-    return dict(zip(by_user, features.index_histories(vocab, by_user.values())))
 
 
 def build_examples(log: EventLog, facts: LogFacts, cfg: RunConfig) -> Prepared:
     """The timelines and ranker examples of the users of log.events (every user, or one partition's), with the
     facts of the whole log."""
     ev = log.events
-    histories = index_histories(facts.vocab, ev)
+    histories = index_histories_of(facts.vocab, actions_by_user(ev))
     users = np.array(sorted(histories))
     impressions, labels = build_impressions(ev, facts.vocab.heads, cfg.data.request_gap_s)
     impressions["is_test"] = impressions.timestamp >= facts.split_time

@@ -35,7 +35,7 @@ def write_embeddings(run: str | Path, store_url: str, as_of_ms: int | None = Non
     seen + 1). The run gives the model and its vocabulary, with the items `seqrank refresh` added (its newest item
     state); items neither knows are the out-of-vocabulary row."""
     from .exporting import load_user_tower
-    from .features import Vocabulary, index_histories
+    from .features import Vocabulary, index_histories_of
     from .refresh import item_state_dir
     from .store import open_store
     run = Path(run)
@@ -44,8 +44,7 @@ def write_embeddings(run: str | Path, store_url: str, as_of_ms: int | None = Non
     model = load_user_tower(state, RunConfig.load_saved(run), vocab)
     store = open_store(store_url, timeout_s=5.0)
     try:
-        todays = todays_actions(events, store, batch)
-        histories = dict(zip(todays, index_histories(vocab, todays.values())))
+        histories = index_histories_of(vocab, todays_actions(events, store, batch))
         users = sorted(histories)
         newest = max((int(h.ts.max()) for h in histories.values() if len(h.ts)), default=0)
         as_of = newest + 1 if as_of_ms is None else int(as_of_ms)

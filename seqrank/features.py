@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from itertools import repeat
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -178,6 +178,11 @@ def index_histories(vocab: Vocabulary, raws: Iterable[tuple]) -> list[History]:
         order = np.argsort(t, kind="stable")
         out.append(History(i[order], a[order], t[order]))
     return out
+
+
+def index_histories_of(vocab: Vocabulary, by_user: Mapping[str, tuple]) -> dict[str, History]:
+    """index_histories over a mapping user -> (item ids, action names, timestamps ms), keyed as given."""
+    return dict(zip(by_user, index_histories(vocab, by_user.values())))
 
 
 @dataclass

@@ -39,7 +39,7 @@ from .exporting import triton_config
 from .config import RunConfig
 from .dataset import DAY_MS, PAPER_WINDOW_DAYS
 from .exporting import load_ranker, load_user_tower, write_ranker_version
-from .features import FIRST_ID, Vocabulary, as_bytes_array, index_histories
+from .features import FIRST_ID, Vocabulary, as_bytes_array, index_histories_of
 from .models.pinnerformer import PinnerFormer
 from .training import dense_epoch, dense_targets
 
@@ -119,7 +119,7 @@ def learnable_items(base: Vocabulary, actions: dict[str, tuple], trained_rows: i
     candidate, unknown = base.append_items(_engaged_item_ids(actions, base.exposure_action))
     if unknown.size == 0:
         return unknown
-    histories = dict(zip(actions, index_histories(candidate, actions.values())))
+    histories = index_histories_of(candidate, actions)
     try:
         data = dense_targets(histories, candidate, _touching(histories, trained_rows), before, window_ms)
     except ValueError:
@@ -233,7 +233,7 @@ def learn_new_items(run: Path, base_dir: Path, actions: dict[str, tuple], max_st
     if new_ids.size == 0:
         return None
     vocab, _ = base.append_items(new_ids)
-    histories = dict(zip(actions, index_histories(vocab, actions.values())))
+    histories = index_histories_of(vocab, actions)
     data = dense_targets(histories, vocab, _touching(histories, trained_rows), before, window_ms)
     tower = grown_user_tower(load_user_tower(base_dir, cfg, base), vocab.n_items, trained_rows)
     budget = Budget(max_steps, max_seconds)

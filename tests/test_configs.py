@@ -577,3 +577,5 @@ def test_an_export_pads_to_the_candidate_buckets_it_is_given(tiny_run, tmp_path)
         request(65)
     with pytest.raises(ValueError, match="candidate_buckets must be positive and strictly increasing"):
         export_run(tiny_run, tmp_path / "bad", check=False, candidate_buckets=(64, 4))
+    with pytest.raises(ValueError, match="candidate_buckets must be positive and strictly increasing"):  # a config
+        preprocess.Preprocessor(repo / "preprocess" / "1" / "tables", seq_len=8, buckets=[64, 4], max_candidates=64)

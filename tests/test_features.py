@@ -16,7 +16,7 @@ from seqrank.config import RunConfig
 from seqrank.data.loaders import EventLog
 from seqrank.dataset import build_impressions, prepare, sequences_for
 from seqrank.features import (FIRST_ID, N_CONTEXT, OOV, PAD, UNAVAILABLE, History, Vocabulary, build_sequences,
-                              index_histories, index_history)
+                              index_histories, index_histories_of, index_history)
 
 HOUR_MS = 3_600_000
 EXPOSURE = "impression"
@@ -85,6 +85,8 @@ def test_index_histories_indexes_each_user_on_its_own_in_one_pass(vocab):
     assert hs[1].ts.tolist() == [100, 200, 300]
     assert len(hs[2].ts) == len(hs[3].ts) == 0
     assert index_histories(vocab, []) == []
+    by_user = index_histories_of(vocab, {"u1": (list(items), list(actions), list(ts)), "new": ([], [], [])})
+    assert list(by_user) == ["u1", "new"] and by_user["u1"].ts.tolist() == u1.ts.tolist() and not len(by_user["new"].ts)
     with pytest.raises(ValueError, match="differ in length: 2, 1, 2"):
         index_histories(vocab, [(["a", "b"], ["click"], [1, 2])])
 

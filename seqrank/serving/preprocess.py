@@ -97,7 +97,7 @@ class Preprocessor:
         self.vocab = Vocabulary.load(tables)
         self.users = np.load(tables / "users.npy", mmap_mode="r")
         self.user_emb = np.load(tables / "user_emb.npy", mmap_mode="r")
-        self.seq_len, self.buckets = seq_len, sorted(buckets)
+        self.seq_len, self.buckets = seq_len, list(check_buckets(buckets))
         self.max_candidates = min(max_candidates, self.buckets[-1])
         self.max_actions, self.max_id_bytes = max_actions, max_id_bytes
         self.store = store
